@@ -1,0 +1,173 @@
+//! The advert accept rule and the lease freshness rule, at their exact boundaries, with
+//! a fixed clock.
+
+use peervm_protocol::advert::{MAX_ADVERT_LIFETIME_MS, MAX_CLOCK_SKEW_MS};
+use peervm_protocol::lease::MAX_REQUEST_VALIDITY_MS;
+use peervm_protocol::samples::{self, T0_UNIX_MS};
+use peervm_protocol::*;
+
+const NOW: u64 = T0_UNIX_MS + 1_000_000;
+
+fn advert_at(issued: u64, lifetime: u64) -> Advertisement {
+    let p = samples::provider_key();
+    let mut a = samples::advert(&p, 5, issued);
+    a.expires_at_unix_ms = issued + lifetime;
+    a
+}
+
+#[test]
+fn fresh_advert_accepted() {
+    let a = advert_at(NOW, MAX_ADVERT_LIFETIME_MS);
+    assert_eq!(a.check_acceptable(NOW, None), Ok(()));
+    assert_eq!(a.check_acceptable(NOW, Some(4)), Ok(()));
+    // Signed, verified and accepted through the public helper too.
+    let p = samples::provider_key();
+    let v = Signed::sign(&p, &a).unwrap();
+    assert_eq!(advert::accept(&v, NOW, None), Ok(()));
+}
+
+#[test]
+fn expired_advert_rejected() {
+    let a = advert_at(NOW - 300_000, 300_000); // expires exactly now
+    let err = a.check_acceptable(NOW, None).unwrap_err();
+    assert_eq!(err, AdvertError::Expired { expires_at_unix_ms: NOW, now_unix_ms: NOW });
+    assert_eq!(err.disposition(), Disposition::Ignore);
+    assert_eq!(advert_at(NOW - 299_999, 300_000).check_acceptable(NOW, None), Ok(()));
+}
+
+#[test]
+fn advert_issued_in_future_beyond_skew_rejected() {
+    let ok = advert_at(NOW + MAX_CLOCK_SKEW_MS, 60_000);
+    assert_eq!(ok.check_acceptable(NOW, None), Ok(()));
+    let bad = advert_at(NOW + MAX_CLOCK_SKEW_MS + 1, 60_000);
+    assert_eq!(
+        bad.check_acceptable(NOW, None),
+        Err(AdvertError::IssuedInFuture { issued_at_unix_ms: NOW + MAX_CLOCK_SKEW_MS + 1, now_unix_ms: NOW })
+    );
+}
+
+#[test]
+fn advert_lifetime_over_300s_rejected() {
+    assert_eq!(advert_at(NOW, MAX_ADVERT_LIFETIME_MS).check_acceptable(NOW, None), Ok(()));
+    let err = advert_at(NOW, MAX_ADVERT_LIFETIME_MS + 1).check_acceptable(NOW, None).unwrap_err();
+    assert_eq!(err, AdvertError::LifetimeTooLong { lifetime_ms: MAX_ADVERT_LIFETIME_MS + 1 });
+    assert_eq!(err.disposition(), Disposition::Reject);
+    let mut backwards = advert_at(NOW, 10);
+    backwards.expires_at_unix_ms = NOW - 1;
+    assert_eq!(backwards.check_acceptable(NOW, None), Err(AdvertError::ExpiresBeforeIssued));
+}
+
+#[test]
+fn advert_seq_not_newer_rejected() {
+    let a = advert_at(NOW, 1000); // seq 5
+    assert_eq!(a.check_acceptable(NOW, Some(5)), Err(AdvertError::SeqNotNewer { got: 5, held: 5 }));
+    assert_eq!(a.check_acceptable(NOW, Some(6)), Err(AdvertError::SeqNotNewer { got: 5, held: 6 }));
+    assert_eq!(a.check_acceptable(NOW, Some(5)).unwrap_err().disposition(), Disposition::Ignore);
+}
+
+#[test]
+fn malformed_adverts_rejected() {
+    let base = advert_at(NOW, 1000);
+    let cases: Vec<(&str, Box<dyn Fn(&mut Advertisement)>)> = vec![
+        ("free > total", Box::new(|a| a.resources.free.vcpus = a.resources.total.vcpus + 1)),
+        ("port range", Box::new(|a| a.ssh.port_min = a.ssh.port_max + 1)),
+        ("port 0", Box::new(|a| a.ssh.port_min = 0)),
+        ("currency", Box::new(|a| a.pricing.currency = "usd".into())),
+        ("country", Box::new(|a| a.country = Some("Germany".into()))),
+        ("host", Box::new(|a| a.ssh.host = String::new())),
+        ("control char", Box::new(|a| a.region = "eu\n".into())),
+        ("long text", Box::new(|a| a.region = "x".repeat(200))),
+    ];
+    for (name, mutate) in cases {
+        let mut a = base.clone();
+        mutate(&mut a);
+        let err = a.check_acceptable(NOW, None).unwrap_err();
+        assert!(matches!(err, AdvertError::Malformed(_)), "{name}: {err:?}");
+        assert_eq!(err.disposition(), Disposition::Reject, "{name}");
+    }
+}
+
+#[test]
+fn price_is_integer_and_rounds_up() {
+    let p = samples::provider_key();
+    let a = samples::advert(&p, 1, NOW);
+    // 1 vcpu * 10_000 + 512/1024 GiB * 5_000 + 2 GiB * 100
+    let spec = ResourceAmounts { vcpus: 1, memory_mib: 512, disk_gib: 2 };
+    assert_eq!(a.price_for(&spec), Some(10_000 + 2_500 + 200));
+    // 1 MiB of memory costs ceil(5000/1024) = 5 micro-units.
+    assert_eq!(a.price_for(&ResourceAmounts { vcpus: 0, memory_mib: 1, disk_gib: 0 }), Some(5));
+    let mut pricey = a.clone();
+    pricey.pricing.per_vcpu_hour_micros = u64::MAX;
+    assert_eq!(pricey.price_for(&ResourceAmounts { vcpus: 2, memory_mib: 0, disk_gib: 0 }), None);
+}
+
+#[test]
+fn lease_request_freshness() {
+    let p = samples::provider_key();
+    let r = samples::requestor_key();
+    let req = samples::lease_request(&r, &p, NOW);
+    assert_eq!(req.check_fresh(&p.peer_id(), NOW), Ok(()));
+    assert_eq!(req.check_fresh(&p.peer_id(), NOW + MAX_REQUEST_VALIDITY_MS - 1), Ok(()));
+
+    let err = req.check_fresh(&p.peer_id(), NOW + MAX_REQUEST_VALIDITY_MS).unwrap_err();
+    assert!(matches!(err, FreshnessError::Expired { .. }));
+    assert_eq!(err.deny_reason(), DenyReason::Stale);
+
+    let future = samples::lease_request(&r, &p, NOW + MAX_CLOCK_SKEW_MS + 1);
+    assert!(matches!(future.check_fresh(&p.peer_id(), NOW), Err(FreshnessError::IssuedInFuture { .. })));
+    let edge = samples::lease_request(&r, &p, NOW + MAX_CLOCK_SKEW_MS);
+    assert_eq!(edge.check_fresh(&p.peer_id(), NOW), Ok(()));
+
+    let mut long = req.clone();
+    long.valid_until_unix_ms = long.issued_at_unix_ms + MAX_REQUEST_VALIDITY_MS + 1;
+    assert!(matches!(long.check_fresh(&p.peer_id(), NOW), Err(FreshnessError::WindowTooLong { .. })));
+    let mut negative = req.clone();
+    negative.valid_until_unix_ms = negative.issued_at_unix_ms - 1;
+    assert!(matches!(negative.check_fresh(&p.peer_id(), NOW), Err(FreshnessError::WindowTooLong { .. })));
+
+    let other = samples::numbered_key(1);
+    let err = req.check_fresh(&other.peer_id(), NOW).unwrap_err();
+    assert!(matches!(err, FreshnessError::WrongProvider { .. }));
+    assert_eq!(err.deny_reason(), DenyReason::WrongProvider);
+}
+
+#[test]
+fn lease_control_freshness() {
+    let p = samples::provider_key();
+    let r = samples::requestor_key();
+    let c = samples::lease_control(&r, &p, ControlAction::Status, NOW);
+    assert_eq!(c.check_fresh(&p.peer_id(), NOW), Ok(()));
+    assert!(matches!(c.check_fresh(&p.peer_id(), NOW + 60_000), Err(FreshnessError::Expired { .. })));
+    assert!(matches!(
+        c.check_fresh(&samples::numbered_key(2).peer_id(), NOW),
+        Err(FreshnessError::WrongProvider { .. })
+    ));
+}
+
+#[test]
+fn lease_request_well_formed() {
+    let p = samples::provider_key();
+    let r = samples::requestor_key();
+    let ok = samples::lease_request(&r, &p, NOW);
+    assert_eq!(ok.check_well_formed(), Ok(()));
+    for (name, mutate) in [
+        ("zero vcpus", (|q: &mut LeaseRequest| q.spec.vcpus = 0) as fn(&mut LeaseRequest)),
+        ("zero duration", |q| q.duration_secs = 0),
+        ("huge duration", |q| q.duration_secs = u64::MAX),
+        ("bad user", |q| q.ssh_user = "root;rm -rf /".into()),
+        ("upper user", |q| q.ssh_user = "Root".into()),
+        ("empty image", |q| q.spec.image_name.clear()),
+    ] {
+        let mut q = ok.clone();
+        mutate(&mut q);
+        assert!(q.check_well_formed().is_err(), "{name} accepted");
+    }
+}
+
+#[test]
+fn lease_id_hex_roundtrip() {
+    let id = LeaseId([0xab; 16]);
+    assert_eq!(LeaseId::from_hex(&id.to_hex()), Some(id));
+    assert_eq!(LeaseId::from_hex("zz"), None);
+    assert_eq!(LeaseId::from_hex(&"é".repeat(16)), None);
+}
