@@ -13,8 +13,7 @@ use crate::error::DecodeError;
 pub fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     // Writing into a Vec cannot fail, and our types contain nothing serde refuses.
-    ciborium::into_writer(value, &mut out)
-        .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
+    ciborium::into_writer(value, &mut out).unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
     out
 }
 
@@ -68,9 +67,7 @@ pub(crate) mod fixed_bytes {
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
         let v = super::deserialize_byte_buf(d)?;
         let len = v.len();
-        v.try_into().map_err(|_| {
-            serde::de::Error::custom(format!("expected a {N}-byte string, got {len} bytes"))
-        })
+        v.try_into().map_err(|_| serde::de::Error::custom(format!("expected a {N}-byte string, got {len} bytes")))
     }
 }
 

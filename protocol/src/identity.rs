@@ -27,8 +27,7 @@ pub fn ed25519_public_key_bytes(peer_id: &PeerId) -> Result<[u8; 32], IdentityEr
 
 /// Like [`ed25519_public_key_bytes`] but from the PeerId's wire bytes.
 pub fn public_key_from_peer_id_bytes(bytes: &[u8]) -> Result<[u8; 32], IdentityError> {
-    if bytes.len() != ED25519_PEER_ID_LEN || bytes[..ED25519_PEER_ID_PREFIX.len()] != ED25519_PEER_ID_PREFIX
-    {
+    if bytes.len() != ED25519_PEER_ID_LEN || bytes[..ED25519_PEER_ID_PREFIX.len()] != ED25519_PEER_ID_PREFIX {
         return Err(IdentityError::NotEd25519);
     }
     let mut key = [0u8; 32];

@@ -102,7 +102,12 @@ pub fn lease_control(
     }
 }
 
-pub fn lease_reply(provider: &SigningKey, requestor: &SigningKey, outcome: ReplyOutcome, now_unix_ms: u64) -> LeaseReply {
+pub fn lease_reply(
+    provider: &SigningKey,
+    requestor: &SigningKey,
+    outcome: ReplyOutcome,
+    now_unix_ms: u64,
+) -> LeaseReply {
     LeaseReply {
         version: LEASE_VERSION,
         lease_id: LeaseId([0x11; 16]),

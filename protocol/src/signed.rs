@@ -12,10 +12,10 @@
 use std::fmt;
 use std::marker::PhantomData;
 
-use ed25519_dalek::Signature;
+use ed25519_dalek::{Signature, VerifyingKey};
 use libp2p_identity::PeerId;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::encoding::{from_cbor, to_cbor};
 use crate::error::{DecodeError, SignError, VerifyError};
@@ -89,6 +89,8 @@ pub trait Payload: Serialize + DeserializeOwned + Clone {
 pub struct Signed<T> {
     payload: Vec<u8>,
     signer: PeerId,
+    /// The signer's key, decompressed once when the envelope was parsed.
+    key: Option<VerifyingKey>,
     signature: [u8; 64],
     _kind: PhantomData<fn() -> T>,
 }
@@ -98,6 +100,7 @@ impl<T> Clone for Signed<T> {
         Self {
             payload: self.payload.clone(),
             signer: self.signer,
+            key: self.key,
             signature: self.signature,
             _kind: PhantomData,
         }
@@ -127,7 +130,7 @@ impl<T: Payload> Signed<T> {
         }
         let payload = to_cbor(body);
         let signature = key.sign_raw(&signing_input(T::KIND, &payload));
-        let signed = Signed { payload, signer: key.peer_id(), signature, _kind: PhantomData };
+        let signed = Signed { payload, signer: key.peer_id(), key: None, signature, _kind: PhantomData };
         let len = signed.to_bytes().len();
         if len > T::KIND.max_wire_bytes() {
             return Err(SignError::TooLarge { kind: T::KIND, len, max: T::KIND.max_wire_bytes() });
@@ -143,10 +146,9 @@ impl<T: Payload> Signed<T> {
             return Err(DecodeError::TooLarge { kind: T::KIND, len: bytes.len(), max });
         }
         let [payload, signer_bytes, signature] = envelope::decode(bytes)?;
-        let (signer, _) = identity::verifying_key_for(signer_bytes)?;
-        let signature: [u8; 64] =
-            signature.try_into().map_err(|_| DecodeError::SignatureLength(signature.len()))?;
-        Ok(Signed { payload: payload.to_vec(), signer, signature, _kind: PhantomData })
+        let (signer, key) = identity::verifying_key_for(signer_bytes)?;
+        let signature: [u8; 64] = signature.try_into().map_err(|_| DecodeError::SignatureLength(signature.len()))?;
+        Ok(Signed { payload: payload.to_vec(), signer, key: Some(key), signature, _kind: PhantomData })
     }
 
     /// The envelope's wire encoding.
@@ -170,7 +172,7 @@ impl<T: Payload> Signed<T> {
     /// Checks the signature strictly over the received bytes, then decodes the payload,
     /// then checks its version and that its claimed author is the signer.
     pub fn verify(self) -> Result<Verified<T>, VerifyError> {
-        let (_, key) = identity::verifying_key_for(&self.signer.to_bytes()).map_err(DecodeError::from)?;
+        let key = self.verifying_key()?;
         let signature = Signature::from_bytes(&self.signature);
         key.verify_strict(&signing_input(T::KIND, &self.payload), &signature)
             .map_err(|_| VerifyError::BadSignature { kind: T::KIND, signer: self.signer.to_string() })?;
@@ -182,11 +184,7 @@ impl<T: Payload> Signed<T> {
     pub(crate) fn decode_checked(self) -> Result<Verified<T>, VerifyError> {
         let body: T = from_cbor(&self.payload, T::KIND.name())?;
         if body.version() != T::VERSION {
-            return Err(VerifyError::UnsupportedVersion {
-                kind: T::KIND,
-                got: body.version(),
-                supported: T::VERSION,
-            });
+            return Err(VerifyError::UnsupportedVersion { kind: T::KIND, got: body.version(), supported: T::VERSION });
         }
         if *body.claimed_signer() != self.signer {
             return Err(VerifyError::SignerMismatch {
@@ -200,7 +198,15 @@ impl<T: Payload> Signed<T> {
 
     /// An envelope from its parts, unverified (for other transports and for tests).
     pub fn from_parts(payload: Vec<u8>, signer: PeerId, signature: [u8; 64]) -> Self {
-        Signed { payload, signer, signature, _kind: PhantomData }
+        Signed { payload, signer, key: None, signature, _kind: PhantomData }
+    }
+
+    /// The signer's ed25519 key (refusing non-ed25519 and weak keys).
+    pub(crate) fn verifying_key(&self) -> Result<VerifyingKey, DecodeError> {
+        match self.key {
+            Some(key) => Ok(key),
+            None => Ok(identity::verifying_key_for(&self.signer.to_bytes())?.1),
+        }
     }
 
     /// Parses and verifies in one step: what a node does with bytes from the network.

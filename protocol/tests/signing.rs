@@ -278,12 +278,9 @@ fn unsupported_version_is_a_typed_error() {
 #[test]
 fn oversize_input_rejected_before_decoding() {
     // Garbage that would be a CBOR syntax error if it were ever parsed.
-    for (kind, max) in [
-        (Kind::Advert, 4096),
-        (Kind::LeaseRequest, 8192),
-        (Kind::LeaseReply, 8192),
-        (Kind::LeaseControl, 4096),
-    ] {
+    for (kind, max) in
+        [(Kind::Advert, 4096), (Kind::LeaseRequest, 8192), (Kind::LeaseReply, 8192), (Kind::LeaseControl, 4096)]
+    {
         let bytes = vec![0xffu8; max + 1];
         let err = match kind {
             Kind::Advert => Signed::<Advertisement>::from_bytes(&bytes).unwrap_err(),
@@ -294,7 +291,10 @@ fn oversize_input_rejected_before_decoding() {
         assert_eq!(err, DecodeError::TooLarge { kind, len: max + 1, max });
         // At the cap, the same garbage is parsed and fails as malformed instead.
         let at_cap = &bytes[..max];
-        assert!(matches!(Signed::<Advertisement>::from_bytes(&at_cap[..at_cap.len().min(4096)]), Err(DecodeError::Cbor { .. })));
+        assert!(matches!(
+            Signed::<Advertisement>::from_bytes(&at_cap[..at_cap.len().min(4096)]),
+            Err(DecodeError::Cbor { .. })
+        ));
     }
 }
 

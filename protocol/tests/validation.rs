@@ -68,15 +68,16 @@ fn advert_seq_not_newer_rejected() {
 #[test]
 fn malformed_adverts_rejected() {
     let base = advert_at(NOW, 1000);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Advertisement)>)> = vec![
-        ("free > total", Box::new(|a| a.resources.free.vcpus = a.resources.total.vcpus + 1)),
-        ("port range", Box::new(|a| a.ssh.port_min = a.ssh.port_max + 1)),
-        ("port 0", Box::new(|a| a.ssh.port_min = 0)),
-        ("currency", Box::new(|a| a.pricing.currency = "usd".into())),
-        ("country", Box::new(|a| a.country = Some("Germany".into()))),
-        ("host", Box::new(|a| a.ssh.host = String::new())),
-        ("control char", Box::new(|a| a.region = "eu\n".into())),
-        ("long text", Box::new(|a| a.region = "x".repeat(200))),
+    type Mutation = (&'static str, fn(&mut Advertisement));
+    let cases: &[Mutation] = &[
+        ("free > total", |a| a.resources.free.vcpus = a.resources.total.vcpus + 1),
+        ("port range", |a| a.ssh.port_min = a.ssh.port_max + 1),
+        ("port 0", |a| a.ssh.port_min = 0),
+        ("currency", |a| a.pricing.currency = "usd".into()),
+        ("country", |a| a.country = Some("Germany".into())),
+        ("host", |a| a.ssh.host = String::new()),
+        ("control char", |a| a.region = "eu\n".into()),
+        ("long text", |a| a.region = "x".repeat(200)),
     ];
     for (name, mutate) in cases {
         let mut a = base.clone();

@@ -1,0 +1,86 @@
+//! The hex test vectors in docs/protocol.md are exactly what this code produces, and
+//! this code accepts exactly those bytes. Run with PEERVM_PRINT_VECTORS=1 to print them.
+
+use peervm_protocol::samples::{self, T0_UNIX_MS};
+use peervm_protocol::*;
+
+const DOC: &str = include_str!("../../docs/protocol.md");
+
+fn vectors() -> Vec<(&'static str, Vec<u8>)> {
+    let p = samples::provider_key();
+    let r = samples::requestor_key();
+    vec![
+        ("advert", Signed::sign(&p, &samples::advert(&p, 1, T0_UNIX_MS)).unwrap().to_bytes()),
+        ("lease-request", Signed::sign(&r, &samples::lease_request(&r, &p, T0_UNIX_MS)).unwrap().to_bytes()),
+        (
+            "lease-reply",
+            Signed::sign(&p, &samples::lease_reply(&p, &r, samples::granted(T0_UNIX_MS), T0_UNIX_MS))
+                .unwrap()
+                .to_bytes(),
+        ),
+        (
+            "lease-control",
+            Signed::sign(
+                &r,
+                &samples::lease_control(&r, &p, ControlAction::Extend { additional_secs: 1800 }, T0_UNIX_MS),
+            )
+            .unwrap()
+            .to_bytes(),
+        ),
+    ]
+}
+
+/// The hex in the fenced block that starts with "```hex <name>".
+fn doc_vector(name: &str) -> Vec<u8> {
+    let fence = format!("```hex {name}\n");
+    let start = DOC.find(&fence).unwrap_or_else(|| panic!("docs/protocol.md has no `{fence}` block")) + fence.len();
+    let end = start + DOC[start..].find("```").expect("closing fence");
+    let hex: String = DOC[start..end].chars().filter(|c| !c.is_whitespace()).collect();
+    hex::decode(hex).expect("valid hex")
+}
+
+#[test]
+fn code_produces_and_accepts_exactly_the_documented_vectors() {
+    let print = std::env::var("PEERVM_PRINT_VECTORS").is_ok();
+    for (name, bytes) in vectors() {
+        if print {
+            let hex = hex::encode(&bytes);
+            println!("```hex {name}");
+            for chunk in hex.as_bytes().chunks(96) {
+                println!("{}", std::str::from_utf8(chunk).unwrap());
+            }
+            println!("```");
+            continue;
+        }
+        assert_eq!(hex::encode(doc_vector(name)), hex::encode(&bytes), "vector {name} differs from the docs");
+    }
+    if print {
+        return;
+    }
+    let p = samples::provider_key();
+    let r = samples::requestor_key();
+    let advert = Signed::<Advertisement>::open(&doc_vector("advert")).expect("documented advert verifies");
+    assert_eq!(advert.body(), &samples::advert(&p, 1, T0_UNIX_MS));
+    let request = Signed::<LeaseRequest>::open(&doc_vector("lease-request")).expect("documented request verifies");
+    assert_eq!(request.body(), &samples::lease_request(&r, &p, T0_UNIX_MS));
+    let reply = Signed::<LeaseReply>::open(&doc_vector("lease-reply")).expect("documented reply verifies");
+    assert_eq!(reply.signer(), p.peer_id());
+    let control = Signed::<LeaseControl>::open(&doc_vector("lease-control")).expect("documented control verifies");
+    assert_eq!(control.body().action, ControlAction::Extend { additional_secs: 1800 });
+}
+
+#[test]
+fn documented_peer_ids_match_the_seeds() {
+    for (name, key) in [("provider", samples::provider_key()), ("requestor", samples::requestor_key())] {
+        let line = format!("{name} PeerId: `{}`", key.peer_id());
+        assert!(DOC.contains(&line), "docs/protocol.md should say: {line}");
+    }
+}
+
+#[test]
+fn print_peer_ids() {
+    if std::env::var("PEERVM_PRINT_VECTORS").is_ok() {
+        println!("provider PeerId: `{}`", samples::provider_key().peer_id());
+        println!("requestor PeerId: `{}`", samples::requestor_key().peer_id());
+    }
+}
