@@ -1,5 +1,14 @@
-//! The peervm node: identity, and (growing) the swarm, stores, leases and admin API.
+//! The peervm node: identity, the swarm and its advert store, the provider daemon, the
+//! requestor's offers command, and (growing) leases and the admin API.
 
+pub mod advert_store;
+pub mod config;
 pub mod keystore;
+pub mod metrics;
+pub mod network;
+pub mod offers;
 pub mod paths;
+pub mod provider;
 pub mod secure_fs;
+pub mod startup;
+pub mod units;

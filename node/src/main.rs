@@ -2,10 +2,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use peervm_node::{keystore, paths};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use peervm_node::advert_store::OfferFilter;
+use peervm_node::config::{ProviderConfig, parse_addrs};
+use peervm_node::metrics::Metrics;
+use peervm_node::network::{Node, NodeConfig, NodeEvent, Role};
+use peervm_node::offers::{self, OfferLine};
+use peervm_node::{keystore, paths, provider::Provider, startup, units};
 
 #[derive(Parser)]
 #[command(name = "peervm", version, about = "A peer-to-peer market for virtual machines")]
@@ -23,6 +31,13 @@ enum Command {
     /// Manage this node's identity key.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Run a bootstrap node: Kademlia server, sync server and gossip relay.
+    Bootstrap(BootstrapArgs),
+    /// Provider commands.
+    #[command(subcommand)]
+    Provider(ProviderCommand),
+    /// List the verified offers on the market, cheapest first.
+    Offers(OffersArgs),
 }
 
 #[derive(Subcommand)]
@@ -40,9 +55,101 @@ enum KeyCommand {
     },
 }
 
+#[derive(Args)]
+struct SwarmArgs {
+    /// A bootstrap node's multiaddr, ending in /p2p/<peer-id> (repeatable).
+    #[arg(long = "bootstrap", value_name = "MULTIADDR", env = "PEERVM_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<String>,
+}
+
+#[derive(Args)]
+struct BootstrapArgs {
+    /// Address to listen on (repeatable).
+    #[arg(long, value_name = "MULTIADDR", default_values_t = ["/ip4/0.0.0.0/tcp/4001".to_string(), "/ip4/0.0.0.0/udp/4001/quic-v1".to_string()])]
+    listen: Vec<String>,
+    /// Identity key file, created if missing, so the address stays the same across restarts.
+    /// Default: <data-dir>/identity.key.
+    #[arg(long, value_name = "PATH")]
+    key: Option<PathBuf>,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// Serve Prometheus metrics on this loopback address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Print the startup line as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ProviderCommand {
+    /// Run the provider daemon.
+    Run {
+        /// Provider config (TOML). Default: /etc/peervm/provider.toml.
+        #[arg(long, value_name = "PATH", default_value = "/etc/peervm/provider.toml")]
+        config: PathBuf,
+        /// Identity key file, created if missing. Default: <data-dir>/identity.key.
+        #[arg(long, value_name = "PATH")]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct OffersArgs {
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// At least this many free vCPUs (also the vCPUs the price is quoted for).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// At least this much free memory, e.g. 4GiB or 512MiB.
+    #[arg(long)]
+    memory: Option<String>,
+    /// At least this much free disk, e.g. 20GiB.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Highest price per hour for the requested size, in currency units, e.g. 0.05.
+    #[arg(long)]
+    max_price: Option<String>,
+    /// Only offers priced in this currency.
+    #[arg(long)]
+    currency: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    /// kvm or tcg.
+    #[arg(long)]
+    accel: Option<String>,
+    /// Offers that have this image.
+    #[arg(long)]
+    image: Option<String>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Keep running and print the offers again whenever the market changes.
+    #[arg(long)]
+    watch: bool,
+    /// Show at most this many offers (0 = all).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Seconds to wait for the bootstrap nodes.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("peervm: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("peervm: {e:#}");
@@ -51,8 +158,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let data_dir = cli.data_dir.unwrap_or_else(paths::default_data_dir);
+fn multiaddrs(list: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
+    parse_addrs(list).map_err(anyhow::Error::msg)
+}
+
+/// Loads the key at `path`, creating it first if it does not exist.
+fn load_or_init_key(path: &std::path::Path) -> anyhow::Result<peervm_protocol::SigningKey> {
+    if path.exists() {
+        Ok(keystore::load(path)?)
+    } else {
+        let key = keystore::init(path).context("cannot create the identity key")?;
+        eprintln!("created identity key {}", path.display());
+        Ok(key)
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = cli.data_dir.clone().unwrap_or_else(paths::default_data_dir);
     match cli.command {
         Command::Key(KeyCommand::Init { key }) => {
             let path = key.unwrap_or_else(|| paths::identity_key_path(&data_dir));
@@ -66,6 +188,104 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let k = keystore::load(&path)?;
             println!("{}", k.peer_id());
         }
+        Command::Bootstrap(args) => bootstrap(args, &data_dir).await?,
+        Command::Provider(ProviderCommand::Run { config, key, json }) => {
+            let config = ProviderConfig::load(&config)?;
+            let data_dir = config.data_dir.clone().unwrap_or(data_dir);
+            let key = load_or_init_key(&key.unwrap_or_else(|| paths::identity_key_path(&data_dir)))?;
+            let metrics_addr = config.metrics;
+            let provider = Provider::start(config, key).await?;
+            if let Some(addr) = metrics_addr {
+                let bound = peervm_node::metrics::serve(Arc::new(Metrics::default()), addr).await?;
+                eprintln!("metrics on http://{bound}/metrics");
+            }
+            startup::announce("provider", provider.node().peer_id, &provider.node().listen_addrs, json);
+            provider.run_until_signal().await?;
+        }
+        Command::Offers(args) => offers_cmd(args).await?,
     }
+    Ok(())
+}
+
+async fn bootstrap(args: BootstrapArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let listen = multiaddrs(&args.listen)?;
+    let others = multiaddrs(&args.swarm.bootstrap)?;
+    let key = load_or_init_key(&args.key.unwrap_or_else(|| paths::identity_key_path(data_dir)))?;
+    let metrics = Arc::new(Metrics::default());
+    let mut config = NodeConfig::new(key, Role::Bootstrap);
+    config.listen = listen;
+    config.bootstrap = others;
+    config.metrics = Some(metrics.clone());
+    let node = Node::start(config).await?;
+    if let Some(addr) = args.metrics {
+        let bound = peervm_node::metrics::serve(metrics, addr).await?;
+        eprintln!("metrics on http://{bound}/metrics");
+    }
+    startup::announce("bootstrap", node.peer_id, &node.listen_addrs, args.json);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+    node.stop().await;
+    Ok(())
+}
+
+fn offer_filter(args: &OffersArgs) -> anyhow::Result<OfferFilter> {
+    Ok(OfferFilter {
+        min_vcpus: args.vcpus,
+        min_memory_mib: args.memory.as_deref().map(|m| units::parse_size_mib(m, 1)).transpose()?,
+        min_disk_gib: args.disk.as_deref().map(units::parse_size_gib).transpose()?,
+        max_price_micros: args.max_price.as_deref().map(units::parse_micros).transpose()?,
+        currency: args.currency.clone(),
+        region: args.region.clone(),
+        accel: args.accel.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
+        image: args.image.clone(),
+        exclude: Default::default(),
+    })
+}
+
+async fn offers_cmd(args: OffersArgs) -> anyhow::Result<()> {
+    let filter = offer_filter(&args)?;
+    let bootstrap = multiaddrs(&args.swarm.bootstrap)?;
+    if args.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
+    }
+    let node = offers::join(&bootstrap, Duration::from_secs(args.timeout)).await?;
+    let print = |node: &Node| {
+        let list = offers::current(node, &filter, args.limit);
+        if args.json {
+            for o in &list {
+                println!("{}", serde_json::to_string(&OfferLine::from(o)).unwrap_or_default());
+            }
+        } else if list.is_empty() {
+            println!("no offers match");
+        } else {
+            print!("{}", offers::table(&list, &filter));
+        }
+    };
+    print(&node);
+    if args.watch {
+        let mut events = node.subscribe();
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(NodeEvent::AdvertStored { .. }) | Ok(NodeEvent::AdvertsExpired(_)) => {
+                        // Coalesce bursts (a sync page) into one redraw.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        while events.try_recv().is_ok() {}
+                        if !args.json { println!(); }
+                        print(&node);
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                },
+                _ = tokio::signal::ctrl_c() => break,
+                _ = sigterm.recv() => break,
+            }
+        }
+    }
+    node.stop().await;
     Ok(())
 }

@@ -1,0 +1,93 @@
+//! Prometheus metrics, served as text on a loopback address only when enabled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabel {
+    pub api: String,
+}
+
+/// The node's counters and gauges. Cheap to clone (all handles are shared).
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub adverts_accepted: Counter,
+    pub adverts_rejected: Family<ReasonLabel, Counter>,
+    pub advert_store_size: Gauge,
+    pub peers_connected: Gauge,
+    pub rate_limited: Family<ApiLabel, Counter>,
+    pub peers_banned: Counter,
+}
+
+impl Metrics {
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("peervm");
+        r.register("adverts_accepted", "Adverts accepted into the store", self.adverts_accepted.clone());
+        r.register("adverts_rejected", "Adverts not accepted, by reason", self.adverts_rejected.clone());
+        r.register("advert_store_size", "Live adverts held", self.advert_store_size.clone());
+        r.register("peers_connected", "Connected peers", self.peers_connected.clone());
+        r.register("rate_limited", "Messages dropped by per-peer rate limits, by API", self.rate_limited.clone());
+        r.register("peers_banned", "Peers banned for misbehaviour", self.peers_banned.clone());
+        r
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.adverts_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics address {0} is not a loopback address; metrics are only served on 127.0.0.1 or ::1")]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Serves `metrics` over HTTP on `addr`, which must be loopback. Returns the bound
+/// address (useful with port 0).
+pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> Result<SocketAddr, MetricsError> {
+    if !addr.ip().is_loopback() {
+        return Err(MetricsError::NotLoopback(addr));
+    }
+    let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError::Bind { addr, source })?;
+    tokio::spawn(async move {
+        // One connection at a time: a scraper needs no more, and nothing can pile up.
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                continue;
+            }
+            let body = metrics.render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,81 @@
+//! The node's libp2p behaviour: one field per concern (STYLE item 2). Tuning lives in
+//! `gossip_params.rs`; protocol logic lives in the event loop and its modules.
+
+use std::time::Duration;
+
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{StreamProtocol, allow_block_list, connection_limits, gossipsub, identify, kad, ping, request_response};
+
+use super::gossip_params;
+use super::sync::{self, SyncRequest, SyncResponse};
+
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/kad/1.0.0");
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/peervm/1.0.0";
+
+#[derive(NetworkBehaviour)]
+pub struct PeervmBehaviour {
+    /// Refuses banned and blocked peers before anything else sees them.
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    pub limits: connection_limits::Behaviour,
+    pub gossipsub: gossipsub::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+}
+
+/// Connection limits (DESIGN section 6): enough for a well-connected node, bounded so a
+/// crowd of peers cannot exhaust file descriptors or memory.
+#[derive(Debug, Clone)]
+pub struct ConnectionCaps {
+    pub max_established: u32,
+    pub max_per_peer: u32,
+    pub max_pending_incoming: u32,
+}
+
+impl Default for ConnectionCaps {
+    fn default() -> Self {
+        Self { max_established: 512, max_per_peer: 2, max_pending_incoming: 64 }
+    }
+}
+
+impl PeervmBehaviour {
+    pub fn new(
+        key: &libp2p::identity::Keypair,
+        caps: &ConnectionCaps,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let peer_id = key.public().to_peer_id();
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(caps.max_established))
+            .with_max_established_per_peer(Some(caps.max_per_peer))
+            .with_max_pending_incoming(Some(caps.max_pending_incoming));
+
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config.set_query_timeout(Duration::from_secs(30));
+        // The event loop bootstraps on its own timer, once it has peers.
+        kad_config.set_periodic_bootstrap_interval(None);
+        let kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+
+        let sync_codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(sync::MAX_REQUEST_BYTES)
+            .set_response_size_maximum(sync::MAX_RESPONSE_BYTES);
+        let sync = request_response::Behaviour::with_codec(
+            sync_codec,
+            [(sync::PROTOCOL, request_response::ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+        );
+
+        Ok(Self {
+            blocked: allow_block_list::Behaviour::default(),
+            limits: connection_limits::Behaviour::new(limits),
+            gossipsub: gossip_params::behaviour()?,
+            kad,
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
+                    .with_agent_version(format!("peervm/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: ping::Behaviour::default(),
+            sync,
+        })
+    }
+}

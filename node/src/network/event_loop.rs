@@ -1,0 +1,567 @@
+//! The task that owns the Swarm: a `select!` over swarm events, commands and timers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, MessageAcceptance, PublishError};
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, noise, tcp, yamux};
+use peervm_protocol::{Advertisement, Signed, Verified, verify_batch};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::behaviour::{KAD_PROTOCOL, PeervmBehaviour, PeervmBehaviourEvent};
+use super::gossip_params::advert_topic;
+use super::rate_limit::{Api, PeerGuard, Verdict};
+use super::sync::{self, Envelope, SyncRequest, SyncResponse};
+use super::{
+    Command, NetworkError, Node, NodeClient, NodeConfig, NodeEvent, Role, SharedStore, SyncSummary, now_unix_ms,
+};
+use crate::advert_store::AdvertStore;
+use crate::metrics::Metrics;
+
+/// A sync session gives up after this many pages (1024 adverts each): far above any real
+/// market, low enough that a peer cannot keep a node paging forever.
+const MAX_SYNC_PAGES: usize = 512;
+
+pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
+    let keypair = config.key.to_libp2p_keypair();
+    let peer_id = keypair.public().to_peer_id();
+    let caps = config.caps.clone();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetworkError::Build(e.to_string()))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| NetworkError::Build(e.to_string()))?
+        .with_behaviour(|key| PeervmBehaviour::new(key, &caps))
+        .map_err(|e| NetworkError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+
+    swarm.behaviour_mut().kad.set_mode(Some(match config.role {
+        Role::Bootstrap | Role::Provider => kad::Mode::Server,
+        Role::Requestor => kad::Mode::Client,
+    }));
+    swarm.behaviour_mut().gossipsub.subscribe(&advert_topic()).map_err(|e| NetworkError::Build(e.to_string()))?;
+
+    let listen_addrs = listen(&mut swarm, &config.listen, peer_id).await?;
+
+    let (tx, rx) = mpsc::channel(256);
+    let (events, _) = broadcast::channel(4096);
+    let store: SharedStore = Arc::new(Mutex::new(AdvertStore::new()));
+    let mut event_loop = EventLoop {
+        swarm,
+        commands: rx,
+        store: store.clone(),
+        events: events.clone(),
+        guard: PeerGuard::new(config.rate_limits.clone()),
+        metrics: config.metrics.clone().unwrap_or_default(),
+        bootstrap: config.bootstrap.clone(),
+        bootstrap_peers: config.bootstrap.iter().filter_map(super::peer_id_of).collect(),
+        target_peers: config.target_peers,
+        sweep_interval: config.sweep_interval,
+        pending_publish: None,
+        syncs: HashMap::new(),
+        sync_waiters: HashMap::new(),
+        pending_dials: HashMap::new(),
+        blocked: HashSet::new(),
+    };
+    for addr in &config.bootstrap {
+        event_loop.dial_addr(addr.clone(), None);
+    }
+    let task = tokio::spawn(event_loop.run());
+    Ok(Node { client: NodeClient { tx }, store, peer_id, listen_addrs, events, task })
+}
+
+/// Starts every listener and waits until each has reported its addresses, so the caller
+/// can print full dialable multiaddrs at start.
+async fn listen(
+    swarm: &mut Swarm<PeervmBehaviour>,
+    addrs: &[Multiaddr],
+    peer_id: PeerId,
+) -> Result<Vec<Multiaddr>, NetworkError> {
+    let mut waiting = HashMap::new();
+    for addr in addrs {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetworkError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        waiting.insert(id, addr.clone());
+    }
+    let mut out = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    // After the last listener reports, give wildcard listeners a moment to report every
+    // interface address.
+    let mut settle: Option<std::pin::Pin<Box<tokio::time::Sleep>>> =
+        if waiting.is_empty() { Some(Box::pin(tokio::time::sleep(Duration::ZERO))) } else { None };
+    loop {
+        tokio::select! {
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { listener_id, address } => {
+                    out.push(super::with_peer_id(&address, peer_id));
+                    waiting.remove(&listener_id);
+                    if waiting.is_empty() && settle.is_none() {
+                        settle = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+                    }
+                }
+                SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                    if let Some(addr) = waiting.remove(&listener_id) {
+                        let reason = match reason { Err(e) => e.to_string(), Ok(()) => "listener closed".into() };
+                        return Err(NetworkError::Listen { addr, reason });
+                    }
+                }
+                SwarmEvent::ListenerError { listener_id, error } => {
+                    if let Some(addr) = waiting.remove(&listener_id) {
+                        return Err(NetworkError::Listen { addr, reason: error.to_string() });
+                    }
+                }
+                _ => {}
+            },
+            _ = async { settle.as_mut().expect("guarded").await }, if settle.is_some() => break,
+            _ = &mut deadline => {
+                let addr = waiting.into_values().next().unwrap_or_else(Multiaddr::empty);
+                return Err(NetworkError::Listen { addr, reason: "no address reported within 10 s".into() });
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct SyncSession {
+    peer: PeerId,
+    pages: usize,
+    summary: SyncSummary,
+}
+
+struct EventLoop {
+    swarm: Swarm<PeervmBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    store: SharedStore,
+    events: broadcast::Sender<NodeEvent>,
+    guard: PeerGuard,
+    metrics: Arc<Metrics>,
+    bootstrap: Vec<Multiaddr>,
+    bootstrap_peers: HashSet<PeerId>,
+    target_peers: usize,
+    sweep_interval: Duration,
+    /// The node's own advert, waiting for a subscriber.
+    pending_publish: Option<Vec<u8>>,
+    syncs: HashMap<OutboundRequestId, SyncSession>,
+    sync_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<SyncSummary, NetworkError>>>>,
+    pending_dials: HashMap<libp2p::swarm::ConnectionId, oneshot::Sender<Result<(), NetworkError>>>,
+    /// Peers blocked by the operator (as opposed to banned for a while).
+    blocked: HashSet<PeerId>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut sweep = tokio::time::interval(self.sweep_interval);
+        let mut maintenance = tokio::time::interval(Duration::from_secs(10));
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => {
+                        // Give queued gossip (a withdrawal, typically) a moment to go out.
+                        let flush = tokio::time::sleep(Duration::from_millis(300));
+                        tokio::pin!(flush);
+                        loop {
+                            tokio::select! {
+                                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                                _ = &mut flush => break,
+                            }
+                        }
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.on_command(command),
+                    None => return,
+                },
+                _ = sweep.tick() => self.sweep(),
+                _ = maintenance.tick() => self.maintain(),
+            }
+        }
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, AdvertStore> {
+        // A panic while holding the lock would be a bug elsewhere; the data stays usable.
+        self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn sweep(&mut self) {
+        let now = now_unix_ms();
+        let (removed, size) = {
+            let mut store = self.store();
+            let removed = store.sweep(now);
+            (removed, store.len())
+        };
+        self.metrics.advert_store_size.set(size as i64);
+        if !removed.is_empty() {
+            self.emit(NodeEvent::AdvertsExpired(removed));
+        }
+    }
+
+    /// Re-dials lost bootstrap nodes, walks the DHT, and lifts bans that ran out.
+    fn maintain(&mut self) {
+        let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
+        for addr in self.bootstrap.clone() {
+            let known = super::peer_id_of(&addr);
+            if known.is_none_or(|p| !connected.contains(&p)) {
+                self.dial_addr(addr, None);
+            }
+        }
+        if !connected.is_empty() {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+        for peer in self.guard.expired_bans(Instant::now()) {
+            if !self.blocked.contains(&peer) {
+                self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            }
+        }
+    }
+
+    fn dial_addr(&mut self, addr: Multiaddr, reply: Option<oneshot::Sender<Result<(), NetworkError>>>) {
+        let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+        let opts = match super::peer_id_of(&addr) {
+            Some(p) => DialOpts::peer_id(p).addresses(vec![addr.clone()]).build(),
+            None => opts,
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                if let Some(reply) = reply {
+                    self.pending_dials.insert(id, reply);
+                }
+            }
+            Err(e) => {
+                let error = NetworkError::Dial { addr, reason: e.to_string() };
+                self.emit(NodeEvent::DialFailed { peer: None, error: error.to_string() });
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(error));
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Publish { advert, reply } => {
+                let _ = reply.send(self.publish(*advert));
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Dial { addr, reply } => self.dial_addr(addr, Some(reply)),
+            Command::Sync { peer, reply } => {
+                if !self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Err(NetworkError::Dial {
+                        addr: Multiaddr::empty(),
+                        reason: format!("not connected to {peer}"),
+                    }));
+                    return;
+                }
+                self.sync_waiters.entry(peer).or_default().push(reply);
+                self.start_sync(peer);
+            }
+            Command::BlockPeer { peer } => {
+                self.blocked.insert(peer);
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.swarm.behaviour_mut().gossipsub.blacklist_peer(&peer);
+                self.store().block(peer);
+            }
+            Command::UnblockPeer { peer } => {
+                self.blocked.remove(&peer);
+                self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+                self.swarm.behaviour_mut().gossipsub.remove_blacklisted_peer(&peer);
+                self.store().unblock(&peer);
+            }
+            Command::Shutdown { .. } => unreachable!("handled in run"),
+        }
+    }
+
+    fn publish(&mut self, advert: Verified<Advertisement>) -> Result<(), NetworkError> {
+        let bytes = advert.to_bytes();
+        let now = now_unix_ms();
+        self.store().insert(advert, now).map_err(|e| NetworkError::Publish(e.to_string()))?;
+        match self.swarm.behaviour_mut().gossipsub.publish(advert_topic(), bytes.clone()) {
+            Ok(_) => {
+                self.pending_publish = None;
+                Ok(())
+            }
+            Err(PublishError::NoPeersSubscribedToTopic) | Err(PublishError::AllQueuesFull(_)) => {
+                // Sent when a peer subscribes; peers that connect meanwhile get it by sync.
+                self.pending_publish = Some(bytes);
+                Ok(())
+            }
+            Err(PublishError::Duplicate) => Ok(()),
+            Err(e) => Err(NetworkError::Publish(e.to_string())),
+        }
+    }
+
+    fn start_sync(&mut self, peer: PeerId) {
+        if self.syncs.values().any(|s| s.peer == peer) {
+            return; // one session per peer at a time; waiters get its result
+        }
+        let request = SyncRequest { version: 1, after: None, max_items: sync::MAX_PAGE_ITEMS };
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.syncs.insert(id, SyncSession { peer, pages: 0, summary: SyncSummary::default() });
+    }
+
+    fn finish_sync(&mut self, session: SyncSession, result: Result<(), NetworkError>) {
+        let SyncSession { peer, summary, .. } = session;
+        if result.is_ok() {
+            self.emit(NodeEvent::SyncDone { peer, accepted: summary.accepted, invalid: summary.invalid });
+        }
+        for waiter in self.sync_waiters.remove(&peer).unwrap_or_default() {
+            let _ = waiter.send(match &result {
+                Ok(()) => Ok(summary),
+                Err(e) => Err(NetworkError::Dial { addr: Multiaddr::empty(), reason: e.to_string() }),
+            });
+        }
+    }
+
+    fn ban_if(&mut self, peer: PeerId, verdict: Verdict) {
+        if verdict == Verdict::Ban {
+            tracing::warn!(%peer, "banning peer for repeated invalid or excessive messages");
+            self.metrics.peers_banned.inc();
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+            self.emit(NodeEvent::PeerBanned(peer));
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<PeervmBehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Sync(e)) => self.on_sync(e),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Identify(identify::Event::Received {
+                peer_id, info, ..
+            })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, addresses, ..
+            })) => {
+                // Grow the neighbourhood beyond the bootstrap nodes.
+                let connected = self.swarm.connected_peers().count();
+                if connected < self.target_peers && !self.swarm.is_connected(&peer) && !self.guard.is_banned(&peer) {
+                    let opts = DialOpts::peer_id(peer).addresses(addresses.into_vec()).build();
+                    let _ = self.swarm.dial(opts);
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(()));
+                }
+                if num_established.get() == 1 {
+                    if endpoint.is_dialer() {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
+                    }
+                    self.metrics.peers_connected.set(self.swarm.connected_peers().count() as i64);
+                    self.emit(NodeEvent::PeerConnected(peer_id));
+                    // Pull the peer's market snapshot: a new node sees the market in seconds.
+                    self.start_sync(peer_id);
+                    if self.bootstrap_peers.is_empty() && endpoint.is_dialer() {
+                        // Bootstrap given without /p2p: learn its id now.
+                        let addr = endpoint.get_remote_address();
+                        if self.bootstrap.iter().any(|b| b == addr) {
+                            self.bootstrap_peers.insert(peer_id);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.guard.forget(&peer_id);
+                self.metrics.peers_connected.set(self.swarm.connected_peers().count() as i64);
+                self.emit(NodeEvent::PeerDisconnected(peer_id));
+            }
+            SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
+                let error = error.to_string();
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NetworkError::Dial { addr: Multiaddr::empty(), reason: error.clone() }));
+                }
+                self.emit(NodeEvent::DialFailed { peer: peer_id, error });
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message { propagation_source: source, message_id, message } => {
+                let acceptance = self.validate_gossip(source, &message.data);
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &source, acceptance);
+            }
+            gossipsub::Event::Subscribed { .. } => {
+                if let Some(bytes) = self.pending_publish.clone() {
+                    match self.swarm.behaviour_mut().gossipsub.publish(advert_topic(), bytes) {
+                        Ok(_) | Err(PublishError::Duplicate) => self.pending_publish = None,
+                        Err(_) => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The gossip validation of DESIGN section 6: Accept forwards, Reject penalises the
+    /// sender, Ignore drops quietly. Nothing is forwarded before this returns Accept.
+    fn validate_gossip(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        let now_instant = Instant::now();
+        let (allowed, verdict) = self.guard.allow(source, Api::Gossip, now_instant);
+        self.ban_if(source, verdict);
+        if !allowed {
+            self.metrics.rate_limited.get_or_create(&crate::metrics::ApiLabel { api: "gossip".into() }).inc();
+            return MessageAcceptance::Ignore;
+        }
+        let advert = match Signed::<Advertisement>::open(data) {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.rejected(if e.is_misbehaviour() { "bad_signature" } else { "version" });
+                if e.is_misbehaviour() {
+                    let verdict = self.guard.invalid(source, now_instant);
+                    self.ban_if(source, verdict);
+                    return MessageAcceptance::Reject;
+                }
+                return MessageAcceptance::Ignore;
+            }
+        };
+        let provider = advert.body().provider;
+        let result = self.store().insert(advert, now_unix_ms());
+        match result {
+            Ok(outcome) => {
+                self.metrics.adverts_accepted.inc();
+                self.emit(NodeEvent::AdvertStored { provider, outcome });
+                MessageAcceptance::Accept
+            }
+            Err(e) => {
+                self.metrics.rejected(e.reason());
+                if e.is_misbehaviour() {
+                    let verdict = self.guard.invalid(source, now_instant);
+                    self.ban_if(source, verdict);
+                    MessageAcceptance::Reject
+                } else {
+                    MessageAcceptance::Ignore
+                }
+            }
+        }
+    }
+
+    fn on_sync(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let response = self.serve_sync(peer, request);
+                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, response);
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(session) = self.syncs.remove(&request_id) {
+                        self.on_sync_page(session, response);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some(session) = self.syncs.remove(&request_id) {
+                    tracing::debug!(peer = %session.peer, %error, "sync failed");
+                    self.finish_sync(session, Err(NetworkError::Stopped));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn serve_sync(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {
+        let (allowed, verdict) = self.guard.allow(peer, Api::Sync, Instant::now());
+        self.ban_if(peer, verdict);
+        if !allowed {
+            self.metrics.rate_limited.get_or_create(&crate::metrics::ApiLabel { api: "sync".into() }).inc();
+            return SyncResponse::RateLimited;
+        }
+        let after = request.after.as_deref().and_then(|b| PeerId::from_bytes(b).ok());
+        let max_items = request.max_items.clamp(1, sync::MAX_PAGE_ITEMS) as usize;
+        let (adverts, next) = self.store().page(after.as_ref(), max_items, sync::MAX_PAGE_BYTES, now_unix_ms());
+        SyncResponse::Page { adverts: adverts.into_iter().map(Envelope).collect(), next: next.map(|p| p.to_bytes()) }
+    }
+
+    fn on_sync_page(&mut self, mut session: SyncSession, response: SyncResponse) {
+        let peer = session.peer;
+        let (adverts, next) = match response {
+            SyncResponse::Page { adverts, next } => (adverts, next),
+            SyncResponse::RateLimited => {
+                self.finish_sync(session, Err(NetworkError::Stopped));
+                return;
+            }
+        };
+        session.pages += 1;
+        let now_instant = Instant::now();
+        if adverts.len() > sync::MAX_PAGE_ITEMS as usize {
+            let verdict = self.guard.invalid(peer, now_instant);
+            self.ban_if(peer, verdict);
+            self.finish_sync(session, Err(NetworkError::Stopped));
+            return;
+        }
+        let refs: Vec<&[u8]> = adverts.iter().map(|e| e.0.as_slice()).collect();
+        let now = now_unix_ms();
+        let mut stored = Vec::new();
+        let mut invalid = 0usize;
+        {
+            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            for result in verify_batch::<Advertisement>(&refs) {
+                match result {
+                    Ok(advert) => {
+                        let provider = advert.body().provider;
+                        match store.insert(advert, now) {
+                            Ok(outcome) => stored.push((provider, outcome)),
+                            Err(e) => {
+                                self.metrics.rejected(e.reason());
+                                if e.is_misbehaviour() {
+                                    invalid += 1;
+                                } else {
+                                    session.summary.ignored += 1;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.rejected("bad_signature");
+                        if e.is_misbehaviour() {
+                            invalid += 1;
+                        } else {
+                            session.summary.ignored += 1;
+                        }
+                    }
+                }
+            }
+            self.metrics.advert_store_size.set(store.len() as i64);
+        }
+        session.summary.accepted += stored.len();
+        session.summary.invalid += invalid;
+        self.metrics.adverts_accepted.inc_by(stored.len() as u64);
+        for (provider, outcome) in stored {
+            self.emit(NodeEvent::AdvertStored { provider, outcome });
+        }
+        for _ in 0..invalid.min(10) {
+            let verdict = self.guard.invalid(peer, now_instant);
+            self.ban_if(peer, verdict);
+        }
+        match next {
+            Some(after) if session.pages < MAX_SYNC_PAGES && self.swarm.is_connected(&peer) => {
+                let request = SyncRequest { version: 1, after: Some(after), max_items: sync::MAX_PAGE_ITEMS };
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                self.syncs.insert(id, session);
+            }
+            _ => self.finish_sync(session, Ok(())),
+        }
+    }
+}

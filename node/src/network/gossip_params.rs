@@ -1,0 +1,63 @@
+//! Gossipsub tuning for the advert topic, kept apart from logic (STYLE item 2).
+//!
+//! Adverts carry their own signatures, so gossip runs anonymous with content-hash message
+//! ids: the same advert relayed by many peers is one message. `validate_messages` holds
+//! every message until the node has checked it: nothing is forwarded unverified.
+
+use std::time::Duration;
+
+use libp2p::gossipsub::{
+    self, IdentTopic, MessageAuthenticity, MessageId, PeerScoreParams, PeerScoreThresholds, TopicScoreParams,
+    ValidationMode,
+};
+use sha2::{Digest, Sha256};
+
+pub const ADVERT_TOPIC: &str = "peervm/adverts/v1";
+
+pub fn advert_topic() -> IdentTopic {
+    IdentTopic::new(ADVERT_TOPIC)
+}
+
+pub fn behaviour() -> Result<gossipsub::Behaviour, String> {
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(ValidationMode::Anonymous)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| MessageId::from(Sha256::digest(&m.data).to_vec()))
+        .heartbeat_interval(Duration::from_millis(700))
+        // An advert is at most 4 KiB; leave room for the RPC framing.
+        .max_transmit_size(16 * 1024)
+        // Remember ids long enough that a re-published duplicate is recognised.
+        .duplicate_cache_time(Duration::from_secs(120))
+        .build()
+        .map_err(|e| format!("gossipsub config: {e}"))?;
+    let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, config)?;
+    gs.with_peer_score(score_params(), score_thresholds())?;
+    Ok(gs)
+}
+
+/// Invalid deliveries (Reject) weigh heavily, so a peer sending forged adverts is quickly
+/// graylisted by gossipsub itself; the node's own ban logic then disconnects it.
+fn score_params() -> PeerScoreParams {
+    let mut params = PeerScoreParams::default();
+    let topic = TopicScoreParams {
+        topic_weight: 1.0,
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.9,
+        // Mesh delivery rate scoring needs a steady message rate, which adverts do not have.
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        ..TopicScoreParams::default()
+    };
+    params.topics.insert(advert_topic().hash(), topic);
+    params
+}
+
+fn score_thresholds() -> PeerScoreThresholds {
+    PeerScoreThresholds {
+        gossip_threshold: -50.0,
+        publish_threshold: -100.0,
+        graylist_threshold: -200.0,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 3.0,
+    }
+}

@@ -1,0 +1,213 @@
+//! The libp2p swarm: one task owns it (STYLE item 1); the rest of the program drives it
+//! through a cloneable [`NodeClient`] and reads the shared [`AdvertStore`].
+
+pub mod behaviour;
+mod event_loop;
+pub mod gossip_params;
+pub mod rate_limit;
+pub mod sync;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use peervm_protocol::{Advertisement, SigningKey, Verified};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::advert_store::{AdvertStore, InsertOutcome};
+use crate::metrics::Metrics;
+pub use behaviour::ConnectionCaps;
+pub use rate_limit::RateLimits;
+
+/// The store, shared between the swarm task (which writes) and readers.
+pub type SharedStore = Arc<Mutex<AdvertStore>>;
+
+/// How a node takes part in the swarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Kademlia server, serves sync, relays gossip; publishes nothing.
+    Bootstrap,
+    /// Publishes its advert; a Kademlia server (it is reachable by design).
+    Provider,
+    /// A one-shot client: Kademlia client mode.
+    Requestor,
+}
+
+pub struct NodeConfig {
+    pub key: SigningKey,
+    pub role: Role,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub rate_limits: RateLimits,
+    pub caps: ConnectionCaps,
+    /// Dial peers found through Kademlia until this many are connected, so gossip keeps
+    /// flowing when a bootstrap node goes away.
+    pub target_peers: usize,
+    pub metrics: Option<Arc<Metrics>>,
+    /// How often the expiry sweep runs.
+    pub sweep_interval: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(key: SigningKey, role: Role) -> Self {
+        Self {
+            key,
+            role,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            rate_limits: RateLimits::default(),
+            caps: ConnectionCaps::default(),
+            target_peers: 8,
+            metrics: None,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("cannot build the libp2p swarm: {0}")]
+    Build(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot dial {addr}: {reason}")]
+    Dial { addr: Multiaddr, reason: String },
+    #[error("could not reach any bootstrap node: {0}")]
+    NoBootstrapReachable(String),
+    #[error("cannot publish the advert: {0}")]
+    Publish(String),
+    #[error("the node has shut down")]
+    Stopped,
+}
+
+/// Something that happened in the swarm, for watchers (CLI `--watch`, tests, metrics).
+#[derive(Debug, Clone)]
+pub enum NodeEvent {
+    AdvertStored { provider: PeerId, outcome: InsertOutcome },
+    AdvertsExpired(Vec<PeerId>),
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+    SyncDone { peer: PeerId, accepted: usize, invalid: usize },
+    PeerBanned(PeerId),
+    DialFailed { peer: Option<PeerId>, error: String },
+}
+
+/// What a finished sync pulled from one peer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncSummary {
+    pub accepted: usize,
+    pub ignored: usize,
+    pub invalid: usize,
+}
+
+pub(crate) enum Command {
+    Publish { advert: Box<Verified<Advertisement>>, reply: oneshot::Sender<Result<(), NetworkError>> },
+    ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
+    Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), NetworkError>> },
+    Sync { peer: PeerId, reply: oneshot::Sender<Result<SyncSummary, NetworkError>> },
+    BlockPeer { peer: PeerId },
+    UnblockPeer { peer: PeerId },
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// A handle to a running node's swarm task.
+#[derive(Clone)]
+pub struct NodeClient {
+    tx: mpsc::Sender<Command>,
+}
+
+impl NodeClient {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetworkError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| NetworkError::Stopped)?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Stores `advert` locally and gossips it. With nobody subscribed yet it is kept and
+    /// sent as soon as a peer subscribes.
+    pub async fn publish(&self, advert: Verified<Advertisement>) -> Result<(), NetworkError> {
+        self.call(|reply| Command::Publish { advert: Box::new(advert), reply }).await?
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
+        self.call(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
+        self.call(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Pulls a full snapshot from `peer` and waits until the last page is in.
+    pub async fn sync_from(&self, peer: PeerId) -> Result<SyncSummary, NetworkError> {
+        self.call(|reply| Command::Sync { peer, reply }).await?
+    }
+
+    /// Blocks `peer`: disconnects it, refuses its connections, and drops its adverts.
+    pub async fn block_peer(&self, peer: PeerId) -> Result<(), NetworkError> {
+        self.tx.send(Command::BlockPeer { peer }).await.map_err(|_| NetworkError::Stopped)
+    }
+
+    pub async fn unblock_peer(&self, peer: PeerId) -> Result<(), NetworkError> {
+        self.tx.send(Command::UnblockPeer { peer }).await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Stops the swarm task (after flushing what it was sending).
+    pub async fn shutdown(&self) {
+        let _ = self.call(|reply| Command::Shutdown { reply }).await;
+    }
+}
+
+/// A running node.
+pub struct Node {
+    pub client: NodeClient,
+    pub store: SharedStore,
+    pub peer_id: PeerId,
+    /// Full dialable addresses, each ending in `/p2p/<peer id>`.
+    pub listen_addrs: Vec<Multiaddr>,
+    events: broadcast::Sender<NodeEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Builds the swarm, starts listening (waiting until the addresses are known), dials
+    /// the bootstrap nodes, and runs the swarm task in the background.
+    pub async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
+        event_loop::start(config).await
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    /// Stops the node and waits for its task to end.
+    pub async fn stop(self) {
+        self.client.shutdown().await;
+        let _ = self.task.await;
+    }
+
+    /// Ends the node at once, as a crash would: nothing is flushed or withdrawn.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// `addr` with `/p2p/<peer>` appended unless it already ends in one.
+pub fn with_peer_id(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(_)) => addr.clone(),
+        _ => addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer)),
+    }
+}
+
+/// The PeerId at the end of `addr`, if any.
+pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

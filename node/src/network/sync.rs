@@ -1,0 +1,80 @@
+//! `/peervm/sync/1`: a node that connects pulls a snapshot of the peer's valid adverts,
+//! page by page (DESIGN section 6). Pages are capped in items and bytes (1 MiB), and the
+//! receiver verifies every advert (batch verification) and applies the accept rule, as
+//! for gossip. Serving is rate limited per peer.
+
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/sync/1");
+/// Most adverts one page carries.
+pub const MAX_PAGE_ITEMS: u32 = 1024;
+/// Most envelope bytes one page carries (the protocol's sync reply cap).
+pub const MAX_PAGE_BYTES: usize = peervm_protocol::MAX_SYNC_REPLY_BYTES;
+/// Requests are tiny: a cursor and a limit.
+pub const MAX_REQUEST_BYTES: u64 = 1024;
+/// A page on the wire: the adverts plus CBOR framing.
+pub const MAX_RESPONSE_BYTES: u64 = MAX_PAGE_BYTES as u64 + 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub version: u32,
+    /// Resume after this provider id (bytes of its PeerId); None for the first page.
+    #[serde(with = "opt_bytes")]
+    pub after: Option<Vec<u8>>,
+    pub max_items: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SyncResponse {
+    Page {
+        /// Signed advert envelopes, each verified by the receiver.
+        adverts: Vec<Envelope>,
+        /// Cursor for the next page; None when this was the last.
+        #[serde(with = "opt_bytes")]
+        next: Option<Vec<u8>>,
+    },
+    /// The server throttled this peer; try later.
+    RateLimited,
+}
+
+/// A signed envelope as a CBOR byte string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope(pub Vec<u8>);
+
+impl Serialize for Envelope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Envelope;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Envelope, E> {
+                Ok(Envelope(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Envelope, E> {
+                Ok(Envelope(v))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+mod opt_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_ref().map(|b| super::Envelope(b.clone())).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Ok(Option::<super::Envelope>::deserialize(d)?.map(|e| e.0))
+    }
+}

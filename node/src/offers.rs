@@ -1,0 +1,155 @@
+//! `peervm offers`: a one-shot requestor that joins the swarm, pulls the market from the
+//! bootstrap nodes (sync), and prints the verified offers that match, cheapest first.
+
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use peervm_protocol::SigningKey;
+use serde::Serialize;
+
+use crate::advert_store::{Offer, OfferFilter};
+use crate::network::{Node, NodeConfig, NodeEvent, Role, now_unix_ms};
+use crate::units::format_micros;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffersError {
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    #[error("no bootstrap node given; pass --bootstrap <multiaddr> (repeatable) or set PEERVM_BOOTSTRAP")]
+    NoBootstrap,
+    #[error(
+        "could not reach any bootstrap node within {secs} s ({tried}); check the addresses and that they are running"
+    )]
+    Unreachable { secs: u64, tried: String },
+}
+
+/// Joins through `bootstrap`, syncs from every bootstrap that answers, and returns the
+/// running node (its store now holds the market).
+pub async fn join(bootstrap: &[Multiaddr], timeout: Duration) -> Result<Node, OffersError> {
+    if bootstrap.is_empty() {
+        return Err(OffersError::NoBootstrap);
+    }
+    // A fresh identity per run: looking at offers needs no stable identity and leaves
+    // nothing on disk.
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+    let mut config = NodeConfig::new(SigningKey::from_seed(&seed), Role::Requestor);
+    config.bootstrap = bootstrap.to_vec();
+    let node = Node::start(config).await?;
+    let mut events = node.subscribe();
+
+    // Wait for the first connection or for every dial to fail.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut failures = Vec::new();
+    let mut connected = node.client.connected_peers().await?;
+    while connected.is_empty() {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(remaining, events.recv()).await {
+            Ok(Ok(NodeEvent::PeerConnected(p))) => connected.push(p),
+            Ok(Ok(NodeEvent::DialFailed { error, .. })) => {
+                failures.push(error);
+                if failures.len() >= bootstrap.len() {
+                    break;
+                }
+            }
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    if connected.is_empty() {
+        node.stop().await;
+        let tried = if failures.is_empty() { "no answer".to_string() } else { failures.join("; ") };
+        return Err(OffersError::Unreachable { secs: timeout.as_secs(), tried });
+    }
+    // Give the other bootstraps a moment to connect, then sync from everyone we reached.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let peers = node.client.connected_peers().await?;
+    let syncs = peers.into_iter().map(|p| {
+        let client = node.client.clone();
+        async move { tokio::time::timeout(timeout, client.sync_from(p)).await }
+    });
+    let results = futures::future::join_all(syncs).await;
+    let synced = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    if synced == 0 {
+        tracing::warn!("no peer answered the sync request; showing what gossip delivered");
+    }
+    Ok(node)
+}
+
+#[derive(Serialize)]
+pub struct OfferLine {
+    pub provider: String,
+    pub price_per_hour: String,
+    pub price_per_hour_micros: u64,
+    pub currency: String,
+    pub vcpus_free: u32,
+    pub memory_mib_free: u64,
+    pub disk_gib_free: u64,
+    pub region: String,
+    pub country: Option<String>,
+    pub accel: String,
+    pub images: Vec<String>,
+    pub ssh_host: String,
+    pub expires_at_unix_ms: u64,
+    pub seq: u64,
+}
+
+impl From<&Offer> for OfferLine {
+    fn from(o: &Offer) -> Self {
+        let a = o.advert.body();
+        OfferLine {
+            provider: a.provider.to_string(),
+            price_per_hour: format_micros(o.price_per_hour_micros),
+            price_per_hour_micros: o.price_per_hour_micros,
+            currency: a.pricing.currency.clone(),
+            vcpus_free: a.resources.free.vcpus,
+            memory_mib_free: a.resources.free.memory_mib,
+            disk_gib_free: a.resources.free.disk_gib,
+            region: a.region.clone(),
+            country: a.country.clone(),
+            accel: a.hypervisor.accel.as_str().into(),
+            images: a.images.iter().map(|i| i.name.clone()).collect(),
+            ssh_host: a.ssh.host.clone(),
+            expires_at_unix_ms: a.expires_at_unix_ms,
+            seq: a.seq,
+        }
+    }
+}
+
+/// The matching offers in the node's store, cheapest first.
+pub fn current(node: &Node, filter: &OfferFilter, limit: usize) -> Vec<Offer> {
+    let store = node.store.lock().unwrap_or_else(|p| p.into_inner());
+    store.query(filter, now_unix_ms(), limit)
+}
+
+/// Renders offers as an aligned table.
+pub fn table(offers: &[Offer], filter: &OfferFilter) -> String {
+    let spec = filter.price_spec();
+    let mut out = format!(
+        "{:<52}  {:>12}  {:>5}  {:>9}  {:>8}  {:<12}  {:<5}  {}\n",
+        format!("PROVIDER (price for {} vCPU, {} MiB, {} GiB)", spec.vcpus, spec.memory_mib, spec.disk_gib),
+        "PRICE/HOUR",
+        "VCPUS",
+        "MEMORY",
+        "DISK",
+        "REGION",
+        "ACCEL",
+        "IMAGES"
+    );
+    for o in offers {
+        let l = OfferLine::from(o);
+        out.push_str(&format!(
+            "{:<52}  {:>8} {:<3}  {:>5}  {:>5} MiB  {:>4} GiB  {:<12}  {:<5}  {}\n",
+            l.provider,
+            l.price_per_hour,
+            l.currency,
+            l.vcpus_free,
+            l.memory_mib_free,
+            l.disk_gib_free,
+            if l.region.is_empty() { "-" } else { &l.region },
+            l.accel,
+            l.images.join(",")
+        ));
+    }
+    out
+}
