@@ -47,7 +47,9 @@ pub async fn join(bootstrap: &[Multiaddr], timeout: Duration) -> Result<Node, Of
         match tokio::time::timeout(remaining, events.recv()).await {
             Ok(Ok(NodeEvent::PeerConnected(p))) => connected.push(p),
             Ok(Ok(NodeEvent::DialFailed { error, .. })) => {
-                failures.push(error);
+                if !failures.contains(&error) {
+                    failures.push(error);
+                }
                 if failures.len() >= bootstrap.len() {
                     break;
                 }

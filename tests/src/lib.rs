@@ -1,3 +1,71 @@
-//! Integration-test harness for peervm: in-process swarms, `peervm` processes, network
-//! namespace hosts and guests. The scenarios live in `tests/tests/`; this crate holds
-//! what they share, and grows with them.
+//! Integration-test harness for peervm: in-process swarms of real libp2p nodes over
+//! loopback TCP. The scenarios live in `tests/tests/`; this crate holds what they share.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use peervm_node::network::{Node, NodeConfig, Role, now_unix_ms};
+use peervm_protocol::{Advertisement, Signed, SigningKey, Verified, samples};
+
+/// A node listening on a fresh loopback port, dialing `bootstrap`.
+pub async fn start_node(key: SigningKey, role: Role, bootstrap: &[Multiaddr]) -> Node {
+    let mut config = NodeConfig::new(key, role);
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+    config.bootstrap = bootstrap.to_vec();
+    Node::start(config).await.expect("node starts")
+}
+
+/// A key that no other test uses: tests in one binary run in parallel.
+pub fn unique_key(tag: u64) -> SigningKey {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&tag.to_le_bytes());
+    seed[8..16].copy_from_slice(&(std::process::id() as u64).to_le_bytes());
+    seed[16..24].copy_from_slice(&now_unix_ms().to_le_bytes());
+    SigningKey::from_seed(&seed)
+}
+
+/// A valid advert from `key`, issued now, living `ttl`.
+pub fn advert(key: &SigningKey, seq: u64, ttl: Duration) -> Advertisement {
+    let now = now_unix_ms();
+    let mut a = samples::advert(key, seq, now);
+    a.expires_at_unix_ms = now + ttl.as_millis() as u64;
+    a
+}
+
+pub fn signed(key: &SigningKey, advert: &Advertisement) -> Verified<Advertisement> {
+    Signed::sign(key, advert).expect("sign")
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes; returns how long it took.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `node` holds a live advert of `provider`.
+pub fn holds(node: &Node, provider: &PeerId) -> bool {
+    node.store.lock().map(|s| s.contains(provider)).unwrap_or(false)
+}
+
+/// Whether every node in `nodes` holds every provider in `providers`.
+pub fn all_hold(nodes: &[&Node], providers: &[PeerId]) -> bool {
+    nodes.iter().all(|n| providers.iter().all(|p| holds(n, p)))
+}
+
+/// Whether no node in `nodes` holds any provider in `providers`.
+pub fn none_hold(nodes: &[&Node], providers: &[PeerId]) -> bool {
+    nodes.iter().all(|n| providers.iter().all(|p| !holds(n, p)))
+}

@@ -161,7 +161,9 @@ struct EventLoop {
 impl EventLoop {
     async fn run(mut self) {
         let mut sweep = tokio::time::interval(self.sweep_interval);
-        let mut maintenance = tokio::time::interval(Duration::from_secs(10));
+        // The bootstrap nodes were just dialed: the first re-dial check comes later.
+        let mut maintenance =
+            tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(10), Duration::from_secs(10));
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -387,7 +389,7 @@ impl EventLoop {
                 self.emit(NodeEvent::PeerDisconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
-                let error = error.to_string();
+                let error = describe_dial_error(&error);
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Err(NetworkError::Dial { addr: Multiaddr::empty(), reason: error.clone() }));
                 }
@@ -563,5 +565,26 @@ impl EventLoop {
             }
             _ => self.finish_sync(session, Ok(())),
         }
+    }
+}
+
+/// One line per dial failure: the address and the root cause ("connection refused"),
+/// not libp2p's nested, multi-line error chain.
+fn describe_dial_error(error: &libp2p::swarm::DialError) -> String {
+    use libp2p::swarm::DialError;
+    fn root_cause(e: &dyn std::error::Error) -> String {
+        let mut cur = e;
+        while let Some(next) = cur.source() {
+            cur = next;
+        }
+        cur.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+    match error {
+        DialError::Transport(errors) => {
+            let mut parts: Vec<String> = errors.iter().map(|(addr, e)| format!("{addr}: {}", root_cause(e))).collect();
+            parts.dedup();
+            parts.join("; ")
+        }
+        other => root_cause(other),
     }
 }

@@ -35,13 +35,20 @@ pub fn behaviour() -> Result<gossipsub::Behaviour, String> {
     Ok(gs)
 }
 
-/// Invalid deliveries (Reject) weigh heavily, so a peer sending forged adverts is quickly
-/// graylisted by gossipsub itself; the node's own ban logic then disconnects it.
+/// Invalid deliveries (Reject) count quadratically: -10, -40, -90, -160, then -250 after
+/// the fifth, past the graylist threshold. The node's own ban (after the third, see
+/// `rate_limit.rs`) disconnects the peer before gossipsub stops listening to it.
 fn score_params() -> PeerScoreParams {
-    let mut params = PeerScoreParams::default();
+    let mut params = PeerScoreParams {
+        // Many honest peers can share one address (a NAT, a data centre, a test bed on
+        // loopback); the default colocation penalty would graylist them all. Sybils are
+        // handled by per-peer rate limits and bans instead.
+        ip_colocation_factor_weight: 0.0,
+        ..PeerScoreParams::default()
+    };
     let topic = TopicScoreParams {
         topic_weight: 1.0,
-        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_weight: -10.0,
         invalid_message_deliveries_decay: 0.9,
         // Mesh delivery rate scoring needs a steady message rate, which adverts do not have.
         mesh_message_deliveries_weight: 0.0,

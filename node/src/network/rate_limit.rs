@@ -74,7 +74,11 @@ impl Default for RateLimits {
             sync: (4.0, 32.0),
             lease: (2.0, 10.0),
             ban_threshold: 100.0,
-            invalid_penalty: 20.0,
+            // An honest relay never forwards an invalid signature (it validates first), so
+            // three are proof enough. Gossipsub graylists a peer after its fifth invalid
+            // message (see gossip_params.rs); the ban must come before that, or the node
+            // would stop hearing, and counting, the peer's messages.
+            invalid_penalty: 34.0,
             throttle_penalty: 0.05,
             score_half_life: Duration::from_secs(60),
             ban_duration: Duration::from_secs(600),
@@ -211,8 +215,8 @@ mod tests {
         assert!(banned_after.is_some_and(|n| n > 100), "{banned_after:?}");
         assert!(g.allow(honest, Api::Gossip, t0).0, "another peer is unaffected");
         let liar = PeerId::random();
-        let bans: Vec<Verdict> = (0..5).map(|_| g.invalid(liar, t0)).collect();
-        assert_eq!(bans.last(), Some(&Verdict::Ban));
+        let bans: Vec<Verdict> = (0..3).map(|_| g.invalid(liar, t0)).collect();
+        assert_eq!(bans, vec![Verdict::Ok, Verdict::Ok, Verdict::Ban]);
         assert!(g.is_banned(&liar));
         assert_eq!(g.expired_bans(t0 + Duration::from_secs(601)).len(), 2);
     }

@@ -1,0 +1,236 @@
+//! The swarm commands as users run them, as processes over loopback: bootstrap startup
+//! output, the provider daemon's graceful stop, `peervm offers` filtering and sorting,
+//! and clear errors for unreachable bootstraps and bad input.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PEERVM: &str = env!("CARGO_BIN_EXE_peervm");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a long-lived peervm command with --json and returns it with its first line.
+fn spawn_json(args: &[&str], data: &Path) -> (Proc, serde_json::Value) {
+    let mut child = Command::new(PEERVM)
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn peervm");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad startup line {line:?}: {e}"));
+    (Proc(child), v)
+}
+
+fn image_dir(root: &Path) -> PathBuf {
+    let dir = root.join("image");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("manifest.json"), br#"{"name":"minimal","version":1}"#).unwrap();
+    dir
+}
+
+fn provider_config(root: &Path, name: &str, bootstrap: &str, vcpus: u32, price: &str, region: &str) -> PathBuf {
+    let path = root.join(format!("{name}.toml"));
+    let text = format!(
+        r#"
+[node]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+bootstrap = ["{bootstrap}"]
+[advert]
+region = "{region}"
+[ssh]
+host = "127.0.0.1"
+port_min = 42000
+port_max = 42099
+[resources]
+vcpus = {vcpus}
+memory = "4GiB"
+disk = "40GiB"
+[pricing]
+currency = "USD"
+per_vcpu_hour = "{price}"
+per_memory_gib_hour = "0.001"
+per_disk_gib_hour = "0"
+[hypervisor]
+allow_tcg = true
+[[images]]
+name = "minimal"
+dir = "{}"
+"#,
+        image_dir(root).display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn offers(bootstrap: &str, extra: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
+    let out = Command::new(PEERVM)
+        .args(["offers", "--bootstrap", bootstrap, "--json", "--timeout", "5"])
+        .args(extra)
+        .env_remove("PEERVM_BOOTSTRAP")
+        .output()
+        .unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect();
+    (out.status.success(), lines, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn wait_for_offers(bootstrap: &str, n: usize) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let (ok, lines, err) = offers(bootstrap, &[]);
+        assert!(ok, "offers failed: {err}");
+        if lines.len() >= n || start.elapsed() > Duration::from_secs(20) {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn offers_filters_and_sorts_and_provider_withdraws_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (_boot, started) = spawn_json(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"], &root.join("b"));
+    assert_eq!(started["role"], "bootstrap");
+    let boot = started["listen_addrs"][0].as_str().unwrap().to_string();
+    assert!(boot.contains("/p2p/12D3KooW"), "{boot}");
+
+    let specs = [("cheap", 2, "0.010", "eu"), ("mid", 8, "0.020", "us"), ("dear", 4, "0.040", "eu")];
+    let mut providers = Vec::new();
+    for (name, vcpus, price, region) in specs {
+        let cfg = provider_config(root, name, &boot, vcpus, price, region);
+        let (p, line) =
+            spawn_json(&["provider", "run", "--config", cfg.to_str().unwrap()], &root.join(format!("data-{name}")));
+        assert_eq!(line["role"], "provider");
+        providers.push((p, line["peer_id"].as_str().unwrap().to_string()));
+    }
+
+    let all = wait_for_offers(&boot, 3);
+    assert_eq!(all.len(), 3, "{all:?}");
+    let prices: Vec<u64> = all.iter().map(|o| o["price_per_hour_micros"].as_u64().unwrap()).collect();
+    let mut sorted = prices.clone();
+    sorted.sort();
+    assert_eq!(prices, sorted, "offers are not cheapest first");
+    assert_eq!(all[0]["provider"], providers[0].1.as_str());
+
+    // Filters: vCPUs, region, max price, accel, image.
+    let (_, four, _) = offers(&boot, &["--vcpus", "4"]);
+    let names: Vec<&str> = four.iter().map(|o| o["provider"].as_str().unwrap()).collect();
+    // At 4 vCPUs: mid costs 4*0.02=0.08, dear 4*0.04=0.16; cheap has only 2 vCPUs.
+    assert_eq!(names, vec![providers[1].1.as_str(), providers[2].1.as_str()]);
+    let (_, eu, _) = offers(&boot, &["--region", "eu"]);
+    assert_eq!(eu.len(), 2);
+    let (_, capped, _) = offers(&boot, &["--max-price", "0.02"]);
+    assert_eq!(capped.len(), 2, "{capped:?}");
+    let (_, big, _) = offers(&boot, &["--memory", "8GiB"]);
+    assert!(big.is_empty());
+    let (_, kvm, _) = offers(&boot, &["--accel", "kvm"]);
+    assert!(kvm.is_empty());
+    let (_, img, _) = offers(&boot, &["--image", "minimal", "--disk", "40GiB"]);
+    assert_eq!(img.len(), 3);
+
+    // SIGTERM: the provider publishes a withdrawn advert before it exits.
+    let (mut cheap, cheap_id) = providers.remove(0);
+    // SAFETY: kill(2) on a child we own.
+    unsafe { libc::kill(cheap.0.id() as i32, libc::SIGTERM) };
+    let status = cheap.0.wait().unwrap();
+    assert!(status.success(), "provider exit: {status:?}");
+    let start = Instant::now();
+    loop {
+        let (_, lines, _) = offers(&boot, &[]);
+        if !lines.iter().any(|o| o["provider"] == cheap_id.as_str()) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "withdrawn provider still listed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn offers_exits_nonzero_with_a_clear_message_when_no_bootstrap_answers() {
+    let out = Command::new(PEERVM)
+        .args([
+            "offers",
+            "--timeout",
+            "3",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/1",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("could not reach any bootstrap node"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one clear line, not a backtrace: {err}");
+
+    let out = Command::new(PEERVM).args(["offers"]).env_remove("PEERVM_BOOTSTRAP").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bootstrap"));
+}
+
+#[test]
+fn bad_multiaddr_and_bad_config_get_one_clear_message() {
+    let out = Command::new(PEERVM).args(["offers", "--bootstrap", "not-an-address"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`not-an-address` is not a multiaddr"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [("[ssh]\nhost = 1", "config"), ("", "missing field")];
+    for (text, expect) in cases {
+        let cfg = tmp.path().join("bad.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(PEERVM)
+            .arg("--data-dir")
+            .arg(tmp.path().join("d"))
+            .args(["provider", "run", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect) && err.contains("bad.toml"), "{err}");
+    }
+    // A valid file with an invalid value names the field.
+    let good = provider_config(tmp.path(), "p", "/ip4/127.0.0.1/tcp/1", 2, "0.01", "eu");
+    let text = std::fs::read_to_string(&good).unwrap().replace("memory = \"4GiB\"", "memory = \"lots\"");
+    std::fs::write(&good, text).unwrap();
+    let out = Command::new(PEERVM)
+        .arg("--data-dir")
+        .arg(tmp.path().join("d"))
+        .args(["provider", "run", "--config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("resources.memory"), "{err}");
+}
+
+#[test]
+fn example_provider_config_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/provider.toml")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image_dir(tmp.path());
+    let text = text.replace("/var/cache/peervm/images/minimal", img.to_str().unwrap());
+    let cfg = peervm_node::config::ProviderConfig::parse(&text, Path::new("examples/provider.toml")).unwrap();
+    assert_eq!(cfg.ttl_secs, 300);
+    assert_eq!(cfg.republish_secs, 60);
+    assert_eq!(cfg.resources.memory_mib, 2048);
+    assert_eq!(cfg.pricing.per_vcpu_hour_micros, 10_000);
+}

@@ -1,0 +1,193 @@
+//! The swarm over real libp2p connections on loopback: propagation, join-time sync,
+//! withdrawal, expiry, and losing a bootstrap node.
+
+use std::time::Duration;
+
+use libp2p::PeerId;
+use peervm_node::network::{Node, NodeEvent, Role};
+use peervm_tests::*;
+
+struct Swarm {
+    bootstraps: Vec<Node>,
+    providers: Vec<(Node, peervm_protocol::SigningKey)>,
+    requestors: Vec<Node>,
+}
+
+impl Swarm {
+    async fn start(tag: u64, n_providers: usize, n_requestors: usize) -> Swarm {
+        let b1 = start_node(unique_key(tag), Role::Bootstrap, &[]).await;
+        let b2 = start_node(unique_key(tag + 1), Role::Bootstrap, &b1.listen_addrs).await;
+        let boot: Vec<_> = [b1.listen_addrs[0].clone(), b2.listen_addrs[0].clone()].to_vec();
+        let mut providers = Vec::new();
+        for i in 0..n_providers {
+            let key = unique_key(tag + 100 + i as u64);
+            let node = start_node(peervm_protocol::SigningKey::from_seed(&key.seed()), Role::Provider, &boot).await;
+            providers.push((node, key));
+        }
+        let mut requestors = Vec::new();
+        for i in 0..n_requestors {
+            requestors.push(start_node(unique_key(tag + 500 + i as u64), Role::Requestor, &boot).await);
+        }
+        Swarm { bootstraps: vec![b1, b2], providers, requestors }
+    }
+
+    fn bootstrap_addrs(&self) -> Vec<libp2p::Multiaddr> {
+        self.bootstraps.iter().map(|b| b.listen_addrs[0].clone()).collect()
+    }
+
+    fn all(&self) -> Vec<&Node> {
+        self.bootstraps.iter().chain(self.providers.iter().map(|(n, _)| n)).chain(self.requestors.iter()).collect()
+    }
+
+    fn provider_ids(&self) -> Vec<PeerId> {
+        self.providers.iter().map(|(_, k)| k.peer_id()).collect()
+    }
+
+    async fn publish_all(&self, seq: u64, ttl: Duration) {
+        for (node, key) in &self.providers {
+            node.client.publish(signed(key, &advert(key, seq, ttl))).await.expect("publish");
+        }
+    }
+
+    async fn stop(self) {
+        for n in self.requestors.into_iter().chain(self.providers.into_iter().map(|(n, _)| n)).chain(self.bootstraps) {
+            n.stop().await;
+        }
+    }
+}
+
+const LONG: Duration = Duration::from_secs(300);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_of_20_nodes_every_advert_reaches_every_node() {
+    let swarm = Swarm::start(1_000, 12, 6).await;
+    assert_eq!(swarm.all().len(), 20);
+    // Let the gossip mesh form, then publish (what gossip misses, sync does not cover
+    // here: every node is already connected, so this checks gossip itself).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    swarm.publish_all(1, LONG).await;
+    let ids = swarm.provider_ids();
+    let took = wait_until(Duration::from_secs(30), || async { all_hold(&swarm.all(), &ids) }).await;
+    assert!(took.is_some(), "not every node got every advert");
+    // A newer advert replaces the older one everywhere.
+    swarm.publish_all(2, LONG).await;
+    let newest = wait_until(Duration::from_secs(30), || async {
+        swarm.all().iter().all(|n| {
+            let s = n.store.lock().unwrap();
+            ids.iter().all(|p| s.held_seq(p) == Some(2))
+        })
+    })
+    .await;
+    assert!(newest.is_some(), "seq 2 did not replace seq 1 everywhere");
+    swarm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_sees_every_live_advert_through_sync_within_2s() {
+    let swarm = Swarm::start(2_000, 8, 0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    swarm.publish_all(1, LONG).await;
+    let ids = swarm.provider_ids();
+    assert!(
+        wait_until(Duration::from_secs(20), || async { all_hold(&swarm.bootstraps.iter().collect::<Vec<_>>(), &ids) })
+            .await
+            .is_some()
+    );
+
+    let late = start_node(unique_key(2_999), Role::Requestor, &swarm.bootstrap_addrs()[..1]).await;
+    let mut events = late.subscribe();
+    let connected_at = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Ok(NodeEvent::PeerConnected(_))) => break std::time::Instant::now(),
+            Ok(_) => continue,
+            Err(_) => panic!("late node never connected"),
+        }
+    };
+    let took = wait_until(Duration::from_secs(10), || async { all_hold(&[&late], &ids) }).await;
+    let since_connect = connected_at.elapsed();
+    assert!(took.is_some(), "late joiner never saw every advert");
+    assert!(since_connect < Duration::from_secs(2), "sync took {since_connect:?} after connecting");
+    late.stop().await;
+    swarm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_withdrawal_reaches_everyone_and_killed_provider_expires() {
+    let swarm = Swarm::start(3_000, 4, 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Provider 0 and 1 publish long-lived adverts; 2 and 3 short-lived ones (a short TTL
+    // as a test configures it).
+    let ttl_short = Duration::from_secs(4);
+    for (i, (node, key)) in swarm.providers.iter().enumerate() {
+        let ttl = if i < 2 { LONG } else { ttl_short };
+        node.client.publish(signed(key, &advert(key, 1, ttl))).await.unwrap();
+    }
+    let ids = swarm.provider_ids();
+    assert!(wait_until(Duration::from_secs(20), || async { all_hold(&swarm.all(), &ids) }).await.is_some());
+
+    // Graceful stop of provider 0: a withdrawn advert removes it everywhere within seconds.
+    let (node0, key0) = &swarm.providers[0];
+    let mut withdrawn = advert(key0, 2, LONG);
+    withdrawn.withdrawn = true;
+    node0.client.publish(signed(key0, &withdrawn)).await.unwrap();
+    let others: Vec<&Node> = swarm.all().into_iter().filter(|n| n.peer_id != node0.peer_id).collect();
+    let gone = wait_until(Duration::from_secs(5), || async { none_hold(&others, &ids[..1]) }).await;
+    assert!(gone.is_some(), "withdrawal did not reach every node within 5 s");
+    // An older advert of the withdrawn provider, replayed, does not bring it back.
+    let stale = signed(key0, &advert(key0, 1, LONG));
+    assert!(node0.store.lock().unwrap().insert(stale, peervm_node::network::now_unix_ms()).is_err());
+
+    // Provider 2 "crashes": no withdrawal. Its advert ages out of every store at expiry.
+    let Swarm { bootstraps, mut providers, requestors } = swarm;
+    let (crashed, _) = providers.remove(2);
+    crashed.abort();
+    let survivors: Vec<&Node> =
+        bootstraps.iter().chain(providers.iter().map(|(n, _)| n)).chain(requestors.iter()).collect();
+    let expired = wait_until(Duration::from_secs(10), || async { none_hold(&survivors, &ids[2..3]) }).await;
+    assert!(expired.is_some(), "crashed provider's advert did not expire everywhere");
+    // Provider 1, long-lived, is still everywhere.
+    assert!(all_hold(&survivors, &ids[1..2]));
+    for n in requestors.into_iter().chain(providers.into_iter().map(|(n, _)| n)).chain(bootstraps) {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bootstrap_killed_adverts_still_propagate_and_new_nodes_join() {
+    let swarm = Swarm::start(4_000, 4, 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    swarm.publish_all(1, LONG).await;
+    let ids = swarm.provider_ids();
+    assert!(wait_until(Duration::from_secs(20), || async { all_hold(&swarm.all(), &ids) }).await.is_some());
+
+    let boot_addrs = swarm.bootstrap_addrs();
+    let Swarm { mut bootstraps, providers, requestors } = swarm;
+    let killed = bootstraps.remove(0);
+    killed.abort();
+    // Give connections to the dead node time to be noticed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Propagation continues: every provider publishes a newer advert.
+    for (node, key) in &providers {
+        node.client.publish(signed(key, &advert(key, 2, LONG))).await.unwrap();
+    }
+    let alive: Vec<&Node> =
+        bootstraps.iter().chain(providers.iter().map(|(n, _)| n)).chain(requestors.iter()).collect();
+    let newest = wait_until(Duration::from_secs(20), || async {
+        alive.iter().all(|n| {
+            let s = n.store.lock().unwrap();
+            ids.iter().all(|p| s.held_seq(p) == Some(2))
+        })
+    })
+    .await;
+    assert!(newest.is_some(), "adverts stopped propagating after a bootstrap died");
+
+    // A new node given both bootstraps (the first dead) still joins and sees the market.
+    let newcomer = start_node(unique_key(4_999), Role::Requestor, &boot_addrs).await;
+    let joined = wait_until(Duration::from_secs(10), || async { all_hold(&[&newcomer], &ids) }).await;
+    assert!(joined.is_some(), "a new node could not join through the surviving bootstrap");
+    newcomer.stop().await;
+    for n in requestors.into_iter().chain(providers.into_iter().map(|(n, _)| n)).chain(bootstraps) {
+        n.stop().await;
+    }
+}
