@@ -5,13 +5,15 @@
 //! once and leaves a tombstone with its seq, so older adverts still in flight cannot
 //! bring the provider back. Expired adverts are removed by [`AdvertStore::sweep`].
 //!
-//! Indexes answer the requestor's filters without scanning everything: free vCPUs,
-//! memory and disk are kept in ordered sets (range queries), region, accelerator and
-//! image in hash sets; a query starts from its most selective index.
+//! Queries run over a compact, contiguous table of per-advert summaries (free resources,
+//! rates, interned region / currency / image ids, expiry): a filter is a handful of
+//! integer comparisons per advert over a few MB of memory, with no pointer chasing, and
+//! the cheapest `limit` offers are kept in a bounded heap (BENCHMARKS.md has the figures).
 
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 
+use peervm_protocol::advert::hourly_price_micros;
 use peervm_protocol::{Accel, AdvertError, Advertisement, PeerId, ResourceAmounts, Verified};
 
 /// One advert as the store keeps it: the verified message (exact wire bytes and the
@@ -79,18 +81,6 @@ impl OfferFilter {
             disk_gib: self.min_disk_gib.unwrap_or(0),
         }
     }
-
-    fn matches(&self, a: &Advertisement) -> bool {
-        let free = &a.resources.free;
-        self.min_vcpus.is_none_or(|v| free.vcpus >= v)
-            && self.min_memory_mib.is_none_or(|m| free.memory_mib >= m)
-            && self.min_disk_gib.is_none_or(|d| free.disk_gib >= d)
-            && self.region.as_ref().is_none_or(|r| &a.region == r)
-            && self.accel.is_none_or(|x| a.hypervisor.accel == x)
-            && self.image.as_ref().is_none_or(|i| a.images.iter().any(|img| &img.name == i))
-            && self.currency.as_ref().is_none_or(|c| &a.pricing.currency == c)
-            && !self.exclude.contains(&a.provider)
-    }
 }
 
 /// An advert that matched a query, with its price for the filter's spec.
@@ -100,21 +90,63 @@ pub struct Offer {
     pub advert: StoredAdvert,
 }
 
+/// What a query needs of an advert, packed for a cache-friendly scan.
+#[derive(Debug, Clone)]
+struct Summary {
+    /// The advert itself: read only for the few that match.
+    advert: StoredAdvert,
+    expires_at_unix_ms: u64,
+    free_memory_mib: u64,
+    free_disk_gib: u64,
+    per_vcpu: u64,
+    per_memory_gib: u64,
+    per_disk_gib: u64,
+    free_vcpus: u32,
+    region: u32,
+    currency: u32,
+    accel: Accel,
+    /// Bit i set: offers the image interned as id i (ids below 64).
+    images: u64,
+    /// Offers an image whose id is 64 or more: checked on the advert itself.
+    images_overflow: bool,
+}
+
+/// Strings seen in adverts, each given a small integer id.
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<String, u32>,
+}
+
+impl Interner {
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(id) = self.ids.get(s) {
+            return *id;
+        }
+        let id = self.ids.len() as u32;
+        self.ids.insert(s.to_string(), id);
+        id
+    }
+
+    fn get(&self, s: &str) -> Option<u32> {
+        self.ids.get(s).copied()
+    }
+}
+
 #[derive(Default)]
 pub struct AdvertStore {
-    live: HashMap<PeerId, StoredAdvert>,
+    /// Provider -> (index in `table`, the advert).
+    live: HashMap<PeerId, (usize, StoredAdvert)>,
+    /// Dense summaries of the live adverts, in no particular order.
+    table: Vec<Summary>,
     /// Seq and expiry of withdrawn providers, so stale adverts cannot resurrect them.
     tombstones: HashMap<PeerId, (u64, u64)>,
     /// (expires_at, provider) of live adverts, for the sweep.
     expiry: BTreeSet<(u64, PeerId)>,
     /// Ordered provider ids, for stable sync paging.
     order: BTreeSet<PeerId>,
-    by_vcpus: BTreeSet<(u32, PeerId)>,
-    by_memory: BTreeSet<(u64, PeerId)>,
-    by_disk: BTreeSet<(u64, PeerId)>,
-    by_region: HashMap<String, HashSet<PeerId>>,
-    by_accel: HashMap<Accel, HashSet<PeerId>>,
-    by_image: HashMap<String, HashSet<PeerId>>,
+    regions: Interner,
+    currencies: Interner,
+    images: Interner,
     /// Providers this node refuses to store, show or forward (incident response).
     blocked: HashSet<PeerId>,
 }
@@ -134,11 +166,14 @@ impl AdvertStore {
 
     /// The seq this store holds for `provider` (live or withdrawn).
     pub fn held_seq(&self, provider: &PeerId) -> Option<u64> {
-        self.live.get(provider).map(|a| a.body().seq).or_else(|| self.tombstones.get(provider).map(|(seq, _)| *seq))
+        self.live
+            .get(provider)
+            .map(|(_, a)| a.body().seq)
+            .or_else(|| self.tombstones.get(provider).map(|(seq, _)| *seq))
     }
 
     pub fn get(&self, provider: &PeerId) -> Option<&StoredAdvert> {
-        self.live.get(provider)
+        self.live.get(provider).map(|(_, a)| a)
     }
 
     pub fn contains(&self, provider: &PeerId) -> bool {
@@ -203,47 +238,75 @@ impl AdvertStore {
         self.blocked.contains(provider)
     }
 
-    /// Adverts matching `filter` that are live at `now`, cheapest first (ties by
-    /// provider id), at most `limit` of them (0 = all).
+    /// Adverts matching `filter` that are live at `now`, cheapest first (ties among
+    /// the returned ones by provider id), at most `limit` of them (0 = all).
     pub fn query(&self, filter: &OfferFilter, now_unix_ms: u64, limit: usize) -> Vec<Offer> {
         let spec = filter.price_spec();
         let limit = if limit == 0 { usize::MAX } else { limit };
-        // A bounded max-heap keeps the `limit` cheapest without sorting everything.
-        let mut heap: BinaryHeap<(u64, PeerId)> = BinaryHeap::new();
-        let mut consider = |p: &PeerId| {
-            let Some(a) = self.live.get(p) else { return };
-            let body = a.body();
-            if body.expires_at_unix_ms <= now_unix_ms || !filter.matches(body) {
-                return;
-            }
-            let Some(price) = body.price_for(&spec) else { return };
-            if filter.max_price_micros.is_some_and(|max| price > max) {
-                return;
-            }
-            if heap.len() < limit {
-                heap.push((price, *p));
-            } else if let Some(top) = heap.peek()
-                && (price, *p) < *top
-            {
-                heap.pop();
-                heap.push((price, *p));
-            }
+        // Categorical filters become ids; a value no advert uses matches nothing.
+        let lookup = |interner: &Interner, want: &Option<String>| match want {
+            None => Ok(None),
+            Some(s) => interner.get(s).map(Some).ok_or(()),
         };
-        match self.candidates(filter) {
-            Candidates::Set(set) => set.iter().for_each(&mut consider),
-            Candidates::Vcpus(v) => self.by_vcpus.range((v, min_peer())..).for_each(|(_, p)| consider(p)),
-            Candidates::Memory(m) => self.by_memory.range((m, min_peer())..).for_each(|(_, p)| consider(p)),
-            Candidates::Disk(d) => self.by_disk.range((d, min_peer())..).for_each(|(_, p)| consider(p)),
-            Candidates::All => self.order.iter().for_each(&mut consider),
-            Candidates::None => {}
+        let (Ok(region), Ok(currency), Ok(image)) = (
+            lookup(&self.regions, &filter.region),
+            lookup(&self.currencies, &filter.currency),
+            lookup(&self.images, &filter.image),
+        ) else {
+            return Vec::new();
+        };
+        let min_vcpus = filter.min_vcpus.unwrap_or(0);
+        let min_memory = filter.min_memory_mib.unwrap_or(0);
+        let min_disk = filter.min_disk_gib.unwrap_or(0);
+        let max_price = filter.max_price_micros.unwrap_or(u64::MAX);
+
+        // A bounded max-heap keeps the `limit` cheapest without sorting everything.
+        // Entries are (price, table index): the provider id is only read for the winners.
+        let mut heap: BinaryHeap<(u64, usize)> = BinaryHeap::new();
+        for (index, s) in self.table.iter().enumerate() {
+            if s.expires_at_unix_ms <= now_unix_ms
+                || s.free_vcpus < min_vcpus
+                || s.free_memory_mib < min_memory
+                || s.free_disk_gib < min_disk
+                || region.is_some_and(|r| s.region != r)
+                || currency.is_some_and(|c| s.currency != c)
+                || filter.accel.is_some_and(|a| s.accel != a)
+            {
+                continue;
+            }
+            if let Some(id) = image {
+                let offered = if id < 64 {
+                    s.images & (1u64 << id) != 0
+                } else {
+                    s.images_overflow && s.advert.body().images.iter().any(|i| Some(&i.name) == filter.image.as_ref())
+                };
+                if !offered {
+                    continue;
+                }
+            }
+            let Some(price) = hourly_price_micros(s.per_vcpu, s.per_memory_gib, s.per_disk_gib, &spec) else {
+                continue;
+            };
+            if price > max_price || (!filter.exclude.is_empty() && filter.exclude.contains(&s.advert.body().provider)) {
+                continue;
+            }
+            let entry = (price, index);
+            if heap.len() < limit {
+                heap.push(entry);
+            } else if heap.peek().is_some_and(|top| entry < *top) {
+                heap.pop();
+                heap.push(entry);
+            }
         }
-        let mut out: Vec<(u64, PeerId)> = heap.into_vec();
-        out.sort_unstable();
-        out.into_iter()
-            .filter_map(|(price, p)| {
-                self.live.get(&p).map(|a| Offer { price_per_hour_micros: price, advert: a.clone() })
-            })
-            .collect()
+        let mut out: Vec<Offer> = heap
+            .into_iter()
+            .map(|(price, index)| Offer { price_per_hour_micros: price, advert: self.table[index].advert.clone() })
+            .collect();
+        out.sort_unstable_by(|a, b| {
+            (a.price_per_hour_micros, a.advert.body().provider)
+                .cmp(&(b.price_per_hour_micros, b.advert.body().provider))
+        });
+        out
     }
 
     /// A page of adverts for the sync protocol: providers after `after` in id order,
@@ -264,7 +327,7 @@ impl AdvertStore {
         };
         let mut last = None;
         for p in iter {
-            let Some(a) = self.live.get(p) else { continue };
+            let Some(a) = self.get(p) else { continue };
             if a.body().expires_at_unix_ms <= now_unix_ms {
                 continue;
             }
@@ -279,112 +342,102 @@ impl AdvertStore {
         (out, None)
     }
 
-    fn candidates(&self, f: &OfferFilter) -> Candidates<'_> {
-        // Categorical filters first: their sets are exact and their sizes known.
-        let mut best: Option<&HashSet<PeerId>> = None;
-        let wanted: [Option<Option<&HashSet<PeerId>>>; 3] = [
-            f.region.as_ref().map(|r| self.by_region.get(r)),
-            f.accel.as_ref().map(|a| self.by_accel.get(a)),
-            f.image.as_ref().map(|i| self.by_image.get(i)),
-        ];
-        for filter in wanted.into_iter().flatten() {
-            match filter {
-                // A categorical value nobody offers: nothing can match.
-                None => return Candidates::None,
-                Some(set) => {
-                    if best.is_none_or(|b| set.len() < b.len()) {
-                        best = Some(set);
-                    }
-                }
-            }
-        }
-        if let Some(set) = best {
-            return Candidates::Set(set);
-        }
-        // Otherwise the numeric filter that cuts away the largest share, judged by the
-        // threshold's position in its index (a cheap estimate: the index minimum and
-        // maximum bound the range).
-        let share =
-            |lo: u64, hi: u64, v: u64| if hi <= lo { 0.0 } else { (v.saturating_sub(lo)) as f64 / (hi - lo) as f64 };
-        let mut choice = Candidates::All;
-        let mut cut = 0.0;
-        if let (Some(v), Some((lo, _)), Some((hi, _))) = (f.min_vcpus, self.by_vcpus.first(), self.by_vcpus.last()) {
-            let s = share(u64::from(*lo), u64::from(*hi), u64::from(v));
-            if s > cut {
-                cut = s;
-                choice = Candidates::Vcpus(v);
-            }
-        }
-        if let (Some(v), Some((lo, _)), Some((hi, _))) =
-            (f.min_memory_mib, self.by_memory.first(), self.by_memory.last())
-        {
-            let s = share(*lo, *hi, v);
-            if s > cut {
-                cut = s;
-                choice = Candidates::Memory(v);
-            }
-        }
-        if let (Some(v), Some((lo, _)), Some((hi, _))) = (f.min_disk_gib, self.by_disk.first(), self.by_disk.last())
-            && share(*lo, *hi, v) > cut
-        {
-            choice = Candidates::Disk(v);
-        }
-        choice
-    }
-
     fn add_live(&mut self, advert: StoredAdvert) {
         let b = advert.body();
         let p = b.provider;
+        let mut images = 0u64;
+        let mut images_overflow = false;
+        for img in &b.images {
+            match self.images.intern(&img.name) {
+                id @ 0..=63 => images |= 1 << id,
+                _ => images_overflow = true,
+            }
+        }
+        let summary = Summary {
+            advert: advert.clone(),
+            expires_at_unix_ms: b.expires_at_unix_ms,
+            free_memory_mib: b.resources.free.memory_mib,
+            free_disk_gib: b.resources.free.disk_gib,
+            per_vcpu: b.pricing.per_vcpu_hour_micros,
+            per_memory_gib: b.pricing.per_memory_gib_hour_micros,
+            per_disk_gib: b.pricing.per_disk_gib_hour_micros,
+            free_vcpus: b.resources.free.vcpus,
+            region: self.regions.intern(&b.region),
+            currency: self.currencies.intern(&b.pricing.currency),
+            accel: b.hypervisor.accel,
+            images,
+            images_overflow,
+        };
         self.expiry.insert((b.expires_at_unix_ms, p));
         self.order.insert(p);
-        self.by_vcpus.insert((b.resources.free.vcpus, p));
-        self.by_memory.insert((b.resources.free.memory_mib, p));
-        self.by_disk.insert((b.resources.free.disk_gib, p));
-        self.by_region.entry(b.region.clone()).or_default().insert(p);
-        self.by_accel.entry(b.hypervisor.accel).or_default().insert(p);
-        for img in &b.images {
-            self.by_image.entry(img.name.clone()).or_default().insert(p);
-        }
-        self.live.insert(p, advert);
+        self.table.push(summary);
+        self.live.insert(p, (self.table.len() - 1, advert));
     }
 
     fn remove_live(&mut self, p: &PeerId) -> Option<StoredAdvert> {
-        let advert = self.live.remove(p)?;
-        let b = advert.body();
-        self.expiry.remove(&(b.expires_at_unix_ms, *p));
+        let (index, advert) = self.live.remove(p)?;
+        self.expiry.remove(&(advert.body().expires_at_unix_ms, *p));
         self.order.remove(p);
-        self.by_vcpus.remove(&(b.resources.free.vcpus, *p));
-        self.by_memory.remove(&(b.resources.free.memory_mib, *p));
-        self.by_disk.remove(&(b.resources.free.disk_gib, *p));
-        remove_from(&mut self.by_region, &b.region, p);
-        remove_from(&mut self.by_accel, &b.hypervisor.accel, p);
-        for img in &b.images {
-            remove_from(&mut self.by_image, &img.name, p);
+        self.table.swap_remove(index);
+        if let Some(moved) = self.table.get(index)
+            && let Some(entry) = self.live.get_mut(&moved.advert.body().provider)
+        {
+            entry.0 = index;
         }
         Some(advert)
     }
 }
 
-enum Candidates<'a> {
-    Set(&'a HashSet<PeerId>),
-    Vcpus(u32),
-    Memory(u64),
-    Disk(u64),
-    All,
-    None,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peervm_protocol::samples;
 
-fn remove_from<K: std::hash::Hash + Eq>(index: &mut HashMap<K, HashSet<PeerId>>, key: &K, p: &PeerId) {
-    if let Some(set) = index.get_mut(key) {
-        set.remove(p);
-        if set.is_empty() {
-            index.remove(key);
-        }
+    const NOW: u64 = samples::T0_UNIX_MS;
+
+    fn put(store: &mut AdvertStore, n: u64, vcpus: u32, price: u64, region: &str, image: &str) -> PeerId {
+        let key = samples::numbered_key(n);
+        let mut a = samples::advert(&key, 1, NOW);
+        a.resources.total.vcpus = vcpus.max(a.resources.total.vcpus);
+        a.resources.free.vcpus = vcpus;
+        a.pricing.per_vcpu_hour_micros = price;
+        a.region = region.into();
+        a.images[0].name = image.into();
+        store.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW).unwrap();
+        key.peer_id()
     }
-}
 
-/// The smallest PeerId in the total order, for the start of an index range.
-fn min_peer() -> PeerId {
-    // Identity multihash of empty digest: code 0, length 0.
-    PeerId::from_bytes(&[0, 0]).unwrap_or_else(|_| unreachable!("empty identity multihash is a valid PeerId"))
+    #[test]
+    fn query_filters_sorts_and_limits() {
+        let mut s = AdvertStore::new();
+        let a = put(&mut s, 1, 2, 300, "eu", "minimal");
+        let b = put(&mut s, 2, 8, 100, "us", "minimal");
+        let c = put(&mut s, 3, 4, 200, "eu", "debian");
+        let ids = |v: Vec<Offer>| v.into_iter().map(|o| o.advert.body().provider).collect::<Vec<_>>();
+        assert_eq!(ids(s.query(&OfferFilter::default(), NOW, 0)), vec![b, c, a]);
+        assert_eq!(ids(s.query(&OfferFilter::default(), NOW, 2)), vec![b, c]);
+        assert_eq!(ids(s.query(&OfferFilter { min_vcpus: Some(4), ..Default::default() }, NOW, 0)), vec![b, c]);
+        assert_eq!(ids(s.query(&OfferFilter { region: Some("eu".into()), ..Default::default() }, NOW, 0)), vec![c, a]);
+        assert_eq!(ids(s.query(&OfferFilter { image: Some("debian".into()), ..Default::default() }, NOW, 0)), vec![c]);
+        assert!(s.query(&OfferFilter { region: Some("mars".into()), ..Default::default() }, NOW, 0).is_empty());
+        // Removing from the middle of the table keeps the others findable.
+        assert!(s.block(c));
+        assert_eq!(ids(s.query(&OfferFilter::default(), NOW, 0)), vec![b, a]);
+        assert_eq!(s.sweep(NOW + 400_000).len(), 2);
+        assert!(s.is_empty() && s.table.is_empty());
+    }
+
+    #[test]
+    fn withdrawal_leaves_a_tombstone() {
+        let mut s = AdvertStore::new();
+        let key = samples::numbered_key(9);
+        let sign = |a: &Advertisement| peervm_protocol::Signed::sign(&key, a).unwrap();
+        s.insert(sign(&samples::advert(&key, 5, NOW)), NOW).unwrap();
+        let mut w = samples::advert(&key, 6, NOW);
+        w.withdrawn = true;
+        assert_eq!(s.insert(sign(&w), NOW), Ok(InsertOutcome::Withdrawn));
+        assert!(!s.contains(&key.peer_id()));
+        assert!(s.insert(sign(&samples::advert(&key, 5, NOW)), NOW).is_err());
+        assert_eq!(s.insert(sign(&samples::advert(&key, 7, NOW)), NOW), Ok(InsertOutcome::Added));
+    }
 }

@@ -92,11 +92,28 @@ impl Pricing {
     /// Price per hour of `spec` in micro-units, rounded up, or `None` on overflow. Memory
     /// is priced per GiB and prorated per MiB. Both sides compute the same number.
     pub fn hourly_micros(&self, spec: &ResourceAmounts) -> Option<u64> {
-        let cpu = u128::from(self.per_vcpu_hour_micros) * u128::from(spec.vcpus);
-        let mem = (u128::from(self.per_memory_gib_hour_micros) * u128::from(spec.memory_mib)).div_ceil(1024);
-        let disk = u128::from(self.per_disk_gib_hour_micros) * u128::from(spec.disk_gib);
-        u64::try_from(cpu.checked_add(mem)?.checked_add(disk)?).ok()
+        hourly_price_micros(
+            self.per_vcpu_hour_micros,
+            self.per_memory_gib_hour_micros,
+            self.per_disk_gib_hour_micros,
+            spec,
+        )
     }
+}
+
+/// The price formula, on the bare rates (indexes that keep rates apart from the advert
+/// use it too, so there is one formula): `vcpus * per_vcpu + ceil(per_memory_gib *
+/// memory_mib / 1024) + disk_gib * per_disk_gib`, or `None` past 64 bits.
+pub fn hourly_price_micros(
+    per_vcpu: u64,
+    per_memory_gib: u64,
+    per_disk_gib: u64,
+    spec: &ResourceAmounts,
+) -> Option<u64> {
+    let cpu = u128::from(per_vcpu) * u128::from(spec.vcpus);
+    let mem = (u128::from(per_memory_gib) * u128::from(spec.memory_mib)).div_ceil(1024);
+    let disk = u128::from(per_disk_gib) * u128::from(spec.disk_gib);
+    u64::try_from(cpu.checked_add(mem)?.checked_add(disk)?).ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

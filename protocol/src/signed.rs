@@ -89,8 +89,9 @@ pub trait Payload: Serialize + DeserializeOwned + Clone {
 pub struct Signed<T> {
     payload: Vec<u8>,
     signer: PeerId,
-    /// The signer's key, decompressed once when the envelope was parsed.
-    key: Option<VerifyingKey>,
+    /// The signer's key, decompressed once when the envelope was parsed (boxed: stored
+    /// messages drop it, and should not carry its space).
+    key: Option<Box<VerifyingKey>>,
     signature: [u8; 64],
     _kind: PhantomData<fn() -> T>,
 }
@@ -100,7 +101,7 @@ impl<T> Clone for Signed<T> {
         Self {
             payload: self.payload.clone(),
             signer: self.signer,
-            key: self.key,
+            key: self.key.clone(),
             signature: self.signature,
             _kind: PhantomData,
         }
@@ -148,7 +149,7 @@ impl<T: Payload> Signed<T> {
         let [payload, signer_bytes, signature] = envelope::decode(bytes)?;
         let (signer, key) = identity::verifying_key_for(signer_bytes)?;
         let signature: [u8; 64] = signature.try_into().map_err(|_| DecodeError::SignatureLength(signature.len()))?;
-        Ok(Signed { payload: payload.to_vec(), signer, key: Some(key), signature, _kind: PhantomData })
+        Ok(Signed { payload: payload.to_vec(), signer, key: Some(Box::new(key)), signature, _kind: PhantomData })
     }
 
     /// The envelope's wire encoding.
@@ -193,7 +194,9 @@ impl<T: Payload> Signed<T> {
                 claimed: body.claimed_signer().to_string(),
             });
         }
-        Ok(Verified { signed: self, body })
+        // The decompressed key is not needed once verified; dropping it keeps stored
+        // messages small (a node may hold 100,000 adverts).
+        Ok(Verified { signed: Signed { key: None, ..self }, body })
     }
 
     /// An envelope from its parts, unverified (for other transports and for tests).
@@ -203,8 +206,8 @@ impl<T: Payload> Signed<T> {
 
     /// The signer's ed25519 key (refusing non-ed25519 and weak keys).
     pub(crate) fn verifying_key(&self) -> Result<VerifyingKey, DecodeError> {
-        match self.key {
-            Some(key) => Ok(key),
+        match &self.key {
+            Some(key) => Ok(*key.as_ref()),
             None => Ok(identity::verifying_key_for(&self.signer.to_bytes())?.1),
         }
     }

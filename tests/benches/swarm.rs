@@ -1,0 +1,177 @@
+//! Swarm benchmarks: store query latency and memory at 100,000 adverts, join-time sync
+//! of 1,000 and 10,000 adverts, and gossip propagation to every node of 16/32/64-node
+//! swarms over loopback TCP. Run: `cargo bench -p peervm-tests --bench swarm`.
+//! Prints one JSON object per figure (name, value, unit) on stdout.
+
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use peervm_node::advert_store::{AdvertStore, OfferFilter};
+use peervm_node::network::{Role, now_unix_ms};
+use peervm_protocol::{Accel, Signed, samples};
+use peervm_tests::*;
+
+fn report(name: &str, value: f64, unit: &str) {
+    println!("{{\"name\":\"{name}\",\"value\":{value:.3},\"unit\":\"{unit}\"}}");
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `n` varied, signed, live adverts.
+fn adverts(n: u64) -> Vec<peervm_protocol::Verified<peervm_protocol::Advertisement>> {
+    (0..n).map(advert_number).collect()
+}
+
+fn advert_number(i: u64) -> peervm_protocol::Verified<peervm_protocol::Advertisement> {
+    let now = now_unix_ms();
+    let regions = ["eu-central", "eu-west", "us-east", "us-west", "ap-south", "sa-east"];
+    {
+        {
+            let key = samples::numbered_key(i + 1_000_000);
+            let mut a = samples::advert(&key, 1, now);
+            a.resources.total.vcpus = 1 + (i % 64) as u32;
+            a.resources.free.vcpus = 1 + (i % 64) as u32;
+            a.resources.total.memory_mib = 1024 * (1 + i % 256);
+            a.resources.free.memory_mib = 1024 * (1 + i % 256);
+            a.resources.free.disk_gib = a.resources.total.disk_gib.min(10 * (1 + i % 20));
+            a.pricing.per_vcpu_hour_micros = 5_000 + (i * 7919) % 20_000;
+            a.region = regions[(i % regions.len() as u64) as usize].into();
+            a.hypervisor.accel = if i.is_multiple_of(3) { Accel::Kvm } else { Accel::Tcg };
+            Signed::sign(&key, &a).unwrap()
+        }
+    }
+}
+
+fn store_benches() {
+    let n = 100_000;
+    let before = rss_kib();
+    let mut store = AdvertStore::new();
+    let now = now_unix_ms();
+    // Made one at a time, so the figure is what the store holds, not a second copy.
+    for i in 0..n {
+        store.insert(advert_number(i), now).unwrap();
+    }
+    let after = rss_kib();
+    report("store_memory_100k_adverts", (after.saturating_sub(before)) as f64 / 1024.0, "MiB");
+    report("process_rss_100k_adverts", after as f64 / 1024.0, "MiB");
+
+    let filters = [
+        OfferFilter::default(),
+        OfferFilter { min_vcpus: Some(8), ..Default::default() },
+        OfferFilter { min_memory_mib: Some(64 * 1024), max_price_micros: Some(200_000), ..Default::default() },
+        OfferFilter { region: Some("eu-west".into()), min_vcpus: Some(4), ..Default::default() },
+        OfferFilter { accel: Some(Accel::Kvm), min_disk_gib: Some(100), ..Default::default() },
+        OfferFilter { image: Some("minimal".into()), ..Default::default() },
+    ];
+    let mut times = Vec::new();
+    for round in 0..200 {
+        for f in &filters {
+            let t = Instant::now();
+            let r = store.query(f, now, 100);
+            times.push(t.elapsed());
+            if round == 0 {
+                assert!(r.len() <= 100);
+            }
+        }
+    }
+    times.sort();
+    report("store_query_100k_p50", percentile(&times, 0.5).as_secs_f64() * 1000.0, "ms");
+    report("store_query_100k_p99", percentile(&times, 0.99).as_secs_f64() * 1000.0, "ms");
+}
+
+async fn join_sync(n: u64) {
+    let server = start_node(unique_key(90_000 + n), Role::Bootstrap, &[]).await;
+    {
+        let mut store = server.store.lock().unwrap();
+        let now = now_unix_ms();
+        for a in adverts(n) {
+            store.insert(a, now).unwrap();
+        }
+    }
+    let t = Instant::now();
+    let joiner = start_node(unique_key(91_000 + n), Role::Requestor, &server.listen_addrs).await;
+    let took = wait_until(Duration::from_secs(60), || async { joiner.store.lock().unwrap().len() as u64 == n }).await;
+    let took = took.map(|_| t.elapsed()).expect("join sync finished");
+    report(&format!("join_sync_{n}_adverts"), took.as_secs_f64() * 1000.0, "ms");
+    joiner.stop().await;
+    server.stop().await;
+}
+
+async fn propagation(n: usize) {
+    let b1 = start_node(unique_key(80_000 + n as u64), Role::Bootstrap, &[]).await;
+    let b2 = start_node(unique_key(80_001 + n as u64), Role::Bootstrap, &b1.listen_addrs).await;
+    let boot = vec![b1.listen_addrs[0].clone(), b2.listen_addrs[0].clone()];
+    let mut keys = Vec::new();
+    let mut nodes = vec![b1, b2];
+    for i in 2..n {
+        let key = unique_key(81_000 + (n * 1000 + i) as u64);
+        nodes.push(start_node(peervm_protocol::SigningKey::from_seed(&key.seed()), Role::Provider, &boot).await);
+        keys.push(key);
+    }
+    // Let the meshes form.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut times = Vec::new();
+    let mut missed = 0;
+    for round in 0..20 {
+        let idx = (round * 7) % keys.len();
+        let key = &keys[idx];
+        let publisher = &nodes[idx + 2];
+        let seq = 10 + round as u64;
+        let t = Instant::now();
+        publisher.client.publish(signed(key, &advert(key, seq, Duration::from_secs(300)))).await.unwrap();
+        let provider: PeerId = key.peer_id();
+        let done = wait_until(Duration::from_secs(10), || async {
+            nodes.iter().all(|nd| nd.store.lock().unwrap().held_seq(&provider).is_some_and(|s| s >= seq))
+        })
+        .await;
+        match done {
+            Some(_) => times.push(t.elapsed()),
+            None => missed += 1,
+        }
+    }
+    times.sort();
+    if !times.is_empty() {
+        report(&format!("propagation_{n}_nodes_p50"), percentile(&times, 0.5).as_secs_f64() * 1000.0, "ms");
+        report(&format!("propagation_{n}_nodes_p99"), percentile(&times, 0.99).as_secs_f64() * 1000.0, "ms");
+    }
+    report(&format!("propagation_{n}_nodes_missed"), missed as f64, "adverts");
+    for nd in nodes {
+        nd.stop().await;
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run
+    // only when benchmarking.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let only = std::env::var("PEERVM_BENCH_ONLY").ok();
+    let want = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if want("store") {
+        store_benches();
+    }
+    if want("sync") {
+        rt.block_on(join_sync(1_000));
+        rt.block_on(join_sync(10_000));
+    }
+    if want("propagation") {
+        for n in [16, 32, 64] {
+            rt.block_on(propagation(n));
+        }
+    }
+}
