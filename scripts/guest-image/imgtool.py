@@ -4,8 +4,6 @@
   imgtool.py cpio ROOTDIR OUT.gz EPOCH   deterministic gzip'd newc initramfs,
                                           owned by root, with /dev/console and
                                           /dev/null nodes (no root needed)
-  imgtool.py vmlinux BZIMAGE OUT          unpack the compressed kernel ELF from
-                                          a bzImage (for -M microvm, PVH entry)
   imgtool.py manifest DIR JSON-FIELDS     write DIR/manifest.json: JSON-FIELDS
                                           (a JSON object) plus "files" with the
                                           sha256 and size of every listed file
@@ -16,13 +14,9 @@
 import gzip
 import hashlib
 import json
-import lzma
 import os
 import stat
-import struct
-import subprocess
 import sys
-import zlib
 
 
 def cpio(root, out, epoch):
@@ -78,63 +72,6 @@ def cpio(root, out, epoch):
             gz.write(bytes(buf))
 
 
-def _elf_end(elf):
-    """Length of an ELF64 image up to its last segment or section table."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2:
-        return None
-    phoff = struct.unpack_from("<Q", elf, 0x20)[0]
-    shoff = struct.unpack_from("<Q", elf, 0x28)[0]
-    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", elf, 0x36)
-    end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
-    for i in range(phnum):
-        _, _, off, _, _, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * phentsize)
-        end = max(end, off + filesz)
-    return end if end <= len(elf) else None
-
-
-def _unxz(data):
-    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
-
-
-def _gunzip(data):
-    return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)
-
-
-def _external(cmd):
-    def run(data):
-        # the payload is followed by other bytes of the bzImage: the decoder
-        # complains about them after writing the whole kernel, so ignore its status
-        p = subprocess.run(cmd, input=data, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        return p.stdout
-    return run
-
-
-def vmlinux(bzimage, out):
-    """Find the compressed kernel ELF inside a bzImage (like the kernel's
-    scripts/extract-vmlinux): Debian's cloud kernel uses LZ4, the generic one XZ."""
-    data = open(bzimage, "rb").read()
-    formats = [
-        (b"\xfd7zXZ\x00", _unxz),
-        (b"\x02\x21\x4c\x18", _external(["lz4", "-dc"])),
-        (b"\x28\xb5\x2f\xfd", _external(["zstd", "-dcq"])),
-        (b"\x1f\x8b\x08", _gunzip),
-    ]
-    for magic, decode in formats:
-        start = data.find(magic)
-        while start >= 0:
-            try:
-                elf = decode(data[start:])
-            except (lzma.LZMAError, zlib.error, OSError):
-                elf = b""
-            end = _elf_end(elf)
-            if end:
-                with open(out, "wb") as f:
-                    f.write(elf[:end])
-                return
-            start = data.find(magic, start + 1)
-    raise SystemExit(f"imgtool: no compressed ELF kernel found in {bzimage}")
-
-
 def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -178,8 +115,6 @@ def verify(d, inputs=None):
 def main(argv):
     if len(argv) >= 2 and argv[1] == "cpio" and len(argv) == 5:
         cpio(argv[2], argv[3], int(argv[4]))
-    elif len(argv) == 4 and argv[1] == "vmlinux":
-        vmlinux(argv[2], argv[3])
     elif len(argv) == 4 and argv[1] == "manifest":
         manifest(argv[2], argv[3])
     elif len(argv) in (3, 4) and argv[1] == "verify":
