@@ -194,9 +194,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let data_dir = config.data_dir.clone().unwrap_or(data_dir);
             let key = load_or_init_key(&key.unwrap_or_else(|| paths::identity_key_path(&data_dir)))?;
             let metrics_addr = config.metrics;
-            let provider = Provider::start(config, key).await?;
+            let metrics = Arc::new(Metrics::default());
+            let provider = Provider::start(config, key, Some(metrics.clone())).await?;
             if let Some(addr) = metrics_addr {
-                let bound = peervm_node::metrics::serve(Arc::new(Metrics::default()), addr).await?;
+                let bound = peervm_node::metrics::serve(metrics, addr).await?;
                 eprintln!("metrics on http://{bound}/metrics");
             }
             startup::announce("provider", provider.node().peer_id, &provider.node().listen_addrs, json);

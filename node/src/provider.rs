@@ -61,13 +61,18 @@ pub struct Provider {
 
 impl Provider {
     /// Starts the provider's swarm node and publishes its first advert.
-    pub async fn start(config: ProviderConfig, key: SigningKey) -> Result<Provider, ProviderError> {
+    pub async fn start(
+        config: ProviderConfig,
+        key: SigningKey,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> Result<Provider, ProviderError> {
         // Until the VMM's KVM probe is wired in, guests run under TCG, which the operator
         // must allow explicitly (DESIGN section 8).
         let accel = if config.allow_tcg { Accel::Tcg } else { return Err(ProviderError::NoAccel) };
         let mut node_config = NodeConfig::new(SigningKey::from_seed(&key.seed()), Role::Provider);
         node_config.listen = config.listen.clone();
         node_config.bootstrap = config.bootstrap.clone();
+        node_config.metrics = metrics;
         let node = Node::start(node_config).await?;
         let (free_tx, _) = watch::channel(config.resources);
         let mut provider = Provider { config, key, accel, seq: SeqSource::new(), node, free_tx };

@@ -234,3 +234,36 @@ fn example_provider_config_is_valid() {
     assert_eq!(cfg.resources.memory_mib, 2048);
     assert_eq!(cfg.pricing.per_vcpu_hour_micros, 10_000);
 }
+
+#[test]
+fn metrics_are_served_on_loopback_only() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let (_boot, _) =
+        spawn_json(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--metrics", &metrics], &tmp.path().join("b"));
+    let mut body = String::new();
+    let start = Instant::now();
+    while body.is_empty() && start.elapsed() < Duration::from_secs(5) {
+        if let Ok(mut conn) = std::net::TcpStream::connect(&metrics) {
+            conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            conn.read_to_string(&mut body).unwrap();
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    for name in ["peervm_adverts_accepted_total", "peervm_advert_store_size", "peervm_peers_connected"] {
+        assert!(body.contains(name), "{name} missing from {body}");
+    }
+
+    let out = Command::new(PEERVM)
+        .arg("--data-dir")
+        .arg(tmp.path().join("b2"))
+        .args(["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--metrics", "0.0.0.0:9464"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
+}
