@@ -191,3 +191,18 @@ async fn one_bootstrap_killed_adverts_still_propagate_and_new_nodes_join() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_connect_and_sync_over_quic() {
+    let mut config = peervm_node::network::NodeConfig::new(unique_key(5_000), Role::Bootstrap);
+    config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    let boot = Node::start(config).await.unwrap();
+    assert!(boot.listen_addrs[0].to_string().contains("/quic-v1/p2p/"), "{:?}", boot.listen_addrs);
+    let key = unique_key(5_001);
+    boot.client.publish(signed(&key, &advert(&key, 1, LONG))).await.unwrap();
+    let joiner = start_node(unique_key(5_002), Role::Requestor, &boot.listen_addrs).await;
+    let got = wait_until(Duration::from_secs(10), || async { holds(&joiner, &key.peer_id()) }).await;
+    assert!(got.is_some(), "no sync over QUIC");
+    joiner.stop().await;
+    boot.stop().await;
+}
