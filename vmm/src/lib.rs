@@ -1,5 +1,32 @@
 //! The provider's hypervisor layer: guests, images, cgroups and network isolation.
 //!
 //! It takes a `VmSpec` and knows nothing of libp2p or of the wire format (DESIGN
-//! section 2). Its contents arrive with the VMM issue; until then the crate is empty
-//! rather than pretending to start guests.
+//! section 2). See docs/vmm.md for the design.
+
+pub mod accel;
+pub mod cgroup;
+pub mod error;
+mod forward;
+mod host_command;
+pub mod hypervisor;
+pub mod image;
+mod launch;
+pub mod network;
+pub mod qemu;
+mod qemu_user;
+mod qmp;
+pub mod readiness;
+pub mod seed;
+pub mod spec;
+mod state;
+
+pub use accel::{Accel, AccelPolicy, KvmProbe, ProbeOptions, probe_kvm, select_accel};
+pub use cgroup::{CgroupLayout, CgroupLimits, CgroupUsage, LeaseCgroup};
+pub use error::{ImageError, VmmError};
+pub use forward::ForwardCounters;
+pub use hypervisor::{GuestState, Hypervisor, ReconcileReport, RunningVm, VmStatus, VmUsage};
+pub use image::{GuestImage, MachineKind};
+pub use network::{AddressPool, NamePrefix};
+pub use qemu::{QemuHypervisor, VmmConfig};
+pub use qemu_user::{DEFAULT_QEMU_USER, QemuUser};
+pub use spec::{AuthorizedKey, EgressPolicy, HostKeySeed, LeaseId, VmSpec};

@@ -1,0 +1,93 @@
+//! The crate's typed errors. A message names what failed, on which input, and what an
+//! operator can do about it (STYLE: typed errors per crate).
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::spec::LeaseId;
+
+/// Anything that can go wrong while checking a guest image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read image manifest {path}: {source}")]
+    ReadManifest {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image manifest {path} is not valid: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    #[error("cannot read image file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "image file {path} does not match its manifest: size {actual_size} bytes, sha256 {actual_sha256}; \
+         the manifest pins size {expected_size}, sha256 {expected_sha256}. The image is corrupted or was \
+         modified: refusing to use it (rebuild it, e.g. scripts/build-guest-image --force)"
+    )]
+    HashMismatch { path: PathBuf, expected_sha256: String, actual_sha256: String, expected_size: u64, actual_size: u64 },
+}
+
+/// Errors of the hypervisor layer.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("invalid vmm configuration: {0}")]
+    InvalidConfig(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+    #[error("no usable cgroup hierarchy: {0}")]
+    NoCgroups(String),
+    #[error("QEMU user {user}: {reason}")]
+    QemuUser { user: String, reason: String },
+    #[error("QMP of lease {lease}: {reason}")]
+    Qmp { lease: LeaseId, reason: String },
+    #[error("QEMU of lease {lease} could not be started: {reason}")]
+    Spawn { lease: LeaseId, reason: String },
+    #[error("QEMU of lease {lease} exited before its guest was ready ({status}); console log tail:\n{console}")]
+    QemuExited { lease: LeaseId, status: String, console: String },
+    #[error("guest of lease {lease} was not ready within {waited_secs} s (last attempt: {last_error})")]
+    NotReady { lease: LeaseId, waited_secs: u64, last_error: String },
+    #[error("guest of lease {lease} presented SSH host key {presented}, not the provisioned {expected}")]
+    HostKeyMismatch { lease: LeaseId, presented: String, expected: String },
+    #[error("lease {0} is not running on this host")]
+    UnknownLease(LeaseId),
+    #[error("lease {0} already has a guest or leftover state here (run reconcile first)")]
+    LeaseExists(LeaseId),
+    #[error("lease {0} is being started or stopped; try again when that is done")]
+    Busy(LeaseId),
+    #[error("network slot {slot} is already used by lease {holder}")]
+    SlotInUse { slot: u32, holder: LeaseId },
+    #[error("cannot listen for SSH on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "KVM is unusable ({reason}) and the accel policy does not allow software emulation (TCG); \
+         fix KVM or allow TCG in the provider config"
+    )]
+    NoAcceleration { reason: String },
+}
+
+impl VmmError {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        VmmError::Io { what, path: path.into(), source }
+    }
+}

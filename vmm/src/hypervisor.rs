@@ -1,0 +1,103 @@
+//! The `Hypervisor` trait: the whole control surface the node uses, and the values it
+//! returns. The QEMU backend (`QemuHypervisor`) implements it; another backend (libvirt)
+//! could follow behind the same trait (DESIGN section 8).
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use crate::accel::Accel;
+use crate::error::VmmError;
+use crate::spec::{LeaseId, VmSpec};
+
+/// A guest that is up and whose sshd presented the provisioned host key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunningVm {
+    pub lease_id: LeaseId,
+    /// QEMU's pid on the host.
+    pub pid: u32,
+    pub accel: Accel,
+    /// Where the requestor connects: the provider's SSH address and the lease's port.
+    pub ssh_addr: SocketAddr,
+    /// The guest's address on its private link.
+    pub guest_ip: Ipv4Addr,
+    /// The guest's host key, `ssh-ed25519 AAAA...` (goes into the signed grant).
+    pub host_key: String,
+    pub started_at: SystemTime,
+    /// From `start` to SSH-ready; `None` for a guest re-adopted by `reconcile`.
+    pub boot_time: Option<Duration>,
+}
+
+/// What QEMU says about its guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestState {
+    Running,
+    Paused,
+    /// QEMU is gone (the guest powered off, or was killed).
+    Exited,
+    /// QEMU runs but its status could not be read, or is another run state.
+    Other(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmStatus {
+    pub vm: RunningVm,
+    pub state: GuestState,
+    pub uptime: Duration,
+}
+
+/// Resource use of one lease, for monitoring and billing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmUsage {
+    /// CPU time of every QEMU thread (vCPUs and device emulation).
+    pub cpu_time: Duration,
+    /// Time the cgroup was held back by its CPU quota, and how many periods.
+    pub cpu_throttled: Duration,
+    pub cpu_throttled_periods: u64,
+    pub cpu_periods: u64,
+    pub memory_current_bytes: u64,
+    pub memory_peak_bytes: Option<u64>,
+    /// SSH bytes from requestors to the guest and back (the forwarder's counters).
+    pub ssh_bytes_in: u64,
+    pub ssh_bytes_out: u64,
+    pub ssh_connections: u64,
+    pub uptime: Duration,
+}
+
+/// What `reconcile` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Live guests of leases the caller says are active, now managed again.
+    pub adopted: Vec<RunningVm>,
+    /// Leases whose state this host held, cleaned up (not active, or their guest died).
+    pub removed_leases: Vec<LeaseId>,
+    /// Other objects with the project's prefix that no lease owned, removed
+    /// (`kind name`, e.g. `netns peervm-...`).
+    pub removed_objects: Vec<String>,
+    /// What could not be removed (reconcile goes on with the rest).
+    pub failed: Vec<String>,
+}
+
+/// A backend that runs guests.
+pub trait Hypervisor: Send + Sync {
+    /// The accelerator guests run on (goes into the advert).
+    fn accel(&self) -> Accel;
+
+    /// Provisions and boots a guest; returns once its sshd presents the provisioned host
+    /// key. On error nothing of the lease is left behind. Dropping the future does not
+    /// interrupt it: the start completes (or cleans up) in the background.
+    fn start(&self, spec: VmSpec) -> impl Future<Output = Result<RunningVm, VmmError>> + Send;
+
+    /// Shuts the guest down (ACPI power button, then kill after a deadline) and removes
+    /// every resource of the lease.
+    fn stop(&self, lease: LeaseId) -> impl Future<Output = Result<(), VmmError>> + Send;
+
+    fn status(&self, lease: LeaseId) -> impl Future<Output = Result<VmStatus, VmmError>> + Send;
+
+    fn usage(&self, lease: LeaseId) -> impl Future<Output = Result<VmUsage, VmmError>> + Send;
+
+    /// At provider start: re-adopts live guests of `live` leases, cleans up every other
+    /// lease this host has state for, and removes everything with the project's name
+    /// prefix that no lease owns.
+    fn reconcile(&self, live: &[LeaseId]) -> impl Future<Output = Result<ReconcileReport, VmmError>> + Send;
+}

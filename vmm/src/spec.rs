@@ -1,0 +1,357 @@
+//! What a lease asks of the hypervisor layer: `VmSpec` and the small types it is made of.
+//!
+//! vmm takes its own spec rather than the wire type (DESIGN section 2: vmm knows nothing
+//! of the protocol crate); the node translates a granted `LeaseRequest` into a `VmSpec`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use russh::keys::ssh_key::LineEnding;
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::ssh_key::public::Ed25519PublicKey;
+use russh::keys::{Algorithm, PrivateKey, PublicKey};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::VmmError;
+use crate::image::GuestImage;
+
+/// A lease's 128-bit identifier; shown and stored as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId([u8; 16]);
+
+impl LeaseId {
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        LeaseId(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    pub fn random() -> Self {
+        LeaseId(rand::random())
+    }
+
+    /// 32 lowercase hex digits.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// The first `n` hex digits: names with a length limit (interface names, 15 bytes)
+    /// carry this prefix. 12 digits (48 bits) make a clash between two live leases of
+    /// one host improbable, and a clash is caught when the interface is created.
+    pub fn short_hex(&self, n: usize) -> String {
+        let mut s = self.hex();
+        s.truncate(n.min(32));
+        s
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseId({})", self.hex())
+    }
+}
+
+impl FromStr for LeaseId {
+    type Err = VmmError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // exactly 32 lowercase hex digits: the id is also a file and device name, so one
+        // spelling per lease
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(VmmError::InvalidSpec(format!("lease id {s:?} is not 32 lowercase hex digits")));
+        }
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(s, &mut out)
+            .map_err(|e| VmmError::InvalidSpec(format!("lease id {s:?} is not hex: {e}")))?;
+        Ok(LeaseId(out))
+    }
+}
+
+impl Serialize for LeaseId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for LeaseId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The requestor's SSH public key in canonical OpenSSH form (`ssh-ed25519 <base64>
+/// [comment]`). Only ed25519 keys (DESIGN section 7); the comment is reduced to a safe
+/// character set because the line is written into the guest's YAML user-data.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthorizedKey {
+    key: PublicKey,
+    line: String,
+}
+
+impl AuthorizedKey {
+    /// Parses one OpenSSH public key line.
+    pub fn parse(line: &str) -> Result<Self, VmmError> {
+        let key = PublicKey::from_openssh(line.trim())
+            .map_err(|e| VmmError::InvalidSpec(format!("authorized key is not an OpenSSH public key: {e}")))?;
+        if key.algorithm() != Algorithm::Ed25519 {
+            return Err(VmmError::InvalidSpec(format!(
+                "authorized key is {}, only ssh-ed25519 is accepted",
+                key.algorithm()
+            )));
+        }
+        let comment = key.comment().as_str_lossy().to_string();
+        Self::from_public_key(key, &comment)
+    }
+
+    /// Formats a raw 32-byte ed25519 public key.
+    pub fn from_ed25519(raw: &[u8; 32], comment: &str) -> Result<Self, VmmError> {
+        Self::from_public_key(PublicKey::from(Ed25519PublicKey(*raw)), comment)
+    }
+
+    fn from_public_key(mut key: PublicKey, comment: &str) -> Result<Self, VmmError> {
+        let comment: String = comment
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '_' | '-' | '+'))
+            .take(64)
+            .collect();
+        key.set_comment(comment.as_str());
+        let mut line =
+            key.to_openssh().map_err(|e| VmmError::InvalidSpec(format!("cannot encode authorized key: {e}")))?;
+        if comment.is_empty() {
+            // ssh-key writes "alg base64 " with an empty comment
+            line = line.trim_end().to_string();
+        }
+        Ok(AuthorizedKey { key, line })
+    }
+
+    /// The canonical `ssh-ed25519 AAAA... comment` line.
+    pub fn openssh_line(&self) -> &str {
+        &self.line
+    }
+
+    pub fn public_key(&self) -> &PublicKey {
+        &self.key
+    }
+}
+
+impl fmt::Debug for AuthorizedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AuthorizedKey({})", self.line)
+    }
+}
+
+/// The per-lease SSH host key of the guest: an ed25519 seed chosen by the provider, whose
+/// public half goes into the signed grant so that the requestor pins it (DESIGN section
+/// 7, invariant 6). Zeroised on drop; never printed.
+#[derive(Clone)]
+pub struct HostKeySeed(Zeroizing<[u8; 32]>);
+
+impl HostKeySeed {
+    pub fn from_bytes(seed: [u8; 32]) -> Self {
+        HostKeySeed(Zeroizing::new(seed))
+    }
+
+    pub fn random() -> Self {
+        HostKeySeed(Zeroizing::new(rand::random()))
+    }
+
+    fn private_key(&self) -> PrivateKey {
+        PrivateKey::from(Ed25519Keypair::from_seed(&self.0))
+    }
+
+    /// The OpenSSH private key file (unencrypted: it goes onto the 0600 seed disk that
+    /// only this lease's QEMU receives).
+    pub fn openssh_private(&self, comment: &str) -> Result<Zeroizing<String>, VmmError> {
+        let mut key = self.private_key();
+        key.set_comment(comment);
+        key.to_openssh(LineEnding::LF).map_err(|e| VmmError::InvalidSpec(format!("cannot encode the host key: {e}")))
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        let mut public = self.private_key().public_key().clone();
+        public.set_comment("");
+        public
+    }
+
+    /// `ssh-ed25519 AAAA...` (no comment): what the requestor pins.
+    pub fn public_openssh(&self) -> String {
+        self.public_key().to_openssh().map(|s| s.trim_end().to_string()).unwrap_or_default()
+    }
+
+    /// The raw 32-byte public key.
+    pub fn public_raw(&self) -> [u8; 32] {
+        self.public_key().key_data().ed25519().map(|k| k.0).unwrap_or([0; 32])
+    }
+}
+
+impl fmt::Debug for HostKeySeed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostKeySeed(public {})", self.public_openssh())
+    }
+}
+
+/// What a guest may reach beyond its own link. Private, link-local (incl. the metadata
+/// address 169.254.169.254), CGNAT, loopback and multicast destinations, other guests
+/// and the host itself are dropped under either policy (DESIGN section 11, invariant 7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EgressPolicy {
+    /// Nothing leaves the guest's link (only replies to the SSH forwarder).
+    Deny,
+    /// Public internet addresses only, source-NATed to the host's address.
+    PublicOnly,
+}
+
+impl EgressPolicy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EgressPolicy::Deny => "deny",
+            EgressPolicy::PublicOnly => "public-only",
+        }
+    }
+}
+
+impl FromStr for EgressPolicy {
+    type Err = VmmError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "deny" => Ok(EgressPolicy::Deny),
+            "public-only" => Ok(EgressPolicy::PublicOnly),
+            other => Err(VmmError::InvalidSpec(format!("egress policy {other:?} is not deny or public-only"))),
+        }
+    }
+}
+
+/// Everything needed to run one lease's guest.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub lease_id: LeaseId,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_gib: u32,
+    /// A verified image (`GuestImage::open`).
+    pub image: Arc<GuestImage>,
+    /// The login name the requestor asked for.
+    pub ssh_user: String,
+    pub authorized_key: AuthorizedKey,
+    pub host_key: HostKeySeed,
+    /// Index into the provider's address pool and SSH port range; the node allocates
+    /// and persists it (DESIGN section 9), vmm derives addresses and port from it.
+    pub network_slot: u32,
+    pub egress: EgressPolicy,
+    /// CPU quota as a fraction of one core, overriding `vcpus` cores (tests, or a
+    /// provider that sells fractional cores). `None`: the quota is `vcpus` cores.
+    pub cpu_quota: Option<f64>,
+}
+
+/// Upper bounds the backend accepts; far above any real offer, they stop a bad spec from
+/// reaching QEMU or the cgroup files as an absurd number.
+pub(crate) const MAX_VCPUS: u32 = 256;
+pub(crate) const MIN_MEMORY_MIB: u32 = 64;
+pub(crate) const MAX_MEMORY_MIB: u32 = 4 * 1024 * 1024;
+pub(crate) const MAX_DISK_GIB: u32 = 64 * 1024;
+
+impl VmSpec {
+    /// Checks the numbers and names of the spec (not the slot: the backend knows its pool).
+    pub fn validate(&self) -> Result<(), VmmError> {
+        let bad = |m: String| Err(VmmError::InvalidSpec(m));
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return bad(format!("vcpus {} is outside 1..={MAX_VCPUS}", self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return bad(format!("memory {} MiB is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB", self.memory_mib));
+        }
+        if self.disk_gib == 0 || self.disk_gib > MAX_DISK_GIB {
+            return bad(format!("disk {} GiB is outside 1..={MAX_DISK_GIB} GiB", self.disk_gib));
+        }
+        validate_user_name(&self.ssh_user)?;
+        if let Some(q) = self.cpu_quota
+            && !(q.is_finite() && q >= 0.01 && q <= f64::from(MAX_VCPUS))
+        {
+            return bad(format!("cpu quota {q} is outside 0.01..={MAX_VCPUS} cores"));
+        }
+        Ok(())
+    }
+
+    /// The CPU quota in cores: the override, else one core per vCPU.
+    pub fn cpu_cores(&self) -> f64 {
+        self.cpu_quota.unwrap_or(f64::from(self.vcpus))
+    }
+}
+
+/// A POSIX-portable login name: it is written into the guest's user-data and passwd.
+pub fn validate_user_name(name: &str) -> Result<(), VmmError> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VmmError::InvalidSpec(format!(
+            "ssh user {name:?} must be 1-32 characters of a-z, 0-9, _ and -, starting with a letter or _"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_id_round_trips_and_rejects_bad_text() {
+        let id = LeaseId::from_bytes([0xab; 16]);
+        assert_eq!(id.hex(), "ab".repeat(16));
+        assert_eq!(id.hex().parse::<LeaseId>().ok(), Some(id));
+        assert_eq!(id.short_hex(12), "abababababab");
+        for bad in ["", "AB".repeat(16).as_str(), &"a".repeat(31), &"g".repeat(32), &"a".repeat(33)] {
+            assert!(bad.parse::<LeaseId>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn authorized_key_is_canonicalised() {
+        let raw = HostKeySeed::from_bytes([7; 32]).public_raw();
+        let k = AuthorizedKey::from_ed25519(&raw, "alice@laptop: #evil\n").unwrap();
+        let line = k.openssh_line();
+        assert!(line.starts_with("ssh-ed25519 AAAA"), "{line}");
+        assert!(line.ends_with(" alice@laptopevil"), "{line}");
+        let again = AuthorizedKey::parse(line).unwrap();
+        assert_eq!(again.openssh_line(), line);
+        let bare = AuthorizedKey::from_ed25519(&raw, "").unwrap();
+        assert_eq!(bare.openssh_line().split(' ').count(), 2);
+        assert!(AuthorizedKey::parse("ssh-ed25519 notbase64").is_err());
+    }
+
+    #[test]
+    fn host_key_encodes_as_openssh() {
+        let seed = HostKeySeed::from_bytes([1; 32]);
+        let pem = seed.openssh_private("peervm").unwrap();
+        assert!(pem.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
+        let parsed = PrivateKey::from_openssh(pem.as_bytes()).unwrap();
+        assert_eq!(parsed.public_key().key_data(), seed.public_key().key_data());
+        assert!(seed.public_openssh().starts_with("ssh-ed25519 AAAA"));
+        assert!(!format!("{seed:?}").contains("0101"));
+    }
+
+    #[test]
+    fn user_names() {
+        for ok in ["alice", "_x", "a-b_9"] {
+            assert!(validate_user_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Alice", "9a", "a b", "a:b", "a\nb", &"a".repeat(33)] {
+            assert!(validate_user_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

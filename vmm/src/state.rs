@@ -1,0 +1,188 @@
+//! The per-lease state file (`<state dir>/leases/<lease hex>/lease.json`, 0600).
+//!
+//! It is written before any resource of the lease exists and removed after the last one
+//! is gone, so after a crash at any point reconcile knows every lease that may have left
+//! something behind, and can re-adopt a live guest (its QEMU pid, port and addresses).
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::accel::Accel;
+use crate::error::VmmError;
+use crate::spec::{EgressPolicy, LeaseId};
+
+pub(crate) const RECORD_FILE: &str = "lease.json";
+const RECORD_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum RecordState {
+    /// Resources are being created; no guest to re-adopt.
+    Provisioning,
+    /// QEMU runs with `pid`.
+    Running,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LeaseRecord {
+    pub version: u32,
+    pub lease: LeaseId,
+    pub state: RecordState,
+    pub pid: Option<i32>,
+    /// /proc/<pid>/stat start time: a recycled pid is not mistaken for our QEMU.
+    pub pid_start_ticks: Option<u64>,
+    pub slot: u32,
+    pub listen: IpAddr,
+    pub port: u16,
+    pub host_ip: Ipv4Addr,
+    pub guest_ip: Ipv4Addr,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_gib: u32,
+    pub cpu_quota: Option<f64>,
+    pub egress: EgressPolicy,
+    pub host_key: String,
+    pub image_sha256: String,
+    pub started_at_unix: u64,
+}
+
+impl LeaseRecord {
+    pub fn new_version() -> u32 {
+        RECORD_VERSION
+    }
+}
+
+/// `<state dir>/leases`.
+pub(crate) fn leases_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("leases")
+}
+
+/// Creates a directory 0700 (and its parents, also 0700): modes are set at creation,
+/// never fixed up afterwards (DESIGN section 10).
+pub(crate) fn create_private_dir(path: &Path) -> Result<(), VmmError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| VmmError::io("cannot create directory", path, e))
+}
+
+/// Writes the record atomically (temporary file 0600, fsync, rename).
+pub(crate) fn write_record(dir: &Path, record: &LeaseRecord) -> Result<(), VmmError> {
+    let path = dir.join(RECORD_FILE);
+    let tmp = dir.join(".lease.json.tmp");
+    let _ = fs::remove_file(&tmp);
+    let data = serde_json::to_vec_pretty(record).map_err(|e| VmmError::io("cannot encode", &path, e.into()))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| VmmError::io("cannot create", &tmp, e))?;
+    f.write_all(&data).and_then(|_| f.sync_all()).map_err(|e| VmmError::io("cannot write", &tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| VmmError::io("cannot rename into", &path, e))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+pub(crate) fn read_record(dir: &Path) -> Result<LeaseRecord, VmmError> {
+    let path = dir.join(RECORD_FILE);
+    let data = fs::read(&path).map_err(|e| VmmError::io("cannot read", &path, e))?;
+    serde_json::from_slice(&data).map_err(|e| VmmError::io("cannot parse", &path, e.into()))
+}
+
+/// Start time (clock ticks since boot) of a live process; `None` when it is gone or a
+/// zombie (a zombie is no guest).
+pub(crate) fn process_start_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the parenthesised command name, which may itself contain spaces
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// The command line of a process, split at NULs.
+pub(crate) fn process_cmdline(pid: i32) -> Option<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+}
+
+/// Live processes whose QEMU `-name guest=<name>` starts with `prefix-`: the guests of
+/// some vmm with that name prefix, found without any state file.
+pub(crate) fn find_guest_processes(prefix: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else { return found };
+    let want = format!("guest={prefix}-");
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(args) = process_cmdline(pid) else { continue };
+        let name = args
+            .windows(2)
+            .find(|w| w[0] == "-name")
+            .and_then(|w| w[1].split(',').find_map(|kv| kv.strip_prefix("guest=")).map(str::to_string));
+        if let Some(name) = name
+            && format!("guest={name}").starts_with(&want)
+            && process_start_ticks(pid).is_some()
+        {
+            found.push((pid, name));
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn record_round_trips_with_private_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease_dir = dir.path().join("leases/abc");
+        create_private_dir(&lease_dir).unwrap();
+        assert_eq!(fs::metadata(&lease_dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let r = LeaseRecord {
+            version: 1,
+            lease: LeaseId::from_bytes([9; 16]),
+            state: RecordState::Running,
+            pid: Some(42),
+            pid_start_ticks: Some(7),
+            slot: 3,
+            listen: "127.0.0.1".parse().unwrap(),
+            port: 2222,
+            host_ip: Ipv4Addr::new(10, 213, 0, 13),
+            guest_ip: Ipv4Addr::new(10, 213, 0, 14),
+            accel: Accel::Tcg,
+            vcpus: 2,
+            memory_mib: 256,
+            disk_gib: 1,
+            cpu_quota: Some(0.5),
+            egress: EgressPolicy::Deny,
+            host_key: "ssh-ed25519 AAAA".into(),
+            image_sha256: "00".into(),
+            started_at_unix: 1,
+        };
+        write_record(&lease_dir, &r).unwrap();
+        assert_eq!(fs::metadata(lease_dir.join(RECORD_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_record(&lease_dir).unwrap(), r);
+        write_record(&lease_dir, &r).unwrap();
+    }
+
+    #[test]
+    fn own_process_has_a_start_time() {
+        let me = std::process::id() as i32;
+        assert!(process_start_ticks(me).is_some());
+        assert!(process_cmdline(me).is_some_and(|a| !a.is_empty()));
+    }
+}

@@ -1,0 +1,320 @@
+//! Shared harness of the guest tests: environment checks, the test image, the backend
+//! configuration, an SSH client and the "nothing left behind" inspection.
+//!
+//! Guest tests need root, QEMU, iproute2, nftables and the minimal image. When one is
+//! missing they fail loudly under CI=true (CI must run them) and skip with a printed
+//! reason otherwise. The image is built with scripts/build-guest-image when it does not
+//! verify (the script is idempotent: it returns at once for a valid image).
+//!
+//! Everything the tests create is named with the prefixes `pvtest`/`pt`, so a reconcile
+//! in a test never touches a developer's `peervm` guests, and uses the address pool
+//! 10.214.0.0/24 and SSH ports 47100-47163.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use peervm_vmm::{
+    Accel, AuthorizedKey, EgressPolicy, GuestImage, HostKeySeed, LeaseId, NamePrefix, QemuUser, VmSpec, VmmConfig,
+};
+use russh::client;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+
+pub const PREFIX_LONG: &str = "pvtest";
+pub const PREFIX_SHORT: &str = "pt";
+pub const PORT_BASE: u16 = 47100;
+
+/// Guest tests of one binary run one at a time: a 2-core box runs TCG guests slowly
+/// enough without them competing, and the CPU test needs a quiet host.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The workspace's scripts directory.
+fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("scripts")
+}
+
+pub fn image_dir() -> PathBuf {
+    let base = std::env::var_os("PEERVM_IMAGE_DIR").map(PathBuf::from).unwrap_or("/var/cache/peervm/images".into());
+    base.join("minimal")
+}
+
+/// The minimal image, built if needed, opened (and so verified) once per test binary.
+pub fn image() -> Arc<GuestImage> {
+    static IMAGE: OnceLock<Arc<GuestImage>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            if GuestImage::open(image_dir()).is_err() {
+                let script = scripts_dir().join("build-guest-image");
+                eprintln!("guest image missing or invalid: running {}", script.display());
+                let status = Command::new(&script).status().expect("cannot run scripts/build-guest-image");
+                assert!(status.success(), "scripts/build-guest-image failed ({status})");
+            }
+            Arc::new(GuestImage::open(image_dir()).expect("guest image does not verify after building it"))
+        })
+        .clone()
+}
+
+/// Checks that guests can run here. Returns false (after printing why) when the test
+/// should be skipped; panics instead when CI=true.
+pub fn guest_env_ready(test: &str) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (network namespaces, nftables, cgroups)".to_string());
+    }
+    for tool in ["qemu-system-x86_64", "qemu-img", "ip", "nft"] {
+        if !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()) {
+            missing.push(format!("{tool} (scripts/install-deps)"));
+        }
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        missing.push("/dev/net/tun".into());
+    }
+    if !missing.is_empty() {
+        let msg = format!("{test}: guest tests need {}", missing.join(", "));
+        if in_ci() {
+            panic!("{msg} — CI=true, so this is a failure, not a skip");
+        }
+        // straight to stderr: libtest would swallow eprintln! of a passing test
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
+        return false;
+    }
+    QemuUser::ensure(peervm_vmm::DEFAULT_QEMU_USER).expect("cannot create the QEMU user");
+    let _ = image();
+    true
+}
+
+/// The backend configuration of the tests.
+pub fn config(state_dir: &Path) -> VmmConfig {
+    let mut c = VmmConfig::new(state_dir, Accel::Tcg);
+    c.names = NamePrefix::new(PREFIX_LONG, PREFIX_SHORT).unwrap();
+    c.address_pool = "10.214.0.0/24".parse().unwrap();
+    c.ssh_port_base = PORT_BASE;
+    c.ssh_port_count = 64;
+    c.ready_timeout = Duration::from_secs(180);
+    c.stop_timeout = Duration::from_secs(15);
+    c
+}
+
+/// A spec and the requestor's private key that matches its authorized key.
+pub fn spec(slot: u32, vcpus: u32, memory_mib: u32, egress: EgressPolicy) -> (VmSpec, PrivateKey) {
+    let client_key = random_key();
+    let authorized = AuthorizedKey::parse(&client_key.public_key().to_openssh().unwrap()).unwrap();
+    let spec = VmSpec {
+        lease_id: LeaseId::random(),
+        vcpus,
+        memory_mib,
+        disk_gib: 1,
+        image: image(),
+        ssh_user: "lessee".into(),
+        authorized_key: authorized,
+        host_key: HostKeySeed::random(),
+        network_slot: slot,
+        egress,
+        cpu_quota: None,
+    };
+    (spec, client_key)
+}
+
+/// A fresh ed25519 key pair.
+pub fn random_key() -> PrivateKey {
+    PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&rand::random()))
+}
+
+struct Recorder {
+    expected: Option<PublicKey>,
+    seen: Arc<Mutex<Option<PublicKey>>>,
+}
+
+impl client::Handler for Recorder {
+    type Error = russh::Error;
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else { return Ok(false) };
+        *self.seen.lock().unwrap() = Some(key.clone());
+        Ok(self.expected.as_ref().is_none_or(|e| e.key_data() == key.key_data()))
+    }
+}
+
+/// An SSH session to a guest, through its forwarded port.
+pub struct Ssh {
+    handle: client::Handle<Recorder>,
+    pub host_key: PublicKey,
+}
+
+impl Ssh {
+    /// Connects, pinning `expected` as the host key (`None`: accept any, and record it).
+    pub async fn connect(addr: SocketAddr, expected: Option<&PublicKey>) -> Result<Ssh, String> {
+        let seen = Arc::new(Mutex::new(None));
+        let handler = Recorder { expected: expected.cloned(), seen: seen.clone() };
+        let config = Arc::new(client::Config { nodelay: true, ..Default::default() });
+        let handle = tokio::time::timeout(Duration::from_secs(30), client::connect(config, addr, handler))
+            .await
+            .map_err(|_| format!("no SSH handshake with {addr} in 30 s"))?
+            .map_err(|e| format!("ssh {addr}: {e}"))?;
+        let host_key = seen.lock().unwrap().clone().ok_or("no host key seen")?;
+        Ok(Ssh { handle, host_key })
+    }
+
+    pub async fn login_key(&mut self, user: &str, key: &PrivateKey) -> Result<bool, String> {
+        let k = PrivateKeyWithHashAlg::new(Arc::new(key.clone()), None);
+        let r = self.handle.authenticate_publickey(user, k).await.map_err(|e| e.to_string())?;
+        Ok(r.success())
+    }
+
+    pub async fn login_password(&mut self, user: &str, password: &str) -> Result<bool, String> {
+        let r = self.handle.authenticate_password(user, password).await.map_err(|e| e.to_string())?;
+        Ok(r.success())
+    }
+
+    /// Runs `cmd`, returning exit status and stdout (bounded by `timeout`).
+    pub async fn exec(&self, cmd: &str, timeout: Duration) -> Result<(u32, String), String> {
+        let run = async {
+            let mut ch = self.handle.channel_open_session().await.map_err(|e| e.to_string())?;
+            ch.exec(true, cmd).await.map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            let mut status = None;
+            let mut seen = Vec::new();
+            while let Some(msg) = ch.wait().await {
+                match msg {
+                    russh::ChannelMsg::Data { data } => out.extend_from_slice(&data),
+                    russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                    other => seen.push(format!("{other:?}")),
+                }
+            }
+            let out = String::from_utf8_lossy(&out).into_owned();
+            let status =
+                status.ok_or_else(|| format!("`{cmd}`: no exit status (output {out:?}, messages {seen:?})"))?;
+            Ok::<_, String>((status, out))
+        };
+        tokio::time::timeout(timeout, run).await.map_err(|_| format!("`{cmd}` did not finish in {timeout:?}"))?
+    }
+}
+
+/// Connects and logs in with the lease's key.
+pub async fn login(addr: SocketAddr, host_key: &PublicKey, user: &str, key: &PrivateKey) -> Ssh {
+    let mut s = Ssh::connect(addr, Some(host_key)).await.expect("ssh connect");
+    assert!(s.login_key(user, key).await.expect("ssh auth"), "the lease's key was refused");
+    s
+}
+
+fn command_out(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd).args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+/// Everything of `lease` (or, with `None`, of any lease with the test prefix) that is
+/// still on the host: processes, cgroups, namespaces, interfaces, nft tables, lease
+/// files, and a listening SSH port. Inspected with the host's own tools, not vmm's.
+pub fn leftovers(lease: Option<&LeaseId>, state_dir: &Path, port: Option<u16>) -> Vec<String> {
+    let long = match lease {
+        Some(l) => format!("{PREFIX_LONG}-{}", l.hex()),
+        None => format!("{PREFIX_LONG}-"),
+    };
+    let short = match lease {
+        Some(l) => format!("{PREFIX_SHORT}{}", l.short_hex(12)),
+        None => PREFIX_SHORT.to_string(),
+    };
+    let is_ours_long = |n: &str| n.starts_with(&long) && n.len() == PREFIX_LONG.len() + 33;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'));
+        if cmdline.contains(&format!("guest={long}")) && !zombie {
+            found.push(format!("process {pid}: {}", cmdline.chars().take(80).collect::<String>()));
+        }
+    }
+    for ns in command_out("ip", &["netns", "list"]).lines().filter_map(|l| l.split_whitespace().next()) {
+        if is_ours_long(ns) {
+            found.push(format!("netns {ns}"));
+        }
+    }
+    for line in command_out("ip", &["-o", "link", "show"]).lines() {
+        let name = line.split(": ").nth(1).unwrap_or("").split('@').next().unwrap_or("");
+        let rest = name.strip_prefix(PREFIX_SHORT).unwrap_or("");
+        if name.starts_with(&short) && rest.len() == 12 && rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            found.push(format!("link {name}"));
+        }
+    }
+    for t in command_out("nft", &["list", "tables"]).lines() {
+        let name = t.rsplit(' ').next().unwrap_or("");
+        if is_ours_long(name) {
+            found.push(format!("nft {t}"));
+        }
+    }
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let mut dirs = vec![hierarchy.path().join(PREFIX_LONG)];
+        if hierarchy.file_name() == PREFIX_LONG {
+            dirs.push(hierarchy.path());
+        }
+        for d in dirs {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if is_ours_long(&n) {
+                    found.push(format!("cgroup {}", e.path().display()));
+                }
+            }
+        }
+    }
+    let leases = state_dir.join("leases");
+    for e in std::fs::read_dir(&leases).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if lease.is_none_or(|l| l.hex() == n) {
+            found.push(format!("lease files {}", e.path().display()));
+        }
+    }
+    if let Some(p) = port
+        && TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], p)), Duration::from_millis(500)).is_ok()
+    {
+        found.push(format!("port {p} still listening"));
+    }
+    found
+}
+
+/// Removes the test's guests if the test panics (otherwise they would outlive it: guests
+/// survive their manager by design). A fresh backend on the same state directory
+/// reconciles with no live lease, on a thread of its own (the test's runtime is
+/// unwinding).
+pub struct CleanupOnPanic {
+    config: peervm_vmm::VmmConfig,
+}
+
+impl CleanupOnPanic {
+    pub fn new(config: peervm_vmm::VmmConfig) -> Self {
+        CleanupOnPanic { config }
+    }
+}
+
+impl Drop for CleanupOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let config = self.config.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                use peervm_vmm::Hypervisor;
+                if let Ok(hv) = peervm_vmm::QemuHypervisor::new(config) {
+                    match hv.reconcile(&[]).await {
+                        Ok(r) => eprintln!("cleanup after panic: {r:?}"),
+                        Err(e) => eprintln!("cleanup after panic failed: {e}"),
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}

@@ -1,0 +1,81 @@
+//! The image check against the real minimal image, and the KVM probe on this host.
+
+mod guest_harness;
+
+use std::time::{Duration, Instant};
+
+use guest_harness::{guest_env_ready, image, image_dir, serial};
+use peervm_vmm::{
+    Accel, AccelPolicy, GuestImage, ImageError, KvmProbe, ProbeOptions, QemuUser, probe_kvm, select_accel,
+};
+use sha2::{Digest, Sha256};
+
+/// A byte flipped in a copy of the image: refused, with the file named.
+#[test]
+fn corrupted_image_refused() {
+    if !guest_env_ready("corrupted_image_refused") {
+        return;
+    }
+    let real = image();
+    let raw = std::fs::read(image_dir().join("manifest.json")).unwrap();
+    assert_eq!(real.manifest_sha256(), <[u8; 32]>::from(Sha256::digest(&raw)), "advertised image id");
+
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(image_dir()).unwrap().flatten() {
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    let opened = GuestImage::open(copy.path()).expect("an intact copy opens");
+
+    // same size, one bit different: only the hash can tell
+    let victim = copy.path().join("initrd.img");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&victim, &bytes).unwrap();
+
+    let err = GuestImage::open(copy.path()).unwrap_err();
+    assert!(matches!(&err, ImageError::HashMismatch { path, .. } if path.ends_with("initrd.img")), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("initrd.img") && msg.contains("does not match its manifest"), "{msg}");
+    eprintln!("refused: {msg}");
+    // an image opened before the change is refused at its next use too
+    let err = opened.verify().unwrap_err().to_string();
+    assert!(err.contains("initrd.img"), "{err}");
+}
+
+/// On this kind of host KVM is broken (PLATFORM): the probe must say so, with a reason,
+/// within its deadline, and the policy then picks TCG only where allowed. Set
+/// PEERVM_EXPECT_KVM=1 on a host where KVM works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_probe_reports_unusable_kvm_with_a_reason() {
+    if !guest_env_ready("kvm_probe_reports_unusable_kvm_with_a_reason") {
+        return;
+    }
+    let _serial = serial().await;
+    let img = image();
+    let expect_kvm = std::env::var("PEERVM_EXPECT_KVM").is_ok_and(|v| v == "1");
+    let deadline = Duration::from_secs(8);
+    // as the user real guests run as (its access to /dev/kvm counts), and as root, which
+    // gets past the device's permissions and exercises the boot-under-a-deadline path
+    for user in [QemuUser::lookup(peervm_vmm::DEFAULT_QEMU_USER).unwrap(), QemuUser::root()] {
+        let opts = ProbeOptions { qemu_binary: "qemu-system-x86_64".into(), user: user.clone(), deadline };
+        let t = Instant::now();
+        let probe = probe_kvm(&img, &opts).await;
+        let took = t.elapsed();
+        eprintln!("KVM probe as {} took {took:?}: {probe:?}", user.name);
+        assert!(took < deadline + Duration::from_secs(10), "probe overran its deadline: {took:?}");
+        match (&probe, expect_kvm) {
+            (KvmProbe::Unusable { reason }, false) => {
+                assert!(!reason.trim().is_empty());
+                assert_eq!(select_accel(AccelPolicy::KvmOrTcg, &probe).unwrap(), Accel::Tcg);
+                assert!(select_accel(AccelPolicy::KvmOnly, &probe).is_err());
+            }
+            (KvmProbe::Usable { .. }, true) => {
+                assert_eq!(select_accel(AccelPolicy::KvmOrTcg, &probe).unwrap(), Accel::Kvm);
+            }
+            (other, _) => panic!("KVM probe as {}: {other:?} (PEERVM_EXPECT_KVM={expect_kvm})", user.name),
+        }
+    }
+    let leftover = std::process::Command::new("pgrep").args(["-f", "accel kvm"]).output().unwrap();
+    assert!(leftover.stdout.is_empty(), "probe QEMU left running");
+}
