@@ -4,17 +4,46 @@
 //!
 //! ```json
 //! {"format":"peervm-identity","version":1,"peer_id":"12D3Koo...",
-//!  "protection":"plaintext","secret":"<hex of the 32-byte ed25519 seed>"}
+//!  "protection":"age-scrypt",
+//!  "secret":"-----BEGIN AGE ENCRYPTED FILE-----\n...\n-----END AGE ENCRYPTED FILE-----\n"}
 //! ```
 //!
-//! `peer_id` sits outside the secret so `peervm key show` works without unlocking the
-//! key. `protection` names how `secret` is stored; passphrase encryption at rest adds a
-//! value here (an age passphrase-encrypted seed) without changing the rest of the layout.
-//! A loaded key is checked against `peer_id`, so a file whose parts were mixed up is
-//! refused rather than silently becoming another identity.
+//! `protection` names how `secret` holds the 32-byte ed25519 seed:
+//!
+//! - `age-scrypt` (the default): `secret` is an ASCII-armored [age] file encrypted to a
+//!   passphrase (age's scrypt recipient: scrypt key derivation, ChaCha20-Poly1305), whose
+//!   plaintext is exactly the 32 seed bytes. The file can be checked with the reference
+//!   tool: `jq -r .secret identity.key | age -d` prints the raw seed.
+//! - `plaintext` (development only, `peervm key init --insecure-plaintext`): `secret` is the
+//!   hex of the seed. Such files still load, with a one-line warning on every load.
+//!
+//! `peer_id` sits outside the secret so `peervm key show` works without the passphrase;
+//! it prints the recorded PeerId. Whatever decrypts the key (`load`, and so `provider run`,
+//! `bootstrap`, `key export`, `key change-password`) checks the seed against `peer_id`, so
+//! a file whose parts were mixed up is refused rather than silently becoming another
+//! identity.
+//!
+//! The passphrase comes from `PEERVM_PASSPHRASE` (for `key change-password`, the new one
+//! from `PEERVM_NEW_PASSPHRASE`), else from a prompt on the controlling terminal with echo
+//! off (asked twice when a passphrase is set). Without either, commands fail with an error
+//! naming the variable. A wrong passphrase is [`KeyStoreError::WrongPassphrase`] and never
+//! changes the file. Seeds, passphrases and decrypted buffers are zeroised when dropped.
+//!
+//! Keys created implicitly (`bootstrap` and `provider run` create a missing key so a node
+//! keeps its address across restarts) are encrypted when `PEERVM_PASSPHRASE` is set and
+//! otherwise written in plaintext with a loud warning: an unattended service has nobody to
+//! type a passphrase, and refusing to start would break existing unattended setups. Such a
+//! key can be encrypted later, in place and keeping its PeerId, with
+//! `peervm key change-password`.
+//!
+//! [age]: https://age-encryption.org/v1
 
+use std::io::{Read, Write};
+use std::iter;
 use std::path::{Path, PathBuf};
 
+use age::armor::{ArmoredReader, ArmoredWriter, Format};
+use age::secrecy::SecretString;
 use peervm_protocol::{PeerId, SigningKey};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -24,6 +53,13 @@ use crate::secure_fs::{self, SecureFsError};
 
 const FORMAT: &str = "peervm-identity";
 const VERSION: u32 = 1;
+const PLAINTEXT: &str = "plaintext";
+const AGE_SCRYPT: &str = "age-scrypt";
+
+/// Environment variable holding the key passphrase.
+pub const PASSPHRASE_ENV: &str = "PEERVM_PASSPHRASE";
+/// Environment variable holding the new passphrase for `peervm key change-password`.
+pub const NEW_PASSPHRASE_ENV: &str = "PEERVM_NEW_PASSPHRASE";
 
 #[derive(Debug, Error)]
 pub enum KeyStoreError {
@@ -37,6 +73,26 @@ pub enum KeyStoreError {
     UnknownProtection { path: PathBuf, protection: String },
     #[error("{path} says its PeerId is {claimed} but its secret belongs to {actual}; the file is corrupt")]
     PeerIdMismatch { path: PathBuf, claimed: String, actual: String },
+    #[error("wrong passphrase for {path}")]
+    WrongPassphrase { path: PathBuf },
+    #[error(
+        "no passphrase for {what}: set {env} or run from a terminal to be prompted \
+         (for development only: peervm key init --insecure-plaintext){reason}"
+    )]
+    NoPassphrase { what: String, env: &'static str, reason: String },
+    #[error("{0}")]
+    BadPassphrase(String),
+    #[error("cannot encrypt the identity key for {path}: {reason}")]
+    Encrypt { path: PathBuf, reason: String },
+}
+
+/// How the seed is stored in the key file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protection {
+    /// Hex seed, development only.
+    Plaintext,
+    /// age file encrypted to a passphrase (scrypt recipient), ASCII-armored.
+    AgeScrypt,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -49,22 +105,19 @@ struct KeyFile {
 }
 
 /// Creates a new random identity at `path` (refusing to overwrite one) and returns it.
-pub fn init(path: &Path) -> Result<SigningKey, KeyStoreError> {
+/// With a passphrase the seed is age-encrypted; `None` writes the development-only
+/// plaintext format (the caller warns the user).
+pub fn init(path: &Path, passphrase: Option<&SecretString>) -> Result<SigningKey, KeyStoreError> {
     if let Some(dir) = path.parent() {
         secure_fs::ensure_private_dir(dir)?;
+    }
+    if path.exists() {
+        return Err(SecureFsError::Exists { path: path.into() }.into());
     }
     let mut seed = Zeroizing::new([0u8; 32]);
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut *seed);
     let key = SigningKey::from_seed(&seed);
-    let file = KeyFile {
-        format: FORMAT.into(),
-        version: VERSION,
-        peer_id: key.peer_id().to_string(),
-        protection: "plaintext".into(),
-        secret: hex::encode(*seed),
-    };
-    let text = Zeroizing::new(serde_json::to_vec_pretty(&file).map_err(|e| malformed(path, e))?);
-    drop(Zeroizing::new(file.secret));
+    let text = encode(path, &seed, passphrase)?;
     secure_fs::write_new_private_file(path, &text)?;
     Ok(key)
 }
@@ -72,18 +125,189 @@ pub fn init(path: &Path) -> Result<SigningKey, KeyStoreError> {
 /// The PeerId recorded in the key file, without reading the secret.
 pub fn peer_id(path: &Path) -> Result<PeerId, KeyStoreError> {
     let file = read(path)?;
-    file.peer_id.parse().map_err(|e| malformed(path, format!("bad peer_id: {e}")))
+    recorded_peer_id(path, &file)
+}
+
+/// How the key file at `path` protects its secret.
+pub fn protection(path: &Path) -> Result<Protection, KeyStoreError> {
+    let file = read(path)?;
+    parse_protection(path, &file.protection)
 }
 
 /// Loads the identity key, checking file modes and that the secret matches the PeerId.
+/// An encrypted key takes its passphrase from `PEERVM_PASSPHRASE` or a terminal prompt;
+/// a plaintext key loads with a one-line warning on stderr.
 pub fn load(path: &Path) -> Result<SigningKey, KeyStoreError> {
     let file = read(path)?;
-    if file.protection != "plaintext" {
-        return Err(KeyStoreError::UnknownProtection { path: path.into(), protection: file.protection });
+    match parse_protection(path, &file.protection)? {
+        Protection::Plaintext => {
+            warn_plaintext(path);
+            decode(path, file, None)
+        }
+        Protection::AgeScrypt => {
+            let pass = read_passphrase(
+                PASSPHRASE_ENV,
+                &format!("Passphrase for {}: ", path.display()),
+                false,
+                &format!("the identity key {}", path.display()),
+            )?;
+            decode(path, file, Some(&pass))
+        }
     }
-    let secret = Zeroizing::new(file.secret);
+}
+
+/// Loads the identity key with an explicit passphrase: no prompt, no warning. An
+/// encrypted file with `None` is [`KeyStoreError::NoPassphrase`]; a plaintext file
+/// ignores the passphrase.
+pub fn load_with(path: &Path, passphrase: Option<&SecretString>) -> Result<SigningKey, KeyStoreError> {
+    let file = read(path)?;
+    decode(path, file, passphrase)
+}
+
+/// Re-encrypts the key at `path` under `new`, atomically, keeping its PeerId. `old`
+/// unlocks an encrypted file and is ignored for a plaintext one (which this encrypts).
+/// On any error, including a wrong `old`, the file is left as it was.
+pub fn change_passphrase(path: &Path, old: Option<&SecretString>, new: &SecretString) -> Result<PeerId, KeyStoreError> {
+    let key = load_with(path, old)?;
+    rewrite_encrypted(path, &key, new)
+}
+
+/// Atomically replaces the key file at `path` with `key` encrypted under `passphrase`.
+/// `key` must be the identity the file records (as returned by [`load_with`]), so this
+/// can change the protection of a key but never the identity behind a path.
+pub fn rewrite_encrypted(path: &Path, key: &SigningKey, passphrase: &SecretString) -> Result<PeerId, KeyStoreError> {
+    let recorded = peer_id(path)?;
+    if recorded != key.peer_id() {
+        return Err(KeyStoreError::PeerIdMismatch {
+            path: path.into(),
+            claimed: recorded.to_string(),
+            actual: key.peer_id().to_string(),
+        });
+    }
+    let text = encode(path, &key.seed(), Some(passphrase))?;
+    secure_fs::replace_private_file(path, &text)?;
+    Ok(recorded)
+}
+
+/// Reads a passphrase from the environment variable `env`, else from the controlling
+/// terminal with echo off (asking twice when `confirm`). `what` names the key in errors.
+pub fn read_passphrase(
+    env: &'static str,
+    prompt: &str,
+    confirm: bool,
+    what: &str,
+) -> Result<SecretString, KeyStoreError> {
+    if let Some(value) = std::env::var_os(env) {
+        let value = Zeroizing::new(
+            value.into_string().map_err(|_| KeyStoreError::BadPassphrase(format!("{env} is not valid UTF-8")))?,
+        );
+        if value.is_empty() {
+            return Err(KeyStoreError::BadPassphrase(format!(
+                "{env} is set but empty; an empty passphrase is refused"
+            )));
+        }
+        return Ok(SecretString::from(value.to_string()));
+    }
+    let no_tty =
+        |e: std::io::Error| KeyStoreError::NoPassphrase { what: what.to_string(), env, reason: format!(" ({e})") };
+    // Opening /dev/tty fails without a controlling terminal; then no prompt is possible.
+    std::fs::File::open("/dev/tty").map_err(no_tty)?;
+    let first = Zeroizing::new(rpassword::prompt_password(prompt).map_err(no_tty)?);
+    if first.is_empty() {
+        return Err(KeyStoreError::BadPassphrase("empty passphrase refused".into()));
+    }
+    if confirm {
+        let second = Zeroizing::new(rpassword::prompt_password("Repeat the passphrase: ").map_err(no_tty)?);
+        if *first != *second {
+            return Err(KeyStoreError::BadPassphrase("the passphrases do not match".into()));
+        }
+    }
+    Ok(SecretString::from(first.to_string()))
+}
+
+fn warn_plaintext(path: &Path) {
+    eprintln!("warning: identity key {} is NOT encrypted; encrypt it with: peervm key change-password", path.display());
+}
+
+/// The key file's bytes for `seed`, encrypted when a passphrase is given.
+fn encode(
+    path: &Path,
+    seed: &[u8; 32],
+    passphrase: Option<&SecretString>,
+) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
+    let key = SigningKey::from_seed(seed);
+    let (protection, secret) = match passphrase {
+        None => (PLAINTEXT, Zeroizing::new(hex::encode(seed))),
+        Some(pass) => (AGE_SCRYPT, Zeroizing::new(encrypt(path, seed, pass)?)),
+    };
+    let file = KeyFile {
+        format: FORMAT.into(),
+        version: VERSION,
+        peer_id: key.peer_id().to_string(),
+        protection: protection.into(),
+        secret: secret.to_string(),
+    };
+    let text = Zeroizing::new(serde_json::to_vec_pretty(&file).map_err(|e| malformed(path, e))?);
+    drop(Zeroizing::new(file.secret));
+    Ok(text)
+}
+
+fn encrypt(path: &Path, seed: &[u8; 32], pass: &SecretString) -> Result<String, KeyStoreError> {
+    let err = |e: &dyn std::fmt::Display| KeyStoreError::Encrypt { path: path.into(), reason: e.to_string() };
+    let recipient = age::scrypt::Recipient::new(pass.clone());
+    let encryptor =
+        age::Encryptor::with_recipients(iter::once(&recipient as &dyn age::Recipient)).map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    let armored = ArmoredWriter::wrap_output(&mut out, Format::AsciiArmor).map_err(|e| err(&e))?;
+    let mut writer = encryptor.wrap_output(armored).map_err(|e| err(&e))?;
+    writer.write_all(seed).map_err(|e| err(&e))?;
+    writer.finish().and_then(|armor| armor.finish()).map_err(|e| err(&e))?;
+    String::from_utf8(out).map_err(|e| err(&e))
+}
+
+fn decrypt(path: &Path, armored: &str, pass: &SecretString) -> Result<Zeroizing<[u8; 32]>, KeyStoreError> {
+    let bad = |reason: String| malformed(path, format!("bad age-encrypted secret: {reason}"));
+    let decryptor = age::Decryptor::new(ArmoredReader::new(armored.as_bytes())).map_err(|e| bad(e.to_string()))?;
+    if !decryptor.is_scrypt() {
+        return Err(bad("not encrypted to a passphrase".into()));
+    }
+    let identity = age::scrypt::Identity::new(pass.clone());
+    let mut reader = decryptor.decrypt(iter::once(&identity as &dyn age::Identity)).map_err(|e| match e {
+        age::DecryptError::DecryptionFailed | age::DecryptError::KeyDecryptionFailed => {
+            KeyStoreError::WrongPassphrase { path: path.into() }
+        }
+        other => bad(other.to_string()),
+    })?;
     let mut seed = Zeroizing::new([0u8; 32]);
-    hex::decode_to_slice(secret.as_bytes(), &mut *seed).map_err(|e| malformed(path, format!("bad secret: {e}")))?;
+    reader.read_exact(&mut *seed).map_err(|e| bad(format!("reading the seed: {e}")))?;
+    let mut extra = Zeroizing::new([0u8; 1]);
+    match reader.read(&mut *extra) {
+        Ok(0) => Ok(seed),
+        Ok(_) => Err(bad("the seed is longer than 32 bytes".into())),
+        Err(e) => Err(bad(format!("reading the seed: {e}"))),
+    }
+}
+
+fn decode(path: &Path, file: KeyFile, passphrase: Option<&SecretString>) -> Result<SigningKey, KeyStoreError> {
+    let secret = Zeroizing::new(file.secret);
+    let seed = match parse_protection(path, &file.protection)? {
+        Protection::Plaintext => {
+            let mut seed = Zeroizing::new([0u8; 32]);
+            hex::decode_to_slice(secret.as_bytes(), &mut *seed)
+                .map_err(|e| malformed(path, format!("bad secret: {e}")))?;
+            seed
+        }
+        Protection::AgeScrypt => {
+            let Some(pass) = passphrase else {
+                return Err(KeyStoreError::NoPassphrase {
+                    what: format!("the identity key {}", path.display()),
+                    env: PASSPHRASE_ENV,
+                    reason: String::new(),
+                });
+            };
+            decrypt(path, &secret, pass)?
+        }
+    };
     let key = SigningKey::from_seed(&seed);
     if key.peer_id().to_string() != file.peer_id {
         return Err(KeyStoreError::PeerIdMismatch {
@@ -93,6 +317,18 @@ pub fn load(path: &Path) -> Result<SigningKey, KeyStoreError> {
         });
     }
     Ok(key)
+}
+
+fn parse_protection(path: &Path, protection: &str) -> Result<Protection, KeyStoreError> {
+    match protection {
+        PLAINTEXT => Ok(Protection::Plaintext),
+        AGE_SCRYPT => Ok(Protection::AgeScrypt),
+        other => Err(KeyStoreError::UnknownProtection { path: path.into(), protection: other.into() }),
+    }
+}
+
+fn recorded_peer_id(path: &Path, file: &KeyFile) -> Result<PeerId, KeyStoreError> {
+    file.peer_id.parse().map_err(|e| malformed(path, format!("bad peer_id: {e}")))
 }
 
 fn read(path: &Path) -> Result<KeyFile, KeyStoreError> {
@@ -115,4 +351,46 @@ fn read(path: &Path) -> Result<KeyFile, KeyStoreError> {
 
 fn malformed(path: &Path, reason: impl ToString) -> KeyStoreError {
     KeyStoreError::Malformed { path: path.into(), reason: reason.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(s: &str) -> SecretString {
+        SecretString::from(s.to_string())
+    }
+
+    #[test]
+    fn encrypted_round_trip_and_typed_wrong_passphrase() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("data/identity.key");
+        let key = init(&path, Some(&pass("right"))).unwrap();
+        assert_eq!(protection(&path).unwrap(), Protection::AgeScrypt);
+        assert_eq!(peer_id(&path).unwrap(), key.peer_id());
+        let before = std::fs::read(&path).unwrap();
+        assert!(!String::from_utf8_lossy(&before).contains(&hex::encode(*key.seed())));
+
+        let err = load_with(&path, Some(&pass("wrong"))).unwrap_err();
+        assert!(matches!(err, KeyStoreError::WrongPassphrase { .. }), "{err}");
+        assert_eq!(err.to_string(), format!("wrong passphrase for {}", path.display()));
+        assert!(matches!(load_with(&path, None), Err(KeyStoreError::NoPassphrase { .. })));
+        let err = change_passphrase(&path, Some(&pass("wrong")), &pass("new")).unwrap_err();
+        assert!(matches!(err, KeyStoreError::WrongPassphrase { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+
+        assert_eq!(load_with(&path, Some(&pass("right"))).unwrap().peer_id(), key.peer_id());
+    }
+
+    #[test]
+    fn plaintext_key_is_encrypted_by_change_passphrase() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("data/identity.key");
+        let key = init(&path, None).unwrap();
+        assert_eq!(protection(&path).unwrap(), Protection::Plaintext);
+        assert_eq!(load_with(&path, None).unwrap().peer_id(), key.peer_id());
+        assert_eq!(change_passphrase(&path, None, &pass("p")).unwrap(), key.peer_id());
+        assert_eq!(protection(&path).unwrap(), Protection::AgeScrypt);
+        assert_eq!(*load_with(&path, Some(&pass("p"))).unwrap().seed(), *key.seed());
+    }
 }

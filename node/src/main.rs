@@ -42,14 +42,31 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeyCommand {
-    /// Create a new identity key (refuses to overwrite an existing one).
+    /// Create a new identity key, encrypted with a passphrase ($PEERVM_PASSPHRASE, else
+    /// asked twice on the terminal). Refuses to overwrite an existing one.
     Init {
         /// Key file. Default: <data-dir>/identity.key.
         #[arg(long, value_name = "PATH")]
         key: Option<PathBuf>,
+        /// Store the key unencrypted (development only; anyone who can read the file can
+        /// impersonate this node).
+        #[arg(long)]
+        insecure_plaintext: bool,
     },
-    /// Print this node's PeerId.
+    /// Print this node's PeerId (as recorded in the key file; needs no passphrase).
     Show {
+        #[arg(long, value_name = "PATH")]
+        key: Option<PathBuf>,
+    },
+    /// Change the key's passphrase, keeping its PeerId: the old one from $PEERVM_PASSPHRASE
+    /// or a prompt, the new one from $PEERVM_NEW_PASSPHRASE or a prompt (asked twice).
+    /// Encrypts a plaintext key.
+    ChangePassword {
+        #[arg(long, value_name = "PATH")]
+        key: Option<PathBuf>,
+    },
+    /// Print the 32-byte ed25519 seed as hex, for backup or migration (needs the passphrase).
+    Export {
         #[arg(long, value_name = "PATH")]
         key: Option<PathBuf>,
     },
@@ -162,32 +179,103 @@ fn multiaddrs(list: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
     parse_addrs(list).map_err(anyhow::Error::msg)
 }
 
-/// Loads the key at `path`, creating it first if it does not exist.
+/// Loads the key at `path`, creating it first if it does not exist: encrypted when
+/// $PEERVM_PASSPHRASE is set, otherwise in plaintext with a loud warning, so unattended
+/// services keep starting (see the `keystore` module doc).
 fn load_or_init_key(path: &std::path::Path) -> anyhow::Result<peervm_protocol::SigningKey> {
     if path.exists() {
         Ok(keystore::load(path)?)
+    } else if std::env::var_os(keystore::PASSPHRASE_ENV).is_some() {
+        let pass = keystore::read_passphrase(keystore::PASSPHRASE_ENV, "", false, "the new identity key")?;
+        let key = keystore::init(path, Some(&pass)).context("cannot create the identity key")?;
+        eprintln!("created encrypted identity key {}", path.display());
+        Ok(key)
     } else {
-        let key = keystore::init(path).context("cannot create the identity key")?;
-        eprintln!("created identity key {}", path.display());
+        let key = keystore::init(path, None).context("cannot create the identity key")?;
+        warn_plaintext_created(path);
         Ok(key)
     }
+}
+
+fn warn_plaintext_created(path: &std::path::Path) {
+    eprintln!(
+        "WARNING: created identity key {} UNENCRYPTED (development only): anyone who can read it can \
+         impersonate this node. Set {} to create an encrypted key, or encrypt this one with: \
+         peervm key change-password",
+        path.display(),
+        keystore::PASSPHRASE_ENV
+    );
+}
+
+fn key_cmd(cmd: KeyCommand, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let path_or_default = |key: Option<PathBuf>| key.unwrap_or_else(|| paths::identity_key_path(data_dir));
+    match cmd {
+        KeyCommand::Init { key, insecure_plaintext } => {
+            let path = path_or_default(key);
+            if path.exists() {
+                // Fail before asking for a passphrase.
+                return Err(peervm_node::secure_fs::SecureFsError::Exists { path }.into());
+            }
+            let k = if insecure_plaintext {
+                let k = keystore::init(&path, None).context("cannot create the identity key")?;
+                warn_plaintext_created(&path);
+                k
+            } else {
+                let what = format!("the new identity key {}", path.display());
+                let pass = keystore::read_passphrase(keystore::PASSPHRASE_ENV, "New passphrase: ", true, &what)?;
+                let k = keystore::init(&path, Some(&pass)).context("cannot create the identity key")?;
+                eprintln!("created encrypted identity key {}", path.display());
+                k
+            };
+            println!("{}", k.peer_id());
+        }
+        KeyCommand::Show { key } => {
+            let path = path_or_default(key);
+            // A plaintext key is loaded, which proves the file is intact; an encrypted one
+            // shows the recorded PeerId without the passphrase (loading it checks it).
+            let peer_id = match keystore::protection(&path)? {
+                keystore::Protection::Plaintext => keystore::load(&path)?.peer_id(),
+                keystore::Protection::AgeScrypt => keystore::peer_id(&path)?,
+            };
+            println!("{peer_id}");
+        }
+        KeyCommand::ChangePassword { key } => {
+            let path = path_or_default(key);
+            let what = format!("the identity key {}", path.display());
+            let old = match keystore::protection(&path)? {
+                keystore::Protection::Plaintext => None,
+                keystore::Protection::AgeScrypt => Some(keystore::read_passphrase(
+                    keystore::PASSPHRASE_ENV,
+                    &format!("Current passphrase for {}: ", path.display()),
+                    false,
+                    &what,
+                )?),
+            };
+            // Check the old passphrase before asking for a new one.
+            let k = keystore::load_with(&path, old.as_ref())?;
+            let new = keystore::read_passphrase(keystore::NEW_PASSPHRASE_ENV, "New passphrase: ", true, &what)?;
+            let peer_id = keystore::rewrite_encrypted(&path, &k, &new)?;
+            eprintln!("changed the passphrase of {}", path.display());
+            println!("{peer_id}");
+        }
+        KeyCommand::Export { key } => {
+            let path = path_or_default(key);
+            let k = keystore::load(&path)?;
+            eprintln!(
+                "warning: the line below is this node's secret key; anyone who sees it can impersonate {}",
+                k.peer_id()
+            );
+            let hex = zeroize::Zeroizing::new(hex::encode(*k.seed()));
+            println!("{}", *hex);
+        }
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = cli.data_dir.clone().unwrap_or_else(paths::default_data_dir);
     match cli.command {
-        Command::Key(KeyCommand::Init { key }) => {
-            let path = key.unwrap_or_else(|| paths::identity_key_path(&data_dir));
-            let k = keystore::init(&path).context("cannot create the identity key")?;
-            eprintln!("created identity key {}", path.display());
-            println!("{}", k.peer_id());
-        }
-        Command::Key(KeyCommand::Show { key }) => {
-            let path = key.unwrap_or_else(|| paths::identity_key_path(&data_dir));
-            // Loading (not just reading the PeerId) proves the file is intact.
-            let k = keystore::load(&path)?;
-            println!("{}", k.peer_id());
-        }
+        Command::Key(cmd) => key_cmd(cmd, &data_dir)?,
         Command::Bootstrap(args) => bootstrap(args, &data_dir).await?,
         Command::Provider(ProviderCommand::Run { config, key, json }) => {
             let config = ProviderConfig::load(&config)?;
