@@ -6,15 +6,6 @@ use peervm_protocol::samples::{self, T0_UNIX_MS};
 use peervm_protocol::{Advertisement, Signed, verify_batch};
 use std::hint::black_box;
 
-fn signed_adverts(n: u64) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|i| {
-            let key = samples::numbered_key(i);
-            Signed::sign(&key, &samples::advert(&key, i + 1, T0_UNIX_MS)).unwrap().to_bytes()
-        })
-        .collect()
-}
-
 fn bench(c: &mut Criterion) {
     let key = samples::provider_key();
     let advert = samples::advert(&key, 1, T0_UNIX_MS);
@@ -43,7 +34,7 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("advert_batch");
     for n in [64u64, 256] {
-        let items = signed_adverts(n);
+        let items = samples::signed_adverts(n);
         let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
         g.throughput(Throughput::Elements(n));
         g.bench_with_input(BenchmarkId::new("verify_and_validate", n), &refs, |b, refs| {

@@ -25,6 +25,19 @@ pub fn numbered_key(n: u64) -> SigningKey {
     SigningKey::from_seed(&seed)
 }
 
+/// `n` adverts from `n` distinct numbered providers (seq i + 1, issued at T0), as
+/// envelope bytes: the input of the batch tests and benchmarks.
+pub fn signed_adverts(n: u64) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let key = numbered_key(i);
+            crate::Signed::sign(&key, &advert(&key, i + 1, T0_UNIX_MS))
+                .unwrap_or_else(|e| unreachable!("sample adverts are within the size cap: {e}"))
+                .to_bytes()
+        })
+        .collect()
+}
+
 pub fn minimal_image_sha256() -> [u8; 32] {
     std::array::from_fn(|i| 0xa0 ^ i as u8)
 }

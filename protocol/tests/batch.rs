@@ -6,18 +6,9 @@ use peervm_protocol::samples::{self, T0_UNIX_MS};
 use peervm_protocol::signed::signing_input;
 use peervm_protocol::*;
 
-fn signed_adverts(n: u64) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|i| {
-            let key = samples::numbered_key(i);
-            Signed::sign(&key, &samples::advert(&key, i + 1, T0_UNIX_MS)).unwrap().to_bytes()
-        })
-        .collect()
-}
-
 #[test]
 fn batch_of_valid_adverts_all_verified() {
-    let items = signed_adverts(64);
+    let items = samples::signed_adverts(64);
     let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
     let results = verify_batch::<Advertisement>(&refs);
     assert_eq!(results.len(), 64);
@@ -29,7 +20,7 @@ fn batch_of_valid_adverts_all_verified() {
 
 #[test]
 fn batch_names_exactly_the_bad_items() {
-    let mut items = signed_adverts(64);
+    let mut items = samples::signed_adverts(64);
     // 5: one payload bit flipped. 17: signed by someone else. 30: garbage. 41: oversize.
     // 50: signature for another kind.
     let last = items[5].len() - 70;
