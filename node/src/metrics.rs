@@ -48,6 +48,11 @@ impl Metrics {
         self.adverts_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
+    /// Counts a message dropped by a per-peer rate limit on `api`.
+    pub fn throttled(&self, api: &str) {
+        self.rate_limited.get_or_create(&ApiLabel { api: api.to_string() }).inc();
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Encoding into a String cannot fail.

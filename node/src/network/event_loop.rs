@@ -233,10 +233,9 @@ impl EventLoop {
     }
 
     fn dial_addr(&mut self, addr: Multiaddr, reply: Option<oneshot::Sender<Result<(), NetworkError>>>) {
-        let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
         let opts = match super::peer_id_of(&addr) {
             Some(p) => DialOpts::peer_id(p).addresses(vec![addr.clone()]).build(),
-            None => opts,
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
         };
         let id = opts.connection_id();
         match self.swarm.dial(opts) {
@@ -424,7 +423,7 @@ impl EventLoop {
         let (allowed, verdict) = self.guard.allow(source, Api::Gossip, now_instant);
         self.ban_if(source, verdict);
         if !allowed {
-            self.metrics.rate_limited.get_or_create(&crate::metrics::ApiLabel { api: "gossip".into() }).inc();
+            self.metrics.throttled("gossip");
             return MessageAcceptance::Ignore;
         }
         let advert = match Signed::<Advertisement>::open(data) {
@@ -487,7 +486,7 @@ impl EventLoop {
         let (allowed, verdict) = self.guard.allow(peer, Api::Sync, Instant::now());
         self.ban_if(peer, verdict);
         if !allowed {
-            self.metrics.rate_limited.get_or_create(&crate::metrics::ApiLabel { api: "sync".into() }).inc();
+            self.metrics.throttled("sync");
             return SyncResponse::RateLimited;
         }
         let after = request.after.as_deref().and_then(|b| PeerId::from_bytes(b).ok());
@@ -518,7 +517,7 @@ impl EventLoop {
         let mut stored = Vec::new();
         let mut invalid = 0usize;
         {
-            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            let mut store = self.store();
             for result in verify_batch::<Advertisement>(&refs) {
                 match result {
                     Ok(advert) => {
