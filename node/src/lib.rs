@@ -4,11 +4,13 @@
 pub mod advert_store;
 pub mod config;
 pub mod keystore;
+pub mod lease;
 pub mod metrics;
 pub mod network;
 pub mod offers;
 pub mod paths;
 pub mod provider;
+pub mod requestor;
 pub mod secure_fs;
 pub mod startup;
 pub mod units;

@@ -1,0 +1,1 @@
+//! Provider lease persistence (SQLite).

@@ -1,0 +1,3 @@
+//! The provider's lease manager (DESIGN section 7 and 9).
+
+pub mod db;

@@ -1,0 +1,1 @@
+//! Requestor lease persistence (SQLite).

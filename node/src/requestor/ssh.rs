@@ -1,0 +1,1 @@
+//! SSH for leased guests: key pairs, pinned host keys, OpenSSH config, and exec.
