@@ -34,6 +34,29 @@ struct RawConfig {
     hypervisor: RawHypervisor,
     #[serde(default)]
     images: Vec<RawImage>,
+    #[serde(default)]
+    network: RawNetwork,
+    #[serde(default)]
+    leases: RawLeases,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    /// IPv4 pool the guests' /30 links come from.
+    pool: Option<String>,
+    /// "deny" or "public-only".
+    egress: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLeases {
+    /// Most leases at once (default: as many as the SSH port range and the pool allow).
+    max_leases: Option<u32>,
+    /// Shortest and longest lease accepted, in seconds.
+    min_secs: Option<u64>,
+    max_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +87,9 @@ struct RawSsh {
     host: String,
     port_min: u16,
     port_max: u16,
+    /// The address the per-lease SSH ports are bound to; default: `host` when it is an IP
+    /// address, else 0.0.0.0.
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +114,14 @@ struct RawPricing {
 struct RawHypervisor {
     #[serde(default)]
     allow_tcg: bool,
+    /// Boot a probe guest under KVM at start (default true). With `allow_tcg` and
+    /// `probe_kvm = false` the provider uses software emulation without probing.
+    probe_kvm: Option<bool>,
+    /// Prefix of the names of every host object of a guest (namespaces, nft tables,
+    /// cgroups: 2-16 of a-z0-9) and of its host interfaces (2 letters). Two providers on
+    /// one host need different prefixes: each cleans up what carries its own at start.
+    name_prefix: Option<String>,
+    iface_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +155,17 @@ pub struct ProviderConfig {
     pub resources: ResourceAmounts,
     pub pricing: Pricing,
     pub allow_tcg: bool,
+    pub probe_kvm: bool,
+    pub names: peervm_vmm::NamePrefix,
     pub images: Vec<ImageConfig>,
+    pub ssh_listen: std::net::IpAddr,
+    pub address_pool: peervm_vmm::AddressPool,
+    pub egress: peervm_vmm::EgressPolicy,
+    /// Most concurrent leases: the smallest of the config's limit, the SSH port range
+    /// and the address pool.
+    pub max_leases: u32,
+    pub min_lease_secs: u64,
+    pub max_lease_secs: u64,
 }
 
 impl ProviderConfig {
@@ -198,6 +242,44 @@ impl ProviderConfig {
             ));
         }
 
+        let ssh_listen = match &raw.ssh.listen {
+            Some(l) => l.parse().map_err(|_| invalid("ssh.listen", format!("`{l}` is not an IP address")))?,
+            None => ssh.host.parse().unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        };
+        let address_pool = match &raw.network.pool {
+            Some(p) => p.parse().map_err(|e: peervm_vmm::VmmError| invalid("network.pool", e.to_string()))?,
+            None => peervm_vmm::AddressPool::default(),
+        };
+        let egress = match &raw.network.egress {
+            Some(e) => e.parse().map_err(|e: peervm_vmm::VmmError| invalid("network.egress", e.to_string()))?,
+            None => peervm_vmm::EgressPolicy::Deny,
+        };
+        let defaults = peervm_vmm::NamePrefix::default();
+        let names = peervm_vmm::NamePrefix::new(
+            raw.hypervisor.name_prefix.as_deref().unwrap_or(defaults.long()),
+            raw.hypervisor.iface_prefix.as_deref().unwrap_or(defaults.short()),
+        )
+        .map_err(|e| invalid("hypervisor.name_prefix", e.to_string()))?;
+        let port_count = u32::from(ssh.port_max - ssh.port_min) + 1;
+        let mut max_leases = port_count.min(address_pool.slots());
+        if let Some(m) = raw.leases.max_leases {
+            if m == 0 {
+                return Err(invalid("leases.max_leases", "must be at least 1".into()));
+            }
+            max_leases = max_leases.min(m);
+        }
+        let min_lease_secs = raw.leases.min_secs.unwrap_or(60);
+        let max_lease_secs = raw.leases.max_secs.unwrap_or(peervm_protocol::lease::MAX_LEASE_SECS);
+        if min_lease_secs == 0 || min_lease_secs > max_lease_secs || max_lease_secs > peervm_protocol::lease::MAX_LEASE_SECS {
+            return Err(invalid(
+                "leases",
+                format!(
+                    "min_secs {min_lease_secs} and max_secs {max_lease_secs} must satisfy 1 <= min <= max <= {}",
+                    peervm_protocol::lease::MAX_LEASE_SECS
+                ),
+            ));
+        }
+
         let mut images = Vec::new();
         for img in raw.images {
             let dir = if img.dir.is_relative() { base.join(&img.dir) } else { img.dir.clone() };
@@ -232,8 +314,23 @@ impl ProviderConfig {
             resources,
             pricing,
             allow_tcg: raw.hypervisor.allow_tcg,
+            probe_kvm: raw.hypervisor.probe_kvm.unwrap_or(true),
+            names,
             images,
+            ssh_listen,
+            address_pool,
+            egress,
+            max_leases,
+            min_lease_secs,
+            max_lease_secs,
         };
+        if !config.allow_tcg && !config.probe_kvm {
+            return Err(invalid(
+                "hypervisor",
+                "probe_kvm = false needs allow_tcg = true (without the probe only software emulation is known to work)"
+                    .into(),
+            ));
+        }
         // The advert this config produces must pass the same checks every receiver applies.
         let probe_key = peervm_protocol::samples::numbered_key(0);
         config

@@ -13,7 +13,11 @@ use peervm_node::config::{ProviderConfig, parse_addrs};
 use peervm_node::metrics::Metrics;
 use peervm_node::network::{Node, NodeConfig, NodeEvent, Role};
 use peervm_node::offers::{self, OfferLine};
+use peervm_node::requestor::client::{self, CreateOptions, ProviderChoice, Requestor, Stage};
+use peervm_node::requestor::db::StoredLease;
+use peervm_node::requestor::ssh;
 use peervm_node::{keystore, paths, provider::Provider, startup, units};
+use peervm_protocol::{ControlAction, LeaseState, ReplyOutcome};
 
 #[derive(Parser)]
 #[command(name = "peervm", version, about = "A peer-to-peer market for virtual machines")]
@@ -38,6 +42,90 @@ enum Command {
     Provider(ProviderCommand),
     /// List the verified offers on the market, cheapest first.
     Offers(OffersArgs),
+    /// Lease a VM, and look after your leases.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Open an SSH session to a lease's guest (OpenSSH, pinned host key, lease key).
+    Ssh {
+        /// Lease id (or a unique prefix of at least 4 hex digits).
+        lease: String,
+        /// Extra arguments for ssh (after --), e.g. a remote command.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a command in a lease's guest (built-in SSH client); exits with its exit code.
+    Exec {
+        lease: String,
+        /// The command (after --).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a Host block for ~/.ssh/config that reaches a lease's guest.
+    SshConfig { lease: String },
+}
+
+#[derive(Subcommand)]
+enum LeaseCommand {
+    /// Lease a VM: picks an offer, sends a signed request, waits for the guest, pins its
+    /// host key and prints how to reach it.
+    Create(CreateArgs),
+    /// The leases this requestor holds (from its local store).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the provider for a lease's state and resource use.
+    Status {
+        lease: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a lease longer, e.g. `--by 1h`.
+    Extend {
+        lease: String,
+        #[arg(long, value_name = "DURATION")]
+        by: String,
+    },
+    /// End a lease now: the provider stops the guest and frees everything.
+    Terminate { lease: String },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// A provider's peer id, or `cheapest`.
+    #[arg(long, default_value = "cheapest")]
+    provider: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, default_value = "512MiB")]
+    memory: String,
+    #[arg(long, default_value = "2GiB")]
+    disk: String,
+    #[arg(long, default_value = "minimal")]
+    image: String,
+    /// Lease length in hours (whole or decimal).
+    #[arg(long, conflicts_with = "duration")]
+    hours: Option<f64>,
+    /// Lease length with a unit: 90s, 30m, 2h, 7d. Default 1h.
+    #[arg(long)]
+    duration: Option<String>,
+    /// Use this ed25519 private key instead of a fresh one per lease.
+    #[arg(long, value_name = "PATH")]
+    ssh_key: Option<PathBuf>,
+    /// Login name in the guest.
+    #[arg(long, default_value = "peervm")]
+    user: String,
+    /// Most to pay per hour, in currency units (default: the advertised price).
+    #[arg(long)]
+    max_price: Option<String>,
+    /// Seconds to wait for the bootstrap nodes.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Print the lease as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -167,7 +255,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("peervm: {e:#}");
             ExitCode::FAILURE
@@ -272,7 +360,7 @@ fn key_cmd(cmd: KeyCommand, data_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_dir = cli.data_dir.clone().unwrap_or_else(paths::default_data_dir);
     match cli.command {
         Command::Key(cmd) => key_cmd(cmd, &data_dir)?,
@@ -283,7 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let key = load_or_init_key(&key.unwrap_or_else(|| paths::identity_key_path(&data_dir)))?;
             let metrics_addr = config.metrics;
             let metrics = Arc::new(Metrics::default());
-            let provider = Provider::start(config, key, Some(metrics.clone())).await?;
+            let provider = Provider::start(config, key, &data_dir, Some(metrics.clone())).await?;
             if let Some(addr) = metrics_addr {
                 let bound = peervm_node::metrics::serve(metrics, addr).await?;
                 eprintln!("metrics on http://{bound}/metrics");
@@ -292,8 +380,256 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             provider.run_until_signal().await?;
         }
         Command::Offers(args) => offers_cmd(args).await?,
+        Command::Lease(cmd) => lease_cmd(cmd, &data_dir).await?,
+        Command::Ssh { lease, args } => return ssh_cmd(&lease, &args, &data_dir),
+        Command::Exec { lease, command } => return exec_cmd(&lease, &command, &data_dir).await,
+        Command::SshConfig { lease } => {
+            let r = requestor(&data_dir)?;
+            let l = r.db().find(&lease)?;
+            let known_hosts = r.pin_host_key(&l)?;
+            print!("{}", ssh::ssh_config_block(&r.ssh_target(&l)?, &known_hosts));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn requestor(data_dir: &std::path::Path) -> anyhow::Result<Requestor> {
+    let key = load_or_init_key(&paths::identity_key_path(data_dir))?;
+    Ok(Requestor::open(key, data_dir)?)
+}
+
+fn format_time(unix_ms: u64) -> String {
+    let now = peervm_node::network::now_unix_ms();
+    let delta = unix_ms as i64 - now as i64;
+    let abs = delta.unsigned_abs() / 1000;
+    let human = if abs >= 3600 {
+        format!("{}h{:02}m", abs / 3600, (abs % 3600) / 60)
+    } else if abs >= 60 {
+        format!("{}m{:02}s", abs / 60, abs % 60)
+    } else {
+        format!("{abs}s")
+    };
+    if delta >= 0 { format!("in {human}") } else { format!("{human} ago") }
+}
+
+async fn lease_cmd(cmd: LeaseCommand, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    match cmd {
+        LeaseCommand::Create(args) => lease_create(args, data_dir).await,
+        LeaseCommand::List { json } => {
+            let r = requestor(data_dir)?;
+            let leases = r.db().list()?;
+            if json {
+                for l in &leases {
+                    println!("{}", lease_json(l));
+                }
+            } else if leases.is_empty() {
+                println!("no leases");
+            } else {
+                println!("{:<12}  {:<10}  {:<14}  {:<24}  PROVIDER", "LEASE", "STATE", "ENDS", "SSH");
+                for l in &leases {
+                    let (ends, ssh) = match &l.access {
+                        Some(a) => (format_time(a.ends_at_unix_ms), format!("{}@{}:{}", a.ssh_user, a.ssh_host, a.ssh_port)),
+                        None => ("-".into(), "-".into()),
+                    };
+                    println!(
+                        "{:<12}  {:<10}  {:<14}  {:<24}  {}",
+                        &l.id.to_hex()[..12],
+                        state_name(l.state),
+                        ends,
+                        ssh,
+                        l.provider
+                    );
+                }
+            }
+            Ok(())
+        }
+        LeaseCommand::Status { lease, json } => {
+            let r = requestor(data_dir)?;
+            let l = r.db().find(&lease)?;
+            match r.control(&l, ControlAction::Status).await? {
+                ReplyOutcome::Status { state, ends_at_unix_ms, usage } => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "lease": l.id.to_hex(),
+                                "provider": l.provider.to_string(),
+                                "state": state_name(state),
+                                "ends_at_unix_ms": ends_at_unix_ms,
+                                "usage": usage,
+                            })
+                        );
+                    } else {
+                        println!("lease     {}", l.id);
+                        println!("provider  {}", l.provider);
+                        println!("state     {}", state_name(state));
+                        println!("ends      {}", format_time(ends_at_unix_ms));
+                        if let Some(u) = usage {
+                            println!("usage     {}", client::usage_line(&u));
+                        }
+                    }
+                    Ok(())
+                }
+                other => bail!("{}", describe_outcome(&other)),
+            }
+        }
+        LeaseCommand::Extend { lease, by } => {
+            let secs = units::parse_duration_secs(&by)?;
+            let r = requestor(data_dir)?;
+            let l = r.db().find(&lease)?;
+            match r.control(&l, ControlAction::Extend { additional_secs: secs }).await? {
+                ReplyOutcome::Extended { ends_at_unix_ms } => {
+                    println!("lease {} now ends {}", l.id, format_time(ends_at_unix_ms));
+                    Ok(())
+                }
+                other => bail!("{}", describe_outcome(&other)),
+            }
+        }
+        LeaseCommand::Terminate { lease } => {
+            let r = requestor(data_dir)?;
+            let l = r.db().find(&lease)?;
+            match r.control(&l, ControlAction::Terminate).await? {
+                ReplyOutcome::Terminated { .. } => {
+                    println!("lease {} terminated", l.id);
+                    Ok(())
+                }
+                other => bail!("{}", describe_outcome(&other)),
+            }
+        }
+    }
+}
+
+fn state_name(s: LeaseState) -> &'static str {
+    match s {
+        LeaseState::Requested => "requested",
+        LeaseState::Provisioning => "provisioning",
+        LeaseState::Booting => "booting",
+        LeaseState::Running => "running",
+        LeaseState::Stopping => "stopping",
+        LeaseState::Ended => "ended",
+        LeaseState::Failed => "failed",
+    }
+}
+
+fn describe_outcome(o: &ReplyOutcome) -> String {
+    match o {
+        ReplyOutcome::Denied { reason, detail } => format!("the provider refused: {reason}: {detail}"),
+        other => format!("unexpected reply from the provider: {other:?}"),
+    }
+}
+
+fn lease_json(l: &StoredLease) -> serde_json::Value {
+    serde_json::json!({
+        "lease": l.id.to_hex(),
+        "provider": l.provider.to_string(),
+        "state": state_name(l.state),
+        "vcpus": l.spec.vcpus,
+        "memory_mib": l.spec.memory_mib,
+        "disk_gib": l.spec.disk_gib,
+        "image": l.spec.image_name,
+        "key_path": l.key_path,
+        "ssh": l.access.as_ref().map(|a| serde_json::json!({
+            "host": a.ssh_host,
+            "port": a.ssh_port,
+            "user": a.ssh_user,
+            "host_key": ssh::host_key_line(&a.host_key),
+        })),
+        "ends_at_unix_ms": l.access.as_ref().map(|a| a.ends_at_unix_ms),
+        "price_per_hour_micros": l.access.as_ref().map(|a| a.price_per_hour_micros),
+        "currency": l.access.as_ref().map(|a| a.currency.clone()),
+        "detail": l.detail,
+    })
+}
+
+async fn lease_create(args: CreateArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let bootstrap = multiaddrs(&args.swarm.bootstrap)?;
+    let duration_secs = match (&args.hours, &args.duration) {
+        (Some(h), _) => {
+            if !(h.is_finite() && *h > 0.0 && *h * 3600.0 < u64::MAX as f64) {
+                bail!("--hours must be a positive number, got {h}");
+            }
+            (h * 3600.0).round().max(1.0) as u64
+        }
+        (None, Some(d)) => units::parse_duration_secs(d)?,
+        (None, None) => 3600,
+    };
+    let provider = if args.provider == "cheapest" {
+        ProviderChoice::Cheapest
+    } else {
+        ProviderChoice::Peer(
+            args.provider
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--provider `{}` is not a peer id or `cheapest`", args.provider))?,
+        )
+    };
+    if args.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
+    }
+    let opts = CreateOptions {
+        bootstrap,
+        provider,
+        vcpus: args.vcpus,
+        memory_mib: units::parse_size_mib(&args.memory, 1)?,
+        disk_gib: units::parse_size_gib(&args.disk)?,
+        image: args.image.clone(),
+        duration_secs,
+        ssh_key: args.ssh_key.clone(),
+        ssh_user: args.user.clone(),
+        max_price_micros: args.max_price.as_deref().map(units::parse_micros).transpose()?,
+        join_timeout: Duration::from_secs(args.timeout),
+    };
+    let r = requestor(data_dir)?;
+    let mut stages = Vec::new();
+    let lease = r
+        .create(&opts, |stage, at| {
+            let line = match stage {
+                Stage::Joined { peers, offers } => format!("joined the swarm ({peers} peers, {offers} matching offers)"),
+                Stage::Chose { provider, price_per_hour_micros, currency } => {
+                    format!("chose {provider} at {} {currency}/hour", units::format_micros(*price_per_hour_micros))
+                }
+                Stage::Sent => "sent the signed lease request".into(),
+                Stage::Provider(state) => format!("provider: {}", state_name(*state)),
+                Stage::Granted => "granted; host key pinned".into(),
+            };
+            eprintln!("{:>7.1} s  {line}", at.as_secs_f64());
+            stages.push(serde_json::json!({ "stage": line, "at_ms": at.as_millis() as u64 }));
+        })
+        .await?;
+    if args.json {
+        let mut v = lease_json(&lease);
+        v["stages"] = serde_json::Value::Array(stages);
+        println!("{v}");
+    } else {
+        let target = r.ssh_target(&lease)?;
+        let known_hosts = r.known_hosts_path(&lease.id);
+        println!("lease {} is running until {}", lease.id, format_time(lease.access.as_ref().map_or(0, |a| a.ends_at_unix_ms)));
+        println!("connect with:  peervm ssh {}", &lease.id.to_hex()[..12]);
+        println!("or:            ssh {}", ssh::openssh_args(&target, &known_hosts, &[]).join(" "));
     }
     Ok(())
+}
+
+fn ssh_cmd(lease: &str, args: &[String], data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let r = requestor(data_dir)?;
+    let l = r.db().find(lease)?;
+    let known_hosts = r.pin_host_key(&l)?;
+    let argv = ssh::openssh_args(&r.ssh_target(&l)?, &known_hosts, args);
+    let err = std::process::Command::new("ssh").args(&argv).exec();
+    bail!("cannot run ssh (install openssh-client, or use `peervm exec`): {err}")
+}
+
+async fn exec_cmd(lease: &str, command: &[String], data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let r = requestor(data_dir)?;
+    let l = r.db().find(lease)?;
+    let target = r.ssh_target(&l)?;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let code = ssh::exec(&target, &command.join(" "), &mut stdout, &mut stderr).await?;
+    use tokio::io::AsyncWriteExt;
+    let _ = stdout.flush().await;
+    let _ = stderr.flush().await;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
 }
 
 async fn bootstrap(args: BootstrapArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {

@@ -21,6 +21,16 @@ pub struct ApiLabel {
     pub api: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabel {
+    pub lease: String,
+}
+
 /// The node's counters and gauges. Cheap to clone (all handles are shared).
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -30,6 +40,15 @@ pub struct Metrics {
     pub peers_connected: Gauge,
     pub rate_limited: Family<ApiLabel, Counter>,
     pub peers_banned: Counter,
+    pub lease_messages: Family<OutcomeLabel, Counter>,
+    pub leases_started: Counter,
+    pub leases_running: Gauge,
+    pub lease_cpu_usec: Family<LeaseLabel, Gauge>,
+    pub lease_memory_bytes: Family<LeaseLabel, Gauge>,
+    pub lease_memory_peak_bytes: Family<LeaseLabel, Gauge>,
+    pub lease_net_rx_bytes: Family<LeaseLabel, Gauge>,
+    pub lease_net_tx_bytes: Family<LeaseLabel, Gauge>,
+    pub lease_uptime_secs: Family<LeaseLabel, Gauge>,
 }
 
 impl Metrics {
@@ -41,6 +60,15 @@ impl Metrics {
         r.register("peers_connected", "Connected peers", self.peers_connected.clone());
         r.register("rate_limited", "Messages dropped by per-peer rate limits, by API", self.rate_limited.clone());
         r.register("peers_banned", "Peers banned for misbehaviour", self.peers_banned.clone());
+        r.register("lease_messages", "Lease requests and control messages answered, by outcome", self.lease_messages.clone());
+        r.register("leases_started", "Leases whose guest came up", self.leases_started.clone());
+        r.register("leases_running", "Leases running now", self.leases_running.clone());
+        r.register("lease_cpu_usec", "CPU time of a lease's guest (microseconds)", self.lease_cpu_usec.clone());
+        r.register("lease_memory_bytes", "Memory a lease's guest uses now", self.lease_memory_bytes.clone());
+        r.register("lease_memory_peak_bytes", "Most memory a lease's guest used", self.lease_memory_peak_bytes.clone());
+        r.register("lease_net_rx_bytes", "Bytes from requestors to a lease's guest", self.lease_net_rx_bytes.clone());
+        r.register("lease_net_tx_bytes", "Bytes from a lease's guest to requestors", self.lease_net_tx_bytes.clone());
+        r.register("lease_uptime_secs", "Seconds since a lease's guest started", self.lease_uptime_secs.clone());
         r
     }
 
@@ -51,6 +79,40 @@ impl Metrics {
     /// Counts a message dropped by a per-peer rate limit on `api`.
     pub fn throttled(&self, api: &str) {
         self.rate_limited.get_or_create(&ApiLabel { api: api.to_string() }).inc();
+    }
+
+    /// Counts a lease message by its outcome (`granted`, `ok`, or a denial reason).
+    pub fn lease_message(&self, outcome: &str) {
+        self.lease_messages.get_or_create(&OutcomeLabel { outcome: outcome.to_string() }).inc();
+    }
+
+    /// Sets the per-lease usage gauges.
+    pub fn record_lease_usage(&self, lease: &str, u: &peervm_protocol::LeaseUsage) {
+        let label = LeaseLabel { lease: lease.to_string() };
+        let set = |f: &Family<LeaseLabel, Gauge>, v: u64| {
+            f.get_or_create(&label).set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.lease_cpu_usec, u.cpu_usec);
+        set(&self.lease_memory_bytes, u.memory_current_bytes);
+        set(&self.lease_memory_peak_bytes, u.memory_peak_bytes);
+        set(&self.lease_net_rx_bytes, u.net_rx_bytes);
+        set(&self.lease_net_tx_bytes, u.net_tx_bytes);
+        set(&self.lease_uptime_secs, u.uptime_secs);
+    }
+
+    /// Drops an ended lease's series.
+    pub fn forget_lease(&self, lease: &str) {
+        let label = LeaseLabel { lease: lease.to_string() };
+        for f in [
+            &self.lease_cpu_usec,
+            &self.lease_memory_bytes,
+            &self.lease_memory_peak_bytes,
+            &self.lease_net_rx_bytes,
+            &self.lease_net_tx_bytes,
+            &self.lease_uptime_secs,
+        ] {
+            f.remove(&label);
+        }
     }
 
     pub fn render(&self) -> String {

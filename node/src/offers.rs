@@ -26,14 +26,19 @@ pub enum OffersError {
 /// Joins through `bootstrap`, syncs from every bootstrap that answers, and returns the
 /// running node (its store now holds the market).
 pub async fn join(bootstrap: &[Multiaddr], timeout: Duration) -> Result<Node, OffersError> {
-    if bootstrap.is_empty() {
-        return Err(OffersError::NoBootstrap);
-    }
     // A fresh identity per run: looking at offers needs no stable identity and leaves
     // nothing on disk.
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
-    let mut config = NodeConfig::new(SigningKey::from_seed(&seed), Role::Requestor);
+    join_as(SigningKey::from_seed(&seed), bootstrap, timeout).await
+}
+
+/// As [`join`], with the node's identity `key` (a requestor that leases speaks as itself).
+pub async fn join_as(key: SigningKey, bootstrap: &[Multiaddr], timeout: Duration) -> Result<Node, OffersError> {
+    if bootstrap.is_empty() {
+        return Err(OffersError::NoBootstrap);
+    }
+    let mut config = NodeConfig::new(key, Role::Requestor);
     config.bootstrap = bootstrap.to_vec();
     let node = Node::start(config).await?;
     let mut events = node.subscribe();

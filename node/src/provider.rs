@@ -1,14 +1,23 @@
-//! `peervm provider run`: the provider daemon. Publishes the signed advert, re-publishes
-//! it about every minute (with jitter) and at once when free capacity changes, and
-//! publishes a withdrawn advert before it exits on SIGINT/SIGTERM.
+//! `peervm provider run`: the provider daemon. Verifies its images, probes KVM, recovers
+//! the leases of a previous run, then publishes the signed advert, re-publishes it about
+//! every minute (with jitter) and at once when free capacity changes, serves leases, and
+//! publishes a withdrawn advert before it exits on SIGINT/SIGTERM. Running guests outlive
+//! a stop of the daemon; the next start re-adopts them (or fails and cleans them).
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use peervm_protocol::{Accel, Advertisement, ResourceAmounts, Signed, SigningKey, Verified};
+use peervm_vmm::{AccelPolicy, GuestImage, ProbeOptions, QemuHypervisor, QemuUser, VmmConfig};
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::ProviderConfig;
+use crate::lease::db::ProviderDb;
+use crate::lease::{LeaseManager, LeaseTerms};
+use crate::metrics::Metrics;
 use crate::network::{Node, NodeConfig, Role, now_unix_ms};
 
 /// Capacity changes are re-advertised at most this often (DESIGN section 5).
@@ -21,10 +30,25 @@ pub enum ProviderError {
     #[error("cannot sign the advert: {0}")]
     Sign(#[from] peervm_protocol::SignError),
     #[error(
-        "KVM is not known to work on this host and [hypervisor] allow_tcg is false; set allow_tcg = true to offer software-emulated (slow) guests"
+        "KVM does not work on this host ({reason}) and [hypervisor] allow_tcg is false; set allow_tcg = true to offer software-emulated (slow) guests"
     )]
-    NoAccel,
+    NoAccel { reason: String },
+    #[error("image `{name}`: {source}")]
+    Image { name: String, source: peervm_vmm::ImageError },
+    #[error("image `{name}` changed since the config was read (manifest sha256 differs); restart the provider")]
+    ImageChanged { name: String },
+    #[error(transparent)]
+    Vmm(#[from] peervm_vmm::VmmError),
+    #[error(transparent)]
+    Db(#[from] crate::lease::db::DbError),
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
+    #[error(transparent)]
+    Fs(#[from] crate::secure_fs::SecureFsError),
 }
+
+/// The provider's concrete lease manager.
+pub type ProviderLeases = LeaseManager<QemuHypervisor>;
 
 /// Issues strictly increasing seqs: the wall clock in ms, bumped past the last one, so
 /// a restarted provider's adverts still supersede the ones it sent before.
@@ -57,27 +81,83 @@ pub struct Provider {
     node: Node,
     /// Free capacity; the lease manager updates it, the publish loop re-advertises it.
     free_tx: watch::Sender<ResourceAmounts>,
+    leases: ProviderLeases,
+    lease_task: tokio::task::JoinHandle<()>,
 }
 
 impl Provider {
-    /// Starts the provider's swarm node and publishes its first advert.
+    /// Verifies the images, picks the accelerator, opens the lease database, recovers the
+    /// leases of a previous run, starts the swarm node and publishes the first advert.
+    /// `data_dir` holds the lease database and the guests' state (0700).
     pub async fn start(
         config: ProviderConfig,
         key: SigningKey,
-        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+        data_dir: &Path,
+        metrics: Option<Arc<Metrics>>,
     ) -> Result<Provider, ProviderError> {
-        // Until the VMM's KVM probe is wired in, guests run under TCG, which the operator
-        // must allow explicitly (DESIGN section 8).
-        let accel = if config.allow_tcg { Accel::Tcg } else { return Err(ProviderError::NoAccel) };
+        crate::secure_fs::ensure_private_dir(data_dir)?;
+        let images = open_images(&config)?;
+        let vmm_accel = select_accel(&config, &images).await?;
+        tracing::info!(accel = %vmm_accel, "guests run with this accelerator");
+        let accel = match vmm_accel {
+            peervm_vmm::Accel::Kvm => Accel::Kvm,
+            peervm_vmm::Accel::Tcg => Accel::Tcg,
+        };
+
+        let mut vmm = VmmConfig::new(data_dir.join("vmm"), vmm_accel);
+        vmm.ssh_listen = config.ssh_listen;
+        vmm.ssh_port_base = config.ssh.port_min;
+        vmm.ssh_port_count = config.ssh.port_max - config.ssh.port_min + 1;
+        vmm.address_pool = config.address_pool;
+        vmm.names = config.names.clone();
+        QemuUser::ensure(&vmm.qemu_user)?;
+        let hv = QemuHypervisor::new(vmm)?;
+        let db = ProviderDb::open(&data_dir.join("provider.db"))?;
+
+        let metrics = metrics.unwrap_or_default();
+        let (free_tx, _) = watch::channel(config.resources);
+        let terms = LeaseTerms {
+            total: config.resources,
+            pricing: config.pricing.clone(),
+            images: images.into_iter().map(|(name, i)| (name, Arc::new(i))).collect::<HashMap<_, _>>(),
+            ssh_host: config.ssh.host.clone(),
+            max_leases: config.max_leases,
+            egress: config.egress,
+            min_lease_secs: config.min_lease_secs,
+            max_lease_secs: config.max_lease_secs,
+        };
+
+        let (inbox_tx, inbox_rx) = mpsc::channel(64);
         let mut node_config = NodeConfig::new(SigningKey::from_seed(&key.seed()), Role::Provider);
         node_config.listen = config.listen.clone();
         node_config.bootstrap = config.bootstrap.clone();
-        node_config.metrics = metrics;
+        node_config.metrics = Some(metrics.clone());
+        node_config.lease_inbox = Some(inbox_tx);
         let node = Node::start(node_config).await?;
-        let (free_tx, _) = watch::channel(config.resources);
-        let mut provider = Provider { config, key, accel, seq: SeqSource::new(), node, free_tx };
+
+        let leases = LeaseManager::new(
+            SigningKey::from_seed(&key.seed()),
+            db,
+            hv,
+            terms,
+            free_tx.clone(),
+            metrics,
+            Some(node.client.clone()),
+        );
+        let report = leases.recover().await?;
+        if !(report.adopted.is_empty() && report.failed.is_empty() && report.ended.is_empty()) {
+            tracing::info!(adopted = report.adopted.len(), failed = report.failed.len(), ended = report.ended.len(),
+                removed = report.removed_objects.len(), "recovered the leases of the previous run");
+        }
+        let lease_task = tokio::spawn(leases.clone().run(inbox_rx));
+        let mut provider =
+            Provider { config, key, accel, seq: SeqSource::new(), node, free_tx, leases, lease_task };
         provider.publish(false).await?;
         Ok(provider)
+    }
+
+    pub fn leases(&self) -> &ProviderLeases {
+        &self.leases
     }
 
     pub fn node(&self) -> &Node {
@@ -131,8 +211,55 @@ impl Provider {
         }
         tracing::info!("withdrawing advert before exit");
         self.publish(true).await?;
+        self.lease_task.abort();
         self.node.stop().await;
         Ok(())
+    }
+}
+
+/// Opens and verifies every configured image (by config name); the manifest must still
+/// be the one whose hash the config read (and that the advert names).
+fn open_images(config: &ProviderConfig) -> Result<Vec<(String, GuestImage)>, ProviderError> {
+    let mut out = Vec::new();
+    for img in &config.images {
+        let opened =
+            GuestImage::open(&img.dir).map_err(|source| ProviderError::Image { name: img.name.clone(), source })?;
+        if opened.manifest_sha256() != img.manifest_sha256 {
+            return Err(ProviderError::ImageChanged { name: img.name.clone() });
+        }
+        out.push((img.name.clone(), opened));
+    }
+    Ok(out)
+}
+
+/// KVM where a probe boot shows it works; TCG only when the config allows it.
+async fn select_accel(
+    config: &ProviderConfig,
+    images: &[(String, GuestImage)],
+) -> Result<peervm_vmm::Accel, ProviderError> {
+    let policy = match (config.allow_tcg, config.probe_kvm) {
+        (true, false) => AccelPolicy::TcgOnly,
+        (true, true) => AccelPolicy::KvmOrTcg,
+        (false, _) => AccelPolicy::KvmOnly,
+    };
+    let probe = if policy == AccelPolicy::TcgOnly {
+        peervm_vmm::KvmProbe::Unusable { reason: "not probed (probe_kvm = false)".into() }
+    } else {
+        let Some((_, image)) = images.first() else {
+            return Err(ProviderError::NoAccel { reason: "no image to probe with".into() });
+        };
+        let user = QemuUser::ensure(peervm_vmm::DEFAULT_QEMU_USER)?;
+        let opts = ProbeOptions { qemu_binary: "qemu-system-x86_64".into(), user, deadline: Duration::from_secs(20) };
+        peervm_vmm::probe_kvm(image, &opts).await
+    };
+    match peervm_vmm::select_accel(policy, &probe) {
+        Ok(accel) => Ok(accel),
+        Err(_) => Err(ProviderError::NoAccel {
+            reason: match probe {
+                peervm_vmm::KvmProbe::Unusable { reason } => reason,
+                peervm_vmm::KvmProbe::Usable { .. } => "unknown".into(),
+            },
+        }),
     }
 }
 

@@ -8,6 +8,27 @@ pub enum UnitError {
     Size(String),
     #[error("`{0}` is not an amount of money; use a decimal such as 0.012 (at most 6 decimals)")]
     Money(String),
+    #[error("`{0}` is not a duration; use a whole number with a unit such as 90s, 30m, 2h or 7d")]
+    Duration(String),
+}
+
+/// Parses a duration into seconds: `90s`, `30m`, `2h`, `7d` (a bare number is seconds).
+pub fn parse_duration_secs(text: &str) -> Result<u64, UnitError> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| UnitError::Duration(text.into()))?;
+    let mult = match unit.trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(UnitError::Duration(text.into())),
+    };
+    match n.checked_mul(mult) {
+        Some(secs) if secs > 0 => Ok(secs),
+        _ => Err(UnitError::Duration(text.into())),
+    }
 }
 
 /// Parses a size into MiB. A bare number is taken in `default_unit_mib` units (1 for
@@ -90,5 +111,17 @@ mod tests {
         assert_eq!(format_micros(12_700), "0.0127");
         assert_eq!(format_micros(1_500_000), "1.50");
         assert_eq!(format_micros(0), "0.00");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("30m"), Ok(1800));
+        assert_eq!(parse_duration_secs("2h"), Ok(7200));
+        assert_eq!(parse_duration_secs("7d"), Ok(604_800));
+        for bad in ["", "0s", "1.5h", "-1h", "3 fortnights", "99999999999999999999d"] {
+            assert!(parse_duration_secs(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -2,39 +2,15 @@
 //! output, the provider daemon's graceful stop, `peervm offers` filtering and sorting,
 //! and clear errors for unreachable bootstraps and bad input.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const PEERVM: &str = env!("CARGO_BIN_EXE_peervm");
+use common::{PEERVM, provider_env_ready, spawn_json};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a long-lived peervm command with --json and returns it with its first line.
-fn spawn_json(args: &[&str], data: &Path) -> (Proc, serde_json::Value) {
-    let mut child = Command::new(PEERVM)
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .arg("--json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn peervm");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad startup line {line:?}: {e}"));
-    (Proc(child), v)
-}
-
+/// A stand-in image directory for tests that only parse a config (no provider starts).
 fn image_dir(root: &Path) -> PathBuf {
     let dir = root.join("image");
     std::fs::create_dir_all(&dir).unwrap();
@@ -42,8 +18,10 @@ fn image_dir(root: &Path) -> PathBuf {
     dir
 }
 
-fn provider_config(root: &Path, name: &str, bootstrap: &str, vcpus: u32, price: &str, region: &str) -> PathBuf {
-    let path = root.join(format!("{name}.toml"));
+/// A provider config on the real guest image, with names, addresses and ports of its own
+/// (`n` picks them), as the providers of one test run side by side.
+fn provider_config(root: &Path, n: u8, bootstrap: &str, vcpus: u32, price: &str, region: &str) -> PathBuf {
+    let path = root.join(format!("p{n}.toml"));
     let text = format!(
         r#"
 [node]
@@ -53,8 +31,8 @@ bootstrap = ["{bootstrap}"]
 region = "{region}"
 [ssh]
 host = "127.0.0.1"
-port_min = 42000
-port_max = 42099
+port_min = {port_min}
+port_max = {port_max}
 [resources]
 vcpus = {vcpus}
 memory = "4GiB"
@@ -66,11 +44,19 @@ per_memory_gib_hour = "0.001"
 per_disk_gib_hour = "0"
 [hypervisor]
 allow_tcg = true
+probe_kvm = false
+name_prefix = "pvswarm{n}"
+iface_prefix = "s{letter}"
+[network]
+pool = "10.217.{n}.0/24"
 [[images]]
 name = "minimal"
-dir = "{}"
+dir = "{image}"
 "#,
-        image_dir(root).display()
+        port_min = 47500 + u16::from(n) * 16,
+        port_max = 47515 + u16::from(n) * 16,
+        letter = (b'a' + n) as char,
+        image = common::image_dir().display()
     );
     std::fs::write(&path, text).unwrap();
     path
@@ -104,6 +90,9 @@ fn wait_for_offers(bootstrap: &str, n: usize) -> Vec<serde_json::Value> {
 
 #[test]
 fn offers_filters_and_sorts_and_provider_withdraws_on_sigterm() {
+    if !provider_env_ready("offers_filters_and_sorts_and_provider_withdraws_on_sigterm") {
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (_boot, started) = spawn_json(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"], &root.join("b"));
@@ -113,8 +102,8 @@ fn offers_filters_and_sorts_and_provider_withdraws_on_sigterm() {
 
     let specs = [("cheap", 2, "0.010", "eu"), ("mid", 8, "0.020", "us"), ("dear", 4, "0.040", "eu")];
     let mut providers = Vec::new();
-    for (name, vcpus, price, region) in specs {
-        let cfg = provider_config(root, name, &boot, vcpus, price, region);
+    for (n, (name, vcpus, price, region)) in (0u8..).zip(specs) {
+        let cfg = provider_config(root, n, &boot, vcpus, price, region);
         let (p, line) =
             spawn_json(&["provider", "run", "--config", cfg.to_str().unwrap()], &root.join(format!("data-{name}")));
         assert_eq!(line["role"], "provider");
@@ -146,10 +135,8 @@ fn offers_filters_and_sorts_and_provider_withdraws_on_sigterm() {
     assert_eq!(img.len(), 3);
 
     // SIGTERM: the provider publishes a withdrawn advert before it exits.
-    let (mut cheap, cheap_id) = providers.remove(0);
-    // SAFETY: kill(2) on a child we own.
-    unsafe { libc::kill(cheap.0.id() as i32, libc::SIGTERM) };
-    let status = cheap.0.wait().unwrap();
+    let (cheap, cheap_id) = providers.remove(0);
+    let status = cheap.terminate().expect("provider stops on SIGTERM");
     assert!(status.success(), "provider exit: {status:?}");
     let start = Instant::now();
     loop {
@@ -209,8 +196,11 @@ fn bad_multiaddr_and_bad_config_get_one_clear_message() {
         assert!(err.contains(expect) && err.contains("bad.toml"), "{err}");
     }
     // A valid file with an invalid value names the field.
-    let good = provider_config(tmp.path(), "p", "/ip4/127.0.0.1/tcp/1", 2, "0.01", "eu");
-    let text = std::fs::read_to_string(&good).unwrap().replace("memory = \"4GiB\"", "memory = \"lots\"");
+    let good = provider_config(tmp.path(), 9, "/ip4/127.0.0.1/tcp/1", 2, "0.01", "eu");
+    let text = std::fs::read_to_string(&good)
+        .unwrap()
+        .replace("memory = \"4GiB\"", "memory = \"lots\"")
+        .replace(&common::image_dir().display().to_string(), image_dir(tmp.path()).to_str().unwrap());
     std::fs::write(&good, text).unwrap();
     let out = Command::new(PEERVM)
         .arg("--data-dir")

@@ -152,6 +152,7 @@ async fn vmm_boot(hv: &QemuHypervisor, image: &Arc<GuestImage>, memory_mib: u32)
         network_slot: 0,
         egress: EgressPolicy::Deny,
         cpu_quota: None,
+        progress: None,
     };
     let t = Instant::now();
     let vm = hv.start(spec.clone()).await.expect("start");

@@ -29,4 +29,4 @@ pub use image::{GuestImage, MachineKind};
 pub use network::{AddressPool, NamePrefix};
 pub use qemu::{QemuHypervisor, VmmConfig};
 pub use qemu_user::{DEFAULT_QEMU_USER, QemuUser};
-pub use spec::{AuthorizedKey, EgressPolicy, HostKeySeed, LeaseId, VmSpec};
+pub use spec::{AuthorizedKey, EgressPolicy, HostKeySeed, LeaseId, StartStage, VmSpec};

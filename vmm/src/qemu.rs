@@ -439,6 +439,9 @@ impl QemuHypervisor {
         let t_provisioned = t0.elapsed();
 
         let child = self.spawn_qemu(spec, &dir, &network, &cgroup, mac)?;
+        if let Some(progress) = &spec.progress {
+            let _ = progress.send(crate::spec::StartStage::Booting);
+        }
         let pid = child
             .id()
             .map(|p| p as i32)

@@ -253,6 +253,17 @@ pub struct VmSpec {
     /// CPU quota as a fraction of one core, overriding `vcpus` cores (tests, or a
     /// provider that sells fractional cores). `None`: the quota is `vcpus` cores.
     pub cpu_quota: Option<f64>,
+    /// Told when the start moves from provisioning (disk, seed, cgroup, network) to
+    /// booting (QEMU runs, waiting for the guest's sshd), so a caller can show and record
+    /// the stage.
+    pub progress: Option<tokio::sync::watch::Sender<StartStage>>,
+}
+
+/// Where a start is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartStage {
+    Provisioning,
+    Booting,
 }
 
 /// Upper bounds the backend accepts; far above any real offer, they stop a bad spec from

@@ -7,6 +7,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, allow_block_list, connection_limits, gossipsub, identify, kad, ping, request_response};
 
 use super::gossip_params;
+use super::lease_wire::{self, Envelope, LeaseMessage};
 use super::sync::{self, SyncRequest, SyncResponse};
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/kad/1.0.0");
@@ -22,6 +23,8 @@ pub struct PeervmBehaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    /// `/peervm/lease/1`: served by providers, used by requestors.
+    pub lease: request_response::cbor::Behaviour<LeaseMessage, Envelope>,
 }
 
 /// Connection limits (DESIGN section 6): enough for a well-connected node, bounded so a
@@ -43,6 +46,7 @@ impl PeervmBehaviour {
     pub fn new(
         key: &libp2p::identity::Keypair,
         caps: &ConnectionCaps,
+        serve_leases: bool,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let peer_id = key.public().to_peer_id();
         let limits = connection_limits::ConnectionLimits::default()
@@ -65,6 +69,19 @@ impl PeervmBehaviour {
             request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
         );
 
+        let lease_codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(lease_wire::MAX_REQUEST_BYTES)
+            .set_response_size_maximum(lease_wire::MAX_RESPONSE_BYTES);
+        let lease_support =
+            if serve_leases { request_response::ProtocolSupport::Full } else { request_response::ProtocolSupport::Outbound };
+        let lease = request_response::Behaviour::with_codec(
+            lease_codec,
+            [(lease_wire::PROTOCOL, lease_support)],
+            request_response::Config::default()
+                .with_request_timeout(lease_wire::REQUEST_TIMEOUT)
+                .with_max_concurrent_streams(64),
+        );
+
         Ok(Self {
             blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
@@ -76,6 +93,7 @@ impl PeervmBehaviour {
             ),
             ping: ping::Behaviour::default(),
             sync,
+            lease,
         })
     }
 }

@@ -16,9 +16,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::behaviour::{KAD_PROTOCOL, PeervmBehaviour, PeervmBehaviourEvent};
 use super::gossip_params::advert_topic;
 use super::rate_limit::{Api, PeerGuard, Verdict};
+use super::lease_wire::LeaseMessage;
 use super::sync::{self, Envelope, SyncRequest, SyncResponse};
 use super::{
-    Command, NetworkError, Node, NodeClient, NodeConfig, NodeEvent, Role, SharedStore, SyncSummary, now_unix_ms,
+    Command, InboundLease, LeaseResponder, NetworkError, Node, NodeClient, NodeConfig, NodeEvent, Role, SharedStore,
+    SyncSummary, now_unix_ms,
 };
 use crate::advert_store::AdvertStore;
 use crate::metrics::Metrics;
@@ -31,6 +33,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
     let keypair = config.key.to_libp2p_keypair();
     let peer_id = keypair.public().to_peer_id();
     let caps = config.caps.clone();
+    let serve_leases = config.lease_inbox.is_some();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -38,7 +41,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         .with_quic()
         .with_dns()
         .map_err(|e| NetworkError::Build(e.to_string()))?
-        .with_behaviour(|key| PeervmBehaviour::new(key, &caps))
+        .with_behaviour(|key| PeervmBehaviour::new(key, &caps, serve_leases))
         .map_err(|e| NetworkError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
@@ -57,6 +60,11 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
     let mut event_loop = EventLoop {
         swarm,
         commands: rx,
+        self_tx: tx.clone(),
+        lease_inbox: config.lease_inbox.clone(),
+        lease_channels: HashMap::new(),
+        next_lease_channel: 0,
+        lease_calls: HashMap::new(),
         store: store.clone(),
         events: events.clone(),
         guard: PeerGuard::new(config.rate_limits.clone()),
@@ -141,6 +149,14 @@ struct SyncSession {
 struct EventLoop {
     swarm: Swarm<PeervmBehaviour>,
     commands: mpsc::Receiver<Command>,
+    /// Given to lease responders, which answer through the command channel.
+    self_tx: mpsc::Sender<Command>,
+    lease_inbox: Option<mpsc::Sender<InboundLease>>,
+    /// Open inbound lease streams waiting for the manager's reply.
+    lease_channels: HashMap<u64, request_response::ResponseChannel<Envelope>>,
+    next_lease_channel: u64,
+    /// Outbound lease messages waiting for their reply.
+    lease_calls: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetworkError>>>,
     store: SharedStore,
     events: broadcast::Sender<NodeEvent>,
     guard: PeerGuard,
@@ -225,6 +241,8 @@ impl EventLoop {
         if !connected.is_empty() {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
+        // Streams whose requestor gave up (or whose reply was never sent).
+        self.lease_channels.retain(|_, channel| channel.is_open());
         for peer in self.guard.expired_bans(Instant::now()) {
             if !self.blocked.contains(&peer) {
                 self.swarm.behaviour_mut().blocked.unblock_peer(peer);
@@ -274,6 +292,16 @@ impl EventLoop {
                 self.sync_waiters.entry(peer).or_default().push(reply);
                 self.start_sync(peer);
             }
+            Command::LeaseSend { peer, addrs, message, reply } => {
+                let id = self.swarm.behaviour_mut().lease.send_request_with_addresses(&peer, message, addrs);
+                self.lease_calls.insert(id, reply);
+            }
+            Command::LeaseRespond { id, reply } => {
+                if let Some(channel) = self.lease_channels.remove(&id) {
+                    let _ = self.swarm.behaviour_mut().lease.send_response(channel, Envelope(reply));
+                }
+            }
+            Command::ReportInvalid { peer } => self.lease_invalid(peer),
             Command::BlockPeer { peer } => {
                 self.blocked.insert(peer);
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
@@ -344,6 +372,7 @@ impl EventLoop {
         match event {
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Sync(e)) => self.on_sync(e),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Lease(e)) => self.on_lease(e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Identify(identify::Event::Received {
                 peer_id, info, ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
@@ -480,6 +509,68 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    fn on_lease(&mut self, event: request_response::Event<LeaseMessage, Envelope>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    self.on_lease_request(peer, request, channel)
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.lease_calls.remove(&request_id) {
+                        let _ = reply.send(Ok(response.0));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some(reply) = self.lease_calls.remove(&request_id) {
+                    let _ = reply.send(Err(NetworkError::Lease { peer, reason: error.to_string() }));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Hands an inbound lease message to the manager. The rate limit is applied here,
+    /// where the peer is known; a full inbox (the manager is behind) drops the stream
+    /// rather than queueing without bound.
+    fn on_lease_request(
+        &mut self,
+        peer: PeerId,
+        message: LeaseMessage,
+        channel: request_response::ResponseChannel<Envelope>,
+    ) {
+        let Some(inbox) = self.lease_inbox.clone() else { return };
+        let (allowed, verdict) = self.guard.allow(peer, Api::Lease, Instant::now());
+        self.ban_if(peer, verdict);
+        if !allowed {
+            self.metrics.throttled("lease");
+        }
+        let id = self.next_lease_channel;
+        self.next_lease_channel += 1;
+        let inbound = InboundLease {
+            peer,
+            message,
+            throttled: !allowed,
+            reply: LeaseResponder { id, tx: self.self_tx.clone() },
+        };
+        match inbox.try_send(inbound) {
+            Ok(()) => {
+                self.lease_channels.insert(id, channel);
+            }
+            Err(_) => {
+                self.metrics.throttled("lease_queue");
+                tracing::debug!(%peer, "lease inbox full; dropping the request");
+            }
+        }
+    }
+
+    /// Counts a lease message the manager found invalid (bad signature, malformed) against
+    /// its sender.
+    fn lease_invalid(&mut self, peer: PeerId) {
+        let verdict = self.guard.invalid(peer, Instant::now());
+        self.ban_if(peer, verdict);
     }
 
     fn serve_sync(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {

@@ -4,6 +4,7 @@
 pub mod behaviour;
 mod event_loop;
 pub mod gossip_params;
+pub mod lease_wire;
 pub mod rate_limit;
 pub mod sync;
 
@@ -46,6 +47,9 @@ pub struct NodeConfig {
     pub metrics: Option<Arc<Metrics>>,
     /// How often the expiry sweep runs.
     pub sweep_interval: Duration,
+    /// Where inbound `/peervm/lease/1` messages go (providers). `None`: the node only
+    /// sends lease messages.
+    pub lease_inbox: Option<mpsc::Sender<InboundLease>>,
 }
 
 impl NodeConfig {
@@ -60,6 +64,7 @@ impl NodeConfig {
             target_peers: 8,
             metrics: None,
             sweep_interval: Duration::from_secs(1),
+            lease_inbox: None,
         }
     }
 }
@@ -78,6 +83,32 @@ pub enum NetworkError {
     Publish(String),
     #[error("the node has shut down")]
     Stopped,
+    #[error("lease message to {peer} failed: {reason}")]
+    Lease { peer: PeerId, reason: String },
+}
+
+/// A lease message that arrived from `peer`, for the lease manager. `throttled` says the
+/// peer is over its lease rate limit: the manager answers with a signed denial without
+/// looking further.
+pub struct InboundLease {
+    pub peer: PeerId,
+    pub message: lease_wire::LeaseMessage,
+    pub throttled: bool,
+    pub reply: LeaseResponder,
+}
+
+/// Sends the signed reply to an [`InboundLease`] back over its stream.
+pub struct LeaseResponder {
+    id: u64,
+    tx: mpsc::Sender<Command>,
+}
+
+impl LeaseResponder {
+    /// Sends `signed_reply` (a `Signed<LeaseReply>`'s bytes). A requestor that went away
+    /// meanwhile is not an error worth reporting.
+    pub async fn send(self, signed_reply: Vec<u8>) {
+        let _ = self.tx.send(Command::LeaseRespond { id: self.id, reply: signed_reply }).await;
+    }
 }
 
 /// Something that happened in the swarm, for watchers (CLI `--watch`, tests, metrics).
@@ -105,6 +136,14 @@ pub(crate) enum Command {
     ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
     Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), NetworkError>> },
     Sync { peer: PeerId, reply: oneshot::Sender<Result<SyncSummary, NetworkError>> },
+    LeaseSend {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        message: lease_wire::LeaseMessage,
+        reply: oneshot::Sender<Result<Vec<u8>, NetworkError>>,
+    },
+    LeaseRespond { id: u64, reply: Vec<u8> },
+    ReportInvalid { peer: PeerId },
     BlockPeer { peer: PeerId },
     UnblockPeer { peer: PeerId },
     Shutdown { reply: oneshot::Sender<()> },
@@ -140,6 +179,23 @@ impl NodeClient {
     /// Pulls a full snapshot from `peer` and waits until the last page is in.
     pub async fn sync_from(&self, peer: PeerId) -> Result<SyncSummary, NetworkError> {
         self.call(|reply| Command::Sync { peer, reply }).await?
+    }
+
+    /// Sends a lease message to `peer` (dialing it at `addrs` if not connected) and waits
+    /// for its signed reply (up to the lease protocol's timeout).
+    pub async fn lease_call(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        message: lease_wire::LeaseMessage,
+    ) -> Result<Vec<u8>, NetworkError> {
+        self.call(|reply| Command::LeaseSend { peer, addrs, message, reply }).await?
+    }
+
+    /// Counts an invalid message (bad signature, malformed) that `peer` sent on an API the
+    /// swarm does not verify itself (leases) towards its ban score.
+    pub async fn report_invalid(&self, peer: PeerId) -> Result<(), NetworkError> {
+        self.tx.send(Command::ReportInvalid { peer }).await.map_err(|_| NetworkError::Stopped)
     }
 
     /// Blocks `peer`: disconnects it, refuses its connections, and drops its adverts.

@@ -123,6 +123,7 @@ pub fn spec(slot: u32, vcpus: u32, memory_mib: u32, egress: EgressPolicy) -> (Vm
         network_slot: slot,
         egress,
         cpu_quota: None,
+        progress: None,
     };
     (spec, client_key)
 }

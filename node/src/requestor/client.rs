@@ -1,0 +1,447 @@
+//! The requestor's side of a lease: pick an offer, send the signed request, follow its
+//! progress, check the signed reply, pin the guest's host key, and remember it all; then
+//! status, extend and terminate with signed control messages.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use peervm_protocol::advert::hourly_price_micros;
+use peervm_protocol::lease::{LEASE_VERSION, MAX_REQUEST_VALIDITY_MS, payload_digest};
+use peervm_protocol::{
+    Advertisement, ControlAction, DenyReason, GuestSpec, LeaseControl, LeaseId, LeaseReply, LeaseRequest,
+    LeaseState, LeaseUsage, ReplyOutcome, ResourceAmounts, Signed, SigningKey,
+};
+
+use super::db::{Access, RequestorDb, RequestorDbError, StoredLease};
+use super::ssh::{self, SshError};
+use crate::advert_store::OfferFilter;
+use crate::network::lease_wire::{Envelope, LeaseMessage};
+use crate::network::{Node, NodeConfig, Role, now_unix_ms};
+use crate::offers::{self, OffersError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestorError {
+    #[error(transparent)]
+    Join(#[from] OffersError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    #[error(transparent)]
+    Db(#[from] RequestorDbError),
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error(transparent)]
+    Fs(#[from] crate::secure_fs::SecureFsError),
+    #[error("cannot sign: {0}")]
+    Sign(#[from] peervm_protocol::SignError),
+    #[error("no offer matches: {0}")]
+    NoOffer(String),
+    #[error("provider {0} has no live advert on the market (gone, expired, or not yet seen)")]
+    UnknownProvider(PeerId),
+    #[error("the provider denied the request: {reason}: {detail}")]
+    Denied { reason: DenyReason, detail: String },
+    #[error("the provider's reply is not valid: {0}")]
+    BadReply(String),
+    #[error("the provider answered with {0}, which does not answer this message")]
+    UnexpectedReply(String),
+    #[error("lease {id} is {state:?}; {what}")]
+    NotUsable { id: LeaseId, state: LeaseState, what: &'static str },
+}
+
+/// Which provider to lease from.
+#[derive(Debug, Clone)]
+pub enum ProviderChoice {
+    Cheapest,
+    Peer(PeerId),
+}
+
+/// What `peervm lease create` asks for.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub bootstrap: Vec<Multiaddr>,
+    pub provider: ProviderChoice,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub image: String,
+    pub duration_secs: u64,
+    /// Use this private key instead of a fresh per-lease one.
+    pub ssh_key: Option<PathBuf>,
+    pub ssh_user: String,
+    /// Most the requestor pays per hour (micro-units); default: the advertised price.
+    pub max_price_micros: Option<u64>,
+    pub join_timeout: Duration,
+}
+
+/// Stages of `lease create`, reported as they complete (with time since the start).
+#[derive(Debug, Clone)]
+pub enum Stage {
+    Joined { peers: usize, offers: usize },
+    Chose { provider: PeerId, price_per_hour_micros: u64, currency: String },
+    Sent,
+    Provider(LeaseState),
+    Granted,
+}
+
+/// Where a requestor keeps its leases: `<data-dir>/requestor.db` and one 0700 directory
+/// per lease for its key and known_hosts.
+pub struct Requestor {
+    key: SigningKey,
+    data_dir: PathBuf,
+    db: RequestorDb,
+}
+
+impl Requestor {
+    pub fn open(key: SigningKey, data_dir: &Path) -> Result<Self, RequestorError> {
+        crate::secure_fs::ensure_private_dir(data_dir)?;
+        let db = RequestorDb::open(&data_dir.join("requestor.db"))?;
+        Ok(Requestor { key, data_dir: data_dir.to_path_buf(), db })
+    }
+
+    pub fn db(&self) -> &RequestorDb {
+        &self.db
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.key.peer_id()
+    }
+
+    pub fn lease_dir(&self, id: &LeaseId) -> PathBuf {
+        self.data_dir.join("leases").join(id.to_hex())
+    }
+
+    pub fn known_hosts_path(&self, id: &LeaseId) -> PathBuf {
+        self.lease_dir(id).join("known_hosts")
+    }
+
+    /// How to reach a granted lease's guest over SSH.
+    pub fn ssh_target(&self, lease: &StoredLease) -> Result<ssh::SshTarget, RequestorError> {
+        let access = lease.access.as_ref().ok_or(RequestorError::NotUsable {
+            id: lease.id,
+            state: lease.state,
+            what: "it was never granted, so there is no guest to reach",
+        })?;
+        Ok(ssh::SshTarget {
+            host: access.ssh_host.clone(),
+            port: access.ssh_port,
+            user: access.ssh_user.clone(),
+            key_path: lease.key_path.clone(),
+            host_key: access.host_key,
+            alias: ssh::host_alias(&lease.id.to_hex()),
+        })
+    }
+
+    /// Writes the lease's known_hosts (the pinned key only) and returns its path.
+    pub fn pin_host_key(&self, lease: &StoredLease) -> Result<PathBuf, RequestorError> {
+        let target = self.ssh_target(lease)?;
+        let path = self.known_hosts_path(&lease.id);
+        ssh::write_known_hosts(&path, &target.alias, &target.host_key)?;
+        Ok(path)
+    }
+
+    /// Joins the market, picks an offer, requests the lease and waits for the grant.
+    pub async fn create(
+        &self,
+        opts: &CreateOptions,
+        mut progress: impl FnMut(&Stage, Duration),
+    ) -> Result<StoredLease, RequestorError> {
+        let t0 = Instant::now();
+        let node = offers::join_as(SigningKey::from_seed(&self.key.seed()), &opts.bootstrap, opts.join_timeout).await?;
+        let result = self.create_on(&node, opts, t0, &mut progress).await;
+        node.stop().await;
+        result
+    }
+
+    async fn create_on(
+        &self,
+        node: &Node,
+        opts: &CreateOptions,
+        t0: Instant,
+        progress: &mut impl FnMut(&Stage, Duration),
+    ) -> Result<StoredLease, RequestorError> {
+        let want = ResourceAmounts { vcpus: opts.vcpus, memory_mib: opts.memory_mib, disk_gib: opts.disk_gib };
+        let (advert, price, offers) = choose_offer(node, opts, &want)?;
+        let peers = node.client.connected_peers().await?.len();
+        progress(&Stage::Joined { peers, offers }, t0.elapsed());
+        let a = advert.clone();
+        progress(
+            &Stage::Chose { provider: a.provider, price_per_hour_micros: price, currency: a.pricing.currency.clone() },
+            t0.elapsed(),
+        );
+        let image_sha256 = a
+            .images
+            .iter()
+            .find(|i| i.name == opts.image)
+            .map(|i| i.sha256)
+            .ok_or_else(|| RequestorError::NoOffer(format!("provider {} has no image `{}`", a.provider, opts.image)))?;
+
+        let id = LeaseId(rand::random());
+        let dir = self.lease_dir(&id);
+        crate::secure_fs::ensure_private_dir(&self.data_dir.join("leases"))?;
+        crate::secure_fs::ensure_private_dir(&dir)?;
+        let key = match &opts.ssh_key {
+            Some(path) => ssh::load_key(path)?,
+            None => ssh::generate_key(&dir.join("id_ed25519"), &format!("peervm-lease-{}", &id.to_hex()[..12]))?,
+        };
+        let spec = GuestSpec {
+            vcpus: opts.vcpus,
+            memory_mib: opts.memory_mib,
+            disk_gib: opts.disk_gib,
+            image_name: opts.image.clone(),
+            image_sha256,
+        };
+        let now = now_unix_ms();
+        let request = LeaseRequest {
+            version: LEASE_VERSION,
+            lease_id: id,
+            requestor: self.key.peer_id(),
+            provider: a.provider,
+            advert_seq: a.seq,
+            spec: spec.clone(),
+            duration_secs: opts.duration_secs,
+            max_price_per_hour_micros: opts.max_price_micros.unwrap_or(price),
+            currency: a.pricing.currency.clone(),
+            ssh_user: opts.ssh_user.clone(),
+            ssh_public_key: key.public_raw,
+            nonce: rand::random(),
+            issued_at_unix_ms: now,
+            valid_until_unix_ms: now + MAX_REQUEST_VALIDITY_MS,
+        };
+        let signed = Signed::sign(&self.key, &request)?;
+        let digest = payload_digest(signed.signed());
+        self.db.insert_pending(&StoredLease {
+            id,
+            provider: a.provider,
+            provider_addrs: a.listen_addrs.clone(),
+            spec,
+            key_path: key.private_path.clone(),
+            created_at_unix_ms: now,
+            state: LeaseState::Requested,
+            access: None,
+            detail: String::new(),
+        })?;
+
+        let call = node.client.lease_call(
+            a.provider,
+            a.listen_addrs.clone(),
+            LeaseMessage::Request(Envelope(signed.to_bytes())),
+        );
+        progress(&Stage::Sent, t0.elapsed());
+        tokio::pin!(call);
+        // While the provider provisions and boots, ask it where it is.
+        let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+        let mut last_state = None;
+        let bytes = loop {
+            tokio::select! {
+                reply = &mut call => break reply,
+                _ = poll.tick() => {
+                    if let Ok(ReplyOutcome::Status { state, .. }) =
+                        self.control_on(node, a.provider, &a.listen_addrs, id, ControlAction::Status).await
+                        && last_state != Some(state)
+                    {
+                        last_state = Some(state);
+                        progress(&Stage::Provider(state), t0.elapsed());
+                    }
+                }
+            }
+        };
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => {
+                self.db.set_state(&id, LeaseState::Failed, &e.to_string())?;
+                return Err(e.into());
+            }
+        };
+        let reply = match open_reply(&bytes, a.provider, self.key.peer_id(), id, digest) {
+            Ok(r) => r,
+            Err(e) => {
+                self.db.set_state(&id, LeaseState::Failed, &e.to_string())?;
+                return Err(e);
+            }
+        };
+        match reply.outcome {
+            ReplyOutcome::Granted { access, host_key, ends_at_unix_ms, price_per_hour_micros, currency, .. } => {
+                let access = Access {
+                    ssh_host: access.host,
+                    ssh_port: access.port,
+                    ssh_user: access.user,
+                    host_key,
+                    ends_at_unix_ms,
+                    price_per_hour_micros,
+                    currency,
+                    grant: bytes,
+                };
+                self.db.set_granted(&id, &access)?;
+                let stored = self.db.get(&id)?.ok_or_else(|| RequestorDbError::NotFound(id.to_hex()))?;
+                self.pin_host_key(&stored)?;
+                progress(&Stage::Granted, t0.elapsed());
+                Ok(stored)
+            }
+            ReplyOutcome::Denied { reason, detail } => {
+                self.db.set_state(&id, LeaseState::Failed, &format!("denied: {reason}: {detail}"))?;
+                Err(RequestorError::Denied { reason, detail })
+            }
+            other => {
+                let what = outcome_name(&other);
+                self.db.set_state(&id, LeaseState::Failed, &format!("unexpected reply {what}"))?;
+                Err(RequestorError::UnexpectedReply(what.into()))
+            }
+        }
+    }
+
+    /// Sends one control message about `lease` to its provider (dialed directly at the
+    /// addresses stored with the lease) and returns the verified outcome.
+    pub async fn control(&self, lease: &StoredLease, action: ControlAction) -> Result<ReplyOutcome, RequestorError> {
+        let node = direct_node(&self.key).await?;
+        let result = self.control_on(&node, lease.provider, &lease.provider_addrs, lease.id, action).await;
+        node.stop().await;
+        let outcome = result?;
+        match &outcome {
+            ReplyOutcome::Status { state, ends_at_unix_ms, .. } => {
+                self.db.set_state(&lease.id, *state, "")?;
+                self.db.set_ends_at(&lease.id, *ends_at_unix_ms)?;
+            }
+            ReplyOutcome::Extended { ends_at_unix_ms } => self.db.set_ends_at(&lease.id, *ends_at_unix_ms)?,
+            ReplyOutcome::Terminated { .. } => self.db.set_state(&lease.id, LeaseState::Ended, "terminated")?,
+            ReplyOutcome::Denied { reason: DenyReason::LeaseEnded, detail } => {
+                self.db.set_state(&lease.id, LeaseState::Ended, detail)?
+            }
+            _ => {}
+        }
+        Ok(outcome)
+    }
+
+    async fn control_on(
+        &self,
+        node: &Node,
+        provider: PeerId,
+        addrs: &[Multiaddr],
+        id: LeaseId,
+        action: ControlAction,
+    ) -> Result<ReplyOutcome, RequestorError> {
+        let now = now_unix_ms();
+        let control = LeaseControl {
+            version: LEASE_VERSION,
+            lease_id: id,
+            requestor: self.key.peer_id(),
+            provider,
+            action,
+            nonce: rand::random(),
+            issued_at_unix_ms: now,
+            valid_until_unix_ms: now + MAX_REQUEST_VALIDITY_MS,
+        };
+        let signed = Signed::sign(&self.key, &control)?;
+        let digest = payload_digest(signed.signed());
+        let bytes = node
+            .client
+            .lease_call(provider, addrs.to_vec(), LeaseMessage::Control(Envelope(signed.to_bytes())))
+            .await?;
+        Ok(open_reply(&bytes, provider, self.key.peer_id(), id, digest)?.outcome)
+    }
+}
+
+/// A requestor node with no bootstrap: control messages dial the provider directly.
+async fn direct_node(key: &SigningKey) -> Result<Node, RequestorError> {
+    let config = NodeConfig::new(SigningKey::from_seed(&key.seed()), Role::Requestor);
+    Ok(Node::start(config).await?)
+}
+
+fn choose_offer(
+    node: &Node,
+    opts: &CreateOptions,
+    want: &ResourceAmounts,
+) -> Result<(Advertisement, u64, usize), RequestorError> {
+    let filter = OfferFilter {
+        min_vcpus: Some(want.vcpus),
+        min_memory_mib: Some(want.memory_mib),
+        min_disk_gib: Some(want.disk_gib),
+        max_price_micros: opts.max_price_micros,
+        image: Some(opts.image.clone()),
+        ..Default::default()
+    };
+    let store = node.store.lock().unwrap_or_else(|p| p.into_inner());
+    let matching = store.query(&filter, now_unix_ms(), usize::MAX);
+    match &opts.provider {
+        ProviderChoice::Cheapest => {
+            let offer = matching.first().ok_or_else(|| {
+                RequestorError::NoOffer(format!(
+                    "nobody offers {} vCPU, {} MiB, {} GiB with image `{}`{} right now ({} adverts seen)",
+                    want.vcpus,
+                    want.memory_mib,
+                    want.disk_gib,
+                    opts.image,
+                    if opts.max_price_micros.is_some() { " within the price limit" } else { "" },
+                    store.len()
+                ))
+            })?;
+            Ok((offer.advert.body().clone(), offer.price_per_hour_micros, matching.len()))
+        }
+        ProviderChoice::Peer(peer) => {
+            let advert = store.get(peer).ok_or(RequestorError::UnknownProvider(*peer))?;
+            if let Some(offer) = matching.iter().find(|o| o.advert.body().provider == *peer) {
+                return Ok((offer.advert.body().clone(), offer.price_per_hour_micros, matching.len()));
+            }
+            let a = advert.body();
+            let p = &a.pricing;
+            let price = hourly_price_micros(p.per_vcpu_hour_micros, p.per_memory_gib_hour_micros, p.per_disk_gib_hour_micros, want)
+                .unwrap_or(u64::MAX);
+            Err(RequestorError::NoOffer(format!(
+                "provider {peer} does not match: free {} vCPU, {} MiB, {} GiB; images {}; price {} {} micro-units/hour",
+                a.resources.free.vcpus,
+                a.resources.free.memory_mib,
+                a.resources.free.disk_gib,
+                a.images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(","),
+                price,
+                p.currency
+            )))
+        }
+    }
+}
+
+/// Verifies a reply: signed by the provider we asked, to us, about this lease, answering
+/// exactly the message we sent.
+fn open_reply(
+    bytes: &[u8],
+    provider: PeerId,
+    me: PeerId,
+    id: LeaseId,
+    digest: [u8; 32],
+) -> Result<LeaseReply, RequestorError> {
+    let verified = Signed::<LeaseReply>::open(bytes).map_err(|e| RequestorError::BadReply(e.to_string()))?;
+    let reply = verified.body();
+    if reply.provider != provider {
+        return Err(RequestorError::BadReply(format!("signed by {}, not by the provider {provider}", reply.provider)));
+    }
+    if reply.in_reply_to != digest {
+        return Err(RequestorError::BadReply("it answers another message".into()));
+    }
+    // A denial of a message the provider could not open carries no lease id.
+    let denied_unparsed = matches!(reply.outcome, ReplyOutcome::Denied { .. }) && reply.lease_id == LeaseId([0; 16]);
+    if !denied_unparsed && (reply.lease_id != id || reply.requestor != me) {
+        return Err(RequestorError::BadReply("it is about another lease or requestor".into()));
+    }
+    Ok(reply.clone())
+}
+
+fn outcome_name(o: &ReplyOutcome) -> &'static str {
+    match o {
+        ReplyOutcome::Granted { .. } => "granted",
+        ReplyOutcome::Denied { .. } => "denied",
+        ReplyOutcome::Status { .. } => "status",
+        ReplyOutcome::Extended { .. } => "extended",
+        ReplyOutcome::Terminated { .. } => "terminated",
+    }
+}
+
+/// Usage as one line for humans.
+pub fn usage_line(u: &LeaseUsage) -> String {
+    format!(
+        "cpu {:.1} s, memory {} MiB (peak {} MiB), ssh in {} B / out {} B, up {} s",
+        u.cpu_usec as f64 / 1e6,
+        u.memory_current_bytes >> 20,
+        u.memory_peak_bytes >> 20,
+        u.net_rx_bytes,
+        u.net_tx_bytes,
+        u.uptime_secs
+    )
+}

@@ -1,0 +1,333 @@
+//! Process-level harness shared by the CLI tests: peervm processes over loopback, a
+//! provider config that runs real guests, and the "nothing left behind" inspection.
+//!
+//! Tests that run a provider need root, QEMU, iproute2, nftables and the minimal guest
+//! image (scripts/install-deps, scripts/build-guest-image). Missing any of them fails
+//! under CI=true (CI must run these tests) and skips with a printed reason otherwise.
+//! Each test gives its provider its own name prefix, address pool and SSH ports, so
+//! tests never touch each other's guests, nor a developer's `peervm` ones.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PEERVM: &str = env!("CARGO_BIN_EXE_peervm");
+
+/// A child process killed when dropped (also when a test fails).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit.
+    pub fn terminate(mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+pub fn image_dir() -> PathBuf {
+    let base = std::env::var_os("PEERVM_IMAGE_DIR").map(PathBuf::from).unwrap_or("/var/cache/peervm/images".into());
+    base.join("minimal")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// True when providers (real guests) can run here; otherwise prints why and returns
+/// false, or panics when CI=true.
+pub fn provider_env_ready(test: &str) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (network namespaces, nftables, cgroups)".to_string());
+    }
+    for tool in ["qemu-system-x86_64", "qemu-img", "ip", "nft"] {
+        if !have(tool) {
+            missing.push(format!("{tool} (scripts/install-deps)"));
+        }
+    }
+    if !image_dir().join("manifest.json").exists() {
+        missing.push(format!("the guest image at {} (scripts/build-guest-image)", image_dir().display()));
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: needs {}", missing.join(", "));
+    if in_ci() {
+        panic!("{msg} — CI=true, so this is a failure, not a skip");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
+    false
+}
+
+/// Guest tests of one binary run one at a time: TCG guests on a 2-core machine are slow
+/// enough without competing with another test's guests.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs a one-shot peervm command to completion.
+pub fn peervm(data: &Path, args: &[&str]) -> Output {
+    Command::new(PEERVM)
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("PEERVM_BOOTSTRAP")
+        .env_remove("PEERVM_PASSPHRASE")
+        .output()
+        .expect("run peervm")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Starts a long-lived peervm command with --json and returns it with its first line.
+pub fn spawn_json(args: &[&str], data: &Path) -> (Proc, serde_json::Value) {
+    let mut child = Command::new(PEERVM)
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .arg("--json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file(data)))
+        .spawn()
+        .expect("spawn peervm");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read startup line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+        panic!("bad startup line {line:?}: {e}; log:\n{}", std::fs::read_to_string(log_path(data)).unwrap_or_default())
+    });
+    (Proc(child), v)
+}
+
+/// A process's log sits next to its data dir (which the process creates 0700 itself).
+pub fn log_path(data: &Path) -> PathBuf {
+    data.with_extension("log")
+}
+
+fn log_file(data: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(log_path(data)).expect("log file")
+}
+
+pub fn start_bootstrap(root: &Path) -> (Proc, String) {
+    let (p, line) = spawn_json(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"], &root.join("bootstrap"));
+    let addr = line["listen_addrs"][0].as_str().expect("bootstrap address").to_string();
+    (p, addr)
+}
+
+/// Where a test's provider puts its guests: its own names, addresses and ports.
+#[derive(Clone, Debug)]
+pub struct Site {
+    /// Long name prefix (namespaces, nft tables, cgroups, QEMU names).
+    pub prefix: &'static str,
+    /// 2-letter interface prefix.
+    pub iface: &'static str,
+    /// The /24 of the address pool, e.g. "10.215.1".
+    pub net: &'static str,
+    pub port_min: u16,
+    pub vcpus: u32,
+    pub memory: &'static str,
+}
+
+impl Site {
+    pub fn config(&self, root: &Path, bootstrap: &str) -> PathBuf {
+        let path = root.join(format!("{}.toml", self.prefix));
+        let text = format!(
+            r#"
+[node]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+bootstrap = ["{bootstrap}"]
+[advert]
+region = "test"
+[ssh]
+host = "127.0.0.1"
+port_min = {port_min}
+port_max = {port_max}
+[resources]
+vcpus = {vcpus}
+memory = "{memory}"
+disk = "20GiB"
+[pricing]
+currency = "USD"
+per_vcpu_hour = "0.01"
+per_memory_gib_hour = "0.004"
+per_disk_gib_hour = "0.0001"
+[hypervisor]
+allow_tcg = true
+probe_kvm = false
+name_prefix = "{prefix}"
+iface_prefix = "{iface}"
+[network]
+pool = "{net}.0/24"
+egress = "deny"
+[leases]
+min_secs = 1
+[[images]]
+name = "minimal"
+dir = "{image}"
+"#,
+            port_min = self.port_min,
+            port_max = self.port_min + 15,
+            vcpus = self.vcpus,
+            memory = self.memory,
+            prefix = self.prefix,
+            iface = self.iface,
+            net = self.net,
+            image = image_dir().display()
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Starts `peervm provider run` with this site's config and data dir.
+    pub fn start(&self, root: &Path, bootstrap: &str) -> (Proc, String) {
+        let (p, line) = self.start_json(root, bootstrap);
+        (p, line["peer_id"].as_str().expect("peer id").to_string())
+    }
+
+    /// As `start`, returning the whole startup line (peer id and listen addresses).
+    pub fn start_json(&self, root: &Path, bootstrap: &str) -> (Proc, serde_json::Value) {
+        let config = self.config(root, bootstrap);
+        spawn_json(&["provider", "run", "--config", config.to_str().expect("utf8")], &self.data(root))
+    }
+
+    pub fn data(&self, root: &Path) -> PathBuf {
+        root.join(format!("data-{}", self.prefix))
+    }
+
+    /// Everything of this site's guests still on the host: namespaces, nft tables, host
+    /// interfaces, QEMU processes, cgroups and lease directories.
+    pub fn leftovers(&self, root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let run = |cmd: &str| {
+            Command::new("sh").args(["-c", cmd]).output().map(|o| stdout(&o)).unwrap_or_default()
+        };
+        let lease = format!("{}-", self.prefix);
+        for line in run("ip netns list").lines() {
+            if line.starts_with(&lease) {
+                out.push(format!("netns {line}"));
+            }
+        }
+        for line in run("nft list tables").lines() {
+            if line.contains(&lease) {
+                out.push(format!("nft {line}"));
+            }
+        }
+        for line in run("ip -o link show").lines() {
+            if let Some(name) = line.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("")) {
+                let rest = name.strip_prefix(self.iface).unwrap_or("");
+                if rest.len() == 12 && rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    out.push(format!("link {name}"));
+                }
+            }
+        }
+        // pgrep itself, not through a shell whose command line would match
+        let procs = Command::new("pgrep").args(["-af", &format!("qemu-system.*{lease}")]).output();
+        for line in procs.map(|o| stdout(&o)).unwrap_or_default().lines() {
+            out.push(format!("process {line}"));
+        }
+        for base in ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+            let dir = Path::new(base).join(self.prefix);
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(&lease) {
+                        out.push(format!("cgroup {}", e.path().display()));
+                    }
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.data(root).join("vmm/leases")) {
+            for e in entries.flatten() {
+                out.push(format!("lease dir {}", e.path().display()));
+            }
+        }
+        out
+    }
+
+    /// Waits (bounded) until nothing of this site's guests is left; returns what is.
+    pub fn wait_clean(&self, root: &Path, within: Duration) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let left = self.leftovers(root);
+            if left.is_empty() || start.elapsed() > within {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    pub fn log(&self, root: &Path) -> String {
+        std::fs::read_to_string(log_path(&self.data(root))).unwrap_or_default()
+    }
+}
+
+/// Polls `f` every 250 ms until it returns Some, for at most `within`.
+pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `peervm offers --json` through `bootstrap`.
+pub fn offers(bootstrap: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(PEERVM)
+        .args(["offers", "--bootstrap", bootstrap, "--json", "--timeout", "5"])
+        .env_remove("PEERVM_BOOTSTRAP")
+        .output()
+        .expect("run offers");
+    stdout(&out).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// The free vCPUs `provider` advertises, as seen through `bootstrap`.
+pub fn free_vcpus(bootstrap: &str, provider: &str) -> Option<u64> {
+    offers(bootstrap).iter().find(|o| o["provider"] == provider).and_then(|o| o["vcpus_free"].as_u64())
+}
+
+/// `peervm lease create` with JSON output; returns the lease JSON or panics with stderr.
+pub fn lease_create(data: &Path, bootstrap: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["lease", "create", "--bootstrap", bootstrap, "--json"];
+    args.extend_from_slice(extra);
+    let out = peervm(data, &args);
+    assert!(out.status.success(), "lease create failed: {}", stderr(&out));
+    serde_json::from_str(stdout(&out).trim()).unwrap_or_else(|e| panic!("bad lease JSON {:?}: {e}", stdout(&out)))
+}
