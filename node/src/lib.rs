@@ -1,7 +1,9 @@
 //! The peervm node: identity, the swarm and its advert store, the provider daemon, the
 //! requestor's offers command, and (growing) leases and the admin API.
 
+pub mod admin;
 pub mod advert_store;
+pub mod audit;
 pub mod config;
 pub mod keystore;
 pub mod lease;

@@ -199,6 +199,52 @@ enum ProviderCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The running provider's identity, capacity and lease counts (admin socket).
+    Status(AdminArgs),
+    /// Every lease the provider knows, newest first.
+    Leases(AdminArgs),
+    /// End a lease now (the operator's decision; the requestor's consent is not needed).
+    Terminate {
+        lease: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Cut a lease's guest off the network but keep it, its disk and console log for
+    /// inspection until you terminate it.
+    Isolate {
+        lease: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Block a requestor: its running leases end, its requests are denied, the swarm
+    /// refuses it.
+    Block {
+        peer: String,
+        #[arg(long, default_value = "blocked by the operator")]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    Unblock {
+        peer: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The blocked requestors.
+    Blocked(AdminArgs),
+    /// Stop accepting leases and signing adverts (running leases go on).
+    Lock(AdminArgs),
+    Unlock(AdminArgs),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The provider's config, to find its data dir (else --data-dir / the default).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Print the raw JSON reply.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -366,6 +412,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key(cmd) => key_cmd(cmd, &data_dir)?,
         Command::Bootstrap(args) => bootstrap(args, &data_dir).await?,
         Command::Provider(ProviderCommand::Run { config, key, json }) => {
+            // Every file and directory this daemon creates is private to its user.
+            // SAFETY: umask(2) only sets the process's file creation mask.
+            unsafe { libc::umask(0o077) };
             let config = ProviderConfig::load(&config)?;
             let data_dir = config.data_dir.clone().unwrap_or(data_dir);
             let key = load_or_init_key(&key.unwrap_or_else(|| paths::identity_key_path(&data_dir)))?;
@@ -379,6 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             startup::announce("provider", provider.node().peer_id, &provider.node().listen_addrs, json);
             provider.run_until_signal().await?;
         }
+        Command::Provider(cmd) => return admin_cmd(cmd, &data_dir).await,
         Command::Offers(args) => offers_cmd(args).await?,
         Command::Lease(cmd) => lease_cmd(cmd, &data_dir).await?,
         Command::Ssh { lease, args } => return ssh_cmd(&lease, &args, &data_dir),
@@ -389,6 +439,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let known_hosts = r.pin_host_key(&l)?;
             print!("{}", ssh::ssh_config_block(&r.ssh_target(&l)?, &known_hosts));
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn admin_cmd(cmd: ProviderCommand, data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use peervm_node::admin::{self, AdminRequest};
+    let (request, args) = match cmd {
+        ProviderCommand::Run { .. } => unreachable!("handled in run"),
+        ProviderCommand::Status(a) => (AdminRequest::Status, a),
+        ProviderCommand::Leases(a) => (AdminRequest::Leases, a),
+        ProviderCommand::Terminate { lease, admin } => (AdminRequest::Terminate { lease }, admin),
+        ProviderCommand::Isolate { lease, admin } => (AdminRequest::Isolate { lease }, admin),
+        ProviderCommand::Block { peer, reason, admin } => (AdminRequest::Block { peer, reason }, admin),
+        ProviderCommand::Unblock { peer, admin } => (AdminRequest::Unblock { peer }, admin),
+        ProviderCommand::Blocked(a) => (AdminRequest::Blocked, a),
+        ProviderCommand::Lock(a) => (AdminRequest::Lock, a),
+        ProviderCommand::Unlock(a) => (AdminRequest::Unlock, a),
+    };
+    let dir = match &args.config {
+        Some(path) => ProviderConfig::load(path)?.data_dir.unwrap_or_else(|| data_dir.to_path_buf()),
+        None => data_dir.to_path_buf(),
+    };
+    let reply = admin::call(&admin::socket_path(&dir), &request).await?;
+    if !reply.ok {
+        bail!("{}", reply.error.unwrap_or_else(|| "the provider refused".into()));
+    }
+    if args.json {
+        println!("{}", reply.result);
+    } else if let (AdminRequest::Leases, serde_json::Value::Array(list)) = (&request, &reply.result) {
+        if list.is_empty() {
+            println!("no leases");
+        } else {
+            println!("{:<32}  {:<12}  {:<8}  {:<14}  REQUESTOR", "LEASE", "STATE", "ISOLATED", "ENDS");
+            for l in list {
+                println!(
+                    "{:<32}  {:<12}  {:<8}  {:<14}  {}",
+                    l["lease"].as_str().unwrap_or("?"),
+                    l["state"].as_str().unwrap_or("?"),
+                    if l["isolated"].as_bool().unwrap_or(false) { "yes" } else { "" },
+                    format_time(l["ends_at_unix_ms"].as_u64().unwrap_or(0)),
+                    l["requestor"].as_str().unwrap_or("?"),
+                );
+            }
+        }
+    } else {
+        println!("{}", serde_json::to_string_pretty(&reply.result).unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -14,6 +14,8 @@ use peervm_vmm::{AccelPolicy, GuestImage, ProbeOptions, QemuHypervisor, QemuUser
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
+use crate::admin;
+use crate::audit::{self, AuditLog};
 use crate::config::ProviderConfig;
 use crate::lease::db::ProviderDb;
 use crate::lease::{LeaseManager, LeaseTerms};
@@ -45,6 +47,8 @@ pub enum ProviderError {
     Lease(#[from] crate::lease::LeaseError),
     #[error(transparent)]
     Fs(#[from] crate::secure_fs::SecureFsError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// The provider's concrete lease manager.
@@ -83,6 +87,8 @@ pub struct Provider {
     free_tx: watch::Sender<ResourceAmounts>,
     leases: ProviderLeases,
     lease_task: tokio::task::JoinHandle<()>,
+    admin_task: tokio::task::JoinHandle<()>,
+    admin_path: std::path::PathBuf,
 }
 
 impl Provider {
@@ -127,12 +133,14 @@ impl Provider {
             max_lease_secs: config.max_lease_secs,
         };
 
+        let audit = Arc::new(AuditLog::open(&data_dir.join("audit.log"), audit::DEFAULT_MAX_BYTES, audit::DEFAULT_KEEP)?);
         let (inbox_tx, inbox_rx) = mpsc::channel(64);
         let mut node_config = NodeConfig::new(SigningKey::from_seed(&key.seed()), Role::Provider);
         node_config.listen = config.listen.clone();
         node_config.bootstrap = config.bootstrap.clone();
         node_config.metrics = Some(metrics.clone());
         node_config.lease_inbox = Some(inbox_tx);
+        node_config.audit = Some(audit.clone());
         let node = Node::start(node_config).await?;
 
         let leases = LeaseManager::new(
@@ -143,15 +151,34 @@ impl Provider {
             free_tx.clone(),
             metrics,
             Some(node.client.clone()),
-        );
+        )
+        .with_audit(audit.clone());
+        leases.apply_block_list().await?;
         let report = leases.recover().await?;
         if !(report.adopted.is_empty() && report.failed.is_empty() && report.ended.is_empty()) {
             tracing::info!(adopted = report.adopted.len(), failed = report.failed.len(), ended = report.ended.len(),
                 removed = report.removed_objects.len(), "recovered the leases of the previous run");
         }
         let lease_task = tokio::spawn(leases.clone().run(inbox_rx));
-        let mut provider =
-            Provider { config, key, accel, seq: SeqSource::new(), node, free_tx, leases, lease_task };
+        let admin_path = admin::socket_path(data_dir);
+        let info = admin::NodeInfo {
+            peer_id: node.peer_id.to_string(),
+            listen_addrs: node.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            accel: vmm_accel.to_string(),
+        };
+        let admin_task = admin::serve(&admin_path, leases.clone(), info, Some(audit))?;
+        let mut provider = Provider {
+            config,
+            key,
+            accel,
+            seq: SeqSource::new(),
+            node,
+            free_tx,
+            leases,
+            lease_task,
+            admin_task,
+            admin_path,
+        };
         provider.publish(false).await?;
         Ok(provider)
     }
@@ -178,7 +205,13 @@ impl Provider {
         Ok(Signed::sign(&self.key, &advert)?)
     }
 
+    /// Signs and gossips the advert, unless the operator locked the provider: a locked
+    /// provider signs nothing new, and its last advert runs out at its expiry.
     async fn publish(&mut self, withdrawn: bool) -> Result<(), ProviderError> {
+        if self.leases.is_locked() {
+            tracing::info!("locked: not signing a new advert");
+            return Ok(());
+        }
         let advert = self.signed_advert(withdrawn)?;
         self.node.client.publish(advert).await?;
         Ok(())
@@ -212,6 +245,8 @@ impl Provider {
         tracing::info!("withdrawing advert before exit");
         self.publish(true).await?;
         self.lease_task.abort();
+        self.admin_task.abort();
+        let _ = std::fs::remove_file(&self.admin_path);
         self.node.stop().await;
         Ok(())
     }

@@ -92,6 +92,11 @@ pub trait Hypervisor: Send + Sync {
     /// every resource of the lease.
     fn stop(&self, lease: LeaseId) -> impl Future<Output = Result<(), VmmError>> + Send;
 
+    /// Incident response: cuts the guest off every network (its SSH port is closed and
+    /// its link is down) but keeps it running, with its disk and console log, for
+    /// inspection until `stop`.
+    fn isolate(&self, lease: LeaseId) -> impl Future<Output = Result<(), VmmError>> + Send;
+
     fn status(&self, lease: LeaseId) -> impl Future<Output = Result<VmStatus, VmmError>> + Send;
 
     fn usage(&self, lease: LeaseId) -> impl Future<Output = Result<VmUsage, VmmError>> + Send;

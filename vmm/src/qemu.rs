@@ -667,6 +667,16 @@ impl QemuHypervisor {
         }
     }
 
+    async fn isolate_lease(&self, lease: LeaseId) -> Result<(), VmmError> {
+        let rt = self.runtime(lease)?;
+        // closes the port and every open connection
+        drop(rt.forwarder.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let host_if = self.inner.config.names.host_if(&lease);
+        run("ip", &["link", "set", &host_if, "down"], None).await?;
+        tracing::warn!(%lease, "guest isolated: no network until it is stopped");
+        Ok(())
+    }
+
     async fn lease_status(&self, lease: LeaseId) -> Result<VmStatus, VmmError> {
         let rt = self.runtime(lease)?;
         let alive = rt.process.lock().await.is_alive();
@@ -868,6 +878,10 @@ impl Hypervisor for QemuHypervisor {
     }
 
     /// Runs in a task of its own, like `start`.
+    async fn isolate(&self, lease: LeaseId) -> Result<(), VmmError> {
+        self.isolate_lease(lease).await
+    }
+
     async fn stop(&self, lease: LeaseId) -> Result<(), VmmError> {
         let hv = self.clone();
         tokio::spawn(async move { hv.stop_lease(lease).await })

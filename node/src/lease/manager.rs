@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use super::db::{DbError, LeaseRecord, ProviderDb};
+use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::network::lease_wire::LeaseMessage;
 use crate::network::{InboundLease, NodeClient, now_unix_ms};
@@ -54,6 +55,8 @@ pub enum LeaseError {
     Sign(#[from] peervm_protocol::SignError),
     #[error("unknown lease {0}")]
     UnknownLease(LeaseId),
+    #[error("lease {id} is {state:?}, not running")]
+    NotRunning { id: LeaseId, state: LeaseState },
 }
 
 /// What `recover` found and did at start.
@@ -111,6 +114,7 @@ struct Inner<H> {
     ending: Mutex<HashSet<LeaseId>>,
     /// Leases already warned about for sitting at their memory limit.
     memory_warned: Mutex<HashSet<LeaseId>>,
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
@@ -138,7 +142,23 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 admission: tokio::sync::Mutex::new(()),
                 ending: Mutex::new(HashSet::new()),
                 memory_warned: Mutex::new(HashSet::new()),
+                audit: None,
             }),
+        }
+    }
+
+    /// Records every lease message, its outcome and the operator's actions in `audit`.
+    /// Call before the manager is cloned or run.
+    pub fn with_audit(mut self, audit: Arc<AuditLog>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.audit = Some(audit);
+        }
+        self
+    }
+
+    fn audit(&self, event: &str, fields: serde_json::Value) {
+        if let Some(a) = &self.inner.audit {
+            a.record(event, fields);
         }
     }
 
@@ -177,6 +197,10 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         report.removed_objects = reconciled.removed_objects;
         for record in active {
             if adopted.contains(&record.id.0) {
+                if record.isolated {
+                    // the restart re-opened its port: cut it off again
+                    self.inner.hv.isolate(vmm_id(&record.id)).await?;
+                }
                 report.adopted.push(record.id);
                 continue;
             }
@@ -229,17 +253,34 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
 
     /// Answers one lease message with a signed reply.
     pub async fn handle(&self, peer: PeerId, message: &LeaseMessage, throttled: bool) -> Vec<u8> {
-        let (to, outcome) = match message {
-            LeaseMessage::Request(env) => self.on_request(peer, &env.0, throttled).await,
-            LeaseMessage::Control(env) => self.on_control(peer, &env.0, throttled).await,
+        let (event, (to, outcome)) = match message {
+            LeaseMessage::Request(env) => ("lease_request", self.on_request(peer, &env.0, throttled).await),
+            LeaseMessage::Control(env) => ("lease_control", self.on_control(peer, &env.0, throttled).await),
         };
         let label = match &outcome {
-            Ok(ReplyOutcome::Denied { reason, .. }) => reason.as_str(),
             Ok(ReplyOutcome::Granted { .. }) => "granted",
-            Ok(_) => "ok",
+            Ok(ReplyOutcome::Status { .. }) => "status",
+            Ok(ReplyOutcome::Extended { .. }) => "extended",
+            Ok(ReplyOutcome::Terminated { .. }) => "terminated",
+            Ok(ReplyOutcome::Denied { reason, .. }) => reason.as_str(),
             Err(d) => d.reason.as_str(),
         };
         self.inner.metrics.lease_message(label);
+        // Throttled messages are counted in metrics, not written one by one: a flood
+        // must not become a flood of the audit log.
+        if !throttled {
+            self.audit(
+                event,
+                serde_json::json!({
+                    "peer": peer.to_string(),
+                    "requestor": to.requestor.to_string(),
+                    "lease": to.lease_id.to_hex(),
+                    "outcome": if outcome.is_ok() { label } else { "denied" },
+                    "reason": outcome.as_ref().err().map(|d| d.reason.as_str()),
+                    "detail": outcome.as_ref().err().map(|d| d.detail.as_str()),
+                }),
+            );
+        }
         let outcome = outcome.unwrap_or_else(|d| {
             let mut detail = d.detail;
             truncate(&mut detail, MAX_DETAIL);
@@ -559,6 +600,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             Err(e) => return Err(internal(e)),
         }
         match &c.action {
+            ControlAction::Terminate | ControlAction::Extend { .. } if record.isolated => {
+                Err(deny(DenyReason::Blocked, "the lease is held by the provider's operator for inspection"))
+            }
             ControlAction::Status => {
                 let usage = if record.state == LeaseState::Running { self.usage(&record.id).await } else { None };
                 Ok(ReplyOutcome::Status { state: record.state, ends_at_unix_ms: record.ends_at_unix_ms, usage })
@@ -645,6 +689,62 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         tracing::info!(lease = %id, %reason, "lease ended");
     }
 
+    /// Incident response: the requestor's running leases end, its new requests get a
+    /// signed `blocked` denial (persisted across restarts), and its adverts, should it
+    /// also be a provider, are no longer stored or forwarded.
+    pub async fn block(&self, peer: PeerId, reason: &str) -> Result<Vec<LeaseId>, LeaseError> {
+        let inner = &self.inner;
+        inner.db.block(&peer, reason, now_unix_ms())?;
+        if let Some(network) = &inner.network {
+            let _ = network.block_adverts(peer, true).await;
+        }
+        let mut ended = Vec::new();
+        for record in inner.db.active()? {
+            if record.requestor == peer {
+                self.end(record.id, &format!("requestor blocked by the operator: {reason}")).await?;
+                ended.push(record.id);
+            }
+        }
+        tracing::warn!(%peer, %reason, ended = ended.len(), "requestor blocked");
+        Ok(ended)
+    }
+
+    pub async fn unblock(&self, peer: PeerId) -> Result<bool, LeaseError> {
+        let was = self.inner.db.unblock(&peer)?;
+        if let Some(network) = &self.inner.network {
+            let _ = network.block_adverts(peer, false).await;
+        }
+        Ok(was)
+    }
+
+    /// Re-applies the persisted block list to the swarm (at start).
+    pub async fn apply_block_list(&self) -> Result<usize, LeaseError> {
+        let blocked = self.inner.db.blocked()?;
+        if let Some(network) = &self.inner.network {
+            for (peer, _, _) in &blocked {
+                let _ = network.block_adverts(*peer, true).await;
+            }
+        }
+        Ok(blocked.len())
+    }
+
+    /// Cuts a running lease's guest off the network and keeps it, its disk and console
+    /// log as evidence: it no longer expires, and only the operator can end it.
+    pub async fn isolate(&self, id: LeaseId) -> Result<(), LeaseError> {
+        let inner = &self.inner;
+        let record = inner.db.get(&id)?.ok_or(LeaseError::UnknownLease(id))?;
+        if record.state != LeaseState::Running {
+            return Err(LeaseError::NotRunning { id, state: record.state });
+        }
+        inner.db.set_isolated(&id, true)?;
+        inner.hv.isolate(vmm_id(&id)).await?;
+        Ok(())
+    }
+
+    pub fn list(&self, limit: usize) -> Result<Vec<LeaseRecord>, LeaseError> {
+        Ok(self.inner.db.list(limit)?)
+    }
+
     fn end_expired(&self) {
         let now = now_unix_ms();
         let active = match self.inner.db.active() {
@@ -655,7 +755,8 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             }
         };
         for record in active {
-            if record.state == LeaseState::Running && record.ends_at_unix_ms <= now {
+            // An isolated lease is evidence: it waits for the operator.
+            if record.state == LeaseState::Running && record.ends_at_unix_ms <= now && !record.isolated {
                 let this = self.clone();
                 tokio::spawn(async move {
                     if let Err(e) = this.end(record.id, "expired").await {
@@ -711,6 +812,11 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             memory_mib: total.memory_mib.saturating_sub(used.memory_mib),
             disk_gib: total.disk_gib.saturating_sub(used.disk_gib),
         })
+    }
+
+    /// Free capacity as last computed (what the advert shows).
+    pub fn free_capacity_now(&self) -> ResourceAmounts {
+        *self.inner.capacity.borrow()
     }
 
     /// Recomputes free capacity from the leases that hold resources; the advert follows.

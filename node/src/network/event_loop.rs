@@ -62,6 +62,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         commands: rx,
         self_tx: tx.clone(),
         lease_inbox: config.lease_inbox.clone(),
+        audit: config.audit.clone(),
         lease_channels: HashMap::new(),
         next_lease_channel: 0,
         lease_calls: HashMap::new(),
@@ -152,6 +153,7 @@ struct EventLoop {
     /// Given to lease responders, which answer through the command channel.
     self_tx: mpsc::Sender<Command>,
     lease_inbox: Option<mpsc::Sender<InboundLease>>,
+    audit: Option<Arc<crate::audit::AuditLog>>,
     /// Open inbound lease streams waiting for the manager's reply.
     lease_channels: HashMap<u64, request_response::ResponseChannel<Envelope>>,
     next_lease_channel: u64,
@@ -301,7 +303,14 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().lease.send_response(channel, Envelope(reply));
                 }
             }
-            Command::ReportInvalid { peer } => self.lease_invalid(peer),
+            Command::ReportInvalid { peer } => self.invalid(peer, "lease"),
+            Command::BlockAdverts { peer, blocked } => {
+                if blocked {
+                    self.store().block(peer);
+                } else {
+                    self.store().unblock(&peer);
+                }
+            }
             Command::BlockPeer { peer } => {
                 self.blocked.insert(peer);
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
@@ -359,9 +368,23 @@ impl EventLoop {
         }
     }
 
+    fn audit(&self, event: &str, fields: serde_json::Value) {
+        if let Some(a) = &self.audit {
+            a.record(event, fields);
+        }
+    }
+
+    /// Counts an invalid signature or malformed message from `peer` on `api`.
+    fn invalid(&mut self, peer: PeerId, api: &str) {
+        self.audit("signature_failure", serde_json::json!({"peer": peer.to_string(), "api": api}));
+        let verdict = self.guard.invalid(peer, Instant::now());
+        self.ban_if(peer, verdict);
+    }
+
     fn ban_if(&mut self, peer: PeerId, verdict: Verdict) {
         if verdict == Verdict::Ban {
             tracing::warn!(%peer, "banning peer for repeated invalid or excessive messages");
+            self.audit("ban", serde_json::json!({"peer": peer.to_string()}));
             self.metrics.peers_banned.inc();
             self.swarm.behaviour_mut().blocked.block_peer(peer);
             self.emit(NodeEvent::PeerBanned(peer));
@@ -460,8 +483,7 @@ impl EventLoop {
             Err(e) => {
                 self.metrics.rejected(if e.is_misbehaviour() { "bad_signature" } else { "version" });
                 if e.is_misbehaviour() {
-                    let verdict = self.guard.invalid(source, now_instant);
-                    self.ban_if(source, verdict);
+                    self.invalid(source, "gossip");
                     return MessageAcceptance::Reject;
                 }
                 return MessageAcceptance::Ignore;
@@ -478,8 +500,7 @@ impl EventLoop {
             Err(e) => {
                 self.metrics.rejected(e.reason());
                 if e.is_misbehaviour() {
-                    let verdict = self.guard.invalid(source, now_instant);
-                    self.ban_if(source, verdict);
+                    self.invalid(source, "gossip");
                     MessageAcceptance::Reject
                 } else {
                     MessageAcceptance::Ignore
@@ -566,12 +587,6 @@ impl EventLoop {
         }
     }
 
-    /// Counts a lease message the manager found invalid (bad signature, malformed) against
-    /// its sender.
-    fn lease_invalid(&mut self, peer: PeerId) {
-        let verdict = self.guard.invalid(peer, Instant::now());
-        self.ban_if(peer, verdict);
-    }
 
     fn serve_sync(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {
         let (allowed, verdict) = self.guard.allow(peer, Api::Sync, Instant::now());
@@ -596,10 +611,8 @@ impl EventLoop {
             }
         };
         session.pages += 1;
-        let now_instant = Instant::now();
         if adverts.len() > sync::MAX_PAGE_ITEMS as usize {
-            let verdict = self.guard.invalid(peer, now_instant);
-            self.ban_if(peer, verdict);
+            self.invalid(peer, "sync");
             self.finish_sync(session, Err(NetworkError::Stopped));
             return;
         }
@@ -644,8 +657,7 @@ impl EventLoop {
             self.emit(NodeEvent::AdvertStored { provider, outcome });
         }
         for _ in 0..invalid.min(10) {
-            let verdict = self.guard.invalid(peer, now_instant);
-            self.ban_if(peer, verdict);
+            self.invalid(peer, "sync");
         }
         match next {
             Some(after) if session.pages < MAX_SYNC_PAGES && self.swarm.is_connected(&peer) => {

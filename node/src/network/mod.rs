@@ -50,6 +50,8 @@ pub struct NodeConfig {
     /// Where inbound `/peervm/lease/1` messages go (providers). `None`: the node only
     /// sends lease messages.
     pub lease_inbox: Option<mpsc::Sender<InboundLease>>,
+    /// Where signature failures and bans are recorded.
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl NodeConfig {
@@ -65,6 +67,7 @@ impl NodeConfig {
             metrics: None,
             sweep_interval: Duration::from_secs(1),
             lease_inbox: None,
+            audit: None,
         }
     }
 }
@@ -145,6 +148,7 @@ pub(crate) enum Command {
     LeaseRespond { id: u64, reply: Vec<u8> },
     ReportInvalid { peer: PeerId },
     BlockPeer { peer: PeerId },
+    BlockAdverts { peer: PeerId, blocked: bool },
     UnblockPeer { peer: PeerId },
     Shutdown { reply: oneshot::Sender<()> },
 }
@@ -201,6 +205,12 @@ impl NodeClient {
     /// Blocks `peer`: disconnects it, refuses its connections, and drops its adverts.
     pub async fn block_peer(&self, peer: PeerId) -> Result<(), NetworkError> {
         self.tx.send(Command::BlockPeer { peer }).await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Stops (or resumes) storing, showing and forwarding `peer`'s adverts, without
+    /// refusing its connections (a blocked requestor still hears its signed denial).
+    pub async fn block_adverts(&self, peer: PeerId, blocked: bool) -> Result<(), NetworkError> {
+        self.tx.send(Command::BlockAdverts { peer, blocked }).await.map_err(|_| NetworkError::Stopped)
     }
 
     pub async fn unblock_peer(&self, peer: PeerId) -> Result<(), NetworkError> {
