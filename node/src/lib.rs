@@ -5,6 +5,7 @@ pub mod admin;
 pub mod advert_store;
 pub mod audit;
 pub mod config;
+pub mod doctor;
 pub mod keystore;
 pub mod lease;
 pub mod metrics;

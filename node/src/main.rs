@@ -62,6 +62,15 @@ enum Command {
     },
     /// Print a Host block for ~/.ssh/config that reaches a lease's guest.
     SshConfig { lease: String },
+    /// Check this machine against the provider checklist: each line pass / warn / fail
+    /// with its fix. Exits non-zero when something fails.
+    Doctor {
+        /// Provider config (TOML).
+        #[arg(long, value_name = "PATH", default_value = "/etc/peervm/provider.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -433,6 +442,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lease(cmd) => lease_cmd(cmd, &data_dir).await?,
         Command::Ssh { lease, args } => return ssh_cmd(&lease, &args, &data_dir),
         Command::Exec { lease, command } => return exec_cmd(&lease, &command, &data_dir).await,
+        Command::Doctor { config, json } => {
+            let config = ProviderConfig::load(&config)?;
+            let dir = config.data_dir.clone().unwrap_or(data_dir.clone());
+            let checks = peervm_node::doctor::run(&config, &dir).await;
+            if json {
+                println!("{}", serde_json::to_string(&checks)?);
+            } else {
+                print!("{}", peervm_node::doctor::render(&checks));
+            }
+            if checks.iter().any(|c| c.verdict == peervm_node::doctor::Verdict::Fail) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::SshConfig { lease } => {
             let r = requestor(&data_dir)?;
             let l = r.db().find(&lease)?;
