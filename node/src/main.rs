@@ -88,15 +88,23 @@ enum LeaseCommand {
         lease: String,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        swarm: SwarmArgs,
     },
     /// Make a lease longer, e.g. `--by 1h`.
     Extend {
         lease: String,
         #[arg(long, value_name = "DURATION")]
         by: String,
+        #[command(flatten)]
+        swarm: SwarmArgs,
     },
     /// End a lease now: the provider stops the guest and frees everything.
-    Terminate { lease: String },
+    Terminate {
+        lease: String,
+        #[command(flatten)]
+        swarm: SwarmArgs,
+    },
 }
 
 #[derive(Args)]
@@ -561,10 +569,10 @@ async fn lease_cmd(cmd: LeaseCommand, data_dir: &std::path::Path) -> anyhow::Res
             }
             Ok(())
         }
-        LeaseCommand::Status { lease, json } => {
+        LeaseCommand::Status { lease, json, swarm } => {
             let r = requestor(data_dir)?;
             let l = r.db().find(&lease)?;
-            match r.control(&l, ControlAction::Status).await? {
+            match r.control(&l, ControlAction::Status, &multiaddrs(&swarm.bootstrap)?).await? {
                 ReplyOutcome::Status { state, ends_at_unix_ms, usage } => {
                     if json {
                         println!(
@@ -591,11 +599,11 @@ async fn lease_cmd(cmd: LeaseCommand, data_dir: &std::path::Path) -> anyhow::Res
                 other => bail!("{}", describe_outcome(&other)),
             }
         }
-        LeaseCommand::Extend { lease, by } => {
+        LeaseCommand::Extend { lease, by, swarm } => {
             let secs = units::parse_duration_secs(&by)?;
             let r = requestor(data_dir)?;
             let l = r.db().find(&lease)?;
-            match r.control(&l, ControlAction::Extend { additional_secs: secs }).await? {
+            match r.control(&l, ControlAction::Extend { additional_secs: secs }, &multiaddrs(&swarm.bootstrap)?).await? {
                 ReplyOutcome::Extended { ends_at_unix_ms } => {
                     println!("lease {} now ends {}", l.id, format_time(ends_at_unix_ms));
                     Ok(())
@@ -603,10 +611,10 @@ async fn lease_cmd(cmd: LeaseCommand, data_dir: &std::path::Path) -> anyhow::Res
                 other => bail!("{}", describe_outcome(&other)),
             }
         }
-        LeaseCommand::Terminate { lease } => {
+        LeaseCommand::Terminate { lease, swarm } => {
             let r = requestor(data_dir)?;
             let l = r.db().find(&lease)?;
-            match r.control(&l, ControlAction::Terminate).await? {
+            match r.control(&l, ControlAction::Terminate, &multiaddrs(&swarm.bootstrap)?).await? {
                 ReplyOutcome::Terminated { .. } => {
                     println!("lease {} terminated", l.id);
                     Ok(())

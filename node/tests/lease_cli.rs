@@ -180,7 +180,10 @@ fn provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it() {
     let (_provider, again) = site.start(root, &boot);
     assert_eq!(again, provider_id, "same identity after restart");
 
-    let st = status_json(&req, &id);
+    // It listens on a new port now: the requestor finds it again through the swarm.
+    let out = peervm(&req, &["lease", "status", &id, "--json", "--bootstrap", &boot]);
+    assert!(out.status.success(), "status after restart: {}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     match st["state"].as_str() {
         Some("running") => {
             let out = peervm(&req, &["exec", &id, "--", "echo", "after"]);

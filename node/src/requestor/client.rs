@@ -289,12 +289,30 @@ impl Requestor {
         }
     }
 
-    /// Sends one control message about `lease` to its provider (dialed directly at the
-    /// addresses stored with the lease) and returns the verified outcome.
-    pub async fn control(&self, lease: &StoredLease, action: ControlAction) -> Result<ReplyOutcome, RequestorError> {
+    /// Sends one control message about `lease` to its provider, dialed directly at the
+    /// addresses stored with the lease; when that fails and `bootstrap` is given, finds
+    /// the provider's current addresses through the swarm and tries there. Returns the
+    /// verified outcome.
+    pub async fn control(
+        &self,
+        lease: &StoredLease,
+        action: ControlAction,
+        bootstrap: &[Multiaddr],
+    ) -> Result<ReplyOutcome, RequestorError> {
         let node = direct_node(&self.key).await?;
-        let result = self.control_on(&node, lease.provider, &lease.provider_addrs, lease.id, action).await;
+        let mut result = self.control_on(&node, lease.provider, &lease.provider_addrs, lease.id, action.clone()).await;
         node.stop().await;
+        if matches!(result, Err(RequestorError::Network(_))) && !bootstrap.is_empty() {
+            let key = SigningKey::from_seed(&self.key.seed());
+            let node = offers::join_as(key, bootstrap, Duration::from_secs(10)).await?;
+            let fresh = node.store.lock().unwrap_or_else(|p| p.into_inner()).get(&lease.provider).cloned();
+            if let Some(advert) = fresh {
+                let addrs = advert.body().listen_addrs.clone();
+                self.db.set_provider_addrs(&lease.id, &addrs)?;
+                result = self.control_on(&node, lease.provider, &addrs, lease.id, action).await;
+            }
+            node.stop().await;
+        }
         let outcome = result?;
         match &outcome {
             ReplyOutcome::Status { state, ends_at_unix_ms, .. } => {

@@ -246,6 +246,24 @@ impl RequestorDb {
         )
     }
 
+    /// Replaces the provider's addresses (it moved: found again through the swarm).
+    pub fn set_provider_addrs(&self, id: &LeaseId, addrs: &[Multiaddr]) -> Result<(), RequestorDbError> {
+        let addrs: Vec<Vec<u8>> = addrs.iter().map(|a| a.to_vec()).collect();
+        self.db.run(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM provider_addrs WHERE lease_id = ?1", [id.0])?;
+            for (pos, addr) in addrs.iter().enumerate() {
+                let pos = i64::try_from(pos).unwrap_or(i64::MAX);
+                tx.execute(
+                    "INSERT INTO provider_addrs (lease_id, pos, addr) VALUES (?1, ?2, ?3)",
+                    params![id.0, pos, addr],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     /// Replaces the pinned host key of a granted lease; `NotGranted` before the grant.
     pub fn set_host_key(&self, id: &LeaseId, host_key: [u8; 32]) -> Result<(), RequestorDbError> {
         self.update_access(id, "UPDATE leases SET host_key = ?2 WHERE id = ?1 AND grant_reply IS NOT NULL", host_key)
