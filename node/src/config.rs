@@ -270,7 +270,10 @@ impl ProviderConfig {
         }
         let min_lease_secs = raw.leases.min_secs.unwrap_or(60);
         let max_lease_secs = raw.leases.max_secs.unwrap_or(peervm_protocol::lease::MAX_LEASE_SECS);
-        if min_lease_secs == 0 || min_lease_secs > max_lease_secs || max_lease_secs > peervm_protocol::lease::MAX_LEASE_SECS {
+        if min_lease_secs == 0
+            || min_lease_secs > max_lease_secs
+            || max_lease_secs > peervm_protocol::lease::MAX_LEASE_SECS
+        {
             return Err(invalid(
                 "leases",
                 format!(

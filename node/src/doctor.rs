@@ -51,13 +51,7 @@ fn command_ok(program: &str, args: &[&str]) -> Result<String, String> {
 
 /// Runs every check for the provider configured by `config` with data in `data_dir`.
 pub async fn run(config: &ProviderConfig, data_dir: &Path) -> Vec<Check> {
-    let mut checks = vec![
-        check_root(),
-        check_qemu(),
-        check_cgroups(),
-        check_nftables(),
-        check_namespaces(),
-    ];
+    let mut checks = vec![check_root(), check_qemu(), check_cgroups(), check_nftables(), check_namespaces()];
     let images = check_images(config, &mut checks);
     checks.push(check_kvm(config, images.first()).await);
     checks.extend(check_files(data_dir));
@@ -72,7 +66,11 @@ fn check_root() -> Check {
     if unsafe { libc::geteuid() } == 0 {
         pass("privileges", "running as root (namespaces, nftables and cgroups need it; QEMU runs unprivileged)")
     } else {
-        fail("privileges", "not root", "run the provider (and doctor) as root; guests run as the unprivileged peervm-qemu user")
+        fail(
+            "privileges",
+            "not root",
+            "run the provider (and doctor) as root; guests run as the unprivileged peervm-qemu user",
+        )
     }
 }
 
@@ -86,18 +84,23 @@ fn check_qemu() -> Check {
 fn check_cgroups() -> Check {
     match peervm_vmm::CgroupLayout::detect() {
         Ok(peervm_vmm::CgroupLayout::V2 { root }) => pass("cgroups", format!("v2 at {}", root.display())),
-        Ok(peervm_vmm::CgroupLayout::V1 { cpu, memory, pids, .. }) => pass(
-            "cgroups",
-            format!("v1: cpu {}, memory {}, pids {}", cpu.display(), memory.display(), pids.display()),
-        ),
-        Err(e) => fail("cgroups", e.to_string(), "mount the cgroup v2 hierarchy (or v1 cpu, memory and pids controllers)"),
+        Ok(peervm_vmm::CgroupLayout::V1 { cpu, memory, pids, .. }) => {
+            pass("cgroups", format!("v1: cpu {}, memory {}, pids {}", cpu.display(), memory.display(), pids.display()))
+        }
+        Err(e) => {
+            fail("cgroups", e.to_string(), "mount the cgroup v2 hierarchy (or v1 cpu, memory and pids controllers)")
+        }
     }
 }
 
 fn check_nftables() -> Check {
     match command_ok("nft", &["list", "tables"]) {
         Ok(_) => pass("nftables", "nft answers"),
-        Err(e) => fail("nftables", format!("nft does not work: {e}"), "install nftables (scripts/install-deps) and run as root"),
+        Err(e) => fail(
+            "nftables",
+            format!("nft does not work: {e}"),
+            "install nftables (scripts/install-deps) and run as root",
+        ),
     }
 }
 
@@ -114,7 +117,10 @@ fn check_images(config: &ProviderConfig, checks: &mut Vec<Check>) -> Vec<peervm_
     for img in &config.images {
         match peervm_vmm::GuestImage::open(&img.dir) {
             Ok(opened) if opened.manifest_sha256() == img.manifest_sha256 => {
-                checks.push(pass("image", format!("{}: every file matches its sha256 ({})", img.name, img.dir.display())));
+                checks.push(pass(
+                    "image",
+                    format!("{}: every file matches its sha256 ({})", img.name, img.dir.display()),
+                ));
                 ok.push(opened);
             }
             Ok(_) => checks.push(fail(
@@ -140,11 +146,8 @@ async fn check_kvm(config: &ProviderConfig, image: Option<&peervm_vmm::GuestImag
         Ok(u) => u,
         Err(_) => peervm_vmm::QemuUser::root(),
     };
-    let opts = peervm_vmm::ProbeOptions {
-        qemu_binary: "qemu-system-x86_64".into(),
-        user,
-        deadline: Duration::from_secs(20),
-    };
+    let opts =
+        peervm_vmm::ProbeOptions { qemu_binary: "qemu-system-x86_64".into(), user, deadline: Duration::from_secs(20) };
     match peervm_vmm::probe_kvm(image, &opts).await {
         peervm_vmm::KvmProbe::Usable { boot_time } => {
             pass("kvm", format!("a probe guest booted under KVM in {} ms", boot_time.as_millis()))
@@ -261,7 +264,13 @@ fn check_reachability(config: &ProviderConfig) -> Check {
     } else {
         pass(
             "reachability",
-            format!("listening on {} public address(es); SSH ports {}-{} on {}", config.listen.len(), config.ssh.port_min, config.ssh.port_max, config.ssh.host),
+            format!(
+                "listening on {} public address(es); SSH ports {}-{} on {}",
+                config.listen.len(),
+                config.ssh.port_min,
+                config.ssh.port_max,
+                config.ssh.host
+            ),
         )
     }
 }

@@ -554,7 +554,9 @@ async fn lease_cmd(cmd: LeaseCommand, data_dir: &std::path::Path) -> anyhow::Res
                 println!("{:<12}  {:<10}  {:<14}  {:<24}  PROVIDER", "LEASE", "STATE", "ENDS", "SSH");
                 for l in &leases {
                     let (ends, ssh) = match &l.access {
-                        Some(a) => (format_time(a.ends_at_unix_ms), format!("{}@{}:{}", a.ssh_user, a.ssh_host, a.ssh_port)),
+                        Some(a) => {
+                            (format_time(a.ends_at_unix_ms), format!("{}@{}:{}", a.ssh_user, a.ssh_host, a.ssh_port))
+                        }
                         None => ("-".into(), "-".into()),
                     };
                     println!(
@@ -603,7 +605,8 @@ async fn lease_cmd(cmd: LeaseCommand, data_dir: &std::path::Path) -> anyhow::Res
             let secs = units::parse_duration_secs(&by)?;
             let r = requestor(data_dir)?;
             let l = r.db().find(&lease)?;
-            match r.control(&l, ControlAction::Extend { additional_secs: secs }, &multiaddrs(&swarm.bootstrap)?).await? {
+            match r.control(&l, ControlAction::Extend { additional_secs: secs }, &multiaddrs(&swarm.bootstrap)?).await?
+            {
                 ReplyOutcome::Extended { ends_at_unix_ms } => {
                     println!("lease {} now ends {}", l.id, format_time(ends_at_unix_ms));
                     Ok(())
@@ -709,7 +712,9 @@ async fn lease_create(args: CreateArgs, data_dir: &std::path::Path) -> anyhow::R
     let lease = r
         .create(&opts, |stage, at| {
             let line = match stage {
-                Stage::Joined { peers, offers } => format!("joined the swarm ({peers} peers, {offers} matching offers)"),
+                Stage::Joined { peers, offers } => {
+                    format!("joined the swarm ({peers} peers, {offers} matching offers)")
+                }
                 Stage::Chose { provider, price_per_hour_micros, currency } => {
                     format!("chose {provider} at {} {currency}/hour", units::format_micros(*price_per_hour_micros))
                 }
@@ -728,7 +733,11 @@ async fn lease_create(args: CreateArgs, data_dir: &std::path::Path) -> anyhow::R
     } else {
         let target = r.ssh_target(&lease)?;
         let known_hosts = r.known_hosts_path(&lease.id);
-        println!("lease {} is running until {}", lease.id, format_time(lease.access.as_ref().map_or(0, |a| a.ends_at_unix_ms)));
+        println!(
+            "lease {} is running until {}",
+            lease.id,
+            format_time(lease.access.as_ref().map_or(0, |a| a.ends_at_unix_ms))
+        );
         println!("connect with:  peervm ssh {}", &lease.id.to_hex()[..12]);
         println!("or:            ssh {}", ssh::openssh_args(&target, &known_hosts, &[]).join(" "));
     }

@@ -60,7 +60,11 @@ impl Metrics {
         r.register("peers_connected", "Connected peers", self.peers_connected.clone());
         r.register("rate_limited", "Messages dropped by per-peer rate limits, by API", self.rate_limited.clone());
         r.register("peers_banned", "Peers banned for misbehaviour", self.peers_banned.clone());
-        r.register("lease_messages", "Lease requests and control messages answered, by outcome", self.lease_messages.clone());
+        r.register(
+            "lease_messages",
+            "Lease requests and control messages answered, by outcome",
+            self.lease_messages.clone(),
+        );
         r.register("leases_started", "Leases whose guest came up", self.leases_started.clone());
         r.register("leases_running", "Leases running now", self.leases_running.clone());
         r.register("lease_cpu_usec", "CPU time of a lease's guest (microseconds)", self.lease_cpu_usec.clone());

@@ -133,7 +133,8 @@ impl Provider {
             max_lease_secs: config.max_lease_secs,
         };
 
-        let audit = Arc::new(AuditLog::open(&data_dir.join("audit.log"), audit::DEFAULT_MAX_BYTES, audit::DEFAULT_KEEP)?);
+        let audit =
+            Arc::new(AuditLog::open(&data_dir.join("audit.log"), audit::DEFAULT_MAX_BYTES, audit::DEFAULT_KEEP)?);
         let (inbox_tx, inbox_rx) = mpsc::channel(64);
         let mut node_config = NodeConfig::new(SigningKey::from_seed(&key.seed()), Role::Provider);
         node_config.listen = config.listen.clone();
@@ -156,8 +157,13 @@ impl Provider {
         leases.apply_block_list().await?;
         let report = leases.recover().await?;
         if !(report.adopted.is_empty() && report.failed.is_empty() && report.ended.is_empty()) {
-            tracing::info!(adopted = report.adopted.len(), failed = report.failed.len(), ended = report.ended.len(),
-                removed = report.removed_objects.len(), "recovered the leases of the previous run");
+            tracing::info!(
+                adopted = report.adopted.len(),
+                failed = report.failed.len(),
+                ended = report.ended.len(),
+                removed = report.removed_objects.len(),
+                "recovered the leases of the previous run"
+            );
         }
         let lease_task = tokio::spawn(leases.clone().run(inbox_rx));
         let admin_path = admin::socket_path(data_dir);

@@ -98,14 +98,30 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     let mut ended: Vec<String> =
         blocked["ended_leases"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     ended.sort();
-    let mut expected = vec![first["lease"].as_str().unwrap().to_string(), second["lease"].as_str().unwrap().to_string()];
+    let mut expected =
+        vec![first["lease"].as_str().unwrap().to_string(), second["lease"].as_str().unwrap().to_string()];
     expected.sort();
     assert_eq!(ended, expected);
     let left = site.wait_clean(root, Duration::from_secs(30));
     assert!(left.is_empty(), "left behind: {left:?}");
 
-    let out = peervm(&req, &["lease", "create", "--bootstrap", &boot, "--provider", &provider_id, "--memory", "256MiB",
-        "--disk", "1GiB", "--duration", "10m"]);
+    let out = peervm(
+        &req,
+        &[
+            "lease",
+            "create",
+            "--bootstrap",
+            &boot,
+            "--provider",
+            &provider_id,
+            "--memory",
+            "256MiB",
+            "--disk",
+            "1GiB",
+            "--duration",
+            "10m",
+        ],
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("blocked"), "{}", stderr(&out));
     assert_eq!(site.leftovers(root), Vec::<String>::new(), "a denied request starts nothing");
@@ -163,8 +179,23 @@ fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_ref
 
     // Locked: no new lease.
     admin(&data, &["lock"]);
-    let out = peervm(&req, &["lease", "create", "--bootstrap", &boot, "--provider", &provider_id, "--memory", "256MiB",
-        "--disk", "1GiB", "--duration", "10m"]);
+    let out = peervm(
+        &req,
+        &[
+            "lease",
+            "create",
+            "--bootstrap",
+            &boot,
+            "--provider",
+            &provider_id,
+            "--memory",
+            "256MiB",
+            "--disk",
+            "1GiB",
+            "--duration",
+            "10m",
+        ],
+    );
     assert!(!out.status.success() && stderr(&out).contains("locked"), "{}", stderr(&out));
     assert_eq!(admin(&data, &["status"])["locked"], true);
     admin(&data, &["unlock"]);

@@ -22,6 +22,15 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_at_ten_times_the_limits_is_throttled_then_banned_and_another_lease_completes() {
     if !provider_env_ready("flood_at_ten_times_the_limits_is_throttled_then_banned_and_another_lease_completes") {
@@ -31,7 +40,13 @@ async fn flood_at_ten_times_the_limits_is_throttled_then_banned_and_another_leas
     let root = tmp.path().to_path_buf();
     let site = Site { prefix: "pvfl", iface: "fl", net: "10.215.14", port_min: 47380, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(&root);
-    let (provider, line) = site.start_json(&root, &boot);
+    // The provider serves its metrics, to see which limits the flood ran into.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = site.config(&root, &boot);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replacen("[node]\n", &format!("[node]\nmetrics = \"127.0.0.1:{metrics_port}\"\n"), 1))
+        .unwrap();
+    let (provider, line) = spawn_json(&["provider", "run", "--config", config.to_str().unwrap()], &site.data(&root));
     let provider_id: PeerId = line["peer_id"].as_str().unwrap().parse().unwrap();
     let addrs: Vec<Multiaddr> =
         line["listen_addrs"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().parse().unwrap()).collect();
@@ -69,7 +84,11 @@ async fn flood_at_ten_times_the_limits_is_throttled_then_banned_and_another_leas
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             while start.elapsed() < Duration::from_secs(10) {
                 tick.tick().await;
-                let mut request = peervm_protocol::samples::lease_request(&key, &peervm_protocol::samples::provider_key(), now_unix_ms());
+                let mut request = peervm_protocol::samples::lease_request(
+                    &key,
+                    &peervm_protocol::samples::provider_key(),
+                    now_unix_ms(),
+                );
                 request.provider = provider_id;
                 request.lease_id = peervm_protocol::LeaseId(rand::random());
                 request.nonce = rand::random();
@@ -133,13 +152,24 @@ async fn flood_at_ten_times_the_limits_is_throttled_then_banned_and_another_leas
     assert!(unanswered > 0, "the flooder was never cut off: {outcomes:?}");
     // Throttled first, cut off later: the first answered requests come before the ban.
     let first_none = outcomes.iter().position(|o| o.is_none()).unwrap();
-    assert!(outcomes[..first_none].iter().any(|o| *o == Some(DenyReason::RateLimited)));
+    assert!(outcomes[..first_none].contains(&Some(DenyReason::RateLimited)));
 
     let audit = std::fs::read_to_string(site.data(&root).join("audit.log")).unwrap();
     assert!(
         audit.lines().any(|l| l.contains("\"event\":\"ban\"") && l.contains(&flooder_id.to_string())),
         "no ban of the flooder in the audit log"
     );
+    let metrics = scrape(metrics_port);
+    for api in ["lease", "sync", "gossip"] {
+        let needle = format!("peervm_rate_limited_total{{api=\"{api}\"}}");
+        let count: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with(&needle))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(count > 0.0, "the {api} flood was never throttled:\n{metrics}");
+    }
     let rss_after = rss_kib(provider.pid());
     assert!(
         rss_after < rss_before + 64 * 1024,

@@ -32,7 +32,8 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     let req = root.join("requestor");
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("the provider's offer is visible");
 
-    let lease = lease_create(&req, &boot, &["--vcpus", "1", "--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
+    let lease =
+        lease_create(&req, &boot, &["--vcpus", "1", "--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
     let id = lease_id(&lease);
     assert_eq!(lease["provider"], provider_id.as_str());
     assert_eq!(lease["state"], "running");
@@ -231,8 +232,23 @@ fn several_leases_in_parallel_on_one_provider() {
     }
     assert_eq!(ports.len(), 3, "each lease has its own SSH port");
     // A fourth does not fit: every vCPU is taken.
-    let out = peervm(&root.join("requestor-x"), &["lease", "create", "--bootstrap", &boot, "--provider", &provider_id,
-        "--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
+    let out = peervm(
+        &root.join("requestor-x"),
+        &[
+            "lease",
+            "create",
+            "--bootstrap",
+            &boot,
+            "--provider",
+            &provider_id,
+            "--memory",
+            "256MiB",
+            "--disk",
+            "1GiB",
+            "--duration",
+            "10m",
+        ],
+    );
     assert!(!out.status.success());
     for (req, id) in &leases {
         assert!(peervm(req, &["lease", "terminate", id]).status.success());

@@ -191,7 +191,8 @@ async fn lease_denials_are_signed_typed_and_start_nothing() {
     assert_eq!(netns, 1, "{:?}", site.leftovers(root));
 
     // The requestor ends it.
-    let reply = client.send(LeaseMessage::Control(Envelope(client.control(request.lease_id, ControlAction::Terminate)))).await;
+    let reply =
+        client.send(LeaseMessage::Control(Envelope(client.control(request.lease_id, ControlAction::Terminate)))).await;
     assert!(matches!(reply.outcome, ReplyOutcome::Terminated { .. }), "{:?}", reply.outcome);
     let left = site.wait_clean(root, Duration::from_secs(30));
     assert!(left.is_empty(), "left behind: {left:?}");

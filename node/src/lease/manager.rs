@@ -205,7 +205,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 continue;
             }
             let (state, detail) = match record.state {
-                LeaseState::Running if record.ends_at_unix_ms <= now => (LeaseState::Ended, "expired while the provider was down"),
+                LeaseState::Running if record.ends_at_unix_ms <= now => {
+                    (LeaseState::Ended, "expired while the provider was down")
+                }
                 LeaseState::Stopping => (LeaseState::Ended, "ended; teardown finished after a provider restart"),
                 LeaseState::Running => (LeaseState::Failed, "the guest did not survive a provider restart"),
                 _ => (LeaseState::Failed, "the start was interrupted by a provider restart"),
@@ -361,12 +363,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         }
     }
 
-    async fn on_request(
-        &self,
-        peer: PeerId,
-        bytes: &[u8],
-        throttled: bool,
-    ) -> (ReplyTo, Result<ReplyOutcome, Denial>) {
+    async fn on_request(&self, peer: PeerId, bytes: &[u8], throttled: bool) -> (ReplyTo, Result<ReplyOutcome, Denial>) {
         let (to, request) = match self.open::<LeaseRequest>(peer, bytes, throttled, |r| (r.lease_id, r.requestor)).await
         {
             Ok(v) => v,
@@ -420,9 +417,13 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             return Err(deny(DenyReason::InvalidSpec, "memory must be at least 64 MiB"));
         }
         let p = &terms.pricing;
-        let price =
-            hourly_price_micros(p.per_vcpu_hour_micros, p.per_memory_gib_hour_micros, p.per_disk_gib_hour_micros, &req.spec.resources())
-                .ok_or_else(|| deny(DenyReason::InvalidSpec, "the requested size overflows the price"))?;
+        let price = hourly_price_micros(
+            p.per_vcpu_hour_micros,
+            p.per_memory_gib_hour_micros,
+            p.per_disk_gib_hour_micros,
+            &req.spec.resources(),
+        )
+        .ok_or_else(|| deny(DenyReason::InvalidSpec, "the requested size overflows the price"))?;
         if req.currency != p.currency || req.max_price_per_hour_micros < price {
             return Err(deny(
                 DenyReason::PriceTooLow,
@@ -435,7 +436,12 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         Ok((image, price))
     }
 
-    async fn admit_and_start(&self, req: &LeaseRequest, bytes: &[u8], digest: [u8; 32]) -> Result<ReplyOutcome, Denial> {
+    async fn admit_and_start(
+        &self,
+        req: &LeaseRequest,
+        bytes: &[u8],
+        digest: [u8; 32],
+    ) -> Result<ReplyOutcome, Denial> {
         let inner = &self.inner;
         let now = now_unix_ms();
         let (image, price) = self.check_request(req, now)?;
@@ -567,12 +573,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         })
     }
 
-    async fn on_control(
-        &self,
-        peer: PeerId,
-        bytes: &[u8],
-        throttled: bool,
-    ) -> (ReplyTo, Result<ReplyOutcome, Denial>) {
+    async fn on_control(&self, peer: PeerId, bytes: &[u8], throttled: bool) -> (ReplyTo, Result<ReplyOutcome, Denial>) {
         let (to, control) = match self.open::<LeaseControl>(peer, bytes, throttled, |c| (c.lease_id, c.requestor)).await
         {
             Ok(v) => v,
@@ -596,7 +597,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         let nonce_until = c.valid_until_unix_ms.saturating_add(NONCE_GRACE_MS);
         match inner.db.record_nonce(&c.requestor, c.nonce, nonce_until) {
             Ok(()) => {}
-            Err(DbError::Replay { .. }) => return Err(deny(DenyReason::Replay, "this control message was already used")),
+            Err(DbError::Replay { .. }) => {
+                return Err(deny(DenyReason::Replay, "this control message was already used"));
+            }
             Err(e) => return Err(internal(e)),
         }
         match &c.action {
@@ -794,8 +797,11 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         if let Some(avail) = host_memory_available_mib()
             && avail < free.memory_mib
         {
-            tracing::warn!(available_mib = avail, advertised_free_mib = free.memory_mib,
-                "the host has less memory available than this provider advertises as free");
+            tracing::warn!(
+                available_mib = avail,
+                advertised_free_mib = free.memory_mib,
+                "the host has less memory available than this provider advertises as free"
+            );
         }
     }
 

@@ -3,4 +3,4 @@
 pub mod db;
 mod manager;
 
-pub use manager::{LeaseError, LeaseManager, LeaseTerms, RecoveryReport, REQUEST_VALIDITY_MS};
+pub use manager::{LeaseError, LeaseManager, LeaseTerms, REQUEST_VALIDITY_MS, RecoveryReport};

@@ -72,8 +72,11 @@ impl PeervmBehaviour {
         let lease_codec = request_response::cbor::codec::Codec::default()
             .set_request_size_maximum(lease_wire::MAX_REQUEST_BYTES)
             .set_response_size_maximum(lease_wire::MAX_RESPONSE_BYTES);
-        let lease_support =
-            if serve_leases { request_response::ProtocolSupport::Full } else { request_response::ProtocolSupport::Outbound };
+        let lease_support = if serve_leases {
+            request_response::ProtocolSupport::Full
+        } else {
+            request_response::ProtocolSupport::Outbound
+        };
         let lease = request_response::Behaviour::with_codec(
             lease_codec,
             [(lease_wire::PROTOCOL, lease_support)],

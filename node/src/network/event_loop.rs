@@ -15,8 +15,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::behaviour::{KAD_PROTOCOL, PeervmBehaviour, PeervmBehaviourEvent};
 use super::gossip_params::advert_topic;
-use super::rate_limit::{Api, PeerGuard, Verdict};
 use super::lease_wire::LeaseMessage;
+use super::rate_limit::{Api, PeerGuard, Verdict};
 use super::sync::{self, Envelope, SyncRequest, SyncResponse};
 use super::{
     Command, InboundLease, LeaseResponder, NetworkError, Node, NodeClient, NodeConfig, NodeEvent, Role, SharedStore,
@@ -570,12 +570,8 @@ impl EventLoop {
         }
         let id = self.next_lease_channel;
         self.next_lease_channel += 1;
-        let inbound = InboundLease {
-            peer,
-            message,
-            throttled: !allowed,
-            reply: LeaseResponder { id, tx: self.self_tx.clone() },
-        };
+        let inbound =
+            InboundLease { peer, message, throttled: !allowed, reply: LeaseResponder { id, tx: self.self_tx.clone() } };
         match inbox.try_send(inbound) {
             Ok(()) => {
                 self.lease_channels.insert(id, channel);
@@ -586,7 +582,6 @@ impl EventLoop {
             }
         }
     }
-
 
     fn serve_sync(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {
         let (allowed, verdict) = self.guard.allow(peer, Api::Sync, Instant::now());

@@ -135,22 +135,47 @@ pub struct SyncSummary {
 }
 
 pub(crate) enum Command {
-    Publish { advert: Box<Verified<Advertisement>>, reply: oneshot::Sender<Result<(), NetworkError>> },
-    ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
-    Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), NetworkError>> },
-    Sync { peer: PeerId, reply: oneshot::Sender<Result<SyncSummary, NetworkError>> },
+    Publish {
+        advert: Box<Verified<Advertisement>>,
+        reply: oneshot::Sender<Result<(), NetworkError>>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetworkError>>,
+    },
+    Sync {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<SyncSummary, NetworkError>>,
+    },
     LeaseSend {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         message: lease_wire::LeaseMessage,
         reply: oneshot::Sender<Result<Vec<u8>, NetworkError>>,
     },
-    LeaseRespond { id: u64, reply: Vec<u8> },
-    ReportInvalid { peer: PeerId },
-    BlockPeer { peer: PeerId },
-    BlockAdverts { peer: PeerId, blocked: bool },
-    UnblockPeer { peer: PeerId },
-    Shutdown { reply: oneshot::Sender<()> },
+    LeaseRespond {
+        id: u64,
+        reply: Vec<u8>,
+    },
+    ReportInvalid {
+        peer: PeerId,
+    },
+    BlockPeer {
+        peer: PeerId,
+    },
+    BlockAdverts {
+        peer: PeerId,
+        blocked: bool,
+    },
+    UnblockPeer {
+        peer: PeerId,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A handle to a running node's swarm task.

@@ -57,8 +57,11 @@ pub struct RateLimits {
     pub ban_threshold: f64,
     /// Score added by an invalid signature or malformed message.
     pub invalid_penalty: f64,
-    /// Score added by a message dropped for exceeding the rate.
-    pub throttle_penalty: f64,
+    /// Score added by a message dropped for exceeding the rate of (gossip, sync, lease).
+    /// A relay can overshoot the gossip rate in an honest burst, so that costs little; a
+    /// peer that keeps asking for leases or snapshots ten times faster than allowed is
+    /// banned within seconds.
+    pub throttle_penalty: (f64, f64, f64),
     /// The score halves every this long.
     pub score_half_life: Duration,
     pub ban_duration: Duration,
@@ -79,7 +82,7 @@ impl Default for RateLimits {
             // message (see gossip_params.rs); the ban must come before that, or the node
             // would stop hearing, and counting, the peer's messages.
             invalid_penalty: 34.0,
-            throttle_penalty: 0.05,
+            throttle_penalty: (0.05, 0.5, 1.0),
             score_half_life: Duration::from_secs(60),
             ban_duration: Duration::from_secs(600),
         }
@@ -132,7 +135,11 @@ impl PeerGuard {
         if bucket.try_take(1.0, now) {
             return (true, Verdict::Ok);
         }
-        let penalty = self.limits.throttle_penalty;
+        let penalty = match api {
+            Api::Gossip => self.limits.throttle_penalty.0,
+            Api::Sync => self.limits.throttle_penalty.1,
+            Api::Lease => self.limits.throttle_penalty.2,
+        };
         (false, self.penalise(peer, penalty, now))
     }
 

@@ -9,8 +9,8 @@ use libp2p::{Multiaddr, PeerId};
 use peervm_protocol::advert::hourly_price_micros;
 use peervm_protocol::lease::{LEASE_VERSION, MAX_REQUEST_VALIDITY_MS, payload_digest};
 use peervm_protocol::{
-    Advertisement, ControlAction, DenyReason, GuestSpec, LeaseControl, LeaseId, LeaseReply, LeaseRequest,
-    LeaseState, LeaseUsage, ReplyOutcome, ResourceAmounts, Signed, SigningKey,
+    Advertisement, ControlAction, DenyReason, GuestSpec, LeaseControl, LeaseId, LeaseReply, LeaseRequest, LeaseState,
+    LeaseUsage, ReplyOutcome, ResourceAmounts, Signed, SigningKey,
 };
 
 use super::db::{Access, RequestorDb, RequestorDbError, StoredLease};
@@ -168,12 +168,10 @@ impl Requestor {
             &Stage::Chose { provider: a.provider, price_per_hour_micros: price, currency: a.pricing.currency.clone() },
             t0.elapsed(),
         );
-        let image_sha256 = a
-            .images
-            .iter()
-            .find(|i| i.name == opts.image)
-            .map(|i| i.sha256)
-            .ok_or_else(|| RequestorError::NoOffer(format!("provider {} has no image `{}`", a.provider, opts.image)))?;
+        let image_sha256 =
+            a.images.iter().find(|i| i.name == opts.image).map(|i| i.sha256).ok_or_else(|| {
+                RequestorError::NoOffer(format!("provider {} has no image `{}`", a.provider, opts.image))
+            })?;
 
         let id = LeaseId(rand::random());
         let dir = self.lease_dir(&id);
@@ -229,7 +227,8 @@ impl Requestor {
         progress(&Stage::Sent, t0.elapsed());
         tokio::pin!(call);
         // While the provider provisions and boots, ask it where it is.
-        let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+        let mut poll =
+            tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
         let mut last_state = None;
         let bytes = loop {
             tokio::select! {
@@ -401,8 +400,13 @@ fn choose_offer(
             }
             let a = advert.body();
             let p = &a.pricing;
-            let price = hourly_price_micros(p.per_vcpu_hour_micros, p.per_memory_gib_hour_micros, p.per_disk_gib_hour_micros, want)
-                .unwrap_or(u64::MAX);
+            let price = hourly_price_micros(
+                p.per_vcpu_hour_micros,
+                p.per_memory_gib_hour_micros,
+                p.per_disk_gib_hour_micros,
+                want,
+            )
+            .unwrap_or(u64::MAX);
             Err(RequestorError::NoOffer(format!(
                 "provider {peer} does not match: free {} vCPU, {} MiB, {} GiB; images {}; price {} {} micro-units/hour",
                 a.resources.free.vcpus,

@@ -265,7 +265,10 @@ pub async fn exec(
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, client::connect(config, addr.as_str(), handler)).await;
     let mut handle = match connected {
         Err(_) => {
-            return Err(SshError::Connect { addr, reason: format!("no SSH handshake in {}s", CONNECT_TIMEOUT.as_secs()) });
+            return Err(SshError::Connect {
+                addr,
+                reason: format!("no SSH handshake in {}s", CONNECT_TIMEOUT.as_secs()),
+            });
         }
         Ok(Err(e)) => {
             if let Some(p) = presented.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -372,7 +375,10 @@ mod tests {
             g.extend(args[..dest + 1].iter().cloned());
             let out = std::process::Command::new("ssh").args(&g).output().unwrap();
             let conf = String::from_utf8_lossy(&out.stdout);
-            assert!(conf.contains("stricthostkeychecking true") || conf.contains("stricthostkeychecking yes"), "{conf}");
+            assert!(
+                conf.contains("stricthostkeychecking true") || conf.contains("stricthostkeychecking yes"),
+                "{conf}"
+            );
             assert!(conf.contains("passwordauthentication no"), "{conf}");
         }
     }

@@ -232,9 +232,7 @@ dir = "{image}"
     /// interfaces, QEMU processes, cgroups and lease directories.
     pub fn leftovers(&self, root: &Path) -> Vec<String> {
         let mut out = Vec::new();
-        let run = |cmd: &str| {
-            Command::new("sh").args(["-c", cmd]).output().map(|o| stdout(&o)).unwrap_or_default()
-        };
+        let run = |cmd: &str| Command::new("sh").args(["-c", cmd]).output().map(|o| stdout(&o)).unwrap_or_default();
         let lease = format!("{}-", self.prefix);
         for line in run("ip netns list").lines() {
             if line.starts_with(&lease) {
