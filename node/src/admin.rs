@@ -212,7 +212,25 @@ impl Ctx {
                 }))
             }
             AdminRequest::Leases => match leases.list(1000) {
-                Ok(list) => AdminReply::ok(serde_json::Value::Array(list.iter().map(lease_json).collect())),
+                Ok(list) => AdminReply::ok(serde_json::Value::Array(
+                    list.iter()
+                        .map(|r| {
+                            let mut v = lease_json(r);
+                            let transitions = leases.db().transitions(&r.id).unwrap_or_default();
+                            v["transitions"] = transitions
+                                .iter()
+                                .map(|(at, state, detail)| {
+                                    serde_json::json!({
+                                        "at_unix_ms": at,
+                                        "state": crate::lease::db::state_name(*state),
+                                        "detail": detail,
+                                    })
+                                })
+                                .collect();
+                            v
+                        })
+                        .collect(),
+                )),
                 Err(e) => AdminReply::err(e),
             },
             AdminRequest::Terminate { lease } => match parse_lease(lease) {

@@ -57,6 +57,19 @@ async fn flood_at_ten_times_the_limits_is_throttled_then_banned_and_another_leas
     let flooder = Node::start(NodeConfig::new(SigningKey::from_seed(&key.seed()), Role::Requestor)).await.unwrap();
     flooder.client.dial(addrs[0].clone()).await.unwrap();
 
+    // 8.5 s of gossip at 4,000/s, signed before the flood starts.
+    let adverts = {
+        let key = SigningKey::from_seed(&key.seed());
+        tokio::task::spawn_blocking(move || {
+            let now = now_unix_ms();
+            (1..=34_000u64)
+                .filter_map(|i| Signed::sign(&key, &peervm_protocol::samples::advert(&key, now + i, now)).ok())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap()
+    };
+
     // The honest requestor starts its lease as the flood begins.
     let honest = {
         let root = root.clone();
@@ -106,43 +119,46 @@ async fn flood_at_ten_times_the_limits_is_throttled_then_banned_and_another_leas
             outcomes
         })
     };
-    // Let the lease flood run alone for a moment, so its throttling shows before the ban.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    // Sync at 40/s (limit 4/s) and gossip at 4,000/s (limit 400/s) for the rest.
+    // Sync at 40/s (limit 4/s) from the start too.
     let sync_flood = {
         let client = flooder.client.clone();
         tokio::spawn(async move {
             let start = Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(25));
-            while start.elapsed() < Duration::from_secs(8) {
+            while start.elapsed() < Duration::from_secs(10) {
                 tick.tick().await;
                 let _ = tokio::time::timeout(Duration::from_millis(200), client.sync_from(provider_id)).await;
             }
         })
     };
+    // Gossip at 4,000/s (limit 400/s, burst 2,000) from 1.5 s on, once the lease and sync
+    // floods are being throttled (the gossip flood alone bans within a second). The
+    // adverts are signed beforehand, so the flooder's own CPU does not set the rate.
     let gossip_flood = {
         let client = flooder.client.clone();
-        let key = SigningKey::from_seed(&key.seed());
         tokio::spawn(async move {
             let start = Instant::now();
-            let mut seq = now_unix_ms();
-            while start.elapsed() < Duration::from_secs(8) {
-                for _ in 0..40 {
-                    seq += 1;
-                    let advert = peervm_protocol::samples::advert(&key, seq, now_unix_ms());
-                    if let Ok(signed) = Signed::sign(&key, &advert) {
-                        let _ = client.publish(signed).await;
-                    }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut sent = 0usize;
+            for batch in adverts.chunks(40) {
+                if start.elapsed() > Duration::from_secs(10) {
+                    break;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tick.tick().await;
+                for signed in batch {
+                    let _ = client.publish(signed.clone()).await;
+                    sent += 1;
+                }
             }
+            sent
         })
     };
 
     let outcomes = lease_flood.await.unwrap();
     sync_flood.await.unwrap();
-    gossip_flood.await.unwrap();
+    let gossip_sent = gossip_flood.await.unwrap();
+    assert!(gossip_sent > 2000, "the gossip flood itself did not get going ({gossip_sent} adverts)");
     honest.await.expect("the honest requestor's lease completed during the flood");
 
     let throttled = outcomes.iter().filter(|o| **o == Some(DenyReason::RateLimited)).count();
