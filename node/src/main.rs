@@ -62,6 +62,16 @@ enum Command {
     },
     /// Print a Host block for ~/.ssh/config that reaches a lease's guest.
     SshConfig { lease: String },
+    /// Block a provider on your side: its offers are hidden and never leased.
+    Block {
+        peer: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a block of a provider.
+    Unblock { peer: String },
+    /// The providers you blocked.
+    Blocked,
     /// Check this machine against the provider checklist: each line pass / warn / fail
     /// with its fix. Exits non-zero when something fails.
     Doctor {
@@ -446,10 +456,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             provider.run_until_signal().await?;
         }
         Command::Provider(cmd) => return admin_cmd(cmd, &data_dir).await,
-        Command::Offers(args) => offers_cmd(args).await?,
+        Command::Offers(args) => offers_cmd(args, &data_dir).await?,
         Command::Lease(cmd) => lease_cmd(cmd, &data_dir).await?,
         Command::Ssh { lease, args } => return ssh_cmd(&lease, &args, &data_dir),
         Command::Exec { lease, command } => return exec_cmd(&lease, &command, &data_dir).await,
+        Command::Block { peer, reason } => {
+            let p: libp2p::PeerId = peer.parse().map_err(|_| anyhow::anyhow!("`{peer}` is not a peer id"))?;
+            let db = requestor_db(&data_dir)?;
+            db.block(&p, &reason, peervm_node::network::now_unix_ms())?;
+            println!("blocked {p}: its offers are hidden and it is never leased from");
+        }
+        Command::Unblock { peer } => {
+            let p: libp2p::PeerId = peer.parse().map_err(|_| anyhow::anyhow!("`{peer}` is not a peer id"))?;
+            if requestor_db(&data_dir)?.unblock(&p)? {
+                println!("unblocked {p}");
+            } else {
+                println!("{p} was not blocked");
+            }
+        }
+        Command::Blocked => {
+            for (p, reason, at) in requestor_db(&data_dir)?.blocked()? {
+                println!("{p}  {}  {reason}", format_time(at));
+            }
+        }
         Command::Doctor { config, json } => {
             let config = ProviderConfig::load(&config)?;
             let dir = config.data_dir.clone().unwrap_or(data_dir.clone());
@@ -517,6 +546,19 @@ async fn admin_cmd(cmd: ProviderCommand, data_dir: &std::path::Path) -> anyhow::
         println!("{}", serde_json::to_string_pretty(&reply.result).unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn requestor_db(data_dir: &std::path::Path) -> anyhow::Result<peervm_node::requestor::db::RequestorDb> {
+    peervm_node::secure_fs::ensure_private_dir(data_dir)?;
+    Ok(peervm_node::requestor::db::RequestorDb::open(&data_dir.join("requestor.db"))?)
+}
+
+/// The providers this requestor blocked (none when it never stored anything).
+fn blocked_providers(data_dir: &std::path::Path) -> anyhow::Result<std::collections::HashSet<libp2p::PeerId>> {
+    if !data_dir.join("requestor.db").exists() {
+        return Ok(Default::default());
+    }
+    Ok(requestor_db(data_dir)?.blocked()?.into_iter().map(|(p, _, _)| p).collect())
 }
 
 fn requestor(data_dir: &std::path::Path) -> anyhow::Result<Requestor> {
@@ -805,8 +847,9 @@ fn offer_filter(args: &OffersArgs) -> anyhow::Result<OfferFilter> {
     })
 }
 
-async fn offers_cmd(args: OffersArgs) -> anyhow::Result<()> {
-    let filter = offer_filter(&args)?;
+async fn offers_cmd(args: OffersArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut filter = offer_filter(&args)?;
+    filter.exclude = blocked_providers(data_dir)?;
     let bootstrap = multiaddrs(&args.swarm.bootstrap)?;
     if args.timeout == 0 {
         bail!("--timeout must be at least 1 second");

@@ -257,3 +257,39 @@ fn metrics_are_served_on_loopback_only() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }
+
+#[test]
+fn blocking_a_provider_hides_its_offers_on_the_requestor_side() {
+    if !provider_env_ready("blocking_a_provider_hides_its_offers_on_the_requestor_side") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (_boot, started) = spawn_json(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"], &root.join("b"));
+    let boot = started["listen_addrs"][0].as_str().unwrap().to_string();
+    let cfg = provider_config(root, 5, &boot, 2, "0.01", "eu");
+    let (_p, line) = spawn_json(&["provider", "run", "--config", cfg.to_str().unwrap()], &root.join("data-p5"));
+    let provider = line["peer_id"].as_str().unwrap().to_string();
+    assert_eq!(wait_for_offers(&boot, 1).len(), 1);
+
+    let req = root.join("requestor");
+    let run = |args: &[&str]| {
+        Command::new(PEERVM).arg("--data-dir").arg(&req).args(args).env_remove("PEERVM_BOOTSTRAP").output().unwrap()
+    };
+    assert!(run(&["block", &provider, "--reason", "sold a dead VM"]).status.success());
+    let listed = String::from_utf8_lossy(&run(&["blocked"]).stdout).into_owned();
+    assert!(listed.contains(&provider) && listed.contains("sold a dead VM"), "{listed}");
+    let out = run(&["offers", "--bootstrap", &boot, "--json", "--timeout", "5"]);
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "a blocked provider's offer is shown");
+    let out = run(&["lease", "create", "--bootstrap", &boot, "--provider", &provider, "--memory", "256MiB"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("you blocked provider"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert!(run(&["unblock", &provider]).status.success());
+    let out = run(&["offers", "--bootstrap", &boot, "--json", "--timeout", "5"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&provider), "unblocked provider's offer is back");
+}

@@ -12,12 +12,13 @@ use peervm_node::network::gossip_params::ADVERT_TOPIC;
 use peervm_node::network::{NodeEvent, Role, now_unix_ms};
 use peervm_protocol::encoding::to_cbor;
 use peervm_protocol::signed::signing_input;
-use peervm_protocol::{Kind, Signed};
+use peervm_protocol::{Kind, Signed, SigningKey};
 use peervm_tests::*;
 use tokio::sync::mpsc;
 
-/// A bare gossipsub node that publishes whatever bytes it is given, unchecked.
-async fn mallory(target: Multiaddr) -> (PeerId, mpsc::Sender<Vec<u8>>, mpsc::Receiver<()>) {
+/// A bare gossipsub node (no Kademlia: it talks to `target` only) that publishes whatever
+/// bytes it is given, unchecked, and hands over every message it receives.
+async fn mallory(target: Multiaddr) -> (PeerId, mpsc::Sender<Vec<u8>>, mpsc::Receiver<()>, mpsc::Receiver<Vec<u8>>) {
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
@@ -42,16 +43,21 @@ async fn mallory(target: Multiaddr) -> (PeerId, mpsc::Sender<Vec<u8>>, mpsc::Rec
     let peer_id = *swarm.local_peer_id();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
     let (closed_tx, closed_rx) = mpsc::channel(1);
+    let (heard_tx, heard_rx) = mpsc::channel(4096);
     tokio::spawn(async move {
         let mut queue: Vec<Vec<u8>> = Vec::new();
         let mut retry = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
-                ev = swarm.select_next_some() => {
-                    if let SwarmEvent::ConnectionClosed { num_established: 0, .. } = ev {
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::ConnectionClosed { num_established: 0, .. } => {
                         let _ = closed_tx.send(()).await;
                     }
-                }
+                    SwarmEvent::Behaviour(gossipsub::Event::Message { message, .. }) => {
+                        let _ = heard_tx.try_send(message.data);
+                    }
+                    _ => {}
+                },
                 msg = rx.recv() => match msg { Some(m) => queue.push(m), None => return },
                 _ = retry.tick() => {
                     // Publishing fails until the honest node's subscription has arrived.
@@ -60,7 +66,7 @@ async fn mallory(target: Multiaddr) -> (PeerId, mpsc::Sender<Vec<u8>>, mpsc::Rec
             }
         }
     });
-    (peer_id, tx, closed_rx)
+    (peer_id, tx, closed_rx, heard_rx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +89,7 @@ async fn malicious_peer_adverts_never_stored_shown_or_forwarded_and_peer_is_bann
             .is_some()
     );
 
-    let (m_peer, m_tx, mut m_closed) = mallory(a.listen_addrs[0].clone()).await;
+    let (m_peer, m_tx, mut m_closed, _heard) = mallory(a.listen_addrs[0].clone()).await;
     let m_key = unique_key(7_003);
     let victim = unique_key(7_004);
     let mut bad_providers = vec![m_key.peer_id(), victim.peer_id()];
@@ -151,4 +157,62 @@ async fn malicious_peer_adverts_never_stored_shown_or_forwarded_and_peer_is_bann
     b.stop().await;
     p.stop().await;
     a.stop().await;
+}
+
+/// Incident response on the swarm: a relay whose operator blocked a provider neither
+/// stores nor forwards its adverts; lifting the block lets the next advert through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_does_not_store_or_forward_adverts_of_a_provider_it_blocked() {
+    let relay = start_node(unique_key(71), Role::Bootstrap, &[]).await;
+    let provider_key = unique_key(72);
+    let pid = provider_key.peer_id();
+    let provider = start_node(SigningKey::from_seed(&provider_key.seed()), Role::Provider, &relay.listen_addrs).await;
+    // A bare gossip peer of the relay only: what it hears, the relay forwarded.
+    let (_observer, _publish, _closed, mut heard) = mallory(relay.listen_addrs[0].clone()).await;
+    relay.client.block_adverts(pid, true).await.unwrap();
+    let meshed = wait_until(Duration::from_secs(10), || async {
+        relay.client.connected_peers().await.map(|p| p.len() >= 2).unwrap_or(false)
+    })
+    .await;
+    assert!(meshed.is_some(), "relay did not connect to both");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let heard_from_provider = |heard: &mut mpsc::Receiver<Vec<u8>>| {
+        let mut n = 0;
+        while let Ok(bytes) = heard.try_recv() {
+            if Signed::<peervm_protocol::Advertisement>::open(&bytes).is_ok_and(|a| a.body().provider == pid) {
+                n += 1;
+            }
+        }
+        n
+    };
+    for seq in 1..=3u64 {
+        provider
+            .client
+            .publish(signed(&provider_key, &advert(&provider_key, seq, Duration::from_secs(60))))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(holds(&provider, &pid), "the provider holds its own advert");
+    assert!(!holds(&relay, &pid), "the relay stored a blocked provider's advert");
+    assert_eq!(heard_from_provider(&mut heard), 0, "the relay forwarded a blocked provider's advert");
+
+    relay.client.block_adverts(pid, false).await.unwrap();
+    provider.client.publish(signed(&provider_key, &advert(&provider_key, 4, Duration::from_secs(60)))).await.unwrap();
+    let reached = wait_until(Duration::from_secs(10), || async { holds(&relay, &pid) }).await;
+    assert!(reached.is_some(), "after unblocking, the relay stores the provider's advert");
+    let mut forwarded = 0;
+    for _ in 0..40 {
+        forwarded += heard_from_provider(&mut heard);
+        if forwarded > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(forwarded > 0, "after unblocking, the relay forwards the provider's advert");
+    for n in [provider, relay] {
+        n.stop().await;
+    }
 }

@@ -160,7 +160,8 @@ impl Requestor {
         progress: &mut impl FnMut(&Stage, Duration),
     ) -> Result<StoredLease, RequestorError> {
         let want = ResourceAmounts { vcpus: opts.vcpus, memory_mib: opts.memory_mib, disk_gib: opts.disk_gib };
-        let (advert, price, offers) = choose_offer(node, opts, &want)?;
+        let blocked = self.db.blocked()?.into_iter().map(|(p, _, _)| p).collect();
+        let (advert, price, offers) = choose_offer(node, opts, &want, &blocked)?;
         let peers = node.client.connected_peers().await?.len();
         progress(&Stage::Joined { peers, offers }, t0.elapsed());
         let a = advert.clone();
@@ -367,8 +368,10 @@ fn choose_offer(
     node: &Node,
     opts: &CreateOptions,
     want: &ResourceAmounts,
+    blocked: &std::collections::HashSet<PeerId>,
 ) -> Result<(Advertisement, u64, usize), RequestorError> {
     let filter = OfferFilter {
+        exclude: blocked.clone(),
         min_vcpus: Some(want.vcpus),
         min_memory_mib: Some(want.memory_mib),
         min_disk_gib: Some(want.disk_gib),
@@ -392,6 +395,9 @@ fn choose_offer(
                 ))
             })?;
             Ok((offer.advert.body().clone(), offer.price_per_hour_micros, matching.len()))
+        }
+        ProviderChoice::Peer(peer) if blocked.contains(peer) => {
+            Err(RequestorError::NoOffer(format!("you blocked provider {peer}; lift it with: peervm unblock {peer}")))
         }
         ProviderChoice::Peer(peer) => {
             let advert = store.get(peer).ok_or(RequestorError::UnknownProvider(*peer))?;

@@ -85,7 +85,8 @@ pub struct Access {
     pub grant: Vec<u8>,
 }
 
-const REQUESTOR_MIGRATIONS: &[&str] = &["
+const REQUESTOR_MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE leases (
         id BLOB PRIMARY KEY NOT NULL CHECK (length(id) = 16),
         provider BLOB NOT NULL,
@@ -115,7 +116,15 @@ const REQUESTOR_MIGRATIONS: &[&str] = &["
         addr BLOB NOT NULL,
         PRIMARY KEY (lease_id, pos)
     ) STRICT, WITHOUT ROWID;
-"];
+",
+    "
+    CREATE TABLE blocked_providers (
+        peer BLOB PRIMARY KEY,
+        reason TEXT NOT NULL,
+        at_unix_ms INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+",
+];
 
 const COLUMNS: &str = "id, provider, vcpus, memory_mib, disk_gib, image_name, image_sha256, key_path, \
      created_at_unix_ms, state, detail, ssh_host, ssh_port, ssh_user, host_key, ends_at_unix_ms, \
@@ -244,6 +253,43 @@ impl RequestorDb {
             "UPDATE leases SET ends_at_unix_ms = ?2 WHERE id = ?1 AND grant_reply IS NOT NULL",
             ends_at,
         )
+    }
+
+    /// Blocks a provider on this requestor's side: its offers are hidden and never leased.
+    pub fn block(&self, peer: &PeerId, reason: &str, now_unix_ms: u64) -> Result<(), RequestorDbError> {
+        let now = to_i64("now_unix_ms", now_unix_ms)?;
+        self.db.run(|conn| {
+            conn.execute(
+                "INSERT INTO blocked_providers (peer, reason, at_unix_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (peer) DO UPDATE SET reason = excluded.reason, at_unix_ms = excluded.at_unix_ms",
+                params![peer.to_bytes(), reason, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Lifts a block; false when the provider was not blocked.
+    pub fn unblock(&self, peer: &PeerId) -> Result<bool, RequestorDbError> {
+        self.db.run(|conn| Ok(conn.execute("DELETE FROM blocked_providers WHERE peer = ?1", [peer.to_bytes()])? > 0))
+    }
+
+    /// The blocked providers with their reason and time, oldest first.
+    pub fn blocked(&self) -> Result<Vec<(PeerId, String, u64)>, RequestorDbError> {
+        self.db.run(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT peer, reason, at_unix_ms FROM blocked_providers ORDER BY at_unix_ms")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (peer, reason, at) = row?;
+                let peer = PeerId::from_bytes(&peer)
+                    .map_err(|e| RequestorDbError::Corrupt(format!("blocked provider id: {e}")))?;
+                out.push((peer, reason, u64::try_from(at).unwrap_or(0)));
+            }
+            Ok(out)
+        })
     }
 
     /// Replaces the provider's addresses (it moved: found again through the swarm).
@@ -467,6 +513,28 @@ mod tests {
 
     fn id_from_hex(s: &str) -> [u8; 16] {
         LeaseId::from_hex(s).unwrap().0
+    }
+
+    #[test]
+    fn blocked_providers_and_moved_addresses_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requestor.db");
+        let p = PeerId::random();
+        let l = lease([9; 16], 1_000);
+        {
+            let db = RequestorDb::open(&path).unwrap();
+            db.block(&p, "sold a dead VM", 5).unwrap();
+            db.block(&p, "twice", 6).unwrap(); // updates, never duplicates
+            db.insert_pending(&l).unwrap();
+            db.set_provider_addrs(&l.id, &["/ip4/192.0.2.9/tcp/4002".parse().unwrap()]).unwrap();
+        }
+        let db = RequestorDb::open(&path).unwrap();
+        assert_eq!(db.blocked().unwrap(), vec![(p, "twice".to_string(), 6)]);
+        let got = db.get(&l.id).unwrap().unwrap();
+        assert_eq!(got.provider_addrs, vec!["/ip4/192.0.2.9/tcp/4002".parse::<Multiaddr>().unwrap()]);
+        assert!(db.unblock(&p).unwrap());
+        assert!(!db.unblock(&p).unwrap());
+        assert!(db.blocked().unwrap().is_empty());
     }
 
     #[test]
