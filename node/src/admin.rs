@@ -104,6 +104,7 @@ pub fn serve(
     leases: ProviderLeases,
     info: NodeInfo,
     audit: Option<Arc<AuditLog>>,
+    reachability: crate::provider::SharedReachability,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     // A socket left by a killed provider is ours to replace (the directory is 0700).
     let _ = std::fs::remove_file(path);
@@ -115,7 +116,7 @@ pub fn serve(
     let listener = bound.map_err(|source| AdminError::Bind { path: path.to_path_buf(), source })?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let ctx = Arc::new(Ctx { leases, info, audit, me, bucket: std::sync::Mutex::new(None) });
+    let ctx = Arc::new(Ctx { leases, info, audit, me, bucket: std::sync::Mutex::new(None), reachability });
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
@@ -131,6 +132,7 @@ struct Ctx {
     audit: Option<Arc<AuditLog>>,
     me: u32,
     bucket: std::sync::Mutex<Option<TokenBucket>>,
+    reachability: crate::provider::SharedReachability,
 }
 
 impl Ctx {
@@ -209,6 +211,7 @@ impl Ctx {
                     "leases_active": active.len(),
                     "total": leases.terms().total,
                     "free": free,
+                    "reachability": self.reachability.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 }))
             }
             AdminRequest::Leases => match leases.list(1000) {

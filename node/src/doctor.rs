@@ -57,7 +57,7 @@ pub async fn run(config: &ProviderConfig, data_dir: &Path) -> Vec<Check> {
     checks.extend(check_files(data_dir));
     checks.push(check_clock());
     checks.push(check_disk(config, data_dir));
-    checks.push(check_reachability(config));
+    checks.push(check_reachability(config, data_dir).await);
     checks
 }
 
@@ -245,7 +245,52 @@ fn check_disk(config: &ProviderConfig, data_dir: &Path) -> Check {
     }
 }
 
-fn check_reachability(config: &ProviderConfig) -> Check {
+/// Reachability from outside: the running provider's last dial-back verification (other
+/// peers dialed its libp2p and SSH ports back), else a static look at the config.
+async fn check_reachability(config: &ProviderConfig, data_dir: &Path) -> Check {
+    let socket = crate::admin::socket_path(data_dir);
+    let status =
+        tokio::time::timeout(Duration::from_secs(5), crate::admin::call(&socket, &crate::admin::AdminRequest::Status))
+            .await;
+    if let Ok(Ok(reply)) = status
+        && let Some(report) = reply.result.get("reachability").filter(|r| !r.is_null())
+    {
+        let ports = report["ports"].as_array().cloned().unwrap_or_default();
+        let bad: Vec<String> = ports
+            .iter()
+            .filter(|p| {
+                !matches!(
+                    (p["kind"].as_str(), p["state"].as_str()),
+                    (Some("libp2p"), Some("open")) | (Some("ssh"), Some("open" | "closed"))
+                )
+            })
+            .map(|p| {
+                format!(
+                    "{} port {} {}",
+                    p["kind"].as_str().unwrap_or("?"),
+                    p["port"],
+                    p["state"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        let by = report["by"].as_str().unwrap_or("a peer");
+        let ip = report["observed_ip"].as_str().unwrap_or("?");
+        return if bad.is_empty() {
+            pass("reachability", format!("{by} dialed {ip} back: libp2p port open, SSH port range not filtered"))
+        } else {
+            fail(
+                "reachability",
+                format!("{by} dialed {ip} back: {}", bad.join(", ")),
+                "open these TCP ports in the host's and the network's firewall (and forward them through NAT)",
+            )
+        };
+    }
+    let mut check = static_reachability(config);
+    check.detail.push_str(" (no dial-back result: the provider is not running, or no peer has checked yet)");
+    check
+}
+
+fn static_reachability(config: &ProviderConfig) -> Check {
     let loopback_only = config.listen.iter().all(|a| {
         a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_loopback()))
             || a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_loopback()))

@@ -89,6 +89,7 @@ pub struct Provider {
     lease_task: tokio::task::JoinHandle<()>,
     admin_task: tokio::task::JoinHandle<()>,
     admin_path: std::path::PathBuf,
+    port_check: tokio::task::JoinHandle<()>,
 }
 
 impl Provider {
@@ -172,7 +173,9 @@ impl Provider {
             listen_addrs: node.listen_addrs.iter().map(|a| a.to_string()).collect(),
             accel: vmm_accel.to_string(),
         };
-        let admin_task = admin::serve(&admin_path, leases.clone(), info, Some(audit))?;
+        let reachability = Arc::new(std::sync::Mutex::new(None));
+        let port_check = spawn_port_check(&config, &node, reachability.clone());
+        let admin_task = admin::serve(&admin_path, leases.clone(), info, Some(audit), reachability)?;
         let mut provider = Provider {
             config,
             key,
@@ -184,6 +187,7 @@ impl Provider {
             lease_task,
             admin_task,
             admin_path,
+            port_check,
         };
         provider.publish(false).await?;
         Ok(provider)
@@ -252,6 +256,7 @@ impl Provider {
         self.publish(true).await?;
         self.lease_task.abort();
         self.admin_task.abort();
+        self.port_check.abort();
         let _ = std::fs::remove_file(&self.admin_path);
         self.node.stop().await;
         Ok(())
@@ -302,6 +307,72 @@ async fn select_accel(
             },
         }),
     }
+}
+
+/// What the last port verification found, for `peervm provider status` and `doctor`.
+pub type SharedReachability = Arc<std::sync::Mutex<Option<serde_json::Value>>>;
+
+/// Port verification: shortly after start and every 10 minutes, asks up to two connected
+/// peers to dial this provider back on its libp2p TCP port and the ends of its SSH port
+/// range (`/peervm/dialback/1`), and records and logs what they saw.
+fn spawn_port_check(config: &ProviderConfig, node: &Node, out: SharedReachability) -> tokio::task::JoinHandle<()> {
+    use crate::network::dialback::{DialBackRequest, DialBackResponse, PortState};
+    let client = node.client.clone();
+    let mut ports: Vec<(u16, &'static str)> = node
+        .listen_addrs
+        .iter()
+        .filter_map(|a| {
+            a.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::Tcp(port) => Some((port, "libp2p")),
+                _ => None,
+            })
+        })
+        .take(2)
+        .collect();
+    ports.push((config.ssh.port_min, "ssh"));
+    ports.push((config.ssh.port_max, "ssh"));
+    ports.retain(|(p, _)| *p >= 1024);
+    ports.dedup_by_key(|(p, _)| *p);
+    tokio::spawn(async move {
+        let mut wait = Duration::from_secs(5);
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = Duration::from_secs(600);
+            let Ok(peers) = client.connected_peers().await else { return };
+            let request = DialBackRequest { ip: None, ports: ports.iter().map(|(p, _)| *p).collect() };
+            for peer in peers.into_iter().take(2) {
+                match client.dial_back(peer, request.clone()).await {
+                    Ok(DialBackResponse::Result { observed_ip, ports: seen }) => {
+                        let kind = |port: u16| ports.iter().find(|(p, _)| *p == port).map_or("?", |(_, k)| *k);
+                        for (port, state) in &seen {
+                            let reachable = matches!(
+                                (kind(*port), state),
+                                ("libp2p", PortState::Open) | ("ssh", PortState::Open | PortState::Closed)
+                            );
+                            if reachable {
+                                tracing::info!(%peer, %observed_ip, port, ?state, "port verified from outside");
+                            } else {
+                                tracing::warn!(%peer, %observed_ip, port, ?state, kind = kind(*port),
+                                    "port not reachable from outside");
+                            }
+                        }
+                        let report = serde_json::json!({
+                            "checked_at_unix_ms": now_unix_ms(),
+                            "by": peer.to_string(),
+                            "observed_ip": observed_ip,
+                            "ports": seen.iter().map(|(p, s)| serde_json::json!({"port": p, "kind": kind(*p), "state": s})).collect::<Vec<_>>(),
+                        });
+                        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+                        break;
+                    }
+                    Ok(DialBackResponse::Refused { reason }) => {
+                        tracing::debug!(%peer, %reason, "dial-back refused");
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "dial-back failed"),
+                }
+            }
+        }
+    })
 }
 
 #[cfg(test)]

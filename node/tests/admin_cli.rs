@@ -138,6 +138,16 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     assert!(audit.iter().any(|e| e["event"] == "admin" && e["cmd"] == "block"), "{audit:?}");
     assert!(audit.iter().any(|e| e["event"] == "lease_request" && e["reason"] == "blocked"), "{audit:?}");
     assert_eq!(std::fs::metadata(data.join("audit.log")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Port verification ran: the bootstrap dialed the provider's ports back.
+    let status = wait_for(Duration::from_secs(20), || {
+        let s = admin(&data, &["status"]);
+        (!s["reachability"].is_null()).then_some(s)
+    })
+    .expect("a dial-back result within 20 s of start");
+    let ports = status["reachability"]["ports"].as_array().unwrap();
+    assert!(ports.iter().any(|p| p["kind"] == "libp2p" && p["state"] == "open"), "{status}");
+    assert!(ports.iter().any(|p| p["kind"] == "ssh" && p["state"] != "filtered"), "{status}");
 }
 
 #[test]

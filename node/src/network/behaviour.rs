@@ -6,6 +6,7 @@ use std::time::Duration;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, allow_block_list, connection_limits, gossipsub, identify, kad, ping, request_response};
 
+use super::dialback::{self, DialBackRequest, DialBackResponse};
 use super::gossip_params;
 use super::lease_wire::{self, Envelope, LeaseMessage};
 use super::sync::{self, SyncRequest, SyncResponse};
@@ -25,6 +26,8 @@ pub struct PeervmBehaviour {
     pub sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
     /// `/peervm/lease/1`: served by providers, used by requestors.
     pub lease: request_response::cbor::Behaviour<LeaseMessage, Envelope>,
+    /// `/peervm/dialback/1`: port verification, served by every node.
+    pub dialback: request_response::cbor::Behaviour<DialBackRequest, DialBackResponse>,
 }
 
 /// Connection limits (DESIGN section 6): enough for a well-connected node, bounded so a
@@ -85,6 +88,15 @@ impl PeervmBehaviour {
                 .with_max_concurrent_streams(64),
         );
 
+        let dialback_codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(dialback::MAX_REQUEST_BYTES)
+            .set_response_size_maximum(dialback::MAX_RESPONSE_BYTES);
+        let dialback = request_response::Behaviour::with_codec(
+            dialback_codec,
+            [(dialback::PROTOCOL, request_response::ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(20)),
+        );
+
         Ok(Self {
             blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
@@ -97,6 +109,7 @@ impl PeervmBehaviour {
             ping: ping::Behaviour::default(),
             sync,
             lease,
+            dialback,
         })
     }
 }

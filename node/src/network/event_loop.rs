@@ -14,6 +14,7 @@ use peervm_protocol::{Advertisement, Signed, Verified, verify_batch};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::behaviour::{KAD_PROTOCOL, PeervmBehaviour, PeervmBehaviourEvent};
+use super::dialback::{self, DialBackRequest, DialBackResponse};
 use super::gossip_params::advert_topic;
 use super::lease_wire::LeaseMessage;
 use super::rate_limit::{Api, PeerGuard, Verdict};
@@ -66,6 +67,10 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         lease_channels: HashMap::new(),
         next_lease_channel: 0,
         lease_calls: HashMap::new(),
+        conn_addrs: HashMap::new(),
+        dialback_channels: HashMap::new(),
+        dialback_calls: HashMap::new(),
+        dialback_served: HashMap::new(),
         store: store.clone(),
         events: events.clone(),
         guard: PeerGuard::new(config.rate_limits.clone()),
@@ -159,6 +164,12 @@ struct EventLoop {
     next_lease_channel: u64,
     /// Outbound lease messages waiting for their reply.
     lease_calls: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetworkError>>>,
+    /// The remote address of every open connection (dial-back dials only that IP).
+    conn_addrs: HashMap<libp2p::swarm::ConnectionId, Multiaddr>,
+    dialback_channels: HashMap<u64, request_response::ResponseChannel<DialBackResponse>>,
+    dialback_calls: HashMap<OutboundRequestId, oneshot::Sender<Result<DialBackResponse, NetworkError>>>,
+    /// When each peer was last served a dial-back.
+    dialback_served: HashMap<PeerId, Instant>,
     store: SharedStore,
     events: broadcast::Sender<NodeEvent>,
     guard: PeerGuard,
@@ -245,6 +256,8 @@ impl EventLoop {
         }
         // Streams whose requestor gave up (or whose reply was never sent).
         self.lease_channels.retain(|_, channel| channel.is_open());
+        self.dialback_channels.retain(|_, channel| channel.is_open());
+        self.dialback_served.retain(|_, at| at.elapsed() < dialback::MIN_INTERVAL);
         for peer in self.guard.expired_bans(Instant::now()) {
             if !self.blocked.contains(&peer) {
                 self.swarm.behaviour_mut().blocked.unblock_peer(peer);
@@ -301,6 +314,15 @@ impl EventLoop {
             Command::LeaseRespond { id, reply } => {
                 if let Some(channel) = self.lease_channels.remove(&id) {
                     let _ = self.swarm.behaviour_mut().lease.send_response(channel, Envelope(reply));
+                }
+            }
+            Command::DialBack { peer, request, reply } => {
+                let id = self.swarm.behaviour_mut().dialback.send_request(&peer, request);
+                self.dialback_calls.insert(id, reply);
+            }
+            Command::DialBackRespond { id, response } => {
+                if let Some(channel) = self.dialback_channels.remove(&id) {
+                    let _ = self.swarm.behaviour_mut().dialback.send_response(channel, response);
                 }
             }
             Command::ReportInvalid { peer } => self.invalid(peer, "lease"),
@@ -396,6 +418,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Sync(e)) => self.on_sync(e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Lease(e)) => self.on_lease(e),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Dialback(e)) => self.on_dialback(e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Identify(identify::Event::Received {
                 peer_id, info, ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
@@ -414,6 +437,7 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                self.conn_addrs.insert(connection_id, endpoint.get_remote_address().clone());
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
@@ -434,7 +458,12 @@ impl EventLoop {
                     }
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed { connection_id, num_established, .. } if num_established > 0 => {
+                self.conn_addrs.remove(&connection_id);
+            }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established: 0, .. } => {
+                self.conn_addrs.remove(&connection_id);
+                self.dialback_served.retain(|_, at| at.elapsed() < dialback::MIN_INTERVAL);
                 self.guard.forget(&peer_id);
                 self.metrics.peers_connected.set(self.swarm.connected_peers().count() as i64);
                 self.emit(NodeEvent::PeerDisconnected(peer_id));
@@ -581,6 +610,63 @@ impl EventLoop {
                 tracing::debug!(%peer, "lease inbox full; dropping the request");
             }
         }
+    }
+
+    fn on_dialback(&mut self, event: request_response::Event<DialBackRequest, DialBackResponse>) {
+        match event {
+            request_response::Event::Message { peer, connection_id, message } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    self.serve_dialback(peer, connection_id, request, channel)
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.dialback_calls.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some(reply) = self.dialback_calls.remove(&request_id) {
+                    let _ = reply.send(Err(NetworkError::Lease { peer, reason: error.to_string() }));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Dials the asking peer back on the ports it named, at the IP its connection comes
+    /// from and nowhere else, once per peer per `MIN_INTERVAL` (see `dialback.rs`).
+    fn serve_dialback(
+        &mut self,
+        peer: PeerId,
+        connection: libp2p::swarm::ConnectionId,
+        request: DialBackRequest,
+        channel: request_response::ResponseChannel<DialBackResponse>,
+    ) {
+        let refuse = |this: &mut Self, reason: String, channel| {
+            this.metrics.throttled("dialback");
+            let _ = this.swarm.behaviour_mut().dialback.send_response(channel, DialBackResponse::Refused { reason });
+        };
+        let now = Instant::now();
+        if self.dialback_served.get(&peer).is_some_and(|at| now.duration_since(*at) < dialback::MIN_INTERVAL) {
+            return refuse(self, format!("one dial-back per {} s", dialback::MIN_INTERVAL.as_secs()), channel);
+        }
+        let Some(ip) = self.conn_addrs.get(&connection).and_then(dialback::ip_of) else {
+            return refuse(self, "this connection has no IP address to dial back".into(), channel);
+        };
+        let ports = match dialback::admissible(&request, ip) {
+            Ok(p) => p,
+            Err(reason) => return refuse(self, reason, channel),
+        };
+        self.dialback_served.insert(peer, now);
+        let id = self.next_lease_channel;
+        self.next_lease_channel += 1;
+        self.dialback_channels.insert(id, channel);
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            let ports = dialback::probe(ip, &ports).await;
+            let response = DialBackResponse::Result { observed_ip: ip.to_string(), ports };
+            let _ = tx.send(Command::DialBackRespond { id, response }).await;
+        });
     }
 
     fn serve_sync(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {

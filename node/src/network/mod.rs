@@ -2,6 +2,7 @@
 //! through a cloneable [`NodeClient`] and reads the shared [`AdvertStore`].
 
 pub mod behaviour;
+pub mod dialback;
 mod event_loop;
 pub mod gossip_params;
 pub mod lease_wire;
@@ -156,6 +157,15 @@ pub(crate) enum Command {
         message: lease_wire::LeaseMessage,
         reply: oneshot::Sender<Result<Vec<u8>, NetworkError>>,
     },
+    DialBack {
+        peer: PeerId,
+        request: dialback::DialBackRequest,
+        reply: oneshot::Sender<Result<dialback::DialBackResponse, NetworkError>>,
+    },
+    DialBackRespond {
+        id: u64,
+        response: dialback::DialBackResponse,
+    },
     LeaseRespond {
         id: u64,
         reply: Vec<u8>,
@@ -219,6 +229,16 @@ impl NodeClient {
         message: lease_wire::LeaseMessage,
     ) -> Result<Vec<u8>, NetworkError> {
         self.call(|reply| Command::LeaseSend { peer, addrs, message, reply }).await?
+    }
+
+    /// Asks `peer` (connected) to dial this node back on `request.ports` and say what it
+    /// saw (port verification).
+    pub async fn dial_back(
+        &self,
+        peer: PeerId,
+        request: dialback::DialBackRequest,
+    ) -> Result<dialback::DialBackResponse, NetworkError> {
+        self.call(|reply| Command::DialBack { peer, request, reply }).await?
     }
 
     /// Counts an invalid message (bad signature, malformed) that `peer` sent on an API the
