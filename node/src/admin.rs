@@ -35,6 +35,7 @@ pub enum AdminRequest {
     Blocked,
     Lock,
     Unlock,
+    PublishBlocklist,
 }
 
 impl AdminRequest {
@@ -49,6 +50,7 @@ impl AdminRequest {
             AdminRequest::Blocked => "blocked",
             AdminRequest::Lock => "lock",
             AdminRequest::Unlock => "unlock",
+            AdminRequest::PublishBlocklist => "publish_blocklist",
         }
     }
 }
@@ -275,6 +277,19 @@ impl Ctx {
                 )),
                 Err(e) => AdminReply::err(e),
             },
+            AdminRequest::PublishBlocklist => {
+                let list = match leases.signed_block_list() {
+                    Ok(l) => l,
+                    Err(e) => return AdminReply::err(e),
+                };
+                let entries = list.body().entries.len();
+                let seq = list.body().seq;
+                let Some(network) = leases.network() else { return AdminReply::err("no swarm node") };
+                match network.publish_block_list(list).await {
+                    Ok(()) => AdminReply::ok(serde_json::json!({"published_entries": entries, "seq": seq})),
+                    Err(e) => AdminReply::err(e),
+                }
+            }
             AdminRequest::Lock => {
                 leases.set_locked(true);
                 AdminReply::ok(serde_json::json!({"locked": true}))

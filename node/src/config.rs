@@ -38,6 +38,16 @@ struct RawConfig {
     network: RawNetwork,
     #[serde(default)]
     leases: RawLeases,
+    #[serde(default)]
+    blocklists: RawBlockLists,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlockLists {
+    /// Peer ids of operators whose signed block lists this provider applies.
+    #[serde(default)]
+    trust: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +176,8 @@ pub struct ProviderConfig {
     pub max_leases: u32,
     pub min_lease_secs: u64,
     pub max_lease_secs: u64,
+    /// Signers whose block lists are applied.
+    pub trusted_block_lists: std::collections::HashSet<libp2p::PeerId>,
 }
 
 impl ProviderConfig {
@@ -283,6 +295,15 @@ impl ProviderConfig {
             ));
         }
 
+        let trusted_block_lists = raw
+            .blocklists
+            .trust
+            .iter()
+            .map(|p| {
+                p.parse::<libp2p::PeerId>().map_err(|_| invalid("blocklists.trust", format!("`{p}` is not a peer id")))
+            })
+            .collect::<Result<_, _>>()?;
+
         let mut images = Vec::new();
         for img in raw.images {
             let dir = if img.dir.is_relative() { base.join(&img.dir) } else { img.dir.clone() };
@@ -326,6 +347,7 @@ impl ProviderConfig {
             max_leases,
             min_lease_secs,
             max_lease_secs,
+            trusted_block_lists,
         };
         if !config.allow_tcg && !config.probe_kvm {
             return Err(invalid(

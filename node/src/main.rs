@@ -121,6 +121,8 @@ enum LeaseCommand {
 struct CreateArgs {
     #[command(flatten)]
     swarm: SwarmArgs,
+    #[command(flatten)]
+    trust: TrustArgs,
     /// A provider's peer id, or `cheapest`.
     #[arg(long, default_value = "cheapest")]
     provider: String,
@@ -195,6 +197,23 @@ struct SwarmArgs {
 }
 
 #[derive(Args)]
+struct TrustArgs {
+    /// Apply the signed block lists of this operator (a peer id; repeatable): the
+    /// providers it lists are hidden.
+    #[arg(long = "trust-blocklist", value_name = "PEER_ID", env = "PEERVM_TRUST_BLOCKLIST", value_delimiter = ',')]
+    trust_blocklist: Vec<String>,
+}
+
+impl TrustArgs {
+    fn peers(&self) -> anyhow::Result<std::collections::HashSet<libp2p::PeerId>> {
+        self.trust_blocklist
+            .iter()
+            .map(|p| p.parse().map_err(|_| anyhow::anyhow!("--trust-blocklist `{p}` is not a peer id")))
+            .collect()
+    }
+}
+
+#[derive(Args)]
 struct BootstrapArgs {
     /// Address to listen on (repeatable).
     #[arg(long, value_name = "MULTIADDR", default_values_t = ["/ip4/0.0.0.0/tcp/4001".to_string(), "/ip4/0.0.0.0/udp/4001/quic-v1".to_string()])]
@@ -259,6 +278,9 @@ enum ProviderCommand {
     },
     /// The blocked requestors.
     Blocked(AdminArgs),
+    /// Sign and publish this provider's block list (its blocked peers and reasons), for
+    /// the operators who chose to trust it.
+    PublishBlocklist(AdminArgs),
     /// Stop accepting leases and signing adverts (running leases go on).
     Lock(AdminArgs),
     Unlock(AdminArgs),
@@ -278,6 +300,8 @@ struct AdminArgs {
 struct OffersArgs {
     #[command(flatten)]
     swarm: SwarmArgs,
+    #[command(flatten)]
+    trust: TrustArgs,
     /// At least this many free vCPUs (also the vCPUs the price is quoted for).
     #[arg(long)]
     vcpus: Option<u32>,
@@ -319,7 +343,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -514,6 +543,7 @@ async fn admin_cmd(cmd: ProviderCommand, data_dir: &std::path::Path) -> anyhow::
         ProviderCommand::Unblock { peer, admin } => (AdminRequest::Unblock { peer }, admin),
         ProviderCommand::Blocked(a) => (AdminRequest::Blocked, a),
         ProviderCommand::Lock(a) => (AdminRequest::Lock, a),
+        ProviderCommand::PublishBlocklist(a) => (AdminRequest::PublishBlocklist, a),
         ProviderCommand::Unlock(a) => (AdminRequest::Unlock, a),
     };
     let dir = match &args.config {
@@ -748,6 +778,7 @@ async fn lease_create(args: CreateArgs, data_dir: &std::path::Path) -> anyhow::R
         ssh_user: args.user.clone(),
         max_price_micros: args.max_price.as_deref().map(units::parse_micros).transpose()?,
         join_timeout: Duration::from_secs(args.timeout),
+        trusted_block_lists: args.trust.peers()?,
     };
     let r = requestor(data_dir)?;
     let mut stages = Vec::new();
@@ -854,7 +885,10 @@ async fn offers_cmd(args: OffersArgs, data_dir: &std::path::Path) -> anyhow::Res
     if args.timeout == 0 {
         bail!("--timeout must be at least 1 second");
     }
-    let node = offers::join(&bootstrap, Duration::from_secs(args.timeout)).await?;
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, seed.as_mut());
+    let key = peervm_protocol::SigningKey::from_seed(&seed);
+    let node = offers::join_as(key, &bootstrap, Duration::from_secs(args.timeout), args.trust.peers()?).await?;
     let print = |node: &Node| {
         let list = offers::current(node, &filter, args.limit);
         if args.json {

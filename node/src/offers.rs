@@ -30,15 +30,22 @@ pub async fn join(bootstrap: &[Multiaddr], timeout: Duration) -> Result<Node, Of
     // nothing on disk.
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
-    join_as(SigningKey::from_seed(&seed), bootstrap, timeout).await
+    join_as(SigningKey::from_seed(&seed), bootstrap, timeout, Default::default()).await
 }
 
-/// As [`join`], with the node's identity `key` (a requestor that leases speaks as itself).
-pub async fn join_as(key: SigningKey, bootstrap: &[Multiaddr], timeout: Duration) -> Result<Node, OffersError> {
+/// As [`join`], with the node's identity `key` (a requestor that leases speaks as itself)
+/// and the signers whose block lists it applies.
+pub async fn join_as(
+    key: SigningKey,
+    bootstrap: &[Multiaddr],
+    timeout: Duration,
+    trusted_block_lists: std::collections::HashSet<libp2p::PeerId>,
+) -> Result<Node, OffersError> {
     if bootstrap.is_empty() {
         return Err(OffersError::NoBootstrap);
     }
     let mut config = NodeConfig::new(key, Role::Requestor);
+    config.trusted_block_lists = trusted_block_lists;
     config.bootstrap = bootstrap.to_vec();
     let node = Node::start(config).await?;
     let mut events = node.subscribe();

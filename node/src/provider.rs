@@ -143,6 +143,7 @@ impl Provider {
         node_config.metrics = Some(metrics.clone());
         node_config.lease_inbox = Some(inbox_tx);
         node_config.audit = Some(audit.clone());
+        node_config.trusted_block_lists = config.trusted_block_lists.clone();
         let node = Node::start(node_config).await?;
 
         let leases = LeaseManager::new(
@@ -154,7 +155,8 @@ impl Provider {
             metrics,
             Some(node.client.clone()),
         )
-        .with_audit(audit.clone());
+        .with_audit(audit.clone())
+        .with_list_blocked(node.list_blocked.clone());
         leases.apply_block_list().await?;
         let report = leases.recover().await?;
         if !(report.adopted.is_empty() && report.failed.is_empty() && report.ended.is_empty()) {

@@ -130,6 +130,9 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     let list = admin(&data, &["blocked"]);
     assert_eq!(list[0]["peer"], requestor_id.as_str());
     assert_eq!(list[0]["reason"], "abuse report 42");
+    // The operator can warn others: a signed list of its blocks, gossiped to the swarm.
+    let published = admin(&data, &["publish-blocklist"]);
+    assert_eq!(published["published_entries"], 1, "{published}");
     assert_eq!(admin(&data, &["unblock", &requestor_id])["was_blocked"], true);
 
     // Everything is in the audit log: the grants, the admin call, the denial.

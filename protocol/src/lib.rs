@@ -7,6 +7,7 @@
 
 pub mod advert;
 pub mod batch;
+pub mod blocklist;
 pub mod encoding;
 pub mod error;
 pub mod identity;
@@ -19,6 +20,7 @@ pub use advert::{
     SshEndpoint,
 };
 pub use batch::verify_batch;
+pub use blocklist::{BlockEntry, BlockList, BlockListError};
 pub use error::{DecodeError, IdentityError, SignError, VerifyError};
 pub use identity::SigningKey;
 pub use lease::{

@@ -28,7 +28,7 @@ pub enum Kind {
     LeaseRequest,
     LeaseReply,
     LeaseControl,
-    /// Reserved for the signed block lists and delegations of later protocol versions.
+    /// An operator's signed block list (`blocklist.rs`).
     BlockList,
 }
 

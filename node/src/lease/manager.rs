@@ -115,6 +115,8 @@ struct Inner<H> {
     /// Leases already warned about for sitting at their memory limit.
     memory_warned: Mutex<HashSet<LeaseId>>,
     audit: Option<Arc<AuditLog>>,
+    /// Requestors named by block lists this provider trusts.
+    list_blocked: Option<crate::network::ListBlocked>,
 }
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
@@ -143,6 +145,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 ending: Mutex::new(HashSet::new()),
                 memory_warned: Mutex::new(HashSet::new()),
                 audit: None,
+                list_blocked: None,
             }),
         }
     }
@@ -152,6 +155,14 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     pub fn with_audit(mut self, audit: Arc<AuditLog>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.audit = Some(audit);
+        }
+        self
+    }
+
+    /// Also denies requestors that a trusted signed block list names.
+    pub fn with_list_blocked(mut self, list_blocked: crate::network::ListBlocked) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.list_blocked = Some(list_blocked);
         }
         self
     }
@@ -389,6 +400,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         }
         if inner.db.is_blocked(&req.requestor).map_err(internal)? {
             return Err(deny(DenyReason::Blocked, "this requestor is blocked by the provider"));
+        }
+        if inner.list_blocked.as_ref().is_some_and(|l| l.read().map(|s| s.contains(&req.requestor)).unwrap_or(false)) {
+            return Err(deny(DenyReason::Blocked, "this requestor is on a block list the provider trusts"));
         }
         req.check_well_formed().map_err(|e| deny(DenyReason::InvalidSpec, e.to_string()))?;
         let terms = &inner.terms;
@@ -742,6 +756,34 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         inner.db.set_isolated(&id, true)?;
         inner.hv.isolate(vmm_id(&id)).await?;
         Ok(())
+    }
+
+    /// Signs this provider's block list (its operator's blocks) for publication.
+    pub fn signed_block_list(&self) -> Result<peervm_protocol::Verified<peervm_protocol::BlockList>, LeaseError> {
+        let now = now_unix_ms();
+        let entries = self
+            .inner
+            .db
+            .blocked()?
+            .into_iter()
+            .take(peervm_protocol::blocklist::MAX_BLOCK_ENTRIES)
+            .map(|(peer, mut reason, _)| {
+                truncate(&mut reason, peervm_protocol::advert::MAX_TEXT_LEN);
+                peervm_protocol::BlockEntry { peer, reason }
+            })
+            .collect();
+        let list = peervm_protocol::BlockList {
+            version: peervm_protocol::blocklist::BLOCK_LIST_VERSION,
+            signer: self.inner.me,
+            seq: now,
+            issued_at_unix_ms: now,
+            entries,
+        };
+        Ok(Signed::sign(&self.inner.key, &list)?)
+    }
+
+    pub fn network(&self) -> Option<&NodeClient> {
+        self.inner.network.as_ref()
     }
 
     pub fn list(&self, limit: usize) -> Result<Vec<LeaseRecord>, LeaseError> {

@@ -10,12 +10,12 @@ use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, noise, tcp, yamux};
-use peervm_protocol::{Advertisement, Signed, Verified, verify_batch};
+use peervm_protocol::{Advertisement, BlockList, Signed, Verified, verify_batch};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::behaviour::{KAD_PROTOCOL, PeervmBehaviour, PeervmBehaviourEvent};
 use super::dialback::{self, DialBackRequest, DialBackResponse};
-use super::gossip_params::advert_topic;
+use super::gossip_params::{advert_topic, blocklist_topic};
 use super::lease_wire::LeaseMessage;
 use super::rate_limit::{Api, PeerGuard, Verdict};
 use super::sync::{self, Envelope, SyncRequest, SyncResponse};
@@ -52,12 +52,14 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         Role::Requestor => kad::Mode::Client,
     }));
     swarm.behaviour_mut().gossipsub.subscribe(&advert_topic()).map_err(|e| NetworkError::Build(e.to_string()))?;
+    swarm.behaviour_mut().gossipsub.subscribe(&blocklist_topic()).map_err(|e| NetworkError::Build(e.to_string()))?;
 
     let listen_addrs = listen(&mut swarm, &config.listen, peer_id).await?;
 
     let (tx, rx) = mpsc::channel(256);
     let (events, _) = broadcast::channel(4096);
     let store: SharedStore = Arc::new(Mutex::new(AdvertStore::new()));
+    let list_blocked: super::ListBlocked = Default::default();
     let mut event_loop = EventLoop {
         swarm,
         commands: rx,
@@ -68,6 +70,12 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         next_lease_channel: 0,
         lease_calls: HashMap::new(),
         conn_addrs: HashMap::new(),
+        trusted_lists: config.trusted_block_lists.clone(),
+        block_lists: HashMap::new(),
+        list_blocked: list_blocked.clone(),
+        operator_blocks: HashSet::new(),
+        own_list: None,
+        maintain_ticks: 0,
         dialback_channels: HashMap::new(),
         dialback_calls: HashMap::new(),
         dialback_served: HashMap::new(),
@@ -89,7 +97,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         event_loop.dial_addr(addr.clone(), None);
     }
     let task = tokio::spawn(event_loop.run());
-    Ok(Node { client: NodeClient { tx }, store, peer_id, listen_addrs, events, task })
+    Ok(Node { client: NodeClient { tx }, store, list_blocked, peer_id, listen_addrs, events, task })
 }
 
 /// Starts every listener and waits until each has reported its addresses, so the caller
@@ -170,6 +178,17 @@ struct EventLoop {
     dialback_calls: HashMap<OutboundRequestId, oneshot::Sender<Result<DialBackResponse, NetworkError>>>,
     /// When each peer was last served a dial-back.
     dialback_served: HashMap<PeerId, Instant>,
+    /// Signers whose block lists this node applies.
+    trusted_lists: HashSet<PeerId>,
+    /// The newest valid block list of each signer (relayed, served by sync).
+    block_lists: HashMap<PeerId, Verified<BlockList>>,
+    /// The union of the trusted lists' entries.
+    list_blocked: super::ListBlocked,
+    /// Providers the operator blocked itself (a list dropping one does not unblock it).
+    operator_blocks: HashSet<PeerId>,
+    /// This node's own published list, re-gossiped now and then.
+    own_list: Option<Vec<u8>>,
+    maintain_ticks: u64,
     store: SharedStore,
     events: broadcast::Sender<NodeEvent>,
     guard: PeerGuard,
@@ -254,6 +273,12 @@ impl EventLoop {
         if !connected.is_empty() {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
+        self.maintain_ticks += 1;
+        if self.maintain_ticks.is_multiple_of(30)
+            && let Some(bytes) = self.own_list.clone()
+        {
+            let _ = self.swarm.behaviour_mut().gossipsub.publish(blocklist_topic(), bytes);
+        }
         // Streams whose requestor gave up (or whose reply was never sent).
         self.lease_channels.retain(|_, channel| channel.is_open());
         self.dialback_channels.retain(|_, channel| channel.is_open());
@@ -328,18 +353,34 @@ impl EventLoop {
             Command::ReportInvalid { peer } => self.invalid(peer, "lease"),
             Command::BlockAdverts { peer, blocked } => {
                 if blocked {
+                    self.operator_blocks.insert(peer);
                     self.store().block(peer);
                 } else {
-                    self.store().unblock(&peer);
+                    self.operator_blocks.remove(&peer);
+                    if !self.is_list_blocked(&peer) {
+                        self.store().unblock(&peer);
+                    }
                 }
             }
+            Command::PublishBlockList { list, reply } => {
+                let bytes = list.to_bytes();
+                self.accept_block_list(*list);
+                self.own_list = Some(bytes.clone());
+                let result = match self.swarm.behaviour_mut().gossipsub.publish(blocklist_topic(), bytes) {
+                    Ok(_) | Err(PublishError::Duplicate) | Err(PublishError::NoPeersSubscribedToTopic) => Ok(()),
+                    Err(e) => Err(NetworkError::Publish(e.to_string())),
+                };
+                let _ = reply.send(result);
+            }
             Command::BlockPeer { peer } => {
+                self.operator_blocks.insert(peer);
                 self.blocked.insert(peer);
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 self.swarm.behaviour_mut().gossipsub.blacklist_peer(&peer);
                 self.store().block(peer);
             }
             Command::UnblockPeer { peer } => {
+                self.operator_blocks.remove(&peer);
                 self.blocked.remove(&peer);
                 self.swarm.behaviour_mut().blocked.unblock_peer(peer);
                 self.swarm.behaviour_mut().gossipsub.remove_blacklisted_peer(&peer);
@@ -482,7 +523,11 @@ impl EventLoop {
     fn on_gossip(&mut self, event: gossipsub::Event) {
         match event {
             gossipsub::Event::Message { propagation_source: source, message_id, message } => {
-                let acceptance = self.validate_gossip(source, &message.data);
+                let acceptance = if message.topic == blocklist_topic().hash() {
+                    self.validate_block_list(source, &message.data)
+                } else {
+                    self.validate_gossip(source, &message.data)
+                };
                 self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &source, acceptance);
             }
             gossipsub::Event::Subscribed { .. } => {
@@ -535,6 +580,80 @@ impl EventLoop {
                     MessageAcceptance::Ignore
                 }
             }
+        }
+    }
+
+    fn is_list_blocked(&self, peer: &PeerId) -> bool {
+        self.list_blocked.read().map(|s| s.contains(peer)).unwrap_or(false)
+    }
+
+    /// A gossiped block list: relayed when its signature, checks and seq hold, whoever
+    /// signed it; applied only when this node trusts the signer.
+    fn validate_block_list(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        let (allowed, verdict) = self.guard.allow(source, Api::Gossip, Instant::now());
+        self.ban_if(source, verdict);
+        if !allowed {
+            self.metrics.throttled("gossip");
+            return MessageAcceptance::Ignore;
+        }
+        match Signed::<BlockList>::open(data) {
+            Ok(list) if list.body().check(now_unix_ms()).is_ok() => {
+                if self.accept_block_list(list) {
+                    MessageAcceptance::Accept
+                } else {
+                    MessageAcceptance::Ignore
+                }
+            }
+            Ok(_) => {
+                self.metrics.rejected("block_list");
+                MessageAcceptance::Reject
+            }
+            Err(e) => {
+                self.metrics.rejected("block_list");
+                if e.is_misbehaviour() {
+                    self.invalid(source, "gossip");
+                    MessageAcceptance::Reject
+                } else {
+                    MessageAcceptance::Ignore
+                }
+            }
+        }
+    }
+
+    /// Keeps `list` if it is its signer's newest (at most 1024 signers are held), and
+    /// re-applies the trusted lists. False when it was not newer.
+    fn accept_block_list(&mut self, list: Verified<BlockList>) -> bool {
+        let signer = list.body().signer;
+        let newer = self.block_lists.get(&signer).is_none_or(|held| list.body().seq > held.body().seq);
+        if !newer || (!self.block_lists.contains_key(&signer) && self.block_lists.len() >= 1024) {
+            return false;
+        }
+        self.block_lists.insert(signer, list);
+        if self.trusted_lists.contains(&signer) {
+            self.apply_trusted_lists();
+        }
+        true
+    }
+
+    fn apply_trusted_lists(&mut self) {
+        let now: HashSet<PeerId> = self
+            .block_lists
+            .iter()
+            .filter(|(signer, _)| self.trusted_lists.contains(*signer))
+            .flat_map(|(_, list)| list.body().entries.iter().map(|e| e.peer))
+            .collect();
+        let before = self.list_blocked.read().map(|s| s.clone()).unwrap_or_default();
+        for peer in now.difference(&before) {
+            tracing::info!(%peer, "blocked by a trusted block list");
+            self.store().block(*peer);
+        }
+        for peer in before.difference(&now) {
+            if !self.operator_blocks.contains(peer) {
+                self.store().unblock(peer);
+            }
+        }
+        if let Ok(mut shared) = self.list_blocked.write() {
+            *shared = now;
         }
     }
 
@@ -679,13 +798,39 @@ impl EventLoop {
         let after = request.after.as_deref().and_then(|b| PeerId::from_bytes(b).ok());
         let max_items = request.max_items.clamp(1, sync::MAX_PAGE_ITEMS) as usize;
         let (adverts, next) = self.store().page(after.as_ref(), max_items, sync::MAX_PAGE_BYTES, now_unix_ms());
-        SyncResponse::Page { adverts: adverts.into_iter().map(Envelope).collect(), next: next.map(|p| p.to_bytes()) }
+        let mut lists = Vec::new();
+        if after.is_none() {
+            let mut bytes = 0;
+            for list in self.block_lists.values() {
+                let b = list.to_bytes();
+                bytes += b.len();
+                if bytes > sync::MAX_LIST_BYTES {
+                    break;
+                }
+                lists.push(Envelope(b));
+            }
+        }
+        SyncResponse::Page {
+            adverts: adverts.into_iter().map(Envelope).collect(),
+            next: next.map(|p| p.to_bytes()),
+            lists,
+        }
     }
 
     fn on_sync_page(&mut self, mut session: SyncSession, response: SyncResponse) {
         let peer = session.peer;
         let (adverts, next) = match response {
-            SyncResponse::Page { adverts, next } => (adverts, next),
+            SyncResponse::Page { adverts, next, lists } => {
+                for env in lists.iter().take(1024) {
+                    match Signed::<BlockList>::open(&env.0) {
+                        Ok(list) if list.body().check(now_unix_ms()).is_ok() => {
+                            self.accept_block_list(list);
+                        }
+                        _ => self.metrics.rejected("block_list"),
+                    }
+                }
+                (adverts, next)
+            }
             SyncResponse::RateLimited => {
                 self.finish_sync(session, Err(NetworkError::Stopped));
                 return;

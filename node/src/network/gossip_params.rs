@@ -18,14 +18,22 @@ pub fn advert_topic() -> IdentTopic {
     IdentTopic::new(ADVERT_TOPIC)
 }
 
+/// Signed block lists (`protocol::blocklist`): relayed by every node, applied only by the
+/// nodes that trust their signer.
+pub const BLOCKLIST_TOPIC: &str = "peervm/blocklists/v1";
+
+pub fn blocklist_topic() -> IdentTopic {
+    IdentTopic::new(BLOCKLIST_TOPIC)
+}
+
 pub fn behaviour() -> Result<gossipsub::Behaviour, String> {
     let config = gossipsub::ConfigBuilder::default()
         .validation_mode(ValidationMode::Anonymous)
         .validate_messages()
         .message_id_fn(|m: &gossipsub::Message| MessageId::from(Sha256::digest(&m.data).to_vec()))
         .heartbeat_interval(Duration::from_millis(700))
-        // An advert is at most 4 KiB; leave room for the RPC framing.
-        .max_transmit_size(16 * 1024)
+        // An advert is at most 4 KiB, a block list 64 KiB; leave room for the RPC framing.
+        .max_transmit_size(80 * 1024)
         // Remember ids long enough that a re-published duplicate is recognised.
         .duplicate_cache_time(Duration::from_secs(120))
         .build()
@@ -55,7 +63,8 @@ fn score_params() -> PeerScoreParams {
         mesh_failure_penalty_weight: 0.0,
         ..TopicScoreParams::default()
     };
-    params.topics.insert(advert_topic().hash(), topic);
+    params.topics.insert(advert_topic().hash(), topic.clone());
+    params.topics.insert(blocklist_topic().hash(), topic);
     params
 }
 

@@ -24,6 +24,9 @@ pub use rate_limit::RateLimits;
 /// The store, shared between the swarm task (which writes) and readers.
 pub type SharedStore = Arc<Mutex<AdvertStore>>;
 
+/// Peers named by the block lists of trusted signers (kept by the swarm task).
+pub type ListBlocked = Arc<std::sync::RwLock<std::collections::HashSet<PeerId>>>;
+
 /// How a node takes part in the swarm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -53,6 +56,8 @@ pub struct NodeConfig {
     pub lease_inbox: Option<mpsc::Sender<InboundLease>>,
     /// Where signature failures and bans are recorded.
     pub audit: Option<Arc<crate::audit::AuditLog>>,
+    /// Signers whose block lists this node applies (its operator's choice).
+    pub trusted_block_lists: std::collections::HashSet<PeerId>,
 }
 
 impl NodeConfig {
@@ -69,6 +74,7 @@ impl NodeConfig {
             sweep_interval: Duration::from_secs(1),
             lease_inbox: None,
             audit: None,
+            trusted_block_lists: Default::default(),
         }
     }
 }
@@ -157,6 +163,10 @@ pub(crate) enum Command {
         message: lease_wire::LeaseMessage,
         reply: oneshot::Sender<Result<Vec<u8>, NetworkError>>,
     },
+    PublishBlockList {
+        list: Box<Verified<peervm_protocol::BlockList>>,
+        reply: oneshot::Sender<Result<(), NetworkError>>,
+    },
     DialBack {
         peer: PeerId,
         request: dialback::DialBackRequest,
@@ -231,6 +241,12 @@ impl NodeClient {
         self.call(|reply| Command::LeaseSend { peer, addrs, message, reply }).await?
     }
 
+    /// Publishes this node's signed block list (stored, applied when trusted, gossiped, and
+    /// re-gossiped every 5 minutes).
+    pub async fn publish_block_list(&self, list: Verified<peervm_protocol::BlockList>) -> Result<(), NetworkError> {
+        self.call(|reply| Command::PublishBlockList { list: Box::new(list), reply }).await?
+    }
+
     /// Asks `peer` (connected) to dial this node back on `request.ports` and say what it
     /// saw (port verification).
     pub async fn dial_back(
@@ -272,6 +288,8 @@ impl NodeClient {
 pub struct Node {
     pub client: NodeClient,
     pub store: SharedStore,
+    /// Peers that trusted block lists name: the lease manager denies them too.
+    pub list_blocked: ListBlocked,
     pub peer_id: PeerId,
     /// Full dialable addresses, each ending in `/p2p/<peer id>`.
     pub listen_addrs: Vec<Multiaddr>,

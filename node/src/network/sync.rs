@@ -11,10 +11,12 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/sync/1");
 pub const MAX_PAGE_ITEMS: u32 = 1024;
 /// Most envelope bytes one page carries (the protocol's sync reply cap).
 pub const MAX_PAGE_BYTES: usize = peervm_protocol::MAX_SYNC_REPLY_BYTES;
+/// Block-list bytes one first page may carry besides its adverts.
+pub const MAX_LIST_BYTES: usize = 256 * 1024;
 /// Requests are tiny: a cursor and a limit.
 pub const MAX_REQUEST_BYTES: u64 = 1024;
 /// A page on the wire: the adverts plus CBOR framing.
-pub const MAX_RESPONSE_BYTES: u64 = MAX_PAGE_BYTES as u64 + 64 * 1024;
+pub const MAX_RESPONSE_BYTES: u64 = (MAX_PAGE_BYTES + MAX_LIST_BYTES) as u64 + 64 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncRequest {
@@ -33,6 +35,10 @@ pub enum SyncResponse {
         /// Cursor for the next page; None when this was the last.
         #[serde(with = "opt_bytes")]
         next: Option<Vec<u8>>,
+        /// Signed block lists the server holds (first page only), each verified by the
+        /// receiver; absent from older peers.
+        #[serde(default)]
+        lists: Vec<Envelope>,
     },
     /// The server throttled this peer; try later.
     RateLimited,

@@ -71,6 +71,8 @@ pub struct CreateOptions {
     /// Most the requestor pays per hour (micro-units); default: the advertised price.
     pub max_price_micros: Option<u64>,
     pub join_timeout: Duration,
+    /// Signers whose block lists hide providers from the choice.
+    pub trusted_block_lists: std::collections::HashSet<PeerId>,
 }
 
 /// Stages of `lease create`, reported as they complete (with time since the start).
@@ -146,7 +148,13 @@ impl Requestor {
         mut progress: impl FnMut(&Stage, Duration),
     ) -> Result<StoredLease, RequestorError> {
         let t0 = Instant::now();
-        let node = offers::join_as(SigningKey::from_seed(&self.key.seed()), &opts.bootstrap, opts.join_timeout).await?;
+        let node = offers::join_as(
+            SigningKey::from_seed(&self.key.seed()),
+            &opts.bootstrap,
+            opts.join_timeout,
+            opts.trusted_block_lists.clone(),
+        )
+        .await?;
         let result = self.create_on(&node, opts, t0, &mut progress).await;
         node.stop().await;
         result
@@ -304,7 +312,7 @@ impl Requestor {
         node.stop().await;
         if matches!(result, Err(RequestorError::Network(_))) && !bootstrap.is_empty() {
             let key = SigningKey::from_seed(&self.key.seed());
-            let node = offers::join_as(key, bootstrap, Duration::from_secs(10)).await?;
+            let node = offers::join_as(key, bootstrap, Duration::from_secs(10), Default::default()).await?;
             let fresh = node.store.lock().unwrap_or_else(|p| p.into_inner()).get(&lease.provider).cloned();
             if let Some(advert) = fresh {
                 let addrs = advert.body().listen_addrs.clone();
