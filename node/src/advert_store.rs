@@ -28,6 +28,9 @@ pub enum InsertError {
     /// This node blocked the provider; not the sender's fault, so not penalised.
     #[error("provider {0} is blocked by this node")]
     Blocked(PeerId),
+    /// The owner named in the advert's delegation retired this node key (rotation).
+    #[error("node {0} was retired by the owner named in its delegation")]
+    Revoked(PeerId),
 }
 
 impl InsertError {
@@ -40,6 +43,7 @@ impl InsertError {
         match self {
             InsertError::Advert(e) => e.reason(),
             InsertError::Blocked(_) => "blocked",
+            InsertError::Revoked(_) => "revoked",
         }
     }
 }
@@ -68,8 +72,11 @@ pub struct OfferFilter {
     pub region: Option<String>,
     pub accel: Option<Accel>,
     pub image: Option<String>,
-    /// Providers to leave out (blocked by this requestor).
+    /// Providers to leave out (blocked by this requestor), matched against both the
+    /// provider and the owner that delegated to it.
     pub exclude: HashSet<PeerId>,
+    /// Only providers delegated by this owner.
+    pub owner: Option<PeerId>,
 }
 
 impl OfferFilter {
@@ -149,6 +156,10 @@ pub struct AdvertStore {
     images: Interner,
     /// Providers this node refuses to store, show or forward (incident response).
     blocked: HashSet<PeerId>,
+    /// The owner of each live advert that carries a delegation.
+    owners: HashMap<PeerId, PeerId>,
+    /// (owner, node key) pairs an owner retired, until the retiring delegation ends.
+    revoked: HashMap<(PeerId, PeerId), u64>,
 }
 
 impl AdvertStore {
@@ -188,25 +199,54 @@ impl AdvertStore {
     /// its provider when it is a withdrawal).
     pub fn insert(&mut self, advert: Verified<Advertisement>, now_unix_ms: u64) -> Result<InsertOutcome, InsertError> {
         let provider = advert.body().provider;
-        self.check(advert.body(), now_unix_ms)?;
+        let delegation = self.check(advert.body(), now_unix_ms)?;
         let existed = self.remove_live(&provider).is_some();
         if advert.body().withdrawn {
             self.tombstones.insert(provider, (advert.body().seq, advert.body().expires_at_unix_ms));
             return Ok(InsertOutcome::Withdrawn);
         }
         self.tombstones.remove(&provider);
+        if let Some(d) = delegation {
+            // Key rotation: the owner's node keys this delegation replaces are gone.
+            for old in &d.replaces {
+                if self.owners.get(old) == Some(&d.owner) {
+                    self.remove_live(old);
+                }
+                self.revoked.insert((d.owner, *old), d.not_after_unix_ms);
+            }
+            self.owners.insert(provider, d.owner);
+        }
         self.add_live(Arc::new(advert));
         Ok(if existed { InsertOutcome::Replaced } else { InsertOutcome::Added })
     }
 
+    /// The owner that delegated to `provider`, if its live advert carries a delegation.
+    pub fn owner_of(&self, provider: &PeerId) -> Option<PeerId> {
+        self.owners.get(provider).copied()
+    }
+
     /// Checks the accept rule without storing (gossip validation uses it to decide
     /// Accept / Reject / Ignore before forwarding).
-    pub fn check(&self, advert: &Advertisement, now_unix_ms: u64) -> Result<(), InsertError> {
+    /// Returns the advert's checked delegation, if it has one.
+    pub fn check(
+        &self,
+        advert: &Advertisement,
+        now_unix_ms: u64,
+    ) -> Result<Option<peervm_protocol::Delegation>, InsertError> {
         if self.blocked.contains(&advert.provider) {
             return Err(InsertError::Blocked(advert.provider));
         }
         advert.check_acceptable(now_unix_ms, self.held_seq(&advert.provider))?;
-        Ok(())
+        let delegation = advert.delegation_at(now_unix_ms)?;
+        if let Some(d) = &delegation {
+            if self.revoked.contains_key(&(d.owner, advert.provider)) {
+                return Err(InsertError::Revoked(advert.provider));
+            }
+            if self.blocked.contains(&d.owner) {
+                return Err(InsertError::Blocked(d.owner));
+            }
+        }
+        Ok(delegation)
     }
 
     /// Removes adverts that expired by `now` and tombstones that no longer matter.
@@ -221,6 +261,7 @@ impl AdvertStore {
         // expiry plus the maximum lifetime; after that the tombstone is dead weight.
         let horizon = peervm_protocol::advert::MAX_ADVERT_LIFETIME_MS;
         self.tombstones.retain(|_, (_, exp)| exp.saturating_add(horizon) > now_unix_ms);
+        self.revoked.retain(|_, until| *until > now_unix_ms);
         expired
     }
 
@@ -287,8 +328,18 @@ impl AdvertStore {
             let Some(price) = hourly_price_micros(s.per_vcpu, s.per_memory_gib, s.per_disk_gib, &spec) else {
                 continue;
             };
-            if price > max_price || (!filter.exclude.is_empty() && filter.exclude.contains(&s.advert.body().provider)) {
+            if price > max_price {
                 continue;
+            }
+            if !filter.exclude.is_empty() || filter.owner.is_some() {
+                let provider = &s.advert.body().provider;
+                let owner = self.owners.get(provider);
+                if filter.exclude.contains(provider)
+                    || owner.is_some_and(|o| filter.exclude.contains(o))
+                    || filter.owner.is_some_and(|want| owner != Some(&want))
+                {
+                    continue;
+                }
             }
             let entry = (price, index);
             if heap.len() < limit {
@@ -375,6 +426,7 @@ impl AdvertStore {
     }
 
     fn remove_live(&mut self, p: &PeerId) -> Option<StoredAdvert> {
+        self.owners.remove(p);
         let (index, advert) = self.live.remove(p)?;
         self.expiry.remove(&(advert.body().expires_at_unix_ms, *p));
         self.order.remove(p);

@@ -89,6 +89,8 @@ struct RawAdvert {
     beneficiary: Option<String>,
     ttl_secs: Option<u64>,
     republish_secs: Option<u64>,
+    /// A file with the owner's signed delegation to this node (`peervm owner delegate`).
+    delegation: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +161,8 @@ pub struct ProviderConfig {
     pub region: String,
     pub country: Option<String>,
     pub beneficiary: Option<String>,
+    /// The owner's signed delegation (checked against the node key at start).
+    pub delegation: Option<Vec<u8>>,
     pub ttl_secs: u64,
     pub republish_secs: u64,
     pub ssh: SshEndpoint,
@@ -295,6 +299,16 @@ impl ProviderConfig {
             ));
         }
 
+        let delegation = match &raw.advert.delegation {
+            None => None,
+            Some(p) => {
+                let p = if p.is_relative() { base.join(p) } else { p.clone() };
+                Some(
+                    std::fs::read(&p)
+                        .map_err(|e| invalid("advert.delegation", format!("cannot read {}: {e}", p.display())))?,
+                )
+            }
+        };
         let trusted_block_lists = raw
             .blocklists
             .trust
@@ -332,6 +346,7 @@ impl ProviderConfig {
             region: raw.advert.region,
             country: raw.advert.country,
             beneficiary: raw.advert.beneficiary,
+            delegation,
             ttl_secs,
             republish_secs,
             ssh,
@@ -395,6 +410,7 @@ impl ProviderConfig {
                 .collect(),
             beneficiary: self.beneficiary.clone(),
             withdrawn: false,
+            delegation: self.delegation.clone(),
         }
     }
 }

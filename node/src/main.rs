@@ -72,6 +72,9 @@ enum Command {
     Unblock { peer: String },
     /// The providers you blocked.
     Blocked,
+    /// Owner keys: delegate a node key to run for an owner.
+    #[command(subcommand)]
+    Owner(OwnerCommand),
     /// Check this machine against the provider checklist: each line pass / warn / fail
     /// with its fix. Exits non-zero when something fails.
     Doctor {
@@ -80,6 +83,33 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OwnerCommand {
+    /// Sign a delegation from an owner key (kept offline) to a node key, valid for
+    /// `--days`. Put the file in the node's config (`[advert] delegation`). To rotate a
+    /// compromised node key, delegate to the new key with `--replaces <old>`: nodes drop
+    /// the old key's adverts made under this owner.
+    Delegate {
+        /// The owner's identity key file (`peervm key init --key owner.key`).
+        #[arg(long, value_name = "PATH")]
+        owner_key: PathBuf,
+        /// The node's peer id (`peervm key show` on the node).
+        #[arg(long, value_name = "PEER_ID")]
+        node: String,
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// Payout address the node's adverts must name.
+        #[arg(long)]
+        beneficiary: Option<String>,
+        /// A node key of this owner that the new one retires (repeatable).
+        #[arg(long, value_name = "PEER_ID")]
+        replaces: Vec<String>,
+        /// Where to write the signed delegation.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
     },
 }
 
@@ -325,6 +355,9 @@ struct OffersArgs {
     /// Offers that have this image.
     #[arg(long)]
     image: Option<String>,
+    /// Only providers run for this owner (its peer id, from their delegation).
+    #[arg(long, value_name = "PEER_ID")]
+    owner: Option<String>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -507,6 +540,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (p, reason, at) in requestor_db(&data_dir)?.blocked()? {
                 println!("{p}  {}  {reason}", format_time(at));
             }
+        }
+        Command::Owner(OwnerCommand::Delegate { owner_key, node, days, beneficiary, replaces, out }) => {
+            let owner = keystore::load(&owner_key)?;
+            let parse = |p: &str| p.parse::<libp2p::PeerId>().map_err(|_| anyhow::anyhow!("`{p}` is not a peer id"));
+            if days == 0 || days > 366 {
+                bail!("--days must be 1..=366");
+            }
+            let now = peervm_node::network::now_unix_ms();
+            let delegation = peervm_protocol::Delegation {
+                version: peervm_protocol::delegation::DELEGATION_VERSION,
+                owner: owner.peer_id(),
+                node: parse(&node)?,
+                not_before_unix_ms: now.saturating_sub(60_000),
+                not_after_unix_ms: now + days * 86_400_000,
+                beneficiary,
+                replaces: replaces.iter().map(|p| parse(p)).collect::<anyhow::Result<_>>()?,
+            };
+            delegation.check_well_formed()?;
+            let signed = peervm_protocol::Signed::sign(&owner, &delegation)?;
+            std::fs::write(&out, signed.to_bytes()).with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "owner {} delegates to {} until {}",
+                owner.peer_id(),
+                delegation.node,
+                format_time(delegation.not_after_unix_ms)
+            );
         }
         Command::Doctor { config, json } => {
             let config = ProviderConfig::load(&config)?;
@@ -875,6 +934,11 @@ fn offer_filter(args: &OffersArgs) -> anyhow::Result<OfferFilter> {
         accel: args.accel.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
         image: args.image.clone(),
         exclude: Default::default(),
+        owner: args
+            .owner
+            .as_deref()
+            .map(|o| o.parse().map_err(|_| anyhow::anyhow!("--owner `{o}` is not a peer id")))
+            .transpose()?,
     })
 }
 

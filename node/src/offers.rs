@@ -106,6 +106,8 @@ pub struct OfferLine {
     pub ssh_host: String,
     pub expires_at_unix_ms: u64,
     pub seq: u64,
+    /// The owner that delegated to this provider, if any.
+    pub owner: Option<String>,
 }
 
 impl From<&Offer> for OfferLine {
@@ -126,6 +128,7 @@ impl From<&Offer> for OfferLine {
             ssh_host: a.ssh.host.clone(),
             expires_at_unix_ms: a.expires_at_unix_ms,
             seq: a.seq,
+            owner: a.delegation_at(now_unix_ms()).ok().flatten().map(|d| d.owner.to_string()),
         }
     }
 }

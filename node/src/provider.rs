@@ -49,6 +49,10 @@ pub enum ProviderError {
     Fs(#[from] crate::secure_fs::SecureFsError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error(
+        "[advert] delegation: {0}; ask the owner for a new one: peervm owner delegate --node <this node's peer id>"
+    )]
+    Delegation(peervm_protocol::DelegationError),
 }
 
 /// The provider's concrete lease manager.
@@ -103,6 +107,16 @@ impl Provider {
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Provider, ProviderError> {
         crate::secure_fs::ensure_private_dir(data_dir)?;
+        if let Some(bytes) = &config.delegation {
+            let d = peervm_protocol::Delegation::open_for(
+                bytes,
+                &key.peer_id(),
+                config.beneficiary.as_deref(),
+                now_unix_ms(),
+            )
+            .map_err(ProviderError::Delegation)?;
+            tracing::info!(owner = %d.owner, until = d.not_after_unix_ms, "running for an owner");
+        }
         let images = open_images(&config)?;
         let vmm_accel = select_accel(&config, &images).await?;
         tracing::info!(accel = %vmm_accel, "guests run with this accelerator");

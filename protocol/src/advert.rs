@@ -48,6 +48,10 @@ pub struct Advertisement {
     pub beneficiary: Option<String>,
     /// A withdrawn advert removes the provider from every store at once.
     pub withdrawn: bool,
+    /// The owner's signed delegation to this node key (a `Signed<Delegation>`), when the
+    /// node runs for an owner. Absent from the encoding when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "encoding::opt_bytes")]
+    pub delegation: Option<Vec<u8>>,
 }
 
 /// Where requestors reach their guests' SSH servers: one port per lease, from a range.
@@ -187,6 +191,8 @@ pub enum AdvertError {
     SeqNotNewer { got: u64, held: u64 },
     #[error("malformed advert: {0}")]
     Malformed(String),
+    #[error("advert delegation: {0}")]
+    Delegation(crate::delegation::DelegationError),
 }
 
 /// What a node does with an advert it did not accept.
@@ -207,6 +213,8 @@ impl AdvertError {
             AdvertError::Expired { .. } | AdvertError::IssuedInFuture { .. } | AdvertError::SeqNotNewer { .. } => {
                 Disposition::Ignore
             }
+            AdvertError::Delegation(e) if e.is_misbehaviour() => Disposition::Reject,
+            AdvertError::Delegation(_) => Disposition::Ignore,
         }
     }
 
@@ -219,6 +227,7 @@ impl AdvertError {
             AdvertError::ExpiresBeforeIssued => "lifetime",
             AdvertError::SeqNotNewer { .. } => "stale_seq",
             AdvertError::Malformed(_) => "malformed",
+            AdvertError::Delegation(_) => "delegation",
         }
     }
 }
@@ -247,7 +256,21 @@ impl Advertisement {
         {
             return Err(AdvertError::SeqNotNewer { got: self.seq, held });
         }
+        self.delegation_at(now_unix_ms)?;
         Ok(())
+    }
+
+    /// The owner's delegation carried by this advert, checked (signature, node, window,
+    /// beneficiary) at `now_unix_ms`; `None` for an advert without one.
+    pub fn delegation_at(&self, now_unix_ms: u64) -> Result<Option<crate::delegation::Delegation>, AdvertError> {
+        match &self.delegation {
+            None => Ok(None),
+            Some(bytes) => {
+                crate::delegation::Delegation::open_for(bytes, &self.provider, self.beneficiary.as_deref(), now_unix_ms)
+                    .map(Some)
+                    .map_err(AdvertError::Delegation)
+            }
+        }
     }
 
     /// Field checks that do not depend on time or on what the node holds.

@@ -123,3 +123,30 @@ pub(crate) mod multiaddrs {
         }
     }
 }
+
+/// Serde for an optional byte string (an embedded signed envelope).
+pub(crate) mod opt_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    struct Raw<'a>(&'a [u8]);
+    impl Serialize for Raw<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    struct Owned(Vec<u8>);
+    impl<'de> Deserialize<'de> for Owned {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            super::deserialize_byte_buf(d).map(Owned)
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_deref().map(Raw).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Ok(Option::<Owned>::deserialize(d)?.map(|o| o.0))
+    }
+}

@@ -8,6 +8,7 @@
 pub mod advert;
 pub mod batch;
 pub mod blocklist;
+pub mod delegation;
 pub mod encoding;
 pub mod error;
 pub mod identity;
@@ -21,6 +22,7 @@ pub use advert::{
 };
 pub use batch::verify_batch;
 pub use blocklist::{BlockEntry, BlockList, BlockListError};
+pub use delegation::{Delegation, DelegationError};
 pub use error::{DecodeError, IdentityError, SignError, VerifyError};
 pub use identity::SigningKey;
 pub use lease::{

@@ -68,6 +68,7 @@ pub fn advert(key: &SigningKey, seq: u64, now_unix_ms: u64) -> Advertisement {
         images: vec![ImageOffer { name: "minimal".into(), sha256: minimal_image_sha256() }],
         beneficiary: None,
         withdrawn: false,
+        delegation: None,
     }
 }
 

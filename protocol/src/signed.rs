@@ -30,6 +30,8 @@ pub enum Kind {
     LeaseControl,
     /// An operator's signed block list (`blocklist.rs`).
     BlockList,
+    /// An owner's delegation to a node key (`delegation.rs`).
+    Delegation,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::LeaseReply => b"peervm/lease-reply/v1\0",
             Kind::LeaseControl => b"peervm/lease-control/v1\0",
             Kind::BlockList => b"peervm/block-list/v1\0",
+            Kind::Delegation => b"peervm/delegation/v1\0",
         }
     }
 
@@ -53,6 +56,7 @@ impl Kind {
             Kind::LeaseReply => 8 * 1024,
             Kind::LeaseControl => 4 * 1024,
             Kind::BlockList => 64 * 1024,
+            Kind::Delegation => 2 * 1024,
         }
     }
 
@@ -63,6 +67,7 @@ impl Kind {
             Kind::LeaseReply => "lease-reply",
             Kind::LeaseControl => "lease-control",
             Kind::BlockList => "block-list",
+            Kind::Delegation => "delegation",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! a fixed clock.
 
 use peervm_protocol::advert::{MAX_ADVERT_LIFETIME_MS, MAX_CLOCK_SKEW_MS};
+use peervm_protocol::encoding::to_cbor;
 use peervm_protocol::lease::MAX_REQUEST_VALIDITY_MS;
 use peervm_protocol::samples::{self, T0_UNIX_MS};
 use peervm_protocol::*;
@@ -171,4 +172,56 @@ fn lease_id_hex_roundtrip() {
     assert_eq!(LeaseId::from_hex(&id.to_hex()), Some(id));
     assert_eq!(LeaseId::from_hex("zz"), None);
     assert_eq!(LeaseId::from_hex(&"é".repeat(16)), None);
+}
+
+fn delegation(owner: &SigningKey, node: PeerId, from: u64, until: u64) -> Delegation {
+    Delegation {
+        version: 1,
+        owner: owner.peer_id(),
+        node,
+        not_before_unix_ms: from,
+        not_after_unix_ms: until,
+        beneficiary: None,
+        replaces: vec![],
+    }
+}
+
+#[test]
+fn delegated_advert_accepted_and_expired_forged_or_wrong_node_delegation_rejected() {
+    let owner = samples::numbered_key(40);
+    let node = samples::provider_key();
+    let with = |d: &Delegation, signer: &SigningKey| {
+        let mut a = advert_at(NOW, MAX_ADVERT_LIFETIME_MS);
+        a.delegation = Some(match Signed::sign(signer, d) {
+            Ok(v) => v.to_bytes(),
+            // A key cannot sign for another owner: forge by re-signing the payload's bytes.
+            Err(_) => Signed::<Delegation>::from_parts(to_cbor(d), d.owner, [7u8; 64]).to_bytes(),
+        });
+        a
+    };
+    let good = delegation(&owner, node.peer_id(), NOW - 1000, NOW + 86_400_000);
+    let a = with(&good, &owner);
+    assert_eq!(a.check_acceptable(NOW, None), Ok(()));
+    assert_eq!(a.delegation_at(NOW).unwrap().unwrap().owner, owner.peer_id());
+    // The encoding of an advert without a delegation is unchanged (the vectors hold).
+    assert!(advert_at(NOW, 1000).delegation.is_none());
+
+    // Expired or not yet valid: ignored (a clock matter), not penalised.
+    let expired = with(&delegation(&owner, node.peer_id(), NOW - 10_000, NOW - 1), &owner);
+    let err = expired.check_acceptable(NOW, None).unwrap_err();
+    assert_eq!(err.disposition(), Disposition::Ignore, "{err}");
+    // Another node's delegation, a forged signature, an over-long window: rejected.
+    let other = with(&delegation(&owner, samples::numbered_key(41).peer_id(), NOW - 1, NOW + 1000), &owner);
+    assert_eq!(other.check_acceptable(NOW, None).unwrap_err().disposition(), Disposition::Reject);
+    let forged = with(&good, &samples::numbered_key(42));
+    assert_eq!(forged.check_acceptable(NOW, None).unwrap_err().disposition(), Disposition::Reject);
+    let long = with(&delegation(&owner, node.peer_id(), NOW - 1, NOW + 400 * 86_400_000), &owner);
+    assert_eq!(long.check_acceptable(NOW, None).unwrap_err().disposition(), Disposition::Reject);
+    // A delegation naming a beneficiary binds the advert's.
+    let mut paid = good.clone();
+    paid.beneficiary = Some("0xabc".into());
+    let mut a = with(&paid, &owner);
+    assert!(a.check_acceptable(NOW, None).is_err());
+    a.beneficiary = Some("0xabc".into());
+    assert_eq!(a.check_acceptable(NOW, None), Ok(()));
 }
