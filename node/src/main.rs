@@ -871,9 +871,19 @@ async fn lease_create(args: CreateArgs, data_dir: &std::path::Path) -> anyhow::R
             format_time(lease.access.as_ref().map_or(0, |a| a.ends_at_unix_ms))
         );
         println!("connect with:  peervm ssh {}", &lease.id.to_hex()[..12]);
-        println!("or:            ssh {}", ssh::openssh_args(&target, &known_hosts, &[]).join(" "));
+        let args: Vec<String> = ssh::openssh_args(&target, &known_hosts, &[]).iter().map(|a| shell_quote(a)).collect();
+        println!("or:            ssh {}", args.join(" "));
     }
     Ok(())
+}
+
+/// `s` quoted for a POSIX shell when it needs it.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,%+".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 fn ssh_cmd(lease: &str, args: &[String], data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {

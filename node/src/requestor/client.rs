@@ -123,14 +123,18 @@ impl Requestor {
             state: lease.state,
             what: "it was never granted, so there is no guest to reach",
         })?;
-        Ok(ssh::SshTarget {
+        let target = ssh::SshTarget {
             host: access.ssh_host.clone(),
             port: access.ssh_port,
             user: access.ssh_user.clone(),
             key_path: lease.key_path.clone(),
             host_key: access.host_key,
             alias: ssh::host_alias(&lease.id.to_hex()),
-        })
+        };
+        // The host and user come from the provider: refuse anything that is not a plain
+        // address and name before it reaches ssh's arguments or a config file.
+        ssh::check_target(&target)?;
+        Ok(target)
     }
 
     /// Writes the lease's known_hosts (the pinned key only) and returns its path.
