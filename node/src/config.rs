@@ -411,6 +411,7 @@ impl ProviderConfig {
             beneficiary: self.beneficiary.clone(),
             withdrawn: false,
             delegation: self.delegation.clone(),
+            reachability: None,
         }
     }
 }

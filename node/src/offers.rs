@@ -108,6 +108,8 @@ pub struct OfferLine {
     pub seq: u64,
     /// The owner that delegated to this provider, if any.
     pub owner: Option<String>,
+    /// The provider's last port verification, as it reports it.
+    pub reachability: Option<peervm_protocol::Reachability>,
 }
 
 impl From<&Offer> for OfferLine {
@@ -129,6 +131,7 @@ impl From<&Offer> for OfferLine {
             expires_at_unix_ms: a.expires_at_unix_ms,
             seq: a.seq,
             owner: a.delegation_at(now_unix_ms()).ok().flatten().map(|d| d.owner.to_string()),
+            reachability: a.reachability,
         }
     }
 }

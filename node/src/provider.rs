@@ -94,6 +94,9 @@ pub struct Provider {
     admin_task: tokio::task::JoinHandle<()>,
     admin_path: std::path::PathBuf,
     port_check: tokio::task::JoinHandle<()>,
+    reachability: SharedReachability,
+    /// Told when a port verification finished: the advert then carries its result.
+    reach_notify: Arc<tokio::sync::Notify>,
 }
 
 impl Provider {
@@ -190,8 +193,9 @@ impl Provider {
             accel: vmm_accel.to_string(),
         };
         let reachability = Arc::new(std::sync::Mutex::new(None));
-        let port_check = spawn_port_check(&config, &node, reachability.clone());
-        let admin_task = admin::serve(&admin_path, leases.clone(), info, Some(audit), reachability)?;
+        let reach_notify = Arc::new(tokio::sync::Notify::new());
+        let port_check = spawn_port_check(&config, &node, reachability.clone(), reach_notify.clone());
+        let admin_task = admin::serve(&admin_path, leases.clone(), info, Some(audit), reachability.clone())?;
         let mut provider = Provider {
             config,
             key,
@@ -204,6 +208,8 @@ impl Provider {
             admin_task,
             admin_path,
             port_check,
+            reachability,
+            reach_notify,
         };
         provider.publish(false).await?;
         Ok(provider)
@@ -228,6 +234,7 @@ impl Provider {
         let free = *self.free_tx.borrow();
         let mut advert = self.config.advert(&self.key, seq, now, self.accel, free, &self.node.listen_addrs);
         advert.withdrawn = withdrawn;
+        advert.reachability = self.reachability.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(summarise);
         Ok(Signed::sign(&self.key, &advert)?)
     }
 
@@ -264,6 +271,7 @@ impl Provider {
                     last_capacity_publish = tokio::time::Instant::now();
                     self.publish(false).await?;
                 }
+                _ = self.reach_notify.notified() => self.publish(false).await?,
                 _ = tokio::signal::ctrl_c() => break,
                 _ = sigterm.recv() => break,
             }
@@ -325,13 +333,32 @@ async fn select_accel(
     }
 }
 
+/// The advert's short form of a port verification report.
+fn summarise(report: &serde_json::Value) -> Option<peervm_protocol::Reachability> {
+    let ports = report["ports"].as_array()?;
+    let state = |kind: &str, ok: &[&str]| {
+        let of_kind: Vec<_> = ports.iter().filter(|p| p["kind"] == kind).collect();
+        !of_kind.is_empty() && of_kind.iter().all(|p| p["state"].as_str().is_some_and(|s| ok.contains(&s)))
+    };
+    Some(peervm_protocol::Reachability {
+        checked_at_unix_ms: report["checked_at_unix_ms"].as_u64()?,
+        libp2p_open: state("libp2p", &["open"]),
+        ssh_reachable: state("ssh", &["open", "closed"]),
+    })
+}
+
 /// What the last port verification found, for `peervm provider status` and `doctor`.
 pub type SharedReachability = Arc<std::sync::Mutex<Option<serde_json::Value>>>;
 
 /// Port verification: shortly after start and every 10 minutes, asks up to two connected
 /// peers to dial this provider back on its libp2p TCP port and the ends of its SSH port
 /// range (`/peervm/dialback/1`), and records and logs what they saw.
-fn spawn_port_check(config: &ProviderConfig, node: &Node, out: SharedReachability) -> tokio::task::JoinHandle<()> {
+fn spawn_port_check(
+    config: &ProviderConfig,
+    node: &Node,
+    out: SharedReachability,
+    done: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
     use crate::network::dialback::{DialBackRequest, DialBackResponse, PortState};
     let client = node.client.clone();
     let mut ports: Vec<(u16, &'static str)> = node
@@ -379,6 +406,7 @@ fn spawn_port_check(config: &ProviderConfig, node: &Node, out: SharedReachabilit
                             "ports": seen.iter().map(|(p, s)| serde_json::json!({"port": p, "kind": kind(*p), "state": s})).collect::<Vec<_>>(),
                         });
                         *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+                        done.notify_one();
                         break;
                     }
                     Ok(DialBackResponse::Refused { reason }) => {

@@ -151,6 +151,16 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     let ports = status["reachability"]["ports"].as_array().unwrap();
     assert!(ports.iter().any(|p| p["kind"] == "libp2p" && p["state"] == "open"), "{status}");
     assert!(ports.iter().any(|p| p["kind"] == "ssh" && p["state"] != "filtered"), "{status}");
+    // ...and the advert carries it.
+    let reach = wait_for(Duration::from_secs(20), || {
+        offers(&boot).into_iter().find(|o| o["provider"] == provider_id.as_str()).and_then(|o| {
+            let r = o["reachability"].clone();
+            (!r.is_null()).then_some(r)
+        })
+    })
+    .expect("the advert reports the port verification");
+    assert_eq!(reach["libp2p_open"], true, "{reach}");
+    assert_eq!(reach["ssh_reachable"], true, "{reach}");
 }
 
 #[test]

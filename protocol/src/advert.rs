@@ -52,6 +52,21 @@ pub struct Advertisement {
     /// node runs for an owner. Absent from the encoding when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "encoding::opt_bytes")]
     pub delegation: Option<Vec<u8>>,
+    /// What the provider's last port verification found (peers dialed it back). Reported
+    /// by the provider itself: informative, not a proof. Absent from the encoding when
+    /// `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachability: Option<Reachability>,
+}
+
+/// The outcome of a provider's dial-back port verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reachability {
+    pub checked_at_unix_ms: u64,
+    /// Its libp2p TCP port answered from outside.
+    pub libp2p_open: bool,
+    /// Its SSH port range is not filtered from outside.
+    pub ssh_reachable: bool,
 }
 
 /// Where requestors reach their guests' SSH servers: one port per lease, from a range.

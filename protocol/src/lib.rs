@@ -17,8 +17,8 @@ pub mod samples;
 pub mod signed;
 
 pub use advert::{
-    Accel, AdvertError, Advertisement, Disposition, HypervisorInfo, ImageOffer, Pricing, ResourceAmounts, Resources,
-    SshEndpoint,
+    Accel, AdvertError, Advertisement, Disposition, HypervisorInfo, ImageOffer, Pricing, Reachability, ResourceAmounts,
+    Resources, SshEndpoint,
 };
 pub use batch::verify_batch;
 pub use blocklist::{BlockEntry, BlockList, BlockListError};

@@ -69,6 +69,7 @@ pub fn advert(key: &SigningKey, seq: u64, now_unix_ms: u64) -> Advertisement {
         beneficiary: None,
         withdrawn: false,
         delegation: None,
+        reachability: None,
     }
 }
 
