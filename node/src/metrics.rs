@@ -38,6 +38,9 @@ pub struct Metrics {
     pub adverts_rejected: Family<ReasonLabel, Counter>,
     pub advert_store_size: Gauge,
     pub peers_connected: Gauge,
+    /// Connections the node closed itself: `dead` (pings failed), `trimmed` (idle, beyond
+    /// the target number of peers).
+    pub connections_closed: Family<ReasonLabel, Counter>,
     pub rate_limited: Family<ApiLabel, Counter>,
     pub peers_banned: Counter,
     pub lease_messages: Family<OutcomeLabel, Counter>,
@@ -58,6 +61,11 @@ impl Metrics {
         r.register("adverts_rejected", "Adverts not accepted, by reason", self.adverts_rejected.clone());
         r.register("advert_store_size", "Live adverts held", self.advert_store_size.clone());
         r.register("peers_connected", "Connected peers", self.peers_connected.clone());
+        r.register(
+            "connections_closed",
+            "Connections the node closed itself, by reason (dead, trimmed)",
+            self.connections_closed.clone(),
+        );
         r.register("rate_limited", "Messages dropped by per-peer rate limits, by API", self.rate_limited.clone());
         r.register("peers_banned", "Peers banned for misbehaviour", self.peers_banned.clone());
         r.register(
@@ -78,6 +86,11 @@ impl Metrics {
 
     pub fn rejected(&self, reason: &str) {
         self.adverts_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+
+    /// Counts a connection the node closed itself, by `reason`.
+    pub fn connections_closed(&self, reason: &str) {
+        self.connections_closed.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     /// Counts a message dropped by a per-peer rate limit on `api`.

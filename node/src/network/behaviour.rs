@@ -49,6 +49,7 @@ impl PeervmBehaviour {
     pub fn new(
         key: &libp2p::identity::Keypair,
         caps: &ConnectionCaps,
+        keepalive: super::Keepalive,
         serve_leases: bool,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let peer_id = key.public().to_peer_id();
@@ -59,7 +60,9 @@ impl PeervmBehaviour {
 
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config.set_query_timeout(Duration::from_secs(30));
-        // The event loop bootstraps on its own timer, once it has peers.
+        // The event loop walks the DHT on its own timer, when it has too few peers (and
+        // every 5 min), since each walk connects to every peer it queries. (Kademlia
+        // still walks by itself while its routing table has fewer than 20 entries.)
         kad_config.set_periodic_bootstrap_interval(None);
         let kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
 
@@ -106,7 +109,10 @@ impl PeervmBehaviour {
                 identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
                     .with_agent_version(format!("peervm/{}", env!("CARGO_PKG_VERSION"))),
             ),
-            ping: ping::Behaviour::default(),
+            // A failed ping closes the connection (event loop).
+            ping: ping::Behaviour::new(
+                ping::Config::new().with_interval(keepalive.interval).with_timeout(keepalive.timeout),
+            ),
             sync,
             lease,
             dialback,

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::gossipsub::{self, MessageAcceptance, PublishError};
 use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, noise, tcp, yamux};
+use libp2p::swarm::dial_opts::PeerCondition;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, noise, ping, tcp, yamux};
 use peervm_protocol::{Advertisement, BlockList, Signed, Verified, verify_batch};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -35,6 +36,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
     let peer_id = keypair.public().to_peer_id();
     let caps = config.caps.clone();
     let serve_leases = config.lease_inbox.is_some();
+    let (trim_high, trim_low) = trim_marks(config.role, config.target_peers, config.caps.max_established);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -42,7 +44,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         .with_quic()
         .with_dns()
         .map_err(|e| NetworkError::Build(e.to_string()))?
-        .with_behaviour(|key| PeervmBehaviour::new(key, &caps, serve_leases))
+        .with_behaviour(|key| PeervmBehaviour::new(key, &caps, config.keepalive, serve_leases))
         .map_err(|e| NetworkError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
@@ -69,13 +71,16 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         lease_channels: HashMap::new(),
         next_lease_channel: 0,
         lease_calls: HashMap::new(),
-        conn_addrs: HashMap::new(),
+        conns: HashMap::new(),
         trusted_lists: config.trusted_block_lists.clone(),
         block_lists: HashMap::new(),
         list_blocked: list_blocked.clone(),
         operator_blocks: HashSet::new(),
         own_list: None,
         maintain_ticks: 0,
+        trim_high,
+        trim_low,
+        trim_grace: config.trim_grace,
         dialback_channels: HashMap::new(),
         dialback_calls: HashMap::new(),
         dialback_served: HashMap::new(),
@@ -98,6 +103,19 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
     }
     let task = tokio::spawn(event_loop.run());
     Ok(Node { client: NodeClient { tx }, store, list_blocked, peer_id, listen_addrs, events, task })
+}
+
+/// When a node trims its connections (see `EventLoop::trim`): above twice its target, down
+/// to the target. A bootstrap node is where every joining node connects first: it trims
+/// only above half its connection cap, down to a quarter, so joins always find room.
+fn trim_marks(role: Role, target_peers: usize, max_established: u32) -> (usize, usize) {
+    match role {
+        Role::Bootstrap => {
+            let cap = max_established as usize;
+            ((cap / 2).max(2 * target_peers), (cap / 4).max(target_peers))
+        }
+        Role::Provider | Role::Requestor => (2 * target_peers, target_peers),
+    }
 }
 
 /// Starts every listener and waits until each has reported its addresses, so the caller
@@ -154,6 +172,24 @@ async fn listen(
     Ok(out)
 }
 
+/// Where the answer to an outbound request goes.
+type Reply<T> = oneshot::Sender<Result<T, NetworkError>>;
+
+/// One open connection.
+struct Conn {
+    peer: PeerId,
+    addr: Multiaddr,
+    opened: Instant,
+}
+
+/// The maintenance timer's period. While the node has no peer at all, its bootstrap nodes
+/// are re-dialled on every tick; the rest of maintenance runs every `SLOW_EVERY` ticks.
+const MAINTAIN_TICK: Duration = Duration::from_secs(2);
+const SLOW_EVERY: u64 = 5;
+/// With enough peers, a Kademlia walk still runs every this many slow ticks (5 min), to
+/// keep the routing table fresh; below the target it runs on every slow tick.
+const KAD_REFRESH_EVERY: u64 = 30;
+
 struct SyncSession {
     peer: PeerId,
     pages: usize,
@@ -167,15 +203,15 @@ struct EventLoop {
     self_tx: mpsc::Sender<Command>,
     lease_inbox: Option<mpsc::Sender<InboundLease>>,
     audit: Option<Arc<crate::audit::AuditLog>>,
-    /// Open inbound lease streams waiting for the manager's reply.
-    lease_channels: HashMap<u64, request_response::ResponseChannel<Envelope>>,
+    /// Open inbound lease streams waiting for the manager's reply, and whose they are.
+    lease_channels: HashMap<u64, (PeerId, request_response::ResponseChannel<Envelope>)>,
     next_lease_channel: u64,
     /// Outbound lease messages waiting for their reply.
-    lease_calls: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetworkError>>>,
-    /// The remote address of every open connection (dial-back dials only that IP).
-    conn_addrs: HashMap<libp2p::swarm::ConnectionId, Multiaddr>,
-    dialback_channels: HashMap<u64, request_response::ResponseChannel<DialBackResponse>>,
-    dialback_calls: HashMap<OutboundRequestId, oneshot::Sender<Result<DialBackResponse, NetworkError>>>,
+    lease_calls: HashMap<OutboundRequestId, (PeerId, Reply<Vec<u8>>)>,
+    /// Every open connection: whose, where from (dial-back dials only that IP), since when.
+    conns: HashMap<ConnectionId, Conn>,
+    dialback_channels: HashMap<u64, (PeerId, request_response::ResponseChannel<DialBackResponse>)>,
+    dialback_calls: HashMap<OutboundRequestId, (PeerId, Reply<DialBackResponse>)>,
     /// When each peer was last served a dial-back.
     dialback_served: HashMap<PeerId, Instant>,
     /// Signers whose block lists this node applies.
@@ -189,6 +225,10 @@ struct EventLoop {
     /// This node's own published list, re-gossiped now and then.
     own_list: Option<Vec<u8>>,
     maintain_ticks: u64,
+    /// Above `trim_high` connected peers, idle ones are closed down to `trim_low`.
+    trim_high: usize,
+    trim_low: usize,
+    trim_grace: Duration,
     store: SharedStore,
     events: broadcast::Sender<NodeEvent>,
     guard: PeerGuard,
@@ -201,7 +241,7 @@ struct EventLoop {
     pending_publish: Option<Vec<u8>>,
     syncs: HashMap<OutboundRequestId, SyncSession>,
     sync_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<SyncSummary, NetworkError>>>>,
-    pending_dials: HashMap<libp2p::swarm::ConnectionId, oneshot::Sender<Result<(), NetworkError>>>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<(), NetworkError>>>,
     /// Peers blocked by the operator (as opposed to banned for a while).
     blocked: HashSet<PeerId>,
 }
@@ -210,8 +250,7 @@ impl EventLoop {
     async fn run(mut self) {
         let mut sweep = tokio::time::interval(self.sweep_interval);
         // The bootstrap nodes were just dialed: the first re-dial check comes later.
-        let mut maintenance =
-            tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(10), Duration::from_secs(10));
+        let mut maintenance = tokio::time::interval_at(tokio::time::Instant::now() + MAINTAIN_TICK, MAINTAIN_TICK);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -261,32 +300,97 @@ impl EventLoop {
         }
     }
 
-    /// Re-dials lost bootstrap nodes, walks the DHT, and lifts bans that ran out.
+    /// Re-dials lost bootstrap nodes (every tick while the node has no peer, so a healed
+    /// partition is noticed within seconds), and every `SLOW_EVERY` ticks: walks the DHT,
+    /// re-gossips the own block list, forgets finished streams, lifts bans that ran out
+    /// and trims idle connections.
     fn maintain(&mut self) {
+        self.maintain_ticks += 1;
+        let slow = self.maintain_ticks.is_multiple_of(SLOW_EVERY);
         let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
-        for addr in self.bootstrap.clone() {
-            let known = super::peer_id_of(&addr);
-            if known.is_none_or(|p| !connected.contains(&p)) {
-                self.dial_addr(addr, None);
+        if slow || connected.is_empty() {
+            for addr in self.bootstrap.clone() {
+                match super::peer_id_of(&addr) {
+                    Some(peer) if !connected.contains(&peer) => {
+                        // Not while a dial to it is under way (a black-holed address keeps
+                        // a dial pending for a while).
+                        let opts = DialOpts::peer_id(peer)
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .addresses(vec![addr])
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                    Some(_) => {}
+                    // Without a /p2p part the peer is unknown until it answers: slow ticks only.
+                    None if slow => self.dial_addr(addr, None),
+                    None => {}
+                }
             }
         }
-        if !connected.is_empty() {
+        if !slow {
+            return;
+        }
+        let slow_ticks = self.maintain_ticks / SLOW_EVERY;
+        if !connected.is_empty()
+            && (connected.len() < self.target_peers || slow_ticks.is_multiple_of(KAD_REFRESH_EVERY))
+        {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
-        self.maintain_ticks += 1;
-        if self.maintain_ticks.is_multiple_of(30)
+        if slow_ticks.is_multiple_of(30)
             && let Some(bytes) = self.own_list.clone()
         {
             let _ = self.swarm.behaviour_mut().gossipsub.publish(blocklist_topic(), bytes);
         }
         // Streams whose requestor gave up (or whose reply was never sent).
-        self.lease_channels.retain(|_, channel| channel.is_open());
-        self.dialback_channels.retain(|_, channel| channel.is_open());
+        self.lease_channels.retain(|_, (_, channel)| channel.is_open());
+        self.dialback_channels.retain(|_, (_, channel)| channel.is_open());
         self.dialback_served.retain(|_, at| at.elapsed() < dialback::MIN_INTERVAL);
         for peer in self.guard.expired_bans(Instant::now()) {
             if !self.blocked.contains(&peer) {
                 self.swarm.behaviour_mut().blocked.unblock_peer(peer);
             }
+        }
+        self.trim();
+    }
+
+    /// Keeps the node near its target number of peers. Kademlia lookups connect to every
+    /// peer they query, and gossipsub holds a stream open on every connection, so nothing
+    /// would ever close those connections: without trimming, a node ends up connected to
+    /// most of the swarm (BENCHMARKS.md, large swarm). Above `trim_high` peers, the node
+    /// closes connections to peers that are not a bootstrap node, not in its advert
+    /// topic's gossipsub mesh, carry no sync, lease or dial-back request either way, and connected more
+    /// than `trim_grace` ago, the newest first, until it is down to `trim_low`.
+    fn trim(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        if connected <= self.trim_high {
+            return;
+        }
+        let mut keep: HashSet<PeerId> = self.bootstrap_peers.clone();
+        // The advert topic's mesh carries the market; the block-list topic's is left to
+        // re-form among the peers that stay.
+        keep.extend(self.swarm.behaviour().gossipsub.mesh_peers(&advert_topic().hash()).copied());
+        keep.extend(self.syncs.values().map(|s| s.peer));
+        keep.extend(self.lease_channels.values().map(|(p, _)| *p));
+        keep.extend(self.lease_calls.values().map(|(p, _)| *p));
+        keep.extend(self.dialback_channels.values().map(|(p, _)| *p));
+        keep.extend(self.dialback_calls.values().map(|(p, _)| *p));
+        // Each peer's newest connection: a peer is idle only if all of its are old.
+        let mut newest: HashMap<PeerId, Instant> = HashMap::new();
+        for conn in self.conns.values() {
+            let at = newest.entry(conn.peer).or_insert(conn.opened);
+            *at = (*at).max(conn.opened);
+        }
+        let now = Instant::now();
+        let mut idle: Vec<(Instant, PeerId)> = newest
+            .into_iter()
+            .filter(|(peer, opened)| !keep.contains(peer) && now.duration_since(*opened) >= self.trim_grace)
+            .map(|(peer, opened)| (opened, peer))
+            .collect();
+        idle.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, peer) in idle.into_iter().take(connected - self.trim_low) {
+            tracing::debug!(%peer, connected, "closing an idle connection beyond the target");
+            self.metrics.connections_closed("trimmed");
+            let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
 
@@ -334,19 +438,19 @@ impl EventLoop {
             }
             Command::LeaseSend { peer, addrs, message, reply } => {
                 let id = self.swarm.behaviour_mut().lease.send_request_with_addresses(&peer, message, addrs);
-                self.lease_calls.insert(id, reply);
+                self.lease_calls.insert(id, (peer, reply));
             }
             Command::LeaseRespond { id, reply } => {
-                if let Some(channel) = self.lease_channels.remove(&id) {
+                if let Some((_, channel)) = self.lease_channels.remove(&id) {
                     let _ = self.swarm.behaviour_mut().lease.send_response(channel, Envelope(reply));
                 }
             }
             Command::DialBack { peer, request, reply } => {
                 let id = self.swarm.behaviour_mut().dialback.send_request(&peer, request);
-                self.dialback_calls.insert(id, reply);
+                self.dialback_calls.insert(id, (peer, reply));
             }
             Command::DialBackRespond { id, response } => {
-                if let Some(channel) = self.dialback_channels.remove(&id) {
+                if let Some((_, channel)) = self.dialback_channels.remove(&id) {
                     let _ = self.swarm.behaviour_mut().dialback.send_response(channel, response);
                 }
             }
@@ -460,6 +564,19 @@ impl EventLoop {
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Sync(e)) => self.on_sync(e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Lease(e)) => self.on_lease(e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Dialback(e)) => self.on_dialback(e),
+            // (A peer that does not speak ping, `Failure::Unsupported`, keeps its connection.)
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(error @ (ping::Failure::Timeout | ping::Failure::Other { .. })),
+            })) => {
+                // A connection that stops answering pings is dead (a cut link, a peer
+                // that vanished without a FIN): close it, so the peer counts as gone
+                // and bootstrap re-dials and Kademlia replace it.
+                tracing::debug!(%peer, %error, "ping failed; closing the connection");
+                self.metrics.connections_closed("dead");
+                self.swarm.close_connection(connection);
+            }
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Identify(identify::Event::Received {
                 peer_id, info, ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
@@ -478,7 +595,8 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
-                self.conn_addrs.insert(connection_id, endpoint.get_remote_address().clone());
+                let conn = Conn { peer: peer_id, addr: endpoint.get_remote_address().clone(), opened: Instant::now() };
+                self.conns.insert(connection_id, conn);
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
@@ -500,10 +618,10 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionClosed { connection_id, num_established, .. } if num_established > 0 => {
-                self.conn_addrs.remove(&connection_id);
+                self.conns.remove(&connection_id);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established: 0, .. } => {
-                self.conn_addrs.remove(&connection_id);
+                self.conns.remove(&connection_id);
                 self.dialback_served.retain(|_, at| at.elapsed() < dialback::MIN_INTERVAL);
                 self.guard.forget(&peer_id);
                 self.metrics.peers_connected.set(self.swarm.connected_peers().count() as i64);
@@ -687,13 +805,13 @@ impl EventLoop {
                     self.on_lease_request(peer, request, channel)
                 }
                 request_response::Message::Response { request_id, response } => {
-                    if let Some(reply) = self.lease_calls.remove(&request_id) {
+                    if let Some((_, reply)) = self.lease_calls.remove(&request_id) {
                         let _ = reply.send(Ok(response.0));
                     }
                 }
             },
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
-                if let Some(reply) = self.lease_calls.remove(&request_id) {
+                if let Some((_, reply)) = self.lease_calls.remove(&request_id) {
                     let _ = reply.send(Err(NetworkError::Lease { peer, reason: error.to_string() }));
                 }
             }
@@ -722,7 +840,7 @@ impl EventLoop {
             InboundLease { peer, message, throttled: !allowed, reply: LeaseResponder { id, tx: self.self_tx.clone() } };
         match inbox.try_send(inbound) {
             Ok(()) => {
-                self.lease_channels.insert(id, channel);
+                self.lease_channels.insert(id, (peer, channel));
             }
             Err(_) => {
                 self.metrics.throttled("lease_queue");
@@ -738,13 +856,13 @@ impl EventLoop {
                     self.serve_dialback(peer, connection_id, request, channel)
                 }
                 request_response::Message::Response { request_id, response } => {
-                    if let Some(reply) = self.dialback_calls.remove(&request_id) {
+                    if let Some((_, reply)) = self.dialback_calls.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
             },
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
-                if let Some(reply) = self.dialback_calls.remove(&request_id) {
+                if let Some((_, reply)) = self.dialback_calls.remove(&request_id) {
                     let _ = reply.send(Err(NetworkError::Lease { peer, reason: error.to_string() }));
                 }
             }
@@ -757,7 +875,7 @@ impl EventLoop {
     fn serve_dialback(
         &mut self,
         peer: PeerId,
-        connection: libp2p::swarm::ConnectionId,
+        connection: ConnectionId,
         request: DialBackRequest,
         channel: request_response::ResponseChannel<DialBackResponse>,
     ) {
@@ -769,7 +887,7 @@ impl EventLoop {
         if self.dialback_served.get(&peer).is_some_and(|at| now.duration_since(*at) < dialback::MIN_INTERVAL) {
             return refuse(self, format!("one dial-back per {} s", dialback::MIN_INTERVAL.as_secs()), channel);
         }
-        let Some(ip) = self.conn_addrs.get(&connection).and_then(dialback::ip_of) else {
+        let Some(ip) = self.conns.get(&connection).and_then(|c| dialback::ip_of(&c.addr)) else {
             return refuse(self, "this connection has no IP address to dial back".into(), channel);
         };
         let ports = match dialback::admissible(&request, ip) {
@@ -779,7 +897,7 @@ impl EventLoop {
         self.dialback_served.insert(peer, now);
         let id = self.next_lease_channel;
         self.next_lease_channel += 1;
-        self.dialback_channels.insert(id, channel);
+        self.dialback_channels.insert(id, (peer, channel));
         let tx = self.self_tx.clone();
         tokio::spawn(async move {
             let ports = dialback::probe(ip, &ports).await;

@@ -38,6 +38,22 @@ pub enum Role {
     Requestor,
 }
 
+/// How a node notices dead connections: a ping every `interval`, an answer expected
+/// within `timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    /// A dead connection is closed within about a minute: libp2p forgives the first failed
+    /// ping, and the next one needs a new stream, whose negotiation times out after 10 s.
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(15), timeout: Duration::from_secs(20) }
+    }
+}
+
 pub struct NodeConfig {
     pub key: SigningKey,
     pub role: Role,
@@ -51,6 +67,11 @@ pub struct NodeConfig {
     pub metrics: Option<Arc<Metrics>>,
     /// How often the expiry sweep runs.
     pub sweep_interval: Duration,
+    /// A connection younger than this is never trimmed (see `target_peers`): a join's
+    /// sync, a Kademlia lookup and a gossipsub GRAFT get time to happen first.
+    pub trim_grace: Duration,
+    /// Pings on every connection; one that goes unanswered closes the connection.
+    pub keepalive: Keepalive,
     /// Where inbound `/peervm/lease/1` messages go (providers). `None`: the node only
     /// sends lease messages.
     pub lease_inbox: Option<mpsc::Sender<InboundLease>>,
@@ -72,6 +93,8 @@ impl NodeConfig {
             target_peers: 8,
             metrics: None,
             sweep_interval: Duration::from_secs(1),
+            trim_grace: Duration::from_secs(30),
+            keepalive: Keepalive::default(),
             lease_inbox: None,
             audit: None,
             trusted_block_lists: Default::default(),

@@ -1,0 +1,214 @@
+//! Connection management over real libp2p connections on loopback: a node keeps near its
+//! target number of peers however many Kademlia shows it, and notices a connection that
+//! went dead (no FIN, no RST: a cut link) and gets back once the link returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use peervm_node::metrics::{Metrics, ReasonLabel};
+use peervm_node::network::{Keepalive, Node, NodeConfig, NodeEvent, Role, with_peer_id};
+use peervm_protocol::SigningKey;
+use peervm_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn config(key: SigningKey, role: Role, bootstrap: &[Multiaddr], metrics: &Arc<Metrics>) -> NodeConfig {
+    let mut config = NodeConfig::new(key, role);
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+    config.bootstrap = bootstrap.to_vec();
+    config.metrics = Some(metrics.clone());
+    config
+}
+
+fn closed(metrics: &Metrics, reason: &str) -> u64 {
+    metrics.connections_closed.get_or_create(&ReasonLabel { reason: reason.into() }).get()
+}
+
+async fn degree(node: &Node) -> usize {
+    node.client.connected_peers().await.map(|p| p.len()).unwrap_or(0)
+}
+
+const PROVIDERS: usize = 24;
+const TARGET: usize = 4;
+
+/// 24 providers with a target of 4 peers (trimming above 8): Kademlia's walks connect
+/// them to most of the swarm at first; after trimming, every provider holds at most its
+/// gossip mesh and its bootstrap node, far fewer than the 24 it could reach, and a fresh
+/// round of adverts still reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_target_are_trimmed_and_gossip_still_reaches_every_node() {
+    let boot_metrics = Arc::new(Metrics::default());
+    let boot = Node::start(config(unique_key(70_000), Role::Bootstrap, &[], &boot_metrics)).await.expect("bootstrap");
+    let boot_addr = with_peer_id(&boot.listen_addrs[0], boot.peer_id);
+    let mut providers = Vec::new();
+    for i in 0..PROVIDERS {
+        let key = unique_key(70_100 + i as u64);
+        let metrics = Arc::new(Metrics::default());
+        let mut c =
+            config(SigningKey::from_seed(&key.seed()), Role::Provider, std::slice::from_ref(&boot_addr), &metrics);
+        c.target_peers = TARGET;
+        c.trim_grace = Duration::from_secs(2);
+        let node = Node::start(c).await.expect("provider");
+        providers.push((node, key, metrics));
+    }
+    let ids: Vec<PeerId> = providers.iter().map(|(_, k, _)| k.peer_id()).collect();
+    for (node, key, _) in &providers {
+        node.client.publish(signed(key, &advert(key, 1, Duration::from_secs(300)))).await.expect("publish");
+    }
+    let nodes: Vec<&Node> = std::iter::once(&boot).chain(providers.iter().map(|(n, _, _)| n)).collect();
+    let took = wait_until(Duration::from_secs(30), || async { all_hold(&nodes, &ids) }).await;
+    assert!(took.is_some(), "the first round of adverts did not reach every node");
+
+    // Gossipsub keeps at most 12 peers in its mesh (mesh_n_high); with the bootstrap node,
+    // 13 is the most a trimmed provider holds (far below the 24 peers it could).
+    let most = 2 * TARGET + 5;
+    let start = std::time::Instant::now();
+    let (settled, degrees) = loop {
+        let degrees: Vec<usize> = futures::future::join_all(providers.iter().map(|(n, _, _)| degree(n))).await;
+        if degrees.iter().all(|&d| d <= most) {
+            break (Some(start.elapsed()), degrees);
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            break (None, degrees);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let trimmed: u64 = providers.iter().map(|(_, _, m)| closed(m, "trimmed")).sum();
+    assert!(settled.is_some(), "providers' peer counts did not come down to {most} or fewer: {degrees:?}");
+    assert!(trimmed > 0, "no connection was trimmed (peer counts {degrees:?})");
+    assert!(degrees.iter().all(|&d| d >= 1), "a provider was left without peers: {degrees:?}");
+
+    // Gossip still reaches everyone over the trimmed swarm: a newer advert from each.
+    for (node, key, _) in &providers {
+        node.client.publish(signed(key, &advert(key, 2, Duration::from_secs(300)))).await.expect("publish");
+    }
+    let newer = wait_until(Duration::from_secs(30), || async {
+        nodes.iter().all(|n| {
+            let store = n.store.lock().expect("store");
+            ids.iter().all(|p| store.get(p).is_some_and(|a| a.body().seq == 2))
+        })
+    })
+    .await;
+    assert!(newer.is_some(), "the second round did not reach every node after trimming (peer counts {degrees:?})");
+    eprintln!(
+        "connections: {PROVIDERS} providers trimmed to peer counts {degrees:?} ({trimmed} connections closed); \
+         second round everywhere in {newer:?}"
+    );
+    for (node, _, _) in providers {
+        node.stop().await;
+    }
+    boot.stop().await;
+}
+
+/// A TCP relay on loopback that can stop moving bytes without closing anything: what a
+/// cut link looks like to both ends.
+struct Link {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    async fn to(target: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else { return };
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    tokio::join!(pump(ir, ow, flag.clone()), pump(or, iw, flag));
+                });
+            }
+        });
+        Link { addr, cut, task }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies bytes while the link is up; while it is cut, holds them (both sockets stay
+/// open, nothing arrives). Ends when either side closes.
+async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, cut: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while cut.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read just before a cut are held until the link is back.
+        while cut.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A provider reaches its bootstrap node only over a link that is then cut without a
+/// FIN or RST: unanswered pings close the connection (counted as `dead`), and once the
+/// link is back the provider re-dials on its own within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_pings_is_closed_and_redialled_after_the_link_returns() {
+    let boot_metrics = Arc::new(Metrics::default());
+    let boot = Node::start(config(unique_key(71_000), Role::Bootstrap, &[], &boot_metrics)).await.expect("bootstrap");
+    let target: SocketAddr = {
+        let s = boot.listen_addrs[0].to_string();
+        let mut parts = s.split('/').skip(1);
+        let (_, ip, _, port) = (parts.next(), parts.next(), parts.next(), parts.next());
+        format!("{}:{}", ip.expect("ip"), port.expect("port")).parse().expect("socket addr")
+    };
+    let link = Link::to(target).await;
+    let via: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", link.addr.port(), boot.peer_id).parse().expect("addr");
+
+    let metrics = Arc::new(Metrics::default());
+    let key = unique_key(71_001);
+    let mut c = config(key, Role::Provider, &[via], &metrics);
+    c.keepalive = Keepalive { interval: Duration::from_millis(500), timeout: Duration::from_secs(1) };
+    let provider = Node::start(c).await.expect("provider");
+    let mut events = provider.subscribe();
+    let up = wait_until(Duration::from_secs(10), || async { degree(&provider).await == 1 }).await;
+    assert!(up.is_some(), "the provider did not connect through the link");
+
+    link.cut.store(true, Ordering::Relaxed);
+    // libp2p forgives a connection's first failed ping, and the second needs a new stream,
+    // whose negotiation on a dead link times out after 10 s: about 12 s here.
+    let cut_at = std::time::Instant::now();
+    let gone = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.recv().await {
+                Ok(NodeEvent::PeerDisconnected(p)) if p == boot.peer_id => return,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => panic!("event stream ended"),
+            }
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the dead connection was not closed within 30 s of the cut");
+    let closed_after = cut_at.elapsed();
+    assert!(closed(&metrics, "dead") >= 1, "the close was not counted as a dead connection");
+
+    link.cut.store(false, Ordering::Relaxed);
+    let back = wait_until(Duration::from_secs(10), || async { degree(&provider).await == 1 }).await;
+    assert!(back.is_some(), "the provider did not re-dial its bootstrap node within 10 s of the link's return");
+    eprintln!(
+        "connections: dead connection closed {closed_after:?} after the cut, back {back:?} after the link returned"
+    );
+    provider.stop().await;
+    boot.stop().await;
+}
