@@ -68,8 +68,14 @@ impl CgroupLayout {
                 memory,
             });
         }
-        v2.map(|root| CgroupLayout::V2 { root })
-            .ok_or_else(|| VmmError::NoCgroups("neither a cgroup v1 memory hierarchy nor a cgroup2 mount".into()))
+        v2.map(|root| CgroupLayout::V2 { root }).ok_or_else(|| {
+            VmmError::NoCgroups(
+                "neither a cgroup v1 memory hierarchy nor a cgroup2 mount in this mount namespace \
+                     (`ip netns exec` remounts /sys without them: to run a provider in a network \
+                     namespace, enter only the network namespace, e.g. `nsenter --net=/run/netns/NAME`)"
+                    .into(),
+            )
+        })
     }
 
     pub fn version(&self) -> u8 {
@@ -472,7 +478,9 @@ mod tests {
         assert_eq!(l.roots().len(), 3);
         let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(CgroupLayout::from_mountinfo(unified).unwrap(), CgroupLayout::V2 { root: "/sys/fs/cgroup".into() });
-        assert!(CgroupLayout::from_mountinfo("").is_err());
+        // A mount namespace without cgroups (`ip netns exec`'s): the error says what to do.
+        let err = CgroupLayout::from_mountinfo("40 30 0:40 / /sys rw - sysfs sysfs rw\n").unwrap_err().to_string();
+        assert!(err.contains("nsenter --net="), "{err}");
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
     }
 
