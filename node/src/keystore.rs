@@ -13,7 +13,13 @@
 //! - `age-scrypt` (the default): `secret` is an ASCII-armored [age] file encrypted to a
 //!   passphrase (age's scrypt recipient: scrypt key derivation, ChaCha20-Poly1305), whose
 //!   plaintext is exactly the 32 seed bytes. The file can be checked with the reference
-//!   tool: `jq -r .secret identity.key | age -d` prints the raw seed.
+//!   tool: `jq -r .secret identity.key | age -d` prints the raw seed. The scrypt work
+//!   factor is fixed, N = 2^[`SCRYPT_LOG_N`] (256 MiB, about a second on a server core),
+//!   not calibrated on the machine that encrypts: age's calibration times a small scrypt
+//!   run, so a key written on an idle fast machine could be refused ("excessive work") on
+//!   a slower or busy one. Loading accepts factors up to 2^[`SCRYPT_MAX_LOG_N`] (files
+//!   made with the `age` tool on a fast machine) and refuses larger ones with a clear
+//!   error, which bounds the memory and time a crafted key file can cost.
 //! - `plaintext` (development only, `peervm key init --insecure-plaintext`): `secret` is the
 //!   hex of the seed. Such files still load, with a one-line warning on every load.
 //!
@@ -55,6 +61,10 @@ const FORMAT: &str = "peervm-identity";
 const VERSION: u32 = 1;
 const PLAINTEXT: &str = "plaintext";
 const AGE_SCRYPT: &str = "age-scrypt";
+/// scrypt work factor (log2 N) for keys this program encrypts.
+pub const SCRYPT_LOG_N: u8 = 18;
+/// The largest scrypt work factor a key file may ask for (2^20: 1 GiB, a few seconds).
+pub const SCRYPT_MAX_LOG_N: u8 = 20;
 
 /// Environment variable holding the key passphrase.
 pub const PASSPHRASE_ENV: &str = "PEERVM_PASSPHRASE";
@@ -254,7 +264,8 @@ fn encode(
 
 fn encrypt(path: &Path, seed: &[u8; 32], pass: &SecretString) -> Result<String, KeyStoreError> {
     let err = |e: &dyn std::fmt::Display| KeyStoreError::Encrypt { path: path.into(), reason: e.to_string() };
-    let recipient = age::scrypt::Recipient::new(pass.clone());
+    let mut recipient = age::scrypt::Recipient::new(pass.clone());
+    recipient.set_work_factor(SCRYPT_LOG_N);
     let encryptor =
         age::Encryptor::with_recipients(iter::once(&recipient as &dyn age::Recipient)).map_err(|e| err(&e))?;
     let mut out = Vec::new();
@@ -271,7 +282,8 @@ fn decrypt(path: &Path, armored: &str, pass: &SecretString) -> Result<Zeroizing<
     if !decryptor.is_scrypt() {
         return Err(bad("not encrypted to a passphrase".into()));
     }
-    let identity = age::scrypt::Identity::new(pass.clone());
+    let mut identity = age::scrypt::Identity::new(pass.clone());
+    identity.set_max_work_factor(SCRYPT_MAX_LOG_N);
     let mut reader = decryptor.decrypt(iter::once(&identity as &dyn age::Identity)).map_err(|e| match e {
         age::DecryptError::DecryptionFailed | age::DecryptError::KeyDecryptionFailed => {
             KeyStoreError::WrongPassphrase { path: path.into() }
@@ -392,5 +404,54 @@ mod tests {
         assert_eq!(change_passphrase(&path, None, &pass("p")).unwrap(), key.peer_id());
         assert_eq!(protection(&path).unwrap(), Protection::AgeScrypt);
         assert_eq!(*load_with(&path, Some(&pass("p"))).unwrap().seed(), *key.seed());
+    }
+
+    /// The work factor recorded in an armored age file's scrypt stanza.
+    fn scrypt_log_n(armored: &str) -> Option<u8> {
+        let mut bytes = Vec::new();
+        ArmoredReader::new(armored.as_bytes()).read_to_end(&mut bytes).ok()?;
+        let text = String::from_utf8_lossy(&bytes);
+        let line = text.lines().find(|l| l.starts_with("-> scrypt "))?;
+        line.split(' ').nth(3)?.parse().ok()
+    }
+
+    #[test]
+    fn keys_are_encrypted_with_the_fixed_work_factor_not_one_calibrated_on_this_machine() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("data/identity.key");
+        init(&path, Some(&pass("p"))).unwrap();
+        let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let secret = file["secret"].as_str().unwrap();
+        assert_eq!(scrypt_log_n(secret), Some(SCRYPT_LOG_N));
+        change_passphrase(&path, Some(&pass("p")), &pass("q")).unwrap();
+        let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(scrypt_log_n(file["secret"].as_str().unwrap()), Some(SCRYPT_LOG_N));
+        assert!(SCRYPT_LOG_N <= SCRYPT_MAX_LOG_N);
+    }
+
+    #[test]
+    fn a_key_file_asking_for_an_excessive_scrypt_work_factor_is_refused_without_running_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("data/identity.key");
+        init(&path, Some(&pass("p"))).unwrap();
+        let mut file: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut bytes = Vec::new();
+        ArmoredReader::new(file["secret"].as_str().unwrap().as_bytes()).read_to_end(&mut bytes).unwrap();
+        let from = format!(" {SCRYPT_LOG_N}\n");
+        let to = format!(" {}\n", SCRYPT_MAX_LOG_N + 6);
+        let at = bytes.windows(from.len()).position(|w| w == from.as_bytes()).expect("the stanza's work factor");
+        bytes.splice(at..at + from.len(), to.bytes());
+        let mut out = Vec::new();
+        let mut w = ArmoredWriter::wrap_output(&mut out, Format::AsciiArmor).unwrap();
+        w.write_all(&bytes).unwrap();
+        w.finish().unwrap();
+        file["secret"] = String::from_utf8(out).unwrap().into();
+        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        // 2^26 would take 64 GiB and minutes; the refusal comes first.
+        let t = std::time::Instant::now();
+        let err = load_with(&path, Some(&pass("p"))).unwrap_err();
+        assert!(matches!(err, KeyStoreError::Malformed { .. }), "{err}");
+        assert!(err.to_string().contains("bad age-encrypted secret"), "{err}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(30));
     }
 }
