@@ -4,11 +4,12 @@
 //! every link. 2 bootstraps, 6 providers and 3 requestors (`peervm offers --json` in
 //! their namespaces) on 11 hosts.
 //!
-//! Providers run with `[advert] ttl_secs = 10`, `republish_secs = 3`. No lease is made, so
-//! no guest boots, but `provider run` still checks at start what guests need (root, QEMU,
-//! the guest image): missing any of it fails under CI=true and skips otherwise. (The
-//! provider killed under a running lease and restarted is lease_cli.rs's
-//! `provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it`.)
+//! Providers run with `[advert] ttl_secs = 10`, `republish_secs = 3`. `provider run`
+//! checks at start what guests need (root, QEMU, the guest image): missing any of it fails
+//! under CI=true and skips otherwise. One scenario boots a guest: a lease made from a
+//! requestor host, then its provider killed with SIGKILL and restarted on its host (the
+//! same on loopback is lease_cli.rs's
+//! `provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it`).
 //!
 //! Each test has a test bed number of its own (names, bridge, subnet), so they run in
 //! parallel with each other and with the other tests; each checks that nothing of its
@@ -406,4 +407,114 @@ fn ten_percent_loss_and_50ms_delay_on_every_link_propagation_reaches_every_node(
     );
     drop(m);
     assert_clean(4);
+}
+
+#[test]
+fn provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cleanly_failed() {
+    if !ready("provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cleanly_failed") {
+        return;
+    }
+    // host 0 bootstrap, host 1 provider, host 2 requestor
+    let mut net = TestNet::new(5, 3);
+    let boot_id = net.init_key("boot");
+    let boot = format!("{}/p2p/{boot_id}", net.p2p_addr(0));
+    net.spawn_bootstrap(0, "boot", &[]);
+    // The provider's data dir is where `Site::leftovers` looks for its lease directories.
+    let site =
+        common::Site { prefix: "pvmh5p0", iface: "qa", net: "10.219.50", port_min: 40000, vcpus: 2, memory: "1GiB" };
+    let config = ProviderConfig {
+        bootstrap: vec![boot.clone()],
+        name_prefix: site.prefix.into(),
+        iface_prefix: site.iface.into(),
+        pool: format!("{}.0/24", site.net),
+        ttl_secs: TTL_SECS,
+        republish_secs: REPUBLISH_SECS,
+        vcpus: 2,
+        image_dir: common::image_dir(),
+    };
+    let data_name = site.data(net.dir()).file_name().expect("data dir name").to_string_lossy().into_owned();
+    let provider = net.launch_provider(1, &data_name, &config);
+    let provider_id = net.await_startup(provider).peer_id().to_string();
+    let provider_host = net.host(1).addr.to_string();
+
+    let requestor = net.dir().join("requestor");
+    let run = |net: &TestNet, args: &[&str], within: Duration| {
+        let mut cmd = net.netns_exec(2, netns::PEERVM);
+        cmd.arg("--data-dir").arg(&requestor).args(args).env_remove("PEERVM_BOOTSTRAP");
+        net.run_bounded(cmd, within)
+    };
+    let listed = (0..40).any(|_| {
+        let seen =
+            net.offers(2, std::slice::from_ref(&boot)).is_ok_and(|o| o.iter().any(|o| o["provider"] == provider_id));
+        if !seen {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        seen
+    });
+    assert!(listed, "the provider's offer never reached the requestor host");
+
+    let t0 = Instant::now();
+    let out = run(
+        &net,
+        &[
+            "lease",
+            "create",
+            "--bootstrap",
+            &boot,
+            "--memory",
+            "256MiB",
+            "--disk",
+            "1GiB",
+            "--duration",
+            "10m",
+            "--json",
+        ],
+        Duration::from_secs(180),
+    );
+    assert!(out.success(), "lease create from the requestor host: {}", out.stderr);
+    let lease: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("lease create JSON");
+    let id = lease["lease"].as_str().expect("lease id").to_string();
+    assert_eq!(lease["ssh"]["host"].as_str(), Some(provider_host.as_str()), "{lease}");
+    let granted = t0.elapsed();
+    let out = run(&net, &["exec", &id, "--", "echo", "before"], Duration::from_secs(60));
+    assert!(out.stdout.contains("before"), "exec across hosts before the restart: {}", out.stderr);
+
+    // SIGKILL: no withdrawal, no teardown; then the same node again on the same host.
+    assert!(net.kill9(provider).is_some(), "the provider was not running");
+    let t_restart = Instant::now();
+    assert_eq!(net.restart(provider).peer_id(), provider_id, "same identity after the restart");
+
+    let out = run(&net, &["lease", "status", &id, "--json", "--bootstrap", &boot], Duration::from_secs(60));
+    assert!(out.success(), "lease status after the restart: {}", out.stderr);
+    let status: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("lease status JSON");
+    let outcome = match status["state"].as_str() {
+        Some("running") => {
+            let out = run(&net, &["exec", &id, "--", "echo", "after"], Duration::from_secs(60));
+            assert!(
+                out.stdout.contains("after"),
+                "re-adopted guest unreachable from the requestor host: {}",
+                out.stderr
+            );
+            let out = run(&net, &["lease", "terminate", &id, "--bootstrap", &boot], Duration::from_secs(60));
+            assert!(out.success(), "terminate after the restart: {}", out.stderr);
+            "re-adopted: exec worked, then terminated"
+        }
+        Some("failed") => {
+            // A cleanly failed lease: `exec` says so instead of hanging or reaching
+            // another guest.
+            let out = run(&net, &["exec", &id, "--", "true"], Duration::from_secs(60));
+            assert!(!out.success(), "exec on a failed lease succeeded");
+            "failed cleanly"
+        }
+        other => panic!("lease is {other:?} after the restart: {status}"),
+    };
+    let left = site.wait_clean(net.dir(), Duration::from_secs(30));
+    assert!(left.is_empty(), "left behind by the lease: {left:?}");
+    eprintln!(
+        "multihost: lease granted across hosts in {granted:.1?}; provider killed and restarted; {outcome} \
+         {:.1?} after the restart",
+        t_restart.elapsed()
+    );
+    drop(net);
+    assert_clean(5);
 }

@@ -1,7 +1,10 @@
 //! Swarm benchmarks: store query latency and memory at 100,000 adverts, join-time sync
-//! of 1,000 and 10,000 adverts, and gossip propagation to every node of 16/32/64-node
+//! of 1,000 and 10,000 adverts, and gossip propagation to every node of 16/64/128-node
 //! swarms over loopback TCP. Run: `cargo bench -p peervm-tests --bench swarm`.
-//! Prints one JSON object per figure (name, value, unit) on stdout.
+//! Prints one JSON object per figure (name, value, unit) on stdout. Settings:
+//! - `PEERVM_BENCH_ONLY=store,sync,propagation`: the groups to run (default all);
+//! - `PEERVM_BENCH_SIZES=16,64,128`: the propagation swarm sizes;
+//! - `PEERVM_BENCH_ROUNDS=20`: adverts published per propagation size.
 
 use std::time::{Duration, Instant};
 
@@ -110,7 +113,7 @@ async fn join_sync(n: u64) {
     server.stop().await;
 }
 
-async fn propagation(n: usize) {
+async fn propagation(n: usize, rounds: usize) {
     let b1 = start_node(unique_key(80_000 + n as u64), Role::Bootstrap, &[]).await;
     let b2 = start_node(unique_key(80_001 + n as u64), Role::Bootstrap, &b1.listen_addrs).await;
     let boot = vec![b1.listen_addrs[0].clone(), b2.listen_addrs[0].clone()];
@@ -125,7 +128,7 @@ async fn propagation(n: usize) {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut times = Vec::new();
     let mut missed = 0;
-    for round in 0..20 {
+    for round in 0..rounds {
         let idx = (round * 7) % keys.len();
         let key = &keys[idx];
         let publisher = &nodes[idx + 2];
@@ -170,8 +173,13 @@ fn main() {
         rt.block_on(join_sync(10_000));
     }
     if want("propagation") {
-        for n in [16, 32, 64] {
-            rt.block_on(propagation(n));
+        let sizes: Vec<usize> = match std::env::var("PEERVM_BENCH_SIZES") {
+            Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).filter(|n| *n >= 3).collect(),
+            Err(_) => vec![16, 64, 128],
+        };
+        let rounds = std::env::var("PEERVM_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20).max(1);
+        for n in sizes {
+            rt.block_on(propagation(n, rounds));
         }
     }
 }

@@ -8,6 +8,8 @@
 //! Run as root, after scripts/install-deps and scripts/build-guest-image:
 //!     cargo run -p peervm-vmm --example boot_bench -- [runs] [memory_mib]
 //! Runs alternate (bare, vmm, bare, vmm...) so that both see the same host load.
+//! Progress and a summary go to stderr; stdout gets one JSON object per figure (name,
+//! value, unit), which `scripts/bench` collects.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -189,12 +191,12 @@ async fn main() {
     let scratch = state.join("bare");
     std::fs::create_dir_all(&scratch).expect("scratch dir");
 
-    println!("boot_bench: {runs} runs each, 1 vCPU, {memory_mib} MiB, TCG, image {}", image.name());
+    eprintln!("boot_bench: {runs} runs each, 1 vCPU, {memory_mib} MiB, TCG, image {}", image.name());
     let (mut bare, mut ours) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let b = bare_boot(&image, &scratch, memory_mib).await;
         let v = vmm_boot(&hv, &image, memory_mib).await;
-        println!(
+        eprintln!(
             "run {i}: bare {:>6.0} ms  vmm {:>6.0} ms | RSS beyond guest RAM: bare {:>4} MiB, vmm {:>4} MiB \
              (guest RAM touched: {} / {} MiB)",
             b.ready.as_secs_f64() * 1e3,
@@ -213,11 +215,23 @@ async fn main() {
     let over_v = median(ours.iter().map(|s| (s.rss_kib - s.guest_rss_kib) as f64 / 1024.0).collect());
     let overhead = mv - mb;
     let budget = (mb * 0.15).max(500.0);
-    println!("median ready: bare {mb:.0} ms, vmm start() {mv:.0} ms, ratio {:.3}", mv / mb);
-    println!(
+    eprintln!("median ready: bare {mb:.0} ms, vmm start() {mv:.0} ms, ratio {:.3}", mv / mb);
+    eprintln!(
         "overhead {overhead:.0} ms against a budget of {budget:.0} ms (max of 15% and 500 ms): {}",
         if overhead <= budget { "within target" } else { "OVER target" }
     );
-    println!("median QEMU RSS beyond guest RAM: bare {over_b:.0} MiB, vmm {over_v:.0} MiB");
+    eprintln!("median QEMU RSS beyond guest RAM: bare {over_b:.0} MiB, vmm {over_v:.0} MiB");
+    let figures = [
+        ("boot_bare_qemu_to_ssh_ready_median", mb, "ms"),
+        ("boot_vmm_start_to_ssh_ready_median", mv, "ms"),
+        ("boot_vmm_overhead_ratio", mv / mb, "ratio"),
+        ("boot_vmm_overhead", overhead, "ms"),
+        ("boot_qemu_rss_beyond_guest_ram_bare_median", over_b, "MiB"),
+        ("boot_qemu_rss_beyond_guest_ram_vmm_median", over_v, "MiB"),
+        ("boot_runs", runs as f64, "runs"),
+    ];
+    for (name, value, unit) in figures {
+        println!("{{\"name\":\"{name}\",\"value\":{value:.3},\"unit\":\"{unit}\"}}");
+    }
     let _ = std::fs::remove_dir_all(&state);
 }
