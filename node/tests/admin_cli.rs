@@ -104,6 +104,10 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     assert_eq!(ended, expected);
     let left = site.wait_clean(root, Duration::from_secs(30));
     assert!(left.is_empty(), "left behind: {left:?}");
+    // The freed capacity is re-advertised; until then the requestor's own offer check
+    // would refuse before asking (the denial checked here is the provider's).
+    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id).filter(|v| *v > 0))
+        .expect("the freed vCPUs advertised again");
 
     let out = peervm(
         &req,
@@ -200,6 +204,10 @@ fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_ref
     let left = site.wait_clean(root, Duration::from_secs(30));
     assert!(left.is_empty(), "left behind: {left:?}");
 
+    // The freed capacity is re-advertised (else the requestor's own offer check refuses
+    // before asking).
+    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id).filter(|v| *v > 0))
+        .expect("the freed vCPUs advertised again");
     // Locked: no new lease.
     admin(&data, &["lock"]);
     let out = peervm(
