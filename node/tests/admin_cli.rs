@@ -89,9 +89,8 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let data = site.data(root);
     let req = root.join("requestor");
-    let spec = ["--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"];
-    let first = lease_create(&req, &boot, &spec);
-    let second = lease_create(&req, &boot, &spec);
+    let first = lease_create(&req, &boot, &SMALL_LEASE);
+    let second = lease_create(&req, &boot, &SMALL_LEASE);
     let requestor_id = stdout(&peervm(&req, &["key", "show"])).trim().to_string();
 
     let blocked = admin(&data, &["block", &requestor_id, "--reason", "abuse report 42"]);
@@ -104,28 +103,10 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     assert_eq!(ended, expected);
     let left = site.wait_clean(root, Duration::from_secs(30));
     assert!(left.is_empty(), "left behind: {left:?}");
-    // The freed capacity is re-advertised; until then the requestor's own offer check
-    // would refuse before asking (the denial checked here is the provider's).
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id).filter(|v| *v > 0))
-        .expect("the freed vCPUs advertised again");
+    // The denial checked here is the provider's: wait for the freed capacity's advert.
+    wait_for_free_vcpus(&boot, &provider_id, Duration::from_secs(20)).expect("the freed vCPUs advertised again");
 
-    let out = peervm(
-        &req,
-        &[
-            "lease",
-            "create",
-            "--bootstrap",
-            &boot,
-            "--provider",
-            &provider_id,
-            "--memory",
-            "256MiB",
-            "--disk",
-            "1GiB",
-            "--duration",
-            "10m",
-        ],
-    );
+    let out = lease_create_from(&req, &boot, &provider_id);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("blocked"), "{}", stderr(&out));
     assert_eq!(site.leftovers(root), Vec::<String>::new(), "a denied request starts nothing");
@@ -181,7 +162,7 @@ fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_ref
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let data = site.data(root);
     let req = root.join("requestor");
-    let lease = lease_create(&req, &boot, &["--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
+    let lease = lease_create(&req, &boot, &SMALL_LEASE);
     let id = lease["lease"].as_str().unwrap().to_string();
     assert!(peervm(&req, &["exec", &id, "--", "true"]).status.success());
 
@@ -204,29 +185,10 @@ fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_ref
     let left = site.wait_clean(root, Duration::from_secs(30));
     assert!(left.is_empty(), "left behind: {left:?}");
 
-    // The freed capacity is re-advertised (else the requestor's own offer check refuses
-    // before asking).
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id).filter(|v| *v > 0))
-        .expect("the freed vCPUs advertised again");
+    wait_for_free_vcpus(&boot, &provider_id, Duration::from_secs(20)).expect("the freed vCPUs advertised again");
     // Locked: no new lease.
     admin(&data, &["lock"]);
-    let out = peervm(
-        &req,
-        &[
-            "lease",
-            "create",
-            "--bootstrap",
-            &boot,
-            "--provider",
-            &provider_id,
-            "--memory",
-            "256MiB",
-            "--disk",
-            "1GiB",
-            "--duration",
-            "10m",
-        ],
-    );
+    let out = lease_create_from(&req, &boot, &provider_id);
     assert!(!out.status.success() && stderr(&out).contains("locked"), "{}", stderr(&out));
     assert_eq!(admin(&data, &["status"])["locked"], true);
     admin(&data, &["unlock"]);

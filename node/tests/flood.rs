@@ -77,7 +77,7 @@ async fn flood_at_ten_times_the_limits_is_throttled_then_banned_and_another_leas
         tokio::task::spawn_blocking(move || {
             wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id.to_string())).expect("offer visible");
             let req = root.join("honest");
-            let lease = lease_create(&req, &boot, &["--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
+            let lease = lease_create(&req, &boot, &SMALL_LEASE);
             let id = lease["lease"].as_str().unwrap().to_string();
             let out = peervm(&req, &["exec", &id, "--", "echo", "served"]);
             assert!(stdout(&out).contains("served"), "honest exec: {}", stderr(&out));

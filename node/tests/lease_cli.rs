@@ -102,7 +102,7 @@ fn host_key_that_differs_from_the_pinned_one_is_refused_by_ssh_and_exec() {
     let (_provider, provider_id) = site.start(root, &boot);
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let req = root.join("requestor");
-    let lease = lease_create(&req, &boot, &["--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
+    let lease = lease_create(&req, &boot, &SMALL_LEASE);
     let id = lease_id(&lease);
     assert!(peervm(&req, &["exec", &id, "--", "true"]).status.success());
 
@@ -170,7 +170,7 @@ fn provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it() {
     let (provider, provider_id) = site.start(root, &boot);
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let req = root.join("requestor");
-    let lease = lease_create(&req, &boot, &["--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
+    let lease = lease_create(&req, &boot, &SMALL_LEASE);
     let id = lease_id(&lease);
     assert!(peervm(&req, &["exec", &id, "--", "echo", "before"]).status.success());
 
@@ -216,7 +216,7 @@ fn several_leases_in_parallel_on_one_provider() {
             let req = root.join(format!("requestor-{i}"));
             let boot = boot.clone();
             std::thread::spawn(move || {
-                let lease = lease_create(&req, &boot, &["--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
+                let lease = lease_create(&req, &boot, &SMALL_LEASE);
                 (req, lease_id(&lease))
             })
         })
@@ -232,23 +232,7 @@ fn several_leases_in_parallel_on_one_provider() {
     }
     assert_eq!(ports.len(), 3, "each lease has its own SSH port");
     // A fourth does not fit: every vCPU is taken.
-    let out = peervm(
-        &root.join("requestor-x"),
-        &[
-            "lease",
-            "create",
-            "--bootstrap",
-            &boot,
-            "--provider",
-            &provider_id,
-            "--memory",
-            "256MiB",
-            "--disk",
-            "1GiB",
-            "--duration",
-            "10m",
-        ],
-    );
+    let out = lease_create_from(&root.join("requestor-x"), &boot, &provider_id);
     assert!(!out.status.success());
     for (req, id) in &leases {
         assert!(peervm(req, &["lease", "terminate", id]).status.success());

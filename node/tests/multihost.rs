@@ -437,46 +437,22 @@ fn provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cle
     let provider_id = net.await_startup(provider).peer_id().to_string();
     let provider_host = net.host(1).addr.to_string();
 
-    let requestor = net.dir().join("requestor");
-    let run = |net: &TestNet, args: &[&str], within: Duration| {
-        let mut cmd = net.netns_exec(2, netns::PEERVM);
-        cmd.arg("--data-dir").arg(&requestor).args(args).env_remove("PEERVM_BOOTSTRAP");
-        net.run_bounded(cmd, within)
-    };
-    let listed = (0..40).any(|_| {
-        let seen =
-            net.offers(2, std::slice::from_ref(&boot)).is_ok_and(|o| o.iter().any(|o| o["provider"] == provider_id));
-        if !seen {
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        seen
-    });
-    assert!(listed, "the provider's offer never reached the requestor host");
+    common::wait_for(Duration::from_secs(30), || {
+        let offers = net.offers(2, std::slice::from_ref(&boot)).ok()?;
+        offers.iter().any(|o| o["provider"] == provider_id).then_some(())
+    })
+    .expect("the provider's offer never reached the requestor host");
 
     let t0 = Instant::now();
-    let out = run(
-        &net,
-        &[
-            "lease",
-            "create",
-            "--bootstrap",
-            &boot,
-            "--memory",
-            "256MiB",
-            "--disk",
-            "1GiB",
-            "--duration",
-            "10m",
-            "--json",
-        ],
-        Duration::from_secs(180),
-    );
+    let mut create = vec!["lease", "create", "--bootstrap", &boot, "--json"];
+    create.extend_from_slice(&common::SMALL_LEASE);
+    let out = net.requestor(2, &create, Duration::from_secs(180));
     assert!(out.success(), "lease create from the requestor host: {}", out.stderr);
     let lease: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("lease create JSON");
     let id = lease["lease"].as_str().expect("lease id").to_string();
     assert_eq!(lease["ssh"]["host"].as_str(), Some(provider_host.as_str()), "{lease}");
     let granted = t0.elapsed();
-    let out = run(&net, &["exec", &id, "--", "echo", "before"], Duration::from_secs(60));
+    let out = net.requestor(2, &["exec", &id, "--", "echo", "before"], Duration::from_secs(60));
     assert!(out.stdout.contains("before"), "exec across hosts before the restart: {}", out.stderr);
 
     // SIGKILL: no withdrawal, no teardown; then the same node again on the same host.
@@ -484,25 +460,25 @@ fn provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cle
     let t_restart = Instant::now();
     assert_eq!(net.restart(provider).peer_id(), provider_id, "same identity after the restart");
 
-    let out = run(&net, &["lease", "status", &id, "--json", "--bootstrap", &boot], Duration::from_secs(60));
+    let out = net.requestor(2, &["lease", "status", &id, "--json", "--bootstrap", &boot], Duration::from_secs(60));
     assert!(out.success(), "lease status after the restart: {}", out.stderr);
     let status: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("lease status JSON");
     let outcome = match status["state"].as_str() {
         Some("running") => {
-            let out = run(&net, &["exec", &id, "--", "echo", "after"], Duration::from_secs(60));
+            let out = net.requestor(2, &["exec", &id, "--", "echo", "after"], Duration::from_secs(60));
             assert!(
                 out.stdout.contains("after"),
                 "re-adopted guest unreachable from the requestor host: {}",
                 out.stderr
             );
-            let out = run(&net, &["lease", "terminate", &id, "--bootstrap", &boot], Duration::from_secs(60));
+            let out = net.requestor(2, &["lease", "terminate", &id, "--bootstrap", &boot], Duration::from_secs(60));
             assert!(out.success(), "terminate after the restart: {}", out.stderr);
             "re-adopted: exec worked, then terminated"
         }
         Some("failed") => {
             // A cleanly failed lease: `exec` says so instead of hanging or reaching
             // another guest.
-            let out = run(&net, &["exec", &id, "--", "true"], Duration::from_secs(60));
+            let out = net.requestor(2, &["exec", &id, "--", "true"], Duration::from_secs(60));
             assert!(!out.success(), "exec on a failed lease succeeded");
             "failed cleanly"
         }

@@ -321,6 +321,24 @@ pub fn free_vcpus(bootstrap: &str, provider: &str) -> Option<u64> {
     offers(bootstrap).iter().find(|o| o["provider"] == provider).and_then(|o| o["vcpus_free"].as_u64())
 }
 
+/// A small lease: 1 vCPU (the default), 256 MiB, 1 GiB of disk, 10 minutes.
+pub const SMALL_LEASE: [&str; 6] = ["--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"];
+
+/// Waits (bounded by `within`) until `provider` advertises a free vCPU through `bootstrap`,
+/// e.g. after a lease ended: until then a requestor's own offer check refuses before
+/// asking the provider.
+pub fn wait_for_free_vcpus(bootstrap: &str, provider: &str, within: Duration) -> Option<u64> {
+    wait_for(within, || free_vcpus(bootstrap, provider).filter(|v| *v > 0))
+}
+
+/// `peervm lease create` of a [`SMALL_LEASE`] from `provider`: the raw output, for
+/// requests expected to be refused.
+pub fn lease_create_from(data: &Path, bootstrap: &str, provider: &str) -> Output {
+    let mut args = vec!["lease", "create", "--bootstrap", bootstrap, "--provider", provider];
+    args.extend_from_slice(&SMALL_LEASE);
+    peervm(data, &args)
+}
+
 /// `peervm lease create` with JSON output; returns the lease JSON or panics with stderr.
 pub fn lease_create(data: &Path, bootstrap: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["lease", "create", "--bootstrap", bootstrap, "--json"];

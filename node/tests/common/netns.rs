@@ -759,16 +759,23 @@ impl TestNet {
         self.launch(host, name, &args)
     }
 
+    /// `peervm <args>` as a requestor on `host` (data dir `<dir>/requestor-h<host>`), run
+    /// with `ip netns exec` and killed after `within`.
+    pub fn requestor(&self, host: usize, args: &[&str], within: Duration) -> Outcome {
+        let mut cmd = self.netns_exec(host, PEERVM);
+        cmd.arg("--data-dir").arg(self.dir().join(format!("requestor-h{host}"))).args(args);
+        cmd.env_remove("PEERVM_BOOTSTRAP");
+        self.run_bounded(cmd, within)
+    }
+
     /// `peervm offers --json` through `bootstraps`, run on `host` with `ip netns exec`
     /// (bounded: `--timeout 5`, killed after 30 s). The offers, or why there are none.
     pub fn offers(&self, host: usize, bootstraps: &[String]) -> Result<Vec<serde_json::Value>, String> {
-        let mut cmd = self.netns_exec(host, PEERVM);
-        cmd.arg("--data-dir").arg(self.dir().join(format!("requestor-h{host}"))).args(["offers", "--json"]);
-        cmd.args(["--timeout", "5"]).env_remove("PEERVM_BOOTSTRAP");
+        let mut args = vec!["offers", "--json", "--timeout", "5"];
         for b in bootstraps {
-            cmd.args(["--bootstrap", b]);
+            args.extend(["--bootstrap", b.as_str()]);
         }
-        let out = self.run_bounded(cmd, Duration::from_secs(30));
+        let out = self.requestor(host, &args, Duration::from_secs(30));
         if !out.success() {
             return Err(format!("offers on host {host} failed ({:?}): {}", out.status, out.stderr.trim()));
         }
