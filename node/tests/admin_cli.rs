@@ -28,11 +28,10 @@ fn audit_entries(site_data: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+#[ignore = "needs root: runs a provider that boots guests"]
 #[test]
 fn admin_socket_is_0600_and_refuses_a_connection_from_another_uid() {
-    if !provider_env_ready("admin_socket_is_0600_and_refuses_a_connection_from_another_uid") {
-        return;
-    }
+    Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let site = Site { prefix: "pvaa", iface: "aa", net: "10.215.10", port_min: 47300, vcpus: 1, memory: "1GiB" };
@@ -75,11 +74,10 @@ fn admin_socket_is_0600_and_refuses_a_connection_from_another_uid() {
     assert_eq!(admin(&data, &["status"])["node"]["peer_id"], provider_id.as_str());
 }
 
+#[ignore = "needs root: runs a provider that boots guests"]
 #[test]
 fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
-    if !provider_env_ready("blocking_a_requestor_ends_its_leases_and_denies_its_next_request") {
-        return;
-    }
+    Needs::guests().require();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -148,11 +146,10 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     assert_eq!(reach["ssh_reachable"], true, "{reach}");
 }
 
+#[ignore = "needs root: runs a provider that boots guests"]
 #[test]
 fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_refuses_leases() {
-    if !provider_env_ready("isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_refuses_leases") {
-        return;
-    }
+    Needs::guests().require();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();

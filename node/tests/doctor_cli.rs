@@ -7,11 +7,10 @@ use std::os::unix::fs::PermissionsExt;
 
 use common::*;
 
+#[ignore = "needs root: checks a provider host (root, QEMU, guest image)"]
 #[test]
 fn doctor_reports_each_check_and_fails_on_a_key_readable_by_others() {
-    if !provider_env_ready("doctor_reports_each_check_and_fails_on_a_key_readable_by_others") {
-        return;
-    }
+    Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let site = Site { prefix: "pvdr", iface: "dr", net: "10.215.13", port_min: 47360, vcpus: 1, memory: "1GiB" };

@@ -18,11 +18,10 @@ fn status_json(data: &Path, id: &str) -> serde_json::Value {
     serde_json::from_str(stdout(&out).trim()).expect("status JSON")
 }
 
+#[ignore = "needs root: runs a provider that boots guests"]
 #[test]
 fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
-    if !provider_env_ready("lease_full_flow_exec_extend_terminate_leaves_nothing") {
-        return;
-    }
+    Needs::guests().require();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -89,11 +88,10 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     assert!(list.contains(&id[..12]) && list.contains("ended"), "{list}");
 }
 
+#[ignore = "needs root: runs a provider that boots guests"]
 #[test]
 fn host_key_that_differs_from_the_pinned_one_is_refused_by_ssh_and_exec() {
-    if !provider_env_ready("host_key_that_differs_from_the_pinned_one_is_refused_by_ssh_and_exec") {
-        return;
-    }
+    Needs::guests().require();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -126,11 +124,10 @@ fn host_key_that_differs_from_the_pinned_one_is_refused_by_ssh_and_exec() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+#[ignore = "needs root: runs a provider that boots guests"]
 #[test]
 fn lease_expiry_ends_the_guest_and_frees_capacity() {
-    if !provider_env_ready("lease_expiry_ends_the_guest_and_frees_capacity") {
-        return;
-    }
+    Needs::guests().require();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -157,11 +154,10 @@ fn lease_expiry_ends_the_guest_and_frees_capacity() {
     assert!(!out.status.success(), "an ended lease's guest is unreachable");
 }
 
+#[ignore = "needs root: runs a provider that boots guests"]
 #[test]
 fn provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it() {
-    if !provider_env_ready("provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it") {
-        return;
-    }
+    Needs::guests().require();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -198,11 +194,10 @@ fn provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+#[ignore = "needs root: runs a provider that boots guests"]
 #[test]
 fn several_leases_in_parallel_on_one_provider() {
-    if !provider_env_ready("several_leases_in_parallel_on_one_provider") {
-        return;
-    }
+    Needs::guests().require();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();

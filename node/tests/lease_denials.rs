@@ -113,11 +113,10 @@ fn denied(reply: &LeaseReply) -> DenyReason {
     }
 }
 
+#[ignore = "needs root: runs a provider (guest image, cgroups, namespaces)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_denials_are_signed_typed_and_start_nothing() {
-    if !provider_env_ready("lease_denials_are_signed_typed_and_start_nothing") {
-        return;
-    }
+    Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let site = Site { prefix: "pvld", iface: "ld", net: "10.215.5", port_min: 47270, vcpus: 2, memory: "1GiB" };

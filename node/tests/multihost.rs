@@ -22,6 +22,7 @@ mod netns;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use common::Needs;
 use netns::{Impairment, ProviderConfig, TestNet};
 
 const BOOTSTRAPS: usize = 2;
@@ -29,13 +30,6 @@ const PROVIDERS: usize = 6;
 const REQUESTORS: usize = 3;
 const TTL_SECS: u64 = 10;
 const REPUBLISH_SECS: u64 = 3;
-
-/// Both checks run, so a skip names everything missing.
-fn ready(test: &str) -> bool {
-    let bed = netns::env_ready(test);
-    let providers = common::provider_env_ready(test);
-    bed && providers
-}
 
 /// What one requestor's `peervm offers` listed: provider -> (seq, ssh host).
 type Listed = BTreeMap<String, (u64, String)>;
@@ -218,11 +212,10 @@ fn assert_clean(id: u8) {
     assert!(left.is_empty(), "test bed {id} left {left:?}");
 }
 
+#[ignore = "needs root: hosts in network namespaces"]
 #[test]
 fn eleven_hosts_every_offer_is_visible_everywhere() {
-    if !ready("eleven_hosts_every_offer_is_visible_everywhere") {
-        return;
-    }
+    Needs::guests().and(Needs::netns()).require();
     let t0 = Instant::now();
     let m = Market::start(1);
     let started = t0.elapsed();
@@ -264,11 +257,10 @@ fn eleven_hosts_every_offer_is_visible_everywhere() {
     assert_clean(1);
 }
 
+#[ignore = "needs root: hosts in network namespaces"]
 #[test]
 fn cut_off_providers_expire_elsewhere_and_are_back_within_10s_of_healing() {
-    if !ready("cut_off_providers_expire_elsewhere_and_are_back_within_10s_of_healing") {
-        return;
-    }
+    Needs::guests().and(Needs::netns()).require();
     let m = Market::start(2);
     let all = m.ids(&m.providers);
     m.wait(Duration::from_secs(30), "every offer visible everywhere", |v| m.sees(v, &all, |_| PROVIDERS as u64));
@@ -305,11 +297,10 @@ fn cut_off_providers_expire_elsewhere_and_are_back_within_10s_of_healing() {
     assert_clean(2);
 }
 
+#[ignore = "needs root: hosts in network namespaces"]
 #[test]
 fn bootstrap_killed_joins_and_propagation_continue_through_the_other() {
-    if !ready("bootstrap_killed_joins_and_propagation_continue_through_the_other") {
-        return;
-    }
+    Needs::guests().and(Needs::netns()).require();
     let mut m = Market::start(3);
     let all = m.ids(&m.providers);
     let (_, v) =
@@ -368,11 +359,10 @@ fn bootstrap_killed_joins_and_propagation_continue_through_the_other() {
     assert_clean(3);
 }
 
+#[ignore = "needs root: hosts in network namespaces"]
 #[test]
 fn ten_percent_loss_and_50ms_delay_on_every_link_propagation_reaches_every_node() {
-    if !ready("ten_percent_loss_and_50ms_delay_on_every_link_propagation_reaches_every_node") {
-        return;
-    }
+    Needs::guests().and(Needs::netns()).require();
     let imp = Impairment { loss_percent: 10.0, delay: Duration::from_millis(50) };
     let mut net = TestNet::new(4, BOOTSTRAPS + PROVIDERS + REQUESTORS);
     let backends: BTreeSet<_> = (0..net.hosts()).map(|h| net.impair(h, imp)).collect();
@@ -409,11 +399,10 @@ fn ten_percent_loss_and_50ms_delay_on_every_link_propagation_reaches_every_node(
     assert_clean(4);
 }
 
+#[ignore = "needs root: hosts in network namespaces"]
 #[test]
 fn provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cleanly_failed() {
-    if !ready("provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cleanly_failed") {
-        return;
-    }
+    Needs::guests().and(Needs::netns()).require();
     // host 0 bootstrap, host 1 provider, host 2 requestor
     let mut net = TestNet::new(5, 3);
     let boot_id = net.init_key("boot");

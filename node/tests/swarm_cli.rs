@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{PEERVM, provider_env_ready, spawn_json};
+use common::{Needs, PEERVM, spawn_json};
 
 /// A stand-in image directory for tests that only parse a config (no provider starts).
 fn image_dir(root: &Path) -> PathBuf {
@@ -88,11 +88,10 @@ fn wait_for_offers(bootstrap: &str, n: usize) -> Vec<serde_json::Value> {
     }
 }
 
+#[ignore = "needs root: runs a provider (guest image, cgroups, namespaces)"]
 #[test]
 fn offers_filters_and_sorts_and_provider_withdraws_on_sigterm() {
-    if !provider_env_ready("offers_filters_and_sorts_and_provider_withdraws_on_sigterm") {
-        return;
-    }
+    Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (_boot, started) = spawn_json(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"], &root.join("b"));
@@ -258,11 +257,10 @@ fn metrics_are_served_on_loopback_only() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }
 
+#[ignore = "needs root: runs a provider (guest image, cgroups, namespaces)"]
 #[test]
 fn blocking_a_provider_hides_its_offers_on_the_requestor_side() {
-    if !provider_env_ready("blocking_a_provider_hides_its_offers_on_the_requestor_side") {
-        return;
-    }
+    Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (_boot, started) = spawn_json(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"], &root.join("b"));

@@ -7,17 +7,16 @@ mod guest_harness;
 
 use std::time::{Duration, Instant};
 
-use guest_harness::{Ssh, config, guest_env_ready, leftovers, login, random_key, serial, spec};
+use guest_harness::{Ssh, config, guest_env, leftovers, login, random_key, serial, spec};
 use peervm_vmm::{EgressPolicy, GuestState, Hypervisor, QemuHypervisor};
 
 const VCPUS: u32 = 2;
 const MEMORY_MIB: u32 = 256;
 
+#[ignore = "needs root: boots a guest"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_ssh_resources_auth_cpu_quota_and_teardown() {
-    if !guest_env_ready("guest_ssh_resources_auth_cpu_quota_and_teardown") {
-        return;
-    }
+    guest_env();
     let _serial = serial().await;
     let state = tempfile::tempdir().unwrap();
     let hv = QemuHypervisor::new(config(state.path())).unwrap();

@@ -4,18 +4,17 @@ mod guest_harness;
 
 use std::time::{Duration, Instant};
 
-use guest_harness::{guest_env_ready, image, image_dir, serial};
+use guest_harness::{guest_env, image, image_dir, serial};
 use peervm_vmm::{
     Accel, AccelPolicy, GuestImage, ImageError, KvmProbe, ProbeOptions, QemuUser, probe_kvm, select_accel,
 };
 use sha2::{Digest, Sha256};
 
 /// A byte flipped in a copy of the image: refused, with the file named.
+#[ignore = "needs root: guest image and QEMU"]
 #[test]
 fn corrupted_image_refused() {
-    if !guest_env_ready("corrupted_image_refused") {
-        return;
-    }
+    guest_env();
     let real = image();
     let raw = std::fs::read(image_dir().join("manifest.json")).unwrap();
     assert_eq!(real.manifest_sha256(), <[u8; 32]>::from(Sha256::digest(&raw)), "advertised image id");
@@ -46,11 +45,10 @@ fn corrupted_image_refused() {
 /// On this kind of host KVM is broken (PLATFORM): the probe must say so, with a reason,
 /// within its deadline, and the policy then picks TCG only where allowed. Set
 /// PEERVM_EXPECT_KVM=1 on a host where KVM works.
+#[ignore = "needs root: guest image and QEMU"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_probe_reports_unusable_kvm_with_a_reason() {
-    if !guest_env_ready("kvm_probe_reports_unusable_kvm_with_a_reason") {
-        return;
-    }
+    guest_env();
     let _serial = serial().await;
     let img = image();
     let expect_kvm = std::env::var("PEERVM_EXPECT_KVM").is_ok_and(|v| v == "1");

@@ -427,10 +427,8 @@ impl EventLoop {
             Command::Dial { addr, reply } => self.dial_addr(addr, Some(reply)),
             Command::Sync { peer, reply } => {
                 if !self.swarm.is_connected(&peer) {
-                    let _ = reply.send(Err(NetworkError::Dial {
-                        addr: Multiaddr::empty(),
-                        reason: format!("not connected to {peer}"),
-                    }));
+                    let reason = format!("not connected to {peer}");
+                    let _ = reply.send(Err(NetworkError::Sync { peer, reason }));
                     return;
                 }
                 self.sync_waiters.entry(peer).or_default().push(reply);
@@ -528,10 +526,7 @@ impl EventLoop {
             self.emit(NodeEvent::SyncDone { peer, accepted: summary.accepted, invalid: summary.invalid });
         }
         for waiter in self.sync_waiters.remove(&peer).unwrap_or_default() {
-            let _ = waiter.send(match &result {
-                Ok(()) => Ok(summary),
-                Err(e) => Err(NetworkError::Dial { addr: Multiaddr::empty(), reason: e.to_string() }),
-            });
+            let _ = waiter.send(result.clone().map(|()| summary));
         }
     }
 
@@ -791,7 +786,8 @@ impl EventLoop {
             request_response::Event::OutboundFailure { request_id, error, .. } => {
                 if let Some(session) = self.syncs.remove(&request_id) {
                     tracing::debug!(peer = %session.peer, %error, "sync failed");
-                    self.finish_sync(session, Err(NetworkError::Stopped));
+                    let error = NetworkError::Sync { peer: session.peer, reason: error.to_string() };
+                    self.finish_sync(session, Err(error));
                 }
             }
             _ => {}
@@ -863,7 +859,7 @@ impl EventLoop {
             },
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
                 if let Some((_, reply)) = self.dialback_calls.remove(&request_id) {
-                    let _ = reply.send(Err(NetworkError::Lease { peer, reason: error.to_string() }));
+                    let _ = reply.send(Err(NetworkError::DialBack { peer, reason: error.to_string() }));
                 }
             }
             _ => {}
@@ -950,14 +946,15 @@ impl EventLoop {
                 (adverts, next)
             }
             SyncResponse::RateLimited => {
-                self.finish_sync(session, Err(NetworkError::Stopped));
+                self.finish_sync(session, Err(NetworkError::RateLimited { peer, api: "sync" }));
                 return;
             }
         };
         session.pages += 1;
         if adverts.len() > sync::MAX_PAGE_ITEMS as usize {
             self.invalid(peer, "sync");
-            self.finish_sync(session, Err(NetworkError::Stopped));
+            let reason = format!("a page of {} adverts, above the cap of {}", adverts.len(), sync::MAX_PAGE_ITEMS);
+            self.finish_sync(session, Err(NetworkError::Sync { peer, reason }));
             return;
         }
         let refs: Vec<&[u8]> = adverts.iter().map(|e| e.0.as_slice()).collect();

@@ -102,7 +102,7 @@ impl NodeConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NetworkError {
     #[error("cannot build the libp2p swarm: {0}")]
     Build(String),
@@ -118,6 +118,12 @@ pub enum NetworkError {
     Stopped,
     #[error("lease message to {peer} failed: {reason}")]
     Lease { peer: PeerId, reason: String },
+    #[error("sync from {peer} failed: {reason}")]
+    Sync { peer: PeerId, reason: String },
+    #[error("dial-back request to {peer} failed: {reason}")]
+    DialBack { peer: PeerId, reason: String },
+    #[error("{peer} refused the {api} request: this node is over its rate limit there; try again later")]
+    RateLimited { peer: PeerId, api: &'static str },
 }
 
 /// A lease message that arrived from `peer`, for the lease manager. `throttled` says the

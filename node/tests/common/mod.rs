@@ -2,11 +2,14 @@
 //! provider config that runs real guests, and the "nothing left behind" inspection.
 //!
 //! Tests that run a provider need root, QEMU, iproute2, nftables and the minimal guest
-//! image (scripts/install-deps, scripts/build-guest-image). Missing any of them fails
-//! under CI=true (CI must run these tests) and skips with a printed reason otherwise.
+//! image (scripts/install-deps, scripts/build-guest-image): they are `#[ignore]`d in a
+//! plain `cargo test` and start with `Needs::guests().require()`, which fails them when
+//! the machine lacks any of it (docs/testing.md).
 //! Each test gives its provider its own name prefix, address pool and SSH ports, so
 //! tests never touch each other's guests, nor a developer's `peervm` ones.
 #![allow(dead_code)]
+
+pub use peervm_testenv::Needs;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -45,45 +48,9 @@ impl Proc {
     }
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
+/// The minimal guest image the providers of these tests offer.
 pub fn image_dir() -> PathBuf {
-    let base = std::env::var_os("PEERVM_IMAGE_DIR").map(PathBuf::from).unwrap_or("/var/cache/peervm/images".into());
-    base.join("minimal")
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
-}
-
-/// True when providers (real guests) can run here; otherwise prints why and returns
-/// false, or panics when CI=true.
-pub fn provider_env_ready(test: &str) -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (network namespaces, nftables, cgroups)".to_string());
-    }
-    for tool in ["qemu-system-x86_64", "qemu-img", "ip", "nft"] {
-        if !have(tool) {
-            missing.push(format!("{tool} (scripts/install-deps)"));
-        }
-    }
-    if !image_dir().join("manifest.json").exists() {
-        missing.push(format!("the guest image at {} (scripts/build-guest-image)", image_dir().display()));
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("{test}: needs {}", missing.join(", "));
-    if in_ci() {
-        panic!("{msg} — CI=true, so this is a failure, not a skip");
-    }
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
-    false
+    peervm_testenv::image_dir("minimal")
 }
 
 /// Guest tests of one binary run one at a time: TCG guests on a 2-core machine are slow

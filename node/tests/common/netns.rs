@@ -57,38 +57,6 @@ const STARTUP: Duration = Duration::from_secs(60);
 
 const NETNS_DIR: &str = "/var/run/netns";
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
-}
-
-/// True when the test bed can be built here (root, `ip`, `tc`); otherwise prints why and
-/// returns false, or panics when CI=true (CI must run these tests).
-pub fn env_ready(test: &str) -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (network namespaces, veth, bridges)".to_string());
-    }
-    for tool in ["ip", "tc"] {
-        if !have(tool) {
-            missing.push(format!("{tool} (iproute2, scripts/install-deps)"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("{test}: needs {}", missing.join(", "));
-    if in_ci() {
-        panic!("{msg} — CI=true, so this is a failure, not a skip");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
-    false
-}
-
 /// Runs a setup command to completion; the error carries its stderr.
 fn run(program: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(program)

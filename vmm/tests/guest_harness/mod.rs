@@ -1,10 +1,10 @@
 //! Shared harness of the guest tests: environment checks, the test image, the backend
 //! configuration, an SSH client and the "nothing left behind" inspection.
 //!
-//! Guest tests need root, QEMU, iproute2, nftables and the minimal image. When one is
-//! missing they fail loudly under CI=true (CI must run them) and skip with a printed
-//! reason otherwise. The image is built with scripts/build-guest-image when it does not
-//! verify (the script is idempotent: it returns at once for a valid image).
+//! Guest tests need root, QEMU, iproute2, nftables and the minimal image
+//! (scripts/install-deps, scripts/build-guest-image). They are `#[ignore]`d in a plain
+//! `cargo test`; asked to run (`--include-ignored`, as scripts/test does as root) they
+//! fail, naming what is missing, rather than skip (`guest_env`, docs/testing.md).
 //!
 //! Everything the tests create is named with the prefixes `pvtest`/`pt`, so a reconcile
 //! in a test never touches a developer's `peervm` guests, and uses the address pool
@@ -17,6 +17,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+pub use peervm_testenv::Needs;
 use peervm_vmm::{
     Accel, AuthorizedKey, EgressPolicy, GuestImage, HostKeySeed, LeaseId, NamePrefix, QemuUser, VmSpec, VmmConfig,
 };
@@ -34,65 +35,22 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// The workspace's scripts directory.
-fn scripts_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("scripts")
-}
-
 pub fn image_dir() -> PathBuf {
-    let base = std::env::var_os("PEERVM_IMAGE_DIR").map(PathBuf::from).unwrap_or("/var/cache/peervm/images".into());
-    base.join("minimal")
+    peervm_testenv::image_dir("minimal")
 }
 
-/// The minimal image, built if needed, opened (and so verified) once per test binary.
+/// The minimal image, opened (and so verified) once per test binary.
 pub fn image() -> Arc<GuestImage> {
     static IMAGE: OnceLock<Arc<GuestImage>> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            if GuestImage::open(image_dir()).is_err() {
-                let script = scripts_dir().join("build-guest-image");
-                eprintln!("guest image missing or invalid: running {}", script.display());
-                let status = Command::new(&script).status().expect("cannot run scripts/build-guest-image");
-                assert!(status.success(), "scripts/build-guest-image failed ({status})");
-            }
-            Arc::new(GuestImage::open(image_dir()).expect("guest image does not verify after building it"))
-        })
-        .clone()
+    IMAGE.get_or_init(|| Arc::new(GuestImage::open(image_dir()).expect("the guest image does not verify"))).clone()
 }
 
-/// Checks that guests can run here. Returns false (after printing why) when the test
-/// should be skipped; panics instead when CI=true.
-pub fn guest_env_ready(test: &str) -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (network namespaces, nftables, cgroups)".to_string());
-    }
-    for tool in ["qemu-system-x86_64", "qemu-img", "ip", "nft"] {
-        if !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()) {
-            missing.push(format!("{tool} (scripts/install-deps)"));
-        }
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        missing.push("/dev/net/tun".into());
-    }
-    if !missing.is_empty() {
-        let msg = format!("{test}: guest tests need {}", missing.join(", "));
-        if in_ci() {
-            panic!("{msg} — CI=true, so this is a failure, not a skip");
-        }
-        // straight to stderr: libtest would swallow eprintln! of a passing test
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
-        return false;
-    }
+/// The first line of every guest test (they are `#[ignore]`d in a plain `cargo test`):
+/// fails the test, naming what is missing, unless guests can run here; then makes sure
+/// the unprivileged QEMU user exists.
+pub fn guest_env() {
+    Needs::guests().require();
     QemuUser::ensure(peervm_vmm::DEFAULT_QEMU_USER).expect("cannot create the QEMU user");
-    let _ = image();
-    true
 }
 
 /// The backend configuration of the tests.
