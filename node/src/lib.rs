@@ -1,19 +1,21 @@
-//! The peervm node: identity, the swarm and its advert store, the provider daemon, the
-//! requestor's offers command, and (growing) leases and the admin API.
+//! The peervm node: the swarm and its advert store, the provider daemon, the requestor's
+//! side of the market, and what they share. docs/architecture.md has the map.
+//!
+//! - [`network`]: the libp2p swarm, owned by one task; every protocol in its own module.
+//! - [`provider`]: `peervm provider run`: the daemon, its config, the lease manager, the
+//!   admin socket, the audit log and `peervm doctor`.
+//! - [`requestor`]: offers, leases from the requestor's side, SSH to a leased guest.
+//! - shared: [`advert_store`], [`clock`], [`keystore`], [`metrics`], [`paths`],
+//!   [`secure_fs`], [`sqlite`], [`units`].
 
-pub mod admin;
 pub mod advert_store;
-pub mod audit;
-pub mod config;
-pub mod doctor;
+pub mod clock;
 pub mod keystore;
-pub mod lease;
 pub mod metrics;
 pub mod network;
-pub mod offers;
 pub mod paths;
 pub mod provider;
 pub mod requestor;
 pub mod secure_fs;
-pub mod startup;
+pub mod sqlite;
 pub mod units;

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use libp2p::{Multiaddr, PeerId};
+use peervm_node::clock::now_unix_ms;
 use peervm_node::network::lease_wire::{Envelope, LeaseMessage};
-use peervm_node::network::{NetworkError, Node, NodeClient, NodeConfig, Role, now_unix_ms};
+use peervm_node::network::{NetworkError, Node, NodeClient, NodeConfig, Role};
 use peervm_protocol::{DenyReason, LeaseReply, ReplyOutcome, Signed, SigningKey};
 
 fn rss_kib(pid: i32) -> u64 {

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use libp2p::{Multiaddr, PeerId};
+use peervm_node::clock::now_unix_ms;
 use peervm_node::network::lease_wire::{Envelope, LeaseMessage};
-use peervm_node::network::{Node, NodeConfig, Role, now_unix_ms};
+use peervm_node::network::{Node, NodeConfig, Role};
 use peervm_protocol::lease::payload_digest;
 use peervm_protocol::{
     ControlAction, DenyReason, GuestSpec, LeaseControl, LeaseId, LeaseReply, LeaseRequest, ReplyOutcome, Signed,

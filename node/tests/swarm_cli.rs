@@ -217,7 +217,7 @@ fn example_provider_config_is_valid() {
     let tmp = tempfile::tempdir().unwrap();
     let img = image_dir(tmp.path());
     let text = text.replace("/var/cache/peervm/images/minimal", img.to_str().unwrap());
-    let cfg = peervm_node::config::ProviderConfig::parse(&text, Path::new("examples/provider.toml")).unwrap();
+    let cfg = peervm_node::provider::config::ProviderConfig::parse(&text, Path::new("examples/provider.toml")).unwrap();
     assert_eq!(cfg.ttl_secs, 300);
     assert_eq!(cfg.republish_secs, 60);
     assert_eq!(cfg.resources.memory_mib, 2048);

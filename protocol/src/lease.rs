@@ -205,6 +205,48 @@ pub enum LeaseState {
     Failed,
 }
 
+impl LeaseState {
+    /// Every state, in the order a lease moves through them.
+    pub const ALL: [LeaseState; 7] = [
+        LeaseState::Requested,
+        LeaseState::Provisioning,
+        LeaseState::Booting,
+        LeaseState::Running,
+        LeaseState::Stopping,
+        LeaseState::Ended,
+        LeaseState::Failed,
+    ];
+
+    /// The snake_case wire name (also what the node's databases and JSON output store).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Requested => "requested",
+            LeaseState::Provisioning => "provisioning",
+            LeaseState::Booting => "booting",
+            LeaseState::Running => "running",
+            LeaseState::Stopping => "stopping",
+            LeaseState::Ended => "ended",
+            LeaseState::Failed => "failed",
+        }
+    }
+
+    /// The state named `name` (its exact wire name), if any.
+    pub fn from_name(name: &str) -> Option<LeaseState> {
+        Self::ALL.into_iter().find(|state| state.as_str() == name)
+    }
+
+    /// Ended or failed: the lease holds no resources and never comes back.
+    pub fn is_finished(self) -> bool {
+        matches!(self, LeaseState::Ended | LeaseState::Failed)
+    }
+}
+
+impl std::fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How the requestor reaches its guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshAccess {
@@ -379,4 +421,23 @@ pub fn is_valid_unix_user(name: &str) -> bool {
         && bytes.len() <= 32
         && (bytes[0].is_ascii_lowercase() || bytes[0] == b'_')
         && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_the_wire_names_and_round_trip() {
+        for state in LeaseState::ALL {
+            let mut cbor = Vec::new();
+            ciborium::into_writer(&state, &mut cbor).unwrap();
+            let wire: String = ciborium::from_reader(cbor.as_slice()).unwrap();
+            assert_eq!(wire, state.as_str());
+            assert_eq!(LeaseState::from_name(state.as_str()), Some(state));
+        }
+        assert_eq!(LeaseState::from_name("Running"), None);
+        let finished: Vec<_> = LeaseState::ALL.into_iter().filter(|s| s.is_finished()).collect();
+        assert_eq!(finished, [LeaseState::Ended, LeaseState::Failed]);
+    }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use peervm_node::advert_store::{AdvertStore, OfferFilter};
-use peervm_node::network::{Role, now_unix_ms};
+use peervm_node::clock::now_unix_ms;
+use peervm_node::network::Role;
 use peervm_protocol::{Accel, Signed, samples};
 use peervm_tests::*;
 

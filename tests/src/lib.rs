@@ -5,7 +5,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
-use peervm_node::network::{Node, NodeConfig, Role, now_unix_ms};
+use peervm_node::clock::now_unix_ms;
+use peervm_node::network::{Node, NodeConfig, Role};
 use peervm_protocol::{Advertisement, Signed, SigningKey, Verified, samples};
 
 /// A node listening on a fresh loopback port, dialing `bootstrap`.

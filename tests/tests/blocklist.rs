@@ -23,7 +23,7 @@ fn list(signer: &SigningKey, seq: u64, blocked: &[PeerId]) -> peervm_protocol::V
         version: 1,
         signer: signer.peer_id(),
         seq,
-        issued_at_unix_ms: peervm_node::network::now_unix_ms(),
+        issued_at_unix_ms: peervm_node::clock::now_unix_ms(),
         entries: blocked.iter().map(|p| BlockEntry { peer: *p, reason: "sold dead VMs".into() }).collect(),
     };
     Signed::sign(signer, &list).unwrap()

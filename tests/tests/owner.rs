@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use peervm_node::advert_store::OfferFilter;
-use peervm_node::network::{Node, Role, now_unix_ms};
+use peervm_node::clock::now_unix_ms;
+use peervm_node::network::{Node, Role};
 use peervm_protocol::{Delegation, Signed, SigningKey};
 use peervm_tests::*;
 

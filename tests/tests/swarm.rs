@@ -135,7 +135,7 @@ async fn graceful_withdrawal_reaches_everyone_and_killed_provider_expires() {
     assert!(gone.is_some(), "withdrawal did not reach every node within 5 s");
     // An older advert of the withdrawn provider, replayed, does not bring it back.
     let stale = signed(key0, &advert(key0, 1, LONG));
-    assert!(node0.store.lock().unwrap().insert(stale, peervm_node::network::now_unix_ms()).is_err());
+    assert!(node0.store.lock().unwrap().insert(stale, peervm_node::clock::now_unix_ms()).is_err());
 
     // Provider 2 "crashes": no withdrawal. Its advert ages out of every store at expiry.
     let Swarm { bootstraps, mut providers, requestors } = swarm;

@@ -22,9 +22,10 @@ use super::rate_limit::{Api, PeerGuard, Verdict};
 use super::sync::{self, Envelope, SyncRequest, SyncResponse};
 use super::{
     Command, InboundLease, LeaseResponder, NetworkError, Node, NodeClient, NodeConfig, NodeEvent, Role, SharedStore,
-    SyncSummary, now_unix_ms,
+    SyncSummary,
 };
 use crate::advert_store::AdvertStore;
+use crate::clock::now_unix_ms;
 use crate::metrics::Metrics;
 
 /// A sync session gives up after this many pages (1024 adverts each): far above any real
@@ -202,7 +203,7 @@ struct EventLoop {
     /// Given to lease responders, which answer through the command channel.
     self_tx: mpsc::Sender<Command>,
     lease_inbox: Option<mpsc::Sender<InboundLease>>,
-    audit: Option<Arc<crate::audit::AuditLog>>,
+    audit: Option<Arc<crate::provider::audit::AuditLog>>,
     /// Open inbound lease streams waiting for the manager's reply, and whose they are.
     lease_channels: HashMap<u64, (PeerId, request_response::ResponseChannel<Envelope>)>,
     next_lease_channel: u64,

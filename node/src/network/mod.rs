@@ -76,7 +76,7 @@ pub struct NodeConfig {
     /// sends lease messages.
     pub lease_inbox: Option<mpsc::Sender<InboundLease>>,
     /// Where signature failures and bans are recorded.
-    pub audit: Option<Arc<crate::audit::AuditLog>>,
+    pub audit: Option<Arc<crate::provider::audit::AuditLog>>,
     /// Signers whose block lists this node applies (its operator's choice).
     pub trusted_block_lists: std::collections::HashSet<PeerId>,
 }
@@ -363,9 +363,4 @@ pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
         Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
         _ => None,
     }
-}
-
-/// Milliseconds since the Unix epoch, from the system clock.
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

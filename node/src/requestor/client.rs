@@ -16,9 +16,10 @@ use peervm_protocol::{
 use super::db::{Access, RequestorDb, RequestorDbError, StoredLease};
 use super::ssh::{self, SshError};
 use crate::advert_store::OfferFilter;
+use crate::clock::now_unix_ms;
 use crate::network::lease_wire::{Envelope, LeaseMessage};
-use crate::network::{Node, NodeConfig, Role, now_unix_ms};
-use crate::offers::{self, OffersError};
+use crate::network::{Node, NodeConfig, Role};
+use crate::requestor::offers::{self, OffersError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestorError {
@@ -172,7 +173,7 @@ impl Requestor {
         progress: &mut impl FnMut(&Stage, Duration),
     ) -> Result<StoredLease, RequestorError> {
         let want = ResourceAmounts { vcpus: opts.vcpus, memory_mib: opts.memory_mib, disk_gib: opts.disk_gib };
-        let blocked = self.db.blocked()?.into_iter().map(|(p, _, _)| p).collect();
+        let blocked = self.db.blocked()?.into_iter().map(|b| b.peer).collect();
         let (advert, price, offers) = choose_offer(node, opts, &want, &blocked)?;
         let peers = node.client.connected_peers().await?.len();
         progress(&Stage::Joined { peers, offers }, t0.elapsed());

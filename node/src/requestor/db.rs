@@ -1,7 +1,7 @@
 //! The requestor's lease store: for each lease, who the provider is and where it listens,
 //! the guest spec, the lease's SSH key file, the last known state and, once granted, how
 //! to reach the guest, its pinned host key and the signed grant (the receipt). Same file
-//! rules as the provider's store (0600, WAL; see [`crate::lease::db`]).
+//! rules as the provider's store (0600, WAL; see [`crate::sqlite`]).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -12,11 +12,11 @@ use peervm_protocol::{GuestSpec, LeaseId, LeaseState};
 use rusqlite::{Connection, Row, TransactionBehavior, params};
 use thiserror::Error;
 
-use crate::lease::db::{
-    PrivateSqlite, SqliteError, TooLarge, TxError, UnusableDb, column, column_peer, column_state, column_u64,
-    state_name, to_i64,
-};
 use crate::secure_fs::SecureFsError;
+use crate::sqlite::block_table::{BlockEntry, BlockTable};
+use crate::sqlite::{
+    PrivateSqlite, SqliteError, TooLarge, TxError, UnusableDb, column, column_peer, column_state, column_u64, to_i64,
+};
 
 /// The shortest id prefix [`RequestorDb::find`] accepts.
 pub const MIN_PREFIX_LEN: usize = 4;
@@ -126,6 +126,9 @@ const REQUESTOR_MIGRATIONS: &[&str] = &[
 ",
 ];
 
+/// The providers this requestor blocked.
+const BLOCKED: BlockTable = BlockTable { table: "blocked_providers", at_column: "at_unix_ms" };
+
 const COLUMNS: &str = "id, provider, vcpus, memory_mib, disk_gib, image_name, image_sha256, key_path, \
      created_at_unix_ms, state, detail, ssh_host, ssh_port, ssh_user, host_key, ends_at_unix_ms, \
      price_per_hour_micros, currency, grant_reply";
@@ -196,7 +199,7 @@ impl RequestorDb {
                     lease.spec.image_sha256,
                     lease.key_path.as_os_str().as_bytes(),
                     created_at,
-                    state_name(lease.state),
+                    LeaseState::as_str(lease.state),
                     lease.detail,
                 ],
             )?;
@@ -226,7 +229,10 @@ impl RequestorDb {
             if write_access(&tx, id, &access)? == 0 {
                 return Err(RequestorDbError::NotFound(id.to_hex()).into());
             }
-            tx.execute("UPDATE leases SET state = ?2 WHERE id = ?1", params![id.0, state_name(LeaseState::Running)])?;
+            tx.execute(
+                "UPDATE leases SET state = ?2 WHERE id = ?1",
+                params![id.0, LeaseState::as_str(LeaseState::Running)],
+            )?;
             tx.commit()?;
             Ok(())
         })
@@ -236,7 +242,7 @@ impl RequestorDb {
         self.db.run(|conn| {
             let changed = conn.execute(
                 "UPDATE leases SET state = ?2, detail = ?3 WHERE id = ?1",
-                params![id.0, state_name(state), detail],
+                params![id.0, LeaseState::as_str(state), detail],
             )?;
             if changed == 0 {
                 return Err(RequestorDbError::NotFound(id.to_hex()).into());
@@ -258,38 +264,17 @@ impl RequestorDb {
     /// Blocks a provider on this requestor's side: its offers are hidden and never leased.
     pub fn block(&self, peer: &PeerId, reason: &str, now_unix_ms: u64) -> Result<(), RequestorDbError> {
         let now = to_i64("now_unix_ms", now_unix_ms)?;
-        self.db.run(|conn| {
-            conn.execute(
-                "INSERT INTO blocked_providers (peer, reason, at_unix_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (peer) DO UPDATE SET reason = excluded.reason, at_unix_ms = excluded.at_unix_ms",
-                params![peer.to_bytes(), reason, now],
-            )?;
-            Ok(())
-        })
+        self.db.run(|conn| BLOCKED.block(conn, peer, reason, now))
     }
 
     /// Lifts a block; false when the provider was not blocked.
     pub fn unblock(&self, peer: &PeerId) -> Result<bool, RequestorDbError> {
-        self.db.run(|conn| Ok(conn.execute("DELETE FROM blocked_providers WHERE peer = ?1", [peer.to_bytes()])? > 0))
+        self.db.run(|conn| BLOCKED.unblock(conn, peer))
     }
 
     /// The blocked providers with their reason and time, oldest first.
-    pub fn blocked(&self) -> Result<Vec<(PeerId, String, u64)>, RequestorDbError> {
-        self.db.run(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT peer, reason, at_unix_ms FROM blocked_providers ORDER BY at_unix_ms")?;
-            let rows = stmt.query_map([], |row| {
-                Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (peer, reason, at) = row?;
-                let peer = PeerId::from_bytes(&peer)
-                    .map_err(|e| RequestorDbError::Corrupt(format!("blocked provider id: {e}")))?;
-                out.push((peer, reason, u64::try_from(at).unwrap_or(0)));
-            }
-            Ok(out)
-        })
+    pub fn blocked(&self) -> Result<Vec<BlockEntry>, RequestorDbError> {
+        self.db.run(|conn| BLOCKED.list(conn, RequestorDbError::Corrupt))
     }
 
     /// Replaces the provider's addresses (it moved: found again through the swarm).
@@ -467,7 +452,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::lease::db::companion_path;
+    use crate::sqlite::companion_path;
 
     fn lease(id: [u8; 16], created_at_unix_ms: u64) -> StoredLease {
         StoredLease {
@@ -529,7 +514,7 @@ mod tests {
             db.set_provider_addrs(&l.id, &["/ip4/192.0.2.9/tcp/4002".parse().unwrap()]).unwrap();
         }
         let db = RequestorDb::open(&path).unwrap();
-        assert_eq!(db.blocked().unwrap(), vec![(p, "twice".to_string(), 6)]);
+        assert_eq!(db.blocked().unwrap(), vec![BlockEntry { peer: p, reason: "twice".into(), at_unix_ms: 6 }]);
         let got = db.get(&l.id).unwrap().unwrap();
         assert_eq!(got.provider_addrs, vec!["/ip4/192.0.2.9/tcp/4002".parse::<Multiaddr>().unwrap()]);
         assert!(db.unblock(&p).unwrap());

@@ -1,5 +1,7 @@
-//! The requestor side of a lease: its local store and the SSH client.
+//! The requestor's side of the market: the offers, a lease from request to SSH, and the
+//! local store that remembers it (docs/architecture.md, "Requestor").
 
 pub mod client;
 pub mod db;
+pub mod offers;
 pub mod ssh;

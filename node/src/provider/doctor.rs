@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::ProviderConfig;
+use crate::provider::config::ProviderConfig;
 use crate::secure_fs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -248,10 +248,12 @@ fn check_disk(config: &ProviderConfig, data_dir: &Path) -> Check {
 /// Reachability from outside: the running provider's last dial-back verification (other
 /// peers dialed its libp2p and SSH ports back), else a static look at the config.
 async fn check_reachability(config: &ProviderConfig, data_dir: &Path) -> Check {
-    let socket = crate::admin::socket_path(data_dir);
-    let status =
-        tokio::time::timeout(Duration::from_secs(5), crate::admin::call(&socket, &crate::admin::AdminRequest::Status))
-            .await;
+    let socket = crate::provider::admin::socket_path(data_dir);
+    let status = tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::provider::admin::call(&socket, &crate::provider::admin::AdminRequest::Status),
+    )
+    .await;
     if let Ok(Ok(reply)) = status
         && let Some(report) = reply.result.get("reachability").filter(|r| !r.is_null())
     {

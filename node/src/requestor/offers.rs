@@ -8,7 +8,8 @@ use peervm_protocol::SigningKey;
 use serde::Serialize;
 
 use crate::advert_store::{Offer, OfferFilter};
-use crate::network::{Node, NodeConfig, NodeEvent, Role, now_unix_ms};
+use crate::clock::now_unix_ms;
+use crate::network::{Node, NodeConfig, NodeEvent, Role};
 use crate::units::format_micros;
 
 #[derive(Debug, thiserror::Error)]

@@ -53,7 +53,7 @@ impl AuditLog {
     /// never turned into a failure of the operation it records.
     pub fn record(&self, event: &str, fields: serde_json::Value) {
         let mut entry = serde_json::Map::new();
-        entry.insert("ts_unix_ms".into(), crate::network::now_unix_ms().into());
+        entry.insert("ts_unix_ms".into(), crate::clock::now_unix_ms().into());
         entry.insert("event".into(), event.into());
         if let serde_json::Value::Object(map) = fields {
             entry.extend(map);
@@ -61,7 +61,7 @@ impl AuditLog {
         let mut line = serde_json::Value::Object(entry).to_string();
         if line.len() > MAX_LINE {
             line = serde_json::json!({
-                "ts_unix_ms": crate::network::now_unix_ms(),
+                "ts_unix_ms": crate::clock::now_unix_ms(),
                 "event": event,
                 "truncated": true,
             })

@@ -14,13 +14,14 @@ use peervm_vmm::{AccelPolicy, GuestImage, ProbeOptions, QemuHypervisor, QemuUser
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
-use crate::admin;
-use crate::audit::{self, AuditLog};
-use crate::config::ProviderConfig;
-use crate::lease::db::ProviderDb;
-use crate::lease::{LeaseManager, LeaseTerms};
+use crate::clock::now_unix_ms;
 use crate::metrics::Metrics;
-use crate::network::{Node, NodeConfig, Role, now_unix_ms};
+use crate::network::{Node, NodeConfig, Role};
+use crate::provider::admin;
+use crate::provider::audit::{self, AuditLog};
+use crate::provider::config::ProviderConfig;
+use crate::provider::lease::db::ProviderDb;
+use crate::provider::lease::{LeaseManager, LeaseTerms};
 
 /// Capacity changes are re-advertised at most this often (DESIGN section 5).
 const MIN_CAPACITY_REPUBLISH: Duration = Duration::from_secs(5);
@@ -42,13 +43,13 @@ pub enum ProviderError {
     #[error(transparent)]
     Vmm(#[from] peervm_vmm::VmmError),
     #[error(transparent)]
-    Db(#[from] crate::lease::db::DbError),
+    Db(#[from] crate::provider::lease::db::DbError),
     #[error(transparent)]
-    Lease(#[from] crate::lease::LeaseError),
+    Lease(#[from] crate::provider::lease::LeaseError),
     #[error(transparent)]
     Fs(#[from] crate::secure_fs::SecureFsError),
     #[error(transparent)]
-    Admin(#[from] crate::admin::AdminError),
+    Admin(#[from] crate::provider::admin::AdminError),
     #[error(
         "[advert] delegation: {0}; ask the owner for a new one: peervm owner delegate --node <this node's peer id>"
     )]

@@ -19,10 +19,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use super::db::{DbError, LeaseRecord, ProviderDb};
-use crate::audit::AuditLog;
+use crate::clock::now_unix_ms;
 use crate::metrics::Metrics;
 use crate::network::lease_wire::LeaseMessage;
-use crate::network::{InboundLease, NodeClient, now_unix_ms};
+use crate::network::{InboundLease, NodeClient};
+use crate::provider::audit::AuditLog;
 
 /// Denial details are for humans; they are capped so a reply always fits its size cap.
 const MAX_DETAIL: usize = 300;
@@ -738,8 +739,8 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     pub async fn apply_block_list(&self) -> Result<usize, LeaseError> {
         let blocked = self.inner.db.blocked()?;
         if let Some(network) = &self.inner.network {
-            for (peer, _, _) in &blocked {
-                let _ = network.block_adverts(*peer, true).await;
+            for entry in &blocked {
+                let _ = network.block_adverts(entry.peer, true).await;
             }
         }
         Ok(blocked.len())
@@ -767,9 +768,10 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             .blocked()?
             .into_iter()
             .take(peervm_protocol::blocklist::MAX_BLOCK_ENTRIES)
-            .map(|(peer, mut reason, _)| {
+            .map(|entry| {
+                let mut reason = entry.reason;
                 truncate(&mut reason, peervm_protocol::advert::MAX_TEXT_LEN);
-                peervm_protocol::BlockEntry { peer, reason }
+                peervm_protocol::BlockEntry { peer: entry.peer, reason }
             })
             .collect();
         let list = peervm_protocol::BlockList {

@@ -1,4 +1,5 @@
-//! The provider's lease manager (DESIGN section 7 and 9).
+//! The provider's lease manager and its store (docs/architecture.md, "Leases" and
+//! "Persistence").
 
 pub mod db;
 mod manager;

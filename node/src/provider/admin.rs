@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::audit::AuditLog;
 use crate::network::rate_limit::TokenBucket;
 use crate::provider::ProviderLeases;
+use crate::provider::audit::AuditLog;
 
 /// A request line is small; anything longer is refused.
 const MAX_REQUEST: usize = 4096;
@@ -106,7 +106,7 @@ pub fn serve(
     leases: ProviderLeases,
     info: NodeInfo,
     audit: Option<Arc<AuditLog>>,
-    reachability: crate::provider::SharedReachability,
+    reachability: crate::provider::daemon::SharedReachability,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     // A socket left by a killed provider is ours to replace (the directory is 0700).
     let _ = std::fs::remove_file(path);
@@ -134,7 +134,7 @@ struct Ctx {
     audit: Option<Arc<AuditLog>>,
     me: u32,
     bucket: std::sync::Mutex<Option<TokenBucket>>,
-    reachability: crate::provider::SharedReachability,
+    reachability: crate::provider::daemon::SharedReachability,
 }
 
 impl Ctx {
@@ -227,7 +227,7 @@ impl Ctx {
                                 .map(|(at, state, detail)| {
                                     serde_json::json!({
                                         "at_unix_ms": at,
-                                        "state": crate::lease::db::state_name(*state),
+                                        "state": state.as_str(),
                                         "detail": detail,
                                     })
                                 })
@@ -272,7 +272,7 @@ impl Ctx {
             AdminRequest::Blocked => match leases.db().blocked() {
                 Ok(list) => AdminReply::ok(serde_json::Value::Array(
                     list.iter()
-                        .map(|(p, reason, at)| serde_json::json!({"peer": p.to_string(), "reason": reason, "at_unix_ms": at}))
+                        .map(|b| serde_json::json!({"peer": b.peer.to_string(), "reason": b.reason, "at_unix_ms": b.at_unix_ms}))
                         .collect(),
                 )),
                 Err(e) => AdminReply::err(e),
@@ -302,11 +302,11 @@ impl Ctx {
     }
 }
 
-fn lease_json(r: &crate::lease::db::LeaseRecord) -> serde_json::Value {
+fn lease_json(r: &crate::provider::lease::db::LeaseRecord) -> serde_json::Value {
     serde_json::json!({
         "lease": r.id.to_hex(),
         "requestor": r.requestor.to_string(),
-        "state": crate::lease::db::state_name(r.state),
+        "state": r.state.as_str(),
         "vcpus": r.spec.vcpus,
         "memory_mib": r.spec.memory_mib,
         "disk_gib": r.spec.disk_gib,

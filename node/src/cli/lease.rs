@@ -1,0 +1,286 @@
+//! `peervm lease create | list | status | extend | terminate`: a lease from the
+//! requestor's side.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use peervm_node::requestor::client::{self, CreateOptions, ProviderChoice, Stage};
+use peervm_node::requestor::db::StoredLease;
+use peervm_node::requestor::ssh as guest_ssh;
+use peervm_node::units;
+use peervm_protocol::{ControlAction, ReplyOutcome};
+
+use super::args::{SwarmArgs, TrustArgs};
+use super::render::{describe_outcome, format_time, shell_quote};
+use super::requestor;
+
+#[derive(Subcommand)]
+pub enum LeaseCommand {
+    /// Lease a VM: picks an offer, sends a signed request, waits for the guest, pins its
+    /// host key and prints how to reach it.
+    Create(CreateArgs),
+    /// The leases this requestor holds (from its local store).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the provider for a lease's state and resource use.
+    Status {
+        lease: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        swarm: SwarmArgs,
+    },
+    /// Make a lease longer, e.g. `--by 1h`.
+    Extend {
+        lease: String,
+        #[arg(long, value_name = "DURATION")]
+        by: String,
+        #[command(flatten)]
+        swarm: SwarmArgs,
+    },
+    /// End a lease now: the provider stops the guest and frees everything.
+    Terminate {
+        lease: String,
+        #[command(flatten)]
+        swarm: SwarmArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// A provider's peer id, or `cheapest`.
+    #[arg(long, default_value = "cheapest")]
+    provider: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, default_value = "512MiB")]
+    memory: String,
+    #[arg(long, default_value = "2GiB")]
+    disk: String,
+    #[arg(long, default_value = "minimal")]
+    image: String,
+    /// Lease length in hours (whole or decimal).
+    #[arg(long, conflicts_with = "duration")]
+    hours: Option<f64>,
+    /// Lease length with a unit: 90s, 30m, 2h, 7d. Default 1h.
+    #[arg(long)]
+    duration: Option<String>,
+    /// Use this ed25519 private key instead of a fresh one per lease.
+    #[arg(long, value_name = "PATH")]
+    ssh_key: Option<PathBuf>,
+    /// Login name in the guest.
+    #[arg(long, default_value = "peervm")]
+    user: String,
+    /// Most to pay per hour, in currency units (default: the advertised price).
+    #[arg(long)]
+    max_price: Option<String>,
+    /// Seconds to wait for the bootstrap nodes.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Print the lease as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    lease_cmd(cmd, data_dir).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn lease_cmd(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<()> {
+    match cmd {
+        LeaseCommand::Create(args) => create(args, data_dir).await,
+        LeaseCommand::List { json } => {
+            let r = requestor::open(data_dir)?;
+            let leases = r.db().list()?;
+            if json {
+                for l in &leases {
+                    println!("{}", lease_json(l));
+                }
+            } else if leases.is_empty() {
+                println!("no leases");
+            } else {
+                println!("{:<12}  {:<10}  {:<14}  {:<24}  PROVIDER", "LEASE", "STATE", "ENDS", "SSH");
+                for l in &leases {
+                    let (ends, ssh) = match &l.access {
+                        Some(a) => {
+                            (format_time(a.ends_at_unix_ms), format!("{}@{}:{}", a.ssh_user, a.ssh_host, a.ssh_port))
+                        }
+                        None => ("-".into(), "-".into()),
+                    };
+                    println!(
+                        "{:<12}  {:<10}  {:<14}  {:<24}  {}",
+                        &l.id.to_hex()[..12],
+                        l.state.as_str(),
+                        ends,
+                        ssh,
+                        l.provider
+                    );
+                }
+            }
+            Ok(())
+        }
+        LeaseCommand::Status { lease, json, swarm } => {
+            let r = requestor::open(data_dir)?;
+            let l = r.db().find(&lease)?;
+            match r.control(&l, ControlAction::Status, &swarm.addrs()?).await? {
+                ReplyOutcome::Status { state, ends_at_unix_ms, usage } => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "lease": l.id.to_hex(),
+                                "provider": l.provider.to_string(),
+                                "state": state.as_str(),
+                                "ends_at_unix_ms": ends_at_unix_ms,
+                                "usage": usage,
+                            })
+                        );
+                    } else {
+                        println!("lease     {}", l.id);
+                        println!("provider  {}", l.provider);
+                        println!("state     {}", state.as_str());
+                        println!("ends      {}", format_time(ends_at_unix_ms));
+                        if let Some(u) = usage {
+                            println!("usage     {}", client::usage_line(&u));
+                        }
+                    }
+                    Ok(())
+                }
+                other => bail!("{}", describe_outcome(&other)),
+            }
+        }
+        LeaseCommand::Extend { lease, by, swarm } => {
+            let secs = units::parse_duration_secs(&by)?;
+            let r = requestor::open(data_dir)?;
+            let l = r.db().find(&lease)?;
+            match r.control(&l, ControlAction::Extend { additional_secs: secs }, &swarm.addrs()?).await? {
+                ReplyOutcome::Extended { ends_at_unix_ms } => {
+                    println!("lease {} now ends {}", l.id, format_time(ends_at_unix_ms));
+                    Ok(())
+                }
+                other => bail!("{}", describe_outcome(&other)),
+            }
+        }
+        LeaseCommand::Terminate { lease, swarm } => {
+            let r = requestor::open(data_dir)?;
+            let l = r.db().find(&lease)?;
+            match r.control(&l, ControlAction::Terminate, &swarm.addrs()?).await? {
+                ReplyOutcome::Terminated { .. } => {
+                    println!("lease {} terminated", l.id);
+                    Ok(())
+                }
+                other => bail!("{}", describe_outcome(&other)),
+            }
+        }
+    }
+}
+
+fn lease_json(l: &StoredLease) -> serde_json::Value {
+    serde_json::json!({
+        "lease": l.id.to_hex(),
+        "provider": l.provider.to_string(),
+        "state": l.state.as_str(),
+        "vcpus": l.spec.vcpus,
+        "memory_mib": l.spec.memory_mib,
+        "disk_gib": l.spec.disk_gib,
+        "image": l.spec.image_name,
+        "key_path": l.key_path,
+        "ssh": l.access.as_ref().map(|a| serde_json::json!({
+            "host": a.ssh_host,
+            "port": a.ssh_port,
+            "user": a.ssh_user,
+            "host_key": guest_ssh::host_key_line(&a.host_key),
+        })),
+        "ends_at_unix_ms": l.access.as_ref().map(|a| a.ends_at_unix_ms),
+        "price_per_hour_micros": l.access.as_ref().map(|a| a.price_per_hour_micros),
+        "currency": l.access.as_ref().map(|a| a.currency.clone()),
+        "detail": l.detail,
+    })
+}
+
+async fn create(args: CreateArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let bootstrap = args.swarm.addrs()?;
+    let duration_secs = match (&args.hours, &args.duration) {
+        (Some(h), _) => {
+            if !(h.is_finite() && *h > 0.0 && *h * 3600.0 < u64::MAX as f64) {
+                bail!("--hours must be a positive number, got {h}");
+            }
+            (h * 3600.0).round().max(1.0) as u64
+        }
+        (None, Some(d)) => units::parse_duration_secs(d)?,
+        (None, None) => 3600,
+    };
+    let provider = if args.provider == "cheapest" {
+        ProviderChoice::Cheapest
+    } else {
+        ProviderChoice::Peer(
+            args.provider
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--provider `{}` is not a peer id or `cheapest`", args.provider))?,
+        )
+    };
+    if args.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
+    }
+    let opts = CreateOptions {
+        bootstrap,
+        provider,
+        vcpus: args.vcpus,
+        memory_mib: units::parse_size_mib(&args.memory, 1)?,
+        disk_gib: units::parse_size_gib(&args.disk)?,
+        image: args.image.clone(),
+        duration_secs,
+        ssh_key: args.ssh_key.clone(),
+        ssh_user: args.user.clone(),
+        max_price_micros: args.max_price.as_deref().map(units::parse_micros).transpose()?,
+        join_timeout: Duration::from_secs(args.timeout),
+        trusted_block_lists: args.trust.peers()?,
+    };
+    let r = requestor::open(data_dir)?;
+    let mut stages = Vec::new();
+    let lease = r
+        .create(&opts, |stage, at| {
+            let line = match stage {
+                Stage::Joined { peers, offers } => {
+                    format!("joined the swarm ({peers} peers, {offers} matching offers)")
+                }
+                Stage::Chose { provider, price_per_hour_micros, currency } => {
+                    format!("chose {provider} at {} {currency}/hour", units::format_micros(*price_per_hour_micros))
+                }
+                Stage::Sent => "sent the signed lease request".into(),
+                Stage::Provider(state) => format!("provider: {}", state.as_str()),
+                Stage::Granted => "granted; host key pinned".into(),
+            };
+            eprintln!("{:>7.1} s  {line}", at.as_secs_f64());
+            stages.push(serde_json::json!({ "stage": line, "at_ms": at.as_millis() as u64 }));
+        })
+        .await?;
+    if args.json {
+        let mut v = lease_json(&lease);
+        v["stages"] = serde_json::Value::Array(stages);
+        println!("{v}");
+    } else {
+        let target = r.ssh_target(&lease)?;
+        let known_hosts = r.known_hosts_path(&lease.id);
+        println!(
+            "lease {} is running until {}",
+            lease.id,
+            format_time(lease.access.as_ref().map_or(0, |a| a.ends_at_unix_ms))
+        );
+        println!("connect with:  peervm ssh {}", &lease.id.to_hex()[..12]);
+        let args: Vec<String> =
+            guest_ssh::openssh_args(&target, &known_hosts, &[]).iter().map(|a| shell_quote(a)).collect();
+        println!("or:            ssh {}", args.join(" "));
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! `peervm provider status | leases | terminate | isolate | block | unblock | blocked |
+//! lock | unlock | publish-blocklist`: one request to the running provider's admin socket
+//! and its reply, as a table or as JSON.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use peervm_node::provider::admin::{self, AdminRequest};
+use peervm_node::provider::config::ProviderConfig;
+
+use super::provider::ProviderCommand;
+use super::render::format_time;
+
+pub async fn run(cmd: ProviderCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let (request, args) = match cmd {
+        ProviderCommand::Run { .. } => bail!("`provider run` is not an admin command"),
+        ProviderCommand::Status(a) => (AdminRequest::Status, a),
+        ProviderCommand::Leases(a) => (AdminRequest::Leases, a),
+        ProviderCommand::Terminate { lease, admin } => (AdminRequest::Terminate { lease }, admin),
+        ProviderCommand::Isolate { lease, admin } => (AdminRequest::Isolate { lease }, admin),
+        ProviderCommand::Block { peer, reason, admin } => (AdminRequest::Block { peer, reason }, admin),
+        ProviderCommand::Unblock { peer, admin } => (AdminRequest::Unblock { peer }, admin),
+        ProviderCommand::Blocked(a) => (AdminRequest::Blocked, a),
+        ProviderCommand::Lock(a) => (AdminRequest::Lock, a),
+        ProviderCommand::PublishBlocklist(a) => (AdminRequest::PublishBlocklist, a),
+        ProviderCommand::Unlock(a) => (AdminRequest::Unlock, a),
+    };
+    let dir = match &args.config {
+        Some(path) => ProviderConfig::load(path)?.data_dir.unwrap_or_else(|| data_dir.to_path_buf()),
+        None => data_dir.to_path_buf(),
+    };
+    let reply = admin::call(&admin::socket_path(&dir), &request).await?;
+    if !reply.ok {
+        bail!("{}", reply.error.unwrap_or_else(|| "the provider refused".into()));
+    }
+    if args.json {
+        println!("{}", reply.result);
+    } else if let (AdminRequest::Leases, serde_json::Value::Array(list)) = (&request, &reply.result) {
+        if list.is_empty() {
+            println!("no leases");
+        } else {
+            println!("{:<32}  {:<12}  {:<8}  {:<14}  REQUESTOR", "LEASE", "STATE", "ISOLATED", "ENDS");
+            for l in list {
+                println!(
+                    "{:<32}  {:<12}  {:<8}  {:<14}  {}",
+                    l["lease"].as_str().unwrap_or("?"),
+                    l["state"].as_str().unwrap_or("?"),
+                    if l["isolated"].as_bool().unwrap_or(false) { "yes" } else { "" },
+                    format_time(l["ends_at_unix_ms"].as_u64().unwrap_or(0)),
+                    l["requestor"].as_str().unwrap_or("?"),
+                );
+            }
+        }
+    } else {
+        println!("{}", serde_json::to_string_pretty(&reply.result).unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
+}
