@@ -1,4 +1,4 @@
-//! The provider advertisement (DESIGN section 5) and its accept rule.
+//! The provider advertisement (docs/protocol.md section 4) and its accept rule.
 
 use libp2p_identity::PeerId;
 use multiaddr::Multiaddr;
@@ -248,7 +248,7 @@ impl AdvertError {
 }
 
 impl Advertisement {
-    /// The accept rule of DESIGN section 5, for an advert whose signature and signer were
+    /// The accept rule of docs/protocol.md section 4, for an advert whose signature and signer were
     /// already checked (it comes as [`Verified`]). `held_seq` is the seq this node holds
     /// for the provider, if any. The same rule serves gossip, sync and the store.
     pub fn check_acceptable(&self, now_unix_ms: u64, held_seq: Option<u64>) -> Result<(), AdvertError> {

@@ -72,7 +72,7 @@ pub(crate) mod fixed_bytes {
 }
 
 /// Serde for a list of multiaddrs, each as its binary form in a CBOR byte string. A
-/// multiaddr that does not parse makes the whole message malformed (invariant 12).
+/// multiaddr that does not parse makes the whole message malformed (SECURITY.md invariant 12).
 pub(crate) mod multiaddrs {
     use multiaddr::Multiaddr;
     use serde::ser::SerializeSeq;

@@ -2,7 +2,7 @@
 //!
 //! An ed25519 PeerId inlines the public key (identity multihash over the protobuf
 //! encoding), so a signature can be checked from the PeerId alone: no key lookup and no
-//! registry (DESIGN section 3). Other key types hash the key instead of inlining it, and
+//! registry (docs/protocol.md section 1). Other key types hash the key instead of inlining it, and
 //! are refused.
 
 use ed25519_dalek::{Signer as _, SigningKey as DalekSigningKey, VerifyingKey};

@@ -1,4 +1,4 @@
-//! Lease messages (DESIGN section 7): the requestor's signed request and control
+//! Lease messages (docs/protocol.md sections 5-7): the requestor's signed request and control
 //! messages, and the provider's signed replies.
 
 use libp2p_identity::PeerId;
@@ -350,7 +350,7 @@ impl FreshnessError {
     }
 }
 
-/// The freshness rule of DESIGN section 7, shared by requests and control messages:
+/// The freshness rule of docs/protocol.md section 5, shared by requests and control messages:
 /// addressed to `this_provider`, `issued_at <= now + 30 s`, `valid_until > now`, and
 /// `0 <= valid_until - issued_at <= 60 s`.
 fn check_fresh(

@@ -33,7 +33,7 @@ pub use libp2p_identity::PeerId;
 pub use multiaddr::Multiaddr;
 pub use signed::{Kind, Payload, Signed, Verified};
 
-/// The most bytes one sync reply page may have (DESIGN section 4).
+/// The most bytes one sync reply page may have (docs/protocol.md section 2).
 pub const MAX_SYNC_REPLY_BYTES: usize = 1024 * 1024;
 
 /// Where a node reads the current time. Production uses the system clock; tests inject a

@@ -1,4 +1,4 @@
-//! The signed envelope every message that matters travels in (DESIGN section 4).
+//! The signed envelope every message that matters travels in (docs/protocol.md section 2).
 //!
 //! ```text
 //! Signed<T> { payload: bytes (CBOR of T), signer: PeerId bytes, signature: 64 bytes }
@@ -85,7 +85,7 @@ pub trait Payload: Serialize + DeserializeOwned + Clone {
     const VERSION: u32;
     fn version(&self) -> u32;
     /// The PeerId the payload says it comes from (provider or requestor). It must equal
-    /// the envelope's signer: a node cannot speak for another (invariant 2).
+    /// the envelope's signer: a node cannot speak for another (SECURITY.md invariant 2).
     fn claimed_signer(&self) -> &PeerId;
 }
 

@@ -1,4 +1,4 @@
-//! Arbitrary bytes never panic any decoder (invariant 12). CI runs 100,000 cases of raw
+//! Arbitrary bytes never panic any decoder (SECURITY.md invariant 12). CI runs 100,000 cases of raw
 //! bytes (CI=true) and 20,000 of each signed/mutated property; locally 5,000 unless PEERVM_PROPTEST_CASES says otherwise.
 
 use peervm_protocol::encoding::from_cbor;
