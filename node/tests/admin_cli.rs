@@ -34,7 +34,7 @@ fn admin_socket_is_0600_and_refuses_a_connection_from_another_uid() {
     Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvaa", iface: "aa", net: "10.215.10", port_min: 47300, vcpus: 1, memory: "1GiB" };
+    let site = Site { prefix: "pvaa", iface: "aa", net: "10.215.10", port_min: 27300, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
     let data = site.data(root);
@@ -81,7 +81,7 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvab", iface: "ab", net: "10.215.11", port_min: 47320, vcpus: 2, memory: "1GiB" };
+    let site = Site { prefix: "pvab", iface: "ab", net: "10.215.11", port_min: 27320, vcpus: 2, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
@@ -153,7 +153,7 @@ fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_ref
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvai", iface: "ai", net: "10.215.12", port_min: 47340, vcpus: 2, memory: "1GiB" };
+    let site = Site { prefix: "pvai", iface: "ai", net: "10.215.12", port_min: 27340, vcpus: 2, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");

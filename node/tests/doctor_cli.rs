@@ -13,7 +13,7 @@ fn doctor_reports_each_check_and_fails_on_a_key_readable_by_others() {
     Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvdr", iface: "dr", net: "10.215.13", port_min: 47360, vcpus: 1, memory: "1GiB" };
+    let site = Site { prefix: "pvdr", iface: "dr", net: "10.215.13", port_min: 27360, vcpus: 1, memory: "1GiB" };
     let config = site.config(root, "/ip4/127.0.0.1/tcp/1");
     let data = site.data(root);
     assert!(peervm(&data, &["key", "init", "--insecure-plaintext"]).status.success());
@@ -28,7 +28,7 @@ fn doctor_reports_each_check_and_fails_on_a_key_readable_by_others() {
     let verdict = |checks: &[serde_json::Value], name: &str| -> Vec<String> {
         checks.iter().filter(|c| c["name"] == name).map(|c| c["verdict"].as_str().unwrap().to_string()).collect()
     };
-    for name in ["privileges", "qemu", "cgroups", "nftables", "namespaces", "image", "files"] {
+    for name in ["privileges", "qemu", "cgroups", "nftables", "namespaces", "image", "files", "ssh ports"] {
         assert!(verdict(&checks, name).iter().all(|v| v == "pass"), "{name}: {checks:?}");
     }
     // This machine has no working KVM (nested): a warning, since the config allows TCG.

@@ -95,7 +95,7 @@ async fn flood_past_every_limit_is_throttled_then_banned_and_another_lease_compl
     Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let site = Site { prefix: "pvfl", iface: "fl", net: "10.215.14", port_min: 47380, vcpus: 1, memory: "1GiB" };
+    let site = Site { prefix: "pvfl", iface: "fl", net: "10.215.14", port_min: 27380, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(&root);
     // The provider serves its metrics, to see which limits the flood ran into.
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -25,7 +25,7 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvla", iface: "la", net: "10.215.0", port_min: 47200, vcpus: 2, memory: "2GiB" };
+    let site = Site { prefix: "pvla", iface: "la", net: "10.215.0", port_min: 27200, vcpus: 2, memory: "2GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
     let req = root.join("requestor");
@@ -95,7 +95,7 @@ fn host_key_that_differs_from_the_pinned_one_is_refused_by_ssh_and_exec() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvlk", iface: "lk", net: "10.215.4", port_min: 47260, vcpus: 1, memory: "1GiB" };
+    let site = Site { prefix: "pvlk", iface: "lk", net: "10.215.4", port_min: 27260, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
@@ -131,7 +131,7 @@ fn lease_expiry_ends_the_guest_and_frees_capacity() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvle", iface: "le", net: "10.215.1", port_min: 47220, vcpus: 1, memory: "1GiB" };
+    let site = Site { prefix: "pvle", iface: "le", net: "10.215.1", port_min: 27220, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
@@ -161,7 +161,7 @@ fn provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvlr", iface: "lr", net: "10.215.2", port_min: 47240, vcpus: 1, memory: "1GiB" };
+    let site = Site { prefix: "pvlr", iface: "lr", net: "10.215.2", port_min: 27240, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (provider, provider_id) = site.start(root, &boot);
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
@@ -201,7 +201,7 @@ fn several_leases_in_parallel_on_one_provider() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvlp", iface: "lp", net: "10.215.3", port_min: 47250, vcpus: 3, memory: "2GiB" };
+    let site = Site { prefix: "pvlp", iface: "lp", net: "10.215.3", port_min: 27250, vcpus: 3, memory: "2GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
     wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");

@@ -120,7 +120,7 @@ async fn lease_denials_are_signed_typed_and_start_nothing() {
     Needs::guests().require();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let site = Site { prefix: "pvld", iface: "ld", net: "10.215.5", port_min: 47270, vcpus: 2, memory: "1GiB" };
+    let site = Site { prefix: "pvld", iface: "ld", net: "10.215.5", port_min: 27270, vcpus: 2, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (provider, line) = site.start_json(root, &boot);
     let provider_id: PeerId = line["peer_id"].as_str().unwrap().parse().unwrap();

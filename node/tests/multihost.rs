@@ -410,7 +410,7 @@ fn provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cle
     net.spawn_bootstrap(0, "boot", &[]);
     // The provider's data dir is where `Site::leftovers` looks for its lease directories.
     let site =
-        common::Site { prefix: "pvmh5p0", iface: "qa", net: "10.219.50", port_min: 40000, vcpus: 2, memory: "1GiB" };
+        common::Site { prefix: "pvmh5p0", iface: "qa", net: "10.219.50", port_min: 22000, vcpus: 2, memory: "1GiB" };
     let config = ProviderConfig {
         bootstrap: vec![boot.clone()],
         name_prefix: site.prefix.into(),

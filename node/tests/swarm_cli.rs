@@ -53,8 +53,8 @@ pool = "10.217.{n}.0/24"
 name = "minimal"
 dir = "{image}"
 "#,
-        port_min = 47500 + u16::from(n) * 16,
-        port_max = 47515 + u16::from(n) * 16,
+        port_min = 27500 + u16::from(n) * 16,
+        port_max = 27515 + u16::from(n) * 16,
         letter = (b'a' + n) as char,
         image = common::image_dir().display()
     );
@@ -222,6 +222,9 @@ fn example_provider_config_is_valid() {
     assert_eq!(cfg.republish_secs, 60);
     assert_eq!(cfg.resources.memory_mib, 2048);
     assert_eq!(cfg.pricing.per_vcpu_hour_micros, 10_000);
+    // Debian's default ephemeral range: the example's SSH ports must stay out of it.
+    let ssh = (cfg.ssh.port_min, cfg.ssh.port_max);
+    assert_eq!(peervm_node::provider::doctor::ephemeral_overlap(ssh, (32768, 60999)), None, "{ssh:?}");
 }
 
 #[test]

@@ -57,6 +57,7 @@ pub async fn run(config: &ProviderConfig, data_dir: &Path) -> Vec<Check> {
     checks.extend(check_files(data_dir));
     checks.push(check_clock());
     checks.push(check_disk(config, data_dir));
+    checks.push(check_ssh_ports(config));
     checks.push(check_reachability(config, data_dir).await);
     checks
 }
@@ -245,6 +246,48 @@ fn check_disk(config: &ProviderConfig, data_dir: &Path) -> Check {
     }
 }
 
+/// Where the kernel picks source ports for outgoing connections.
+const EPHEMERAL_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// The overlap of the SSH port range with the kernel's ephemeral range, if any: a port
+/// there can be held by any outgoing connection on the host, and a lease whose port is
+/// taken fails to start ("Address already in use").
+pub fn ephemeral_overlap(ssh: (u16, u16), ephemeral: (u16, u16)) -> Option<(u16, u16)> {
+    let lo = ssh.0.max(ephemeral.0);
+    let hi = ssh.1.min(ephemeral.1);
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// Parses the two numbers of `ip_local_port_range` ("32768\t60999").
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi)), None) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
+}
+
+fn check_ssh_ports(config: &ProviderConfig) -> Check {
+    let ssh = (config.ssh.port_min, config.ssh.port_max);
+    let Some(ephemeral) = std::fs::read_to_string(EPHEMERAL_RANGE).ok().as_deref().and_then(parse_port_range) else {
+        return warn("ssh ports", format!("cannot read {EPHEMERAL_RANGE}"), "check that /proc is mounted");
+    };
+    match ephemeral_overlap(ssh, ephemeral) {
+        None => pass(
+            "ssh ports",
+            format!("{}-{} is outside the ephemeral range {}-{}", ssh.0, ssh.1, ephemeral.0, ephemeral.1),
+        ),
+        Some((lo, hi)) => warn(
+            "ssh ports",
+            format!(
+                "ports {lo}-{hi} of the SSH range are in the kernel's ephemeral range {}-{}: an outgoing connection can hold one and a lease on it fails to start",
+                ephemeral.0, ephemeral.1
+            ),
+            "move [ssh] port_min/port_max below the ephemeral range (the default is 22000-22999)",
+        ),
+    }
+}
+
 /// Reachability from outside: the running provider's last dial-back verification (other
 /// peers dialed its libp2p and SSH ports back), else a static look at the config.
 async fn check_reachability(config: &ProviderConfig, data_dir: &Path) -> Check {
@@ -337,4 +380,28 @@ pub fn render(checks: &[Check]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_range_overlapping_the_ephemeral_range_is_found() {
+        assert_eq!(ephemeral_overlap((22000, 22999), (32768, 60999)), None);
+        assert_eq!(ephemeral_overlap((47270, 47285), (32768, 60999)), Some((47270, 47285)));
+        assert_eq!(ephemeral_overlap((32000, 33000), (32768, 60999)), Some((32768, 33000)));
+        assert_eq!(ephemeral_overlap((60999, 61010), (32768, 60999)), Some((60999, 60999)));
+        assert_eq!(ephemeral_overlap((61000, 61010), (32768, 60999)), None);
+    }
+
+    #[test]
+    fn ephemeral_range_file_is_parsed_strictly() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("1024 65535"), Some((1024, 65535)));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("32768"), None);
+        assert_eq!(parse_port_range("a b"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
+    }
 }

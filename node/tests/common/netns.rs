@@ -805,8 +805,8 @@ ttl_secs = {ttl}
 republish_secs = {republish}
 [ssh]
 host = "{addr}"
-port_min = 40000
-port_max = 40003
+port_min = 22000
+port_max = 22003
 [resources]
 vcpus = {vcpus}
 memory = "1GiB"
