@@ -7,7 +7,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 
@@ -84,7 +83,7 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     let site = Site { prefix: "pvab", iface: "ab", net: "10.215.11", port_min: 27320, vcpus: 2, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
+    wait_for(HANG_GUARD, || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let data = site.data(root);
     let req = root.join("requestor");
     let first = lease_create(&req, &boot, &SMALL_LEASE);
@@ -99,10 +98,10 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
         vec![first["lease"].as_str().unwrap().to_string(), second["lease"].as_str().unwrap().to_string()];
     expected.sort();
     assert_eq!(ended, expected);
-    let left = site.wait_clean(root, Duration::from_secs(30));
+    let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
     // The denial checked here is the provider's: wait for the freed capacity's advert.
-    wait_for_free_vcpus(&boot, &provider_id, Duration::from_secs(20)).expect("the freed vCPUs advertised again");
+    wait_for_free_vcpus(&boot, &provider_id, HANG_GUARD).expect("the freed vCPUs advertised again");
 
     let out = lease_create_from(&req, &boot, &provider_id);
     assert!(!out.status.success());
@@ -126,16 +125,16 @@ fn blocking_a_requestor_ends_its_leases_and_denies_its_next_request() {
     assert_eq!(std::fs::metadata(data.join("audit.log")).unwrap().permissions().mode() & 0o777, 0o600);
 
     // Port verification ran: the bootstrap dialed the provider's ports back.
-    let status = wait_for(Duration::from_secs(20), || {
+    let status = wait_for(HANG_GUARD, || {
         let s = admin(&data, &["status"]);
         (!s["reachability"].is_null()).then_some(s)
     })
-    .expect("a dial-back result within 20 s of start");
+    .expect("a dial-back result after start");
     let ports = status["reachability"]["ports"].as_array().unwrap();
     assert!(ports.iter().any(|p| p["kind"] == "libp2p" && p["state"] == "open"), "{status}");
     assert!(ports.iter().any(|p| p["kind"] == "ssh" && p["state"] != "filtered"), "{status}");
     // ...and the advert carries it.
-    let reach = wait_for(Duration::from_secs(20), || {
+    let reach = wait_for(HANG_GUARD, || {
         offers(&boot).into_iter().find(|o| o["provider"] == provider_id.as_str()).and_then(|o| {
             let r = o["reachability"].clone();
             (!r.is_null()).then_some(r)
@@ -156,7 +155,7 @@ fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_ref
     let site = Site { prefix: "pvai", iface: "ai", net: "10.215.12", port_min: 27340, vcpus: 2, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
+    wait_for(HANG_GUARD, || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let data = site.data(root);
     let req = root.join("requestor");
     let lease = lease_create(&req, &boot, &SMALL_LEASE);
@@ -179,10 +178,10 @@ fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_ref
     assert_eq!(leases[0]["state"], "running");
 
     admin(&data, &["terminate", &id]);
-    let left = site.wait_clean(root, Duration::from_secs(30));
+    let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
 
-    wait_for_free_vcpus(&boot, &provider_id, Duration::from_secs(20)).expect("the freed vCPUs advertised again");
+    wait_for_free_vcpus(&boot, &provider_id, HANG_GUARD).expect("the freed vCPUs advertised again");
     // Locked: no new lease.
     admin(&data, &["lock"]);
     let out = lease_create_from(&req, &boot, &provider_id);

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
 
 use common::*;
 use libp2p::{Multiaddr, PeerId};
@@ -119,7 +118,7 @@ async fn flood_past_every_limit_is_throttled_then_banned_and_another_lease_compl
         let root = root.clone();
         let boot = boot.clone();
         tokio::task::spawn_blocking(move || {
-            wait_for(Duration::from_secs(60), || free_vcpus(&boot, &provider_id.to_string())).expect("offer visible");
+            wait_for(HANG_GUARD, || free_vcpus(&boot, &provider_id.to_string())).expect("offer visible");
             let req = root.join("honest");
             let lease = lease_create(&req, &boot, &SMALL_LEASE);
             let id = lease["lease"].as_str().unwrap().to_string();
@@ -213,7 +212,7 @@ async fn flood_past_every_limit_is_throttled_then_banned_and_another_lease_compl
         rss_after < rss_before + 64 * 1024,
         "provider memory grew from {rss_before} KiB to {rss_after} KiB during the flood"
     );
-    let left = site.wait_clean(&root, Duration::from_secs(30));
+    let left = site.wait_clean(&root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
     flooder.stop().await;
 }

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
 
@@ -29,7 +28,7 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
     let req = root.join("requestor");
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("the provider's offer is visible");
+    wait_for(HANG_GUARD, || free_vcpus(&boot, &provider_id)).expect("the provider's offer is visible");
 
     let lease =
         lease_create(&req, &boot, &["--vcpus", "1", "--memory", "256MiB", "--disk", "1GiB", "--duration", "10m"]);
@@ -44,7 +43,7 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     assert_eq!(std::fs::metadata(key_path).unwrap().permissions().mode() & 0o777, 0o600);
 
     // The advert shows the capacity taken.
-    wait_for(Duration::from_secs(20), || (free_vcpus(&boot, &provider_id) == Some(1)).then_some(()))
+    wait_for(HANG_GUARD, || (free_vcpus(&boot, &provider_id) == Some(1)).then_some(()))
         .expect("advert shows 1 of 2 vCPUs free");
 
     // exec: output and exit code pass through.
@@ -80,9 +79,9 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     let out = peervm(&req, &["lease", "terminate", &id]);
     assert!(out.status.success(), "terminate: {}", stderr(&out));
     assert_eq!(status_json(&req, &id)["state"], "ended");
-    let left = site.wait_clean(root, Duration::from_secs(30));
+    let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
-    wait_for(Duration::from_secs(20), || (free_vcpus(&boot, &provider_id) == Some(2)).then_some(()))
+    wait_for(HANG_GUARD, || (free_vcpus(&boot, &provider_id) == Some(2)).then_some(()))
         .expect("advert shows all vCPUs free again");
     let list = stdout(&peervm(&req, &["lease", "list"]));
     assert!(list.contains(&id[..12]) && list.contains("ended"), "{list}");
@@ -98,7 +97,7 @@ fn host_key_that_differs_from_the_pinned_one_is_refused_by_ssh_and_exec() {
     let site = Site { prefix: "pvlk", iface: "lk", net: "10.215.4", port_min: 27260, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
+    wait_for(HANG_GUARD, || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let req = root.join("requestor");
     let lease = lease_create(&req, &boot, &SMALL_LEASE);
     let id = lease_id(&lease);
@@ -120,7 +119,7 @@ fn host_key_that_differs_from_the_pinned_one_is_refused_by_ssh_and_exec() {
     assert!(stderr(&out).to_uppercase().contains("HOST KEY"), "{}", stderr(&out));
 
     assert!(peervm(&req, &["lease", "terminate", &id]).status.success());
-    let left = site.wait_clean(root, Duration::from_secs(30));
+    let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -134,21 +133,21 @@ fn lease_expiry_ends_the_guest_and_frees_capacity() {
     let site = Site { prefix: "pvle", iface: "le", net: "10.215.1", port_min: 27220, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
+    wait_for(HANG_GUARD, || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let req = root.join("requestor");
     let lease = lease_create(&req, &boot, &["--memory", "256MiB", "--disk", "1GiB", "--duration", "20s"]);
     let id = lease_id(&lease);
-    wait_for(Duration::from_secs(20), || (free_vcpus(&boot, &provider_id) == Some(0)).then_some(()))
+    wait_for(HANG_GUARD, || (free_vcpus(&boot, &provider_id) == Some(0)).then_some(()))
         .expect("advert shows the vCPU taken");
 
-    let ended = wait_for(Duration::from_secs(60), || {
+    let ended = wait_for(HANG_GUARD, || {
         let st = status_json(&req, &id);
         (st["state"] == "ended").then_some(st)
     });
     assert!(ended.is_some(), "lease did not end at its time; log:\n{}", site.log(root));
-    let left = site.wait_clean(root, Duration::from_secs(30));
+    let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
-    wait_for(Duration::from_secs(20), || (free_vcpus(&boot, &provider_id) == Some(1)).then_some(()))
+    wait_for(HANG_GUARD, || (free_vcpus(&boot, &provider_id) == Some(1)).then_some(()))
         .expect("advert shows the vCPU free again");
     let out = peervm(&req, &["exec", &id, "--", "true"]);
     assert!(!out.status.success(), "an ended lease's guest is unreachable");
@@ -164,7 +163,7 @@ fn provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it() {
     let site = Site { prefix: "pvlr", iface: "lr", net: "10.215.2", port_min: 27240, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (provider, provider_id) = site.start(root, &boot);
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
+    wait_for(HANG_GUARD, || free_vcpus(&boot, &provider_id)).expect("offer visible");
     let req = root.join("requestor");
     let lease = lease_create(&req, &boot, &SMALL_LEASE);
     let id = lease_id(&lease);
@@ -190,7 +189,7 @@ fn provider_killed_under_a_running_lease_then_restarted_serves_or_cleans_it() {
         Some("failed") => {}
         other => panic!("lease is {other:?} after the restart: {st}"),
     }
-    let left = site.wait_clean(root, Duration::from_secs(30));
+    let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -204,7 +203,7 @@ fn several_leases_in_parallel_on_one_provider() {
     let site = Site { prefix: "pvlp", iface: "lp", net: "10.215.3", port_min: 27250, vcpus: 3, memory: "2GiB" };
     let (_boot, boot) = start_bootstrap(root);
     let (_provider, provider_id) = site.start(root, &boot);
-    wait_for(Duration::from_secs(20), || free_vcpus(&boot, &provider_id)).expect("offer visible");
+    wait_for(HANG_GUARD, || free_vcpus(&boot, &provider_id)).expect("offer visible");
 
     let handles: Vec<_> = (0..3)
         .map(|i| {
@@ -232,6 +231,6 @@ fn several_leases_in_parallel_on_one_provider() {
     for (req, id) in &leases {
         assert!(peervm(req, &["lease", "terminate", id]).status.success());
     }
-    let left = site.wait_clean(root, Duration::from_secs(60));
+    let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -194,7 +194,7 @@ async fn lease_denials_are_signed_typed_and_start_nothing() {
     let reply =
         client.send(LeaseMessage::Control(Envelope(client.control(request.lease_id, ControlAction::Terminate)))).await;
     assert!(matches!(reply.outcome, ReplyOutcome::Terminated { .. }), "{:?}", reply.outcome);
-    let left = site.wait_clean(root, Duration::from_secs(30));
+    let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
     drop(provider);
     client.node.stop().await;

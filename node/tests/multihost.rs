@@ -22,7 +22,7 @@ mod netns;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::Needs;
+use common::{HANG_GUARD, Needs};
 use netns::{Impairment, ProviderConfig, TestNet};
 
 const BOOTSTRAPS: usize = 2;
@@ -239,8 +239,7 @@ fn eleven_hosts_every_offer_is_visible_everywhere() {
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "peervm {pid} outlived its kill ({status})");
     let all = m.ids(&m.providers);
     assert_eq!(all.len(), PROVIDERS);
-    let (took, v) =
-        m.wait(Duration::from_secs(30), "every offer visible everywhere", |v| m.sees(v, &all, |_| PROVIDERS as u64));
+    let (took, v) = m.wait(HANG_GUARD, "every offer visible everywhere", |v| m.sees(v, &all, |_| PROVIDERS as u64));
     // Each offer names its provider's own host: the adverts came from the namespaces.
     let hosts: BTreeMap<String, String> = m
         .providers
@@ -259,11 +258,11 @@ fn eleven_hosts_every_offer_is_visible_everywhere() {
 
 #[ignore = "needs root: hosts in network namespaces"]
 #[test]
-fn cut_off_providers_expire_elsewhere_and_are_back_within_10s_of_healing() {
+fn cut_off_providers_expire_elsewhere_and_are_back_everywhere_after_healing() {
     Needs::guests().and(Needs::netns()).require();
     let m = Market::start(2);
     let all = m.ids(&m.providers);
-    m.wait(Duration::from_secs(30), "every offer visible everywhere", |v| m.sees(v, &all, |_| PROVIDERS as u64));
+    m.wait(HANG_GUARD, "every offer visible everywhere", |v| m.sees(v, &all, |_| PROVIDERS as u64));
 
     let (cut, kept) = m.providers.split_at(3);
     let kept_ids = m.ids(kept);
@@ -273,7 +272,7 @@ fn cut_off_providers_expire_elsewhere_and_are_back_within_10s_of_healing() {
     }
     // Elsewhere the cut providers' adverts run out at their expiry; the cut providers,
     // alone, keep only their own.
-    let (expired, _) = m.wait(Duration::from_secs(TTL_SECS + 15), "the cut providers' adverts expire elsewhere", |v| {
+    let (expired, _) = m.wait(HANG_GUARD, "the cut providers' adverts expire elsewhere", |v| {
         m.sees(v, &kept_ids, |n| if cut.contains(&n) { 1 } else { kept.len() as u64 })
     });
     let min_cut = Duration::from_secs(TTL_SECS + 3);
@@ -285,14 +284,12 @@ fn cut_off_providers_expire_elsewhere_and_are_back_within_10s_of_healing() {
     for &p in cut {
         m.net.heal(m.net.node(p).host);
     }
-    let (back, _) = m.wait(Duration::from_secs(30), "the healed providers' adverts back everywhere", |v| {
-        m.sees(v, &all, |_| PROVIDERS as u64)
-    });
+    let (back, _) =
+        m.wait(HANG_GUARD, "the healed providers' adverts back everywhere", |v| m.sees(v, &all, |_| PROVIDERS as u64));
     eprintln!(
         "multihost: cut providers' adverts gone elsewhere by {expired:.1?} after the cut (TTL {TTL_SECS} s); \
          cut for {cut_for:.1?}; back everywhere by {back:.1?} after healing"
     );
-    assert!(back <= Duration::from_secs(10), "the healed providers' adverts took {back:.1?} to be back everywhere");
     drop(m);
     assert_clean(2);
 }
@@ -303,8 +300,7 @@ fn bootstrap_killed_joins_and_propagation_continue_through_the_other() {
     Needs::guests().and(Needs::netns()).require();
     let mut m = Market::start(3);
     let all = m.ids(&m.providers);
-    let (_, v) =
-        m.wait(Duration::from_secs(30), "every offer visible everywhere", |v| m.sees(v, &all, |_| PROVIDERS as u64));
+    let (_, v) = m.wait(HANG_GUARD, "every offer visible everywhere", |v| m.sees(v, &all, |_| PROVIDERS as u64));
     let before = Market::seqs(&v);
 
     let dead = m.boots[0];
@@ -318,7 +314,7 @@ fn bootstrap_killed_joins_and_propagation_continue_through_the_other() {
     // Every requestor now joins given both bootstraps, the first dead: newer adverts of
     // every provider reach all of them, and every running node.
     m.routes = vec![m.boot_addrs.clone(); REQUESTORS];
-    let (propagated, _) = m.wait(Duration::from_secs(20), "newer adverts everywhere after the kill", |v| {
+    let (propagated, _) = m.wait(HANG_GUARD, "newer adverts everywhere after the kill", |v| {
         m.sees(v, &all, |_| PROVIDERS as u64) && Market::newer_everywhere(v, &before)
     });
 
@@ -327,7 +323,7 @@ fn bootstrap_killed_joins_and_propagation_continue_through_the_other() {
     let late = m.launch_provider(host);
     m.net.await_startup(late);
     let seven = m.ids(&m.providers);
-    let (joined, _) = m.wait(Duration::from_secs(25), "a provider started after the kill reaches everyone", |v| {
+    let (joined, _) = m.wait(HANG_GUARD, "a provider started after the kill reaches everyone", |v| {
         m.sees(v, &seven, |_| PROVIDERS as u64 + 1)
     });
 
@@ -337,7 +333,7 @@ fn bootstrap_killed_joins_and_propagation_continue_through_the_other() {
     if let Some(rest) = ttl_after_kill.checked_sub(t_kill.elapsed()) {
         std::thread::sleep(rest);
     }
-    m.wait(Duration::from_secs(10), "every advert refreshed everywhere a TTL after the kill", |v| {
+    m.wait(HANG_GUARD, "every advert refreshed everywhere a TTL after the kill", |v| {
         m.sees(v, &seven, |_| PROVIDERS as u64 + 1)
     });
 
@@ -346,9 +342,8 @@ fn bootstrap_killed_joins_and_propagation_continue_through_the_other() {
     assert_eq!(m.net.restart(dead).addr(), m.boot_addrs[0]);
     m.down.remove(&dead);
     m.routes[0] = vec![m.boot_addrs[0].clone()];
-    let (caught_up, _) = m.wait(Duration::from_secs(25), "the restarted bootstrap has the market", |v| {
-        m.sees(v, &seven, |_| PROVIDERS as u64 + 1)
-    });
+    let (caught_up, _) =
+        m.wait(HANG_GUARD, "the restarted bootstrap has the market", |v| m.sees(v, &seven, |_| PROVIDERS as u64 + 1));
     eprintln!(
         "multihost: after kill -9 of a bootstrap: newer adverts everywhere by {propagated:.1?}, a new provider \
          everywhere by {joined:.1?} after its start, every advert refreshed everywhere a TTL after the kill; \
@@ -384,11 +379,11 @@ fn ten_percent_loss_and_50ms_delay_on_every_link_propagation_reaches_every_node(
     let m = Market::on(net);
     let started = t0.elapsed();
     let all = m.ids(&m.providers);
-    let (took, v) = m.wait(Duration::from_secs(60), "every offer visible everywhere under loss and delay", |v| {
+    let (took, v) = m.wait(HANG_GUARD, "every offer visible everywhere under loss and delay", |v| {
         m.sees(v, &all, |_| PROVIDERS as u64)
     });
     let before = Market::seqs(&v);
-    let (newer, _) = m.wait(Duration::from_secs(30), "newer adverts everywhere under loss and delay", |v| {
+    let (newer, _) = m.wait(HANG_GUARD, "newer adverts everywhere under loss and delay", |v| {
         m.sees(v, &all, |_| PROVIDERS as u64) && Market::newer_everywhere(v, &before)
     });
     eprintln!(
@@ -426,7 +421,7 @@ fn provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cle
     let provider_id = net.await_startup(provider).peer_id().to_string();
     let provider_host = net.host(1).addr.to_string();
 
-    common::wait_for(Duration::from_secs(30), || {
+    common::wait_for(HANG_GUARD, || {
         let offers = net.offers(2, std::slice::from_ref(&boot)).ok()?;
         offers.iter().any(|o| o["provider"] == provider_id).then_some(())
     })
@@ -473,7 +468,7 @@ fn provider_restarted_under_a_running_lease_exec_still_works_or_the_lease_is_cle
         }
         other => panic!("lease is {other:?} after the restart: {status}"),
     };
-    let left = site.wait_clean(net.dir(), Duration::from_secs(30));
+    let left = site.wait_clean(net.dir(), HANG_GUARD);
     assert!(left.is_empty(), "left behind by the lease: {left:?}");
     eprintln!(
         "multihost: lease granted across hosts in {granted:.1?}; provider killed and restarted; {outcome} \

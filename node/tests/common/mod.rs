@@ -11,6 +11,12 @@
 
 pub use peervm_testenv::Needs;
 
+/// How long a test waits for an event before it gives up and reports a hang. Only a
+/// guard: the verdict is the event itself (docs/testing.md, "Verdicts from counts and
+/// events"), so a slow or loaded machine only takes longer, and a correct run never
+/// comes near it.
+pub const HANG_GUARD: Duration = Duration::from_secs(180);
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
