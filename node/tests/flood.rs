@@ -5,7 +5,6 @@
 
 mod common;
 
-
 use common::*;
 use libp2p::{Multiaddr, PeerId};
 use peervm_node::clock::now_unix_ms;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Needs, PEERVM, spawn_json};
+use common::{Needs, PEERVM, ProviderToml, spawn_json};
 
 /// A stand-in image directory for tests that only parse a config (no provider starts).
 fn image_dir(root: &Path) -> PathBuf {
@@ -21,45 +21,24 @@ fn image_dir(root: &Path) -> PathBuf {
 /// A provider config on the real guest image, with names, addresses and ports of its own
 /// (`n` picks them), as the providers of one test run side by side.
 fn provider_config(root: &Path, n: u8, bootstrap: &str, vcpus: u32, price: &str, region: &str) -> PathBuf {
-    let path = root.join(format!("p{n}.toml"));
-    let text = format!(
-        r#"
-[node]
-listen = ["/ip4/127.0.0.1/tcp/0"]
-bootstrap = ["{bootstrap}"]
-[advert]
-region = "{region}"
-[ssh]
-host = "127.0.0.1"
-port_min = {port_min}
-port_max = {port_max}
-[resources]
-vcpus = {vcpus}
-memory = "4GiB"
-disk = "40GiB"
-[pricing]
-currency = "USD"
-per_vcpu_hour = "{price}"
-per_memory_gib_hour = "0.001"
-per_disk_gib_hour = "0"
-[hypervisor]
-allow_tcg = true
-probe_kvm = false
-name_prefix = "pvswarm{n}"
-iface_prefix = "s{letter}"
-[network]
-pool = "10.217.{n}.0/24"
-[[images]]
-name = "minimal"
-dir = "{image}"
-"#,
-        port_min = 27500 + u16::from(n) * 16,
-        port_max = 27515 + u16::from(n) * 16,
-        letter = (b'a' + n) as char,
-        image = common::image_dir().display()
+    let pool = format!("10.217.{n}.0/24");
+    let mut t = ProviderToml::new(
+        &format!("pvswarm{n}"),
+        &format!("s{}", (b'a' + n) as char),
+        &pool,
+        27500 + u16::from(n) * 16,
+        &common::image_dir(),
     );
-    std::fs::write(&path, text).unwrap();
-    path
+    t.bootstrap = vec![bootstrap.into()];
+    t.region = region.into();
+    t.vcpus = vcpus;
+    t.memory = "4GiB".into();
+    t.disk = "40GiB".into();
+    t.per_vcpu_hour = price.into();
+    t.per_memory_gib_hour = "0.001".into();
+    t.per_disk_gib_hour = "0".into();
+    t.egress = None;
+    t.write(&root.join(format!("p{n}.toml")))
 }
 
 fn offers(bootstrap: &str, extra: &[&str]) -> (bool, Vec<serde_json::Value>, String) {

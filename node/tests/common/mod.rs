@@ -11,6 +11,9 @@
 
 pub use peervm_testenv::Needs;
 
+pub mod provider_toml;
+pub use provider_toml::ProviderToml;
+
 /// How long a test waits for an event before it gives up and reports a hang. Only a
 /// guard: the verdict is the event itself (docs/testing.md, "Verdicts from counts and
 /// events"), so a slow or loaded machine only takes longer, and a correct run never
@@ -137,52 +140,18 @@ pub struct Site {
 
 impl Site {
     pub fn config(&self, root: &Path, bootstrap: &str) -> PathBuf {
-        let path = root.join(format!("{}.toml", self.prefix));
-        let text = format!(
-            r#"
-[node]
-listen = ["/ip4/127.0.0.1/tcp/0"]
-bootstrap = ["{bootstrap}"]
-[advert]
-region = "test"
-[ssh]
-host = "127.0.0.1"
-port_min = {port_min}
-port_max = {port_max}
-[resources]
-vcpus = {vcpus}
-memory = "{memory}"
-disk = "20GiB"
-[pricing]
-currency = "USD"
-per_vcpu_hour = "0.01"
-per_memory_gib_hour = "0.004"
-per_disk_gib_hour = "0.0001"
-[hypervisor]
-allow_tcg = true
-probe_kvm = false
-name_prefix = "{prefix}"
-iface_prefix = "{iface}"
-[network]
-pool = "{net}.0/24"
-egress = "deny"
-[leases]
-min_secs = 1
-[[images]]
-name = "minimal"
-dir = "{image}"
-"#,
-            port_min = self.port_min,
-            port_max = self.port_min + 15,
-            vcpus = self.vcpus,
-            memory = self.memory,
-            prefix = self.prefix,
-            iface = self.iface,
-            net = self.net,
-            image = image_dir().display()
-        );
-        std::fs::write(&path, text).expect("write config");
-        path
+        self.toml(bootstrap).write(&root.join(format!("{}.toml", self.prefix)))
+    }
+
+    /// This site's provider config, for a test to change before writing it.
+    pub fn toml(&self, bootstrap: &str) -> ProviderToml {
+        let mut t =
+            ProviderToml::new(self.prefix, self.iface, &format!("{}.0/24", self.net), self.port_min, &image_dir());
+        t.bootstrap = vec![bootstrap.into()];
+        t.vcpus = self.vcpus;
+        t.memory = self.memory.into();
+        t.lease_min_secs = Some(1);
+        t
     }
 
     /// Starts `peervm provider run` with this site's config and data dir.

@@ -39,6 +39,8 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+
+use crate::common::ProviderToml;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -792,52 +794,18 @@ pub struct ProviderConfig {
 
 impl ProviderConfig {
     fn render(&self, net: &TestNet, host: usize) -> String {
-        let addr = net.hosts[host].addr;
-        let bootstrap: Vec<String> = self.bootstrap.iter().map(|b| format!("\"{b}\"")).collect();
-        format!(
-            r#"[node]
-listen = ["{listen}"]
-bootstrap = [{bootstrap}]
-metrics = "127.0.0.1:{METRICS_PORT}"
-[advert]
-region = "testbed"
-ttl_secs = {ttl}
-republish_secs = {republish}
-[ssh]
-host = "{addr}"
-port_min = 22000
-port_max = 22003
-[resources]
-vcpus = {vcpus}
-memory = "1GiB"
-disk = "10GiB"
-[pricing]
-currency = "USD"
-per_vcpu_hour = "0.01"
-per_memory_gib_hour = "0.004"
-per_disk_gib_hour = "0.0001"
-[hypervisor]
-allow_tcg = true
-probe_kvm = false
-name_prefix = "{prefix}"
-iface_prefix = "{iface}"
-[network]
-pool = "{pool}"
-egress = "deny"
-[[images]]
-name = "minimal"
-dir = "{image}"
-"#,
-            listen = net.p2p_addr(host),
-            bootstrap = bootstrap.join(", "),
-            ttl = self.ttl_secs,
-            republish = self.republish_secs,
-            vcpus = self.vcpus,
-            prefix = self.name_prefix,
-            iface = self.iface_prefix,
-            pool = self.pool,
-            image = self.image_dir.display(),
-        )
+        let mut t = ProviderToml::new(&self.name_prefix, &self.iface_prefix, &self.pool, 22000, &self.image_dir);
+        t.listen = net.p2p_addr(host);
+        t.bootstrap = self.bootstrap.clone();
+        t.metrics = Some(format!("127.0.0.1:{METRICS_PORT}"));
+        t.region = "testbed".into();
+        t.ttl_secs = Some(self.ttl_secs);
+        t.republish_secs = Some(self.republish_secs);
+        t.ssh_host = net.hosts[host].addr.to_string();
+        t.port_max = 22003;
+        t.vcpus = self.vcpus;
+        t.disk = "10GiB".into();
+        t.render()
     }
 }
 
