@@ -5,6 +5,8 @@
 //! order it forwards them, so once the observer has heard a message the node forwarded,
 //! it has heard everything the node forwarded before it.
 
+#![allow(dead_code, reason = "a module of several test binaries, each using part of it")]
+
 use std::time::Duration;
 
 use futures::StreamExt;
