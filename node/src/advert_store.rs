@@ -1,9 +1,10 @@
 //! `AdvertStore`: the verified adverts a node holds, one live advert per provider.
 //!
-//! The accept rule (DESIGN section 5) is applied on every insert, whatever the source
-//! (gossip, sync, the node's own advert). A withdrawn advert removes its provider at
-//! once and leaves a tombstone with its seq, so older adverts still in flight cannot
-//! bring the provider back. Expired adverts are removed by [`AdvertStore::sweep`].
+//! The accept rule (docs/protocol.md, section 4; SECURITY.md, invariant 1) is applied on
+//! every insert, whatever the source (gossip, sync, the node's own advert). A withdrawn
+//! advert removes its provider at once and leaves a tombstone with its seq, so older
+//! adverts still in flight cannot bring the provider back. Expired adverts are removed by
+//! [`AdvertStore::sweep`].
 //!
 //! Queries run over a compact, contiguous table of per-advert summaries (free resources,
 //! rates, interned region / currency / image ids, expiry): a filter is a handful of

@@ -1,4 +1,4 @@
-//! Where a node keeps its files (DESIGN section 10).
+//! Where a node keeps its files (docs/architecture.md, "Files and keys").
 
 use std::path::PathBuf;
 

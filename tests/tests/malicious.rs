@@ -1,73 +1,39 @@
 //! A malicious peer injecting forged, wrongly signed, expired, future-dated and old-seq
 //! adverts: no honest node stores, shows or forwards any of them; the peer is penalised
-//! and then disconnected (invariant 1).
+//! and then disconnected (SECURITY.md, invariant 1).
+//!
+//! "Not forwarded" is observed on the wire: a raw gossipsub observer next to the honest
+//! node records every message the node forwards to it. A negative check runs only after
+//! the observer has heard a valid advert sent the same way, after the bad ones.
 
+mod raw_gossip;
+
+use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::StreamExt;
-use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, noise, tcp, yamux};
+use libp2p::PeerId;
 use peervm_node::clock::now_unix_ms;
 use peervm_node::network::gossip_params::ADVERT_TOPIC;
-use peervm_node::network::{NodeEvent, Role};
+use peervm_node::network::{Node, NodeEvent, Role};
 use peervm_protocol::encoding::to_cbor;
 use peervm_protocol::signed::signing_input;
-use peervm_protocol::{Kind, Signed, SigningKey};
+use peervm_protocol::{Advertisement, Kind, Signed, SigningKey};
 use peervm_tests::*;
-use tokio::sync::mpsc;
+use raw_gossip::RawGossipPeer;
 
-/// A bare gossipsub node (no Kademlia: it talks to `target` only) that publishes whatever
-/// bytes it is given, unchecked, and hands over every message it receives.
-async fn mallory(target: Multiaddr) -> (PeerId, mpsc::Sender<Vec<u8>>, mpsc::Receiver<()>, mpsc::Receiver<Vec<u8>>) {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-        .unwrap()
-        .with_behaviour(|_| {
-            let config = gossipsub::ConfigBuilder::default()
-                .validation_mode(ValidationMode::Anonymous)
-                .heartbeat_interval(Duration::from_millis(500))
-                .message_id_fn(|m: &gossipsub::Message| {
-                    gossipsub::MessageId::from(<sha2::Sha256 as sha2::Digest>::digest(&m.data).to_vec())
-                })
-                .build()
-                .unwrap();
-            gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(MessageAuthenticity::Anonymous, config).unwrap()
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
-    let topic = IdentTopic::new(ADVERT_TOPIC);
-    swarm.behaviour_mut().subscribe(&topic).unwrap();
-    swarm.dial(target).unwrap();
-    let peer_id = *swarm.local_peer_id();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
-    let (closed_tx, closed_rx) = mpsc::channel(1);
-    let (heard_tx, heard_rx) = mpsc::channel(4096);
-    tokio::spawn(async move {
-        let mut queue: Vec<Vec<u8>> = Vec::new();
-        let mut retry = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                ev = swarm.select_next_some() => match ev {
-                    SwarmEvent::ConnectionClosed { num_established: 0, .. } => {
-                        let _ = closed_tx.send(()).await;
-                    }
-                    SwarmEvent::Behaviour(gossipsub::Event::Message { message, .. }) => {
-                        let _ = heard_tx.try_send(message.data);
-                    }
-                    _ => {}
-                },
-                msg = rx.recv() => match msg { Some(m) => queue.push(m), None => return },
-                _ = retry.tick() => {
-                    // Publishing fails until the honest node's subscription has arrived.
-                    queue.retain(|m| swarm.behaviour_mut().publish(topic.clone(), m.clone()).is_err());
-                }
-            }
-        }
-    });
-    (peer_id, tx, closed_rx, heard_rx)
+/// How long any one wait may take before the test is declared hung. Only a guard: each
+/// wait ends on the event it waits for, however fast or slow the machine is.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// The provider an advert's bytes claim, if they parse.
+fn provider_of(bytes: &[u8]) -> Option<PeerId> {
+    Signed::<Advertisement>::open(bytes).ok().map(|a| a.body().provider)
+}
+
+/// The providers whose adverts `node` shows.
+fn shown(node: &Node) -> HashSet<PeerId> {
+    let store = node.store.lock().unwrap();
+    store.query(&Default::default(), now_unix_ms(), 0).iter().map(|o| o.advert.body().provider).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,23 +44,37 @@ async fn malicious_peer_adverts_never_stored_shown_or_forwarded_and_peer_is_bann
     let p = start_node(peervm_protocol::SigningKey::from_seed(&p_key.seed()), Role::Provider, &a.listen_addrs).await;
     let mut a_events = a.subscribe();
     let mut b_events = b.subscribe();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let joined =
+        wait_until(HANG_GUARD, || async { a.client.connected_peers().await.is_ok_and(|peers| peers.len() >= 2) }).await;
+    assert!(joined.is_some(), "b and p did not connect to a");
 
     // The honest provider's current advert: seq 100.
     let long = Duration::from_secs(300);
     let old = signed(&p_key, &advert(&p_key, 50, long)).to_bytes();
     p.client.publish(signed(&p_key, &advert(&p_key, 100, long))).await.unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || async { holds(&a, &p_key.peer_id()) && holds(&b, &p_key.peer_id()) })
-            .await
-            .is_some()
+        wait_until(HANG_GUARD, || async { holds(&a, &p_key.peer_id()) && holds(&b, &p_key.peer_id()) }).await.is_some()
     );
 
-    let (m_peer, m_tx, mut m_closed, _heard) = mallory(a.listen_addrs[0].clone()).await;
+    // Mallory and an observer, each a raw gossip peer of a only: what the observer hears,
+    // a forwarded. A valid advert (of an honest key, c) sent by mallory is the positive
+    // control: first to see that a forwards mallory's messages to the observer at all.
+    let mut mallory = RawGossipPeer::connect(a.listen_addrs[0].clone(), &[ADVERT_TOPIC]).await;
+    let mut observer = RawGossipPeer::connect(a.listen_addrs[0].clone(), &[ADVERT_TOPIC]).await;
+    let m_peer = mallory.peer_id;
+    let c_key = unique_key(7_005);
+    let control: Vec<_> = (0..=3).map(|seq| signed(&c_key, &advert(&c_key, seq, long))).collect();
+    mallory.publish(ADVERT_TOPIC, control[1].to_bytes()).await;
+    assert!(
+        observer.hear(HANG_GUARD, |m| m == control[1].to_bytes()).await,
+        "a never forwarded mallory's valid advert"
+    );
+
     let m_key = unique_key(7_003);
     let victim = unique_key(7_004);
-    let mut bad_providers = vec![m_key.peer_id(), victim.peer_id()];
+    let bad_providers = vec![m_key.peer_id(), victim.peer_id()];
     let now = now_unix_ms();
+    let mut bad: Vec<Vec<u8>> = Vec::new();
 
     // Ignorable ones first (no penalty, but never stored or forwarded).
     let mut expired = advert(&m_key, 1, long);
@@ -103,27 +83,37 @@ async fn malicious_peer_adverts_never_stored_shown_or_forwarded_and_peer_is_bann
     let mut future = advert(&m_key, 2, long);
     future.issued_at_unix_ms = now + 120_000;
     future.expires_at_unix_ms = now + 300_000;
-    for msg in [signed(&m_key, &expired).to_bytes(), signed(&m_key, &future).to_bytes(), old] {
-        m_tx.send(msg).await.unwrap();
-    }
-    // Then forged and wrongly signed adverts until the ban.
+    bad.extend([signed(&m_key, &expired).to_bytes(), signed(&m_key, &future).to_bytes(), old]);
+    // Then forged and wrongly signed adverts.
     for i in 0..12u64 {
         // Forged: claims to be the victim, signed by mallory.
         let body = advert(&victim, 1000 + i, long);
         let payload = to_cbor(&body);
         let sig = m_key.sign_raw(&signing_input(Kind::Advert, &payload));
-        m_tx.send(Signed::<peervm_protocol::Advertisement>::from_parts(payload, m_key.peer_id(), sig).to_bytes())
-            .await
-            .unwrap();
+        bad.push(Signed::<Advertisement>::from_parts(payload, m_key.peer_id(), sig).to_bytes());
         // Wrongly signed: mallory's own advert with one signature bit flipped.
         let mut bytes = signed(&m_key, &advert(&m_key, 10 + i, long)).to_bytes();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        m_tx.send(bytes).await.unwrap();
+        bad.push(bytes);
     }
+    let is_bad = |m: &[u8]| bad.iter().any(|b| b == m) || provider_of(m).is_some_and(|p| bad_providers.contains(&p));
 
-    // The honest node bans mallory and drops the connection.
-    let banned = tokio::time::timeout(Duration::from_secs(20), async {
+    // The ignorable ones, one forged and one wrongly signed (two invalid messages, one
+    // short of a ban), then the control: once the observer hears it, a has judged every
+    // message before it, and forwarded none of them.
+    for msg in &bad[..5] {
+        mallory.publish(ADVERT_TOPIC, msg.clone()).await;
+    }
+    mallory.publish(ADVERT_TOPIC, control[2].to_bytes()).await;
+    assert!(observer.hear(HANG_GUARD, |m| m == control[2].to_bytes()).await, "a never forwarded the control advert");
+    assert!(!observer.heard_any(is_bad), "a forwarded a bad advert");
+
+    // The rest, until the ban.
+    for msg in &bad[5..] {
+        mallory.publish(ADVERT_TOPIC, msg.clone()).await;
+    }
+    let banned = tokio::time::timeout(HANG_GUARD, async {
         loop {
             match a_events.recv().await {
                 Ok(NodeEvent::PeerBanned(p)) if p == m_peer => return true,
@@ -135,24 +125,39 @@ async fn malicious_peer_adverts_never_stored_shown_or_forwarded_and_peer_is_bann
     })
     .await;
     assert_eq!(banned, Ok(true), "mallory was not banned");
-    assert!(tokio::time::timeout(Duration::from_secs(10), m_closed.recv()).await.is_ok(), "mallory still connected");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(mallory.disconnected(HANG_GUARD).await, "mallory still connected");
 
-    // Nothing of it was stored or shown anywhere; the honest advert is untouched.
+    // A last valid advert, published by the honest provider's node after the ban: once
+    // the observer and b have it, a has forwarded whatever it was going to forward.
+    p.client.publish(control[3].clone()).await.unwrap();
+    assert!(
+        observer.hear(HANG_GUARD, |m| m == control[3].to_bytes()).await,
+        "a never forwarded the last control advert"
+    );
+    let last = wait_until(HANG_GUARD, || async {
+        [&a, &b].iter().all(|n| n.store.lock().unwrap().held_seq(&c_key.peer_id()) == Some(3))
+    })
+    .await;
+    assert!(last.is_some(), "the last control advert did not reach a and b");
+
+    // Nothing bad was forwarded to the observer, nor stored or shown anywhere; the honest
+    // advert is untouched.
+    assert!(!observer.heard_any(is_bad), "a forwarded a bad advert");
+    let honest: HashSet<PeerId> = [p_key.peer_id(), c_key.peer_id()].into();
     for node in [&a, &b] {
-        let store = node.store.lock().unwrap();
-        for bad in &bad_providers {
-            assert!(!store.contains(bad), "{bad} stored");
+        {
+            let store = node.store.lock().unwrap();
+            for bad in &bad_providers {
+                assert!(!store.contains(bad), "{bad} stored");
+            }
+            assert_eq!(store.held_seq(&p_key.peer_id()), Some(100));
         }
-        assert_eq!(store.held_seq(&p_key.peer_id()), Some(100));
-        let shown = store.query(&Default::default(), now_unix_ms(), 0);
-        assert_eq!(shown.len(), 1, "only the honest advert is shown");
+        assert_eq!(shown(node), honest, "only the honest adverts are shown");
     }
-    // Nothing was forwarded: b never saw any advert but the honest one.
-    bad_providers.push(m_peer);
+    // b stored no advert but the honest ones.
     while let Ok(ev) = b_events.try_recv() {
         if let NodeEvent::AdvertStored { provider, .. } = ev {
-            assert_eq!(provider, p_key.peer_id(), "b received a forwarded bad advert");
+            assert!(honest.contains(&provider), "b stored a forwarded bad advert of {provider}");
         }
     }
     b.stop().await;
@@ -169,50 +174,41 @@ async fn a_node_does_not_store_or_forward_adverts_of_a_provider_it_blocked() {
     let pid = provider_key.peer_id();
     let provider = start_node(SigningKey::from_seed(&provider_key.seed()), Role::Provider, &relay.listen_addrs).await;
     // A bare gossip peer of the relay only: what it hears, the relay forwarded.
-    let (_observer, _publish, _closed, mut heard) = mallory(relay.listen_addrs[0].clone()).await;
+    let mut observer = RawGossipPeer::connect(relay.listen_addrs[0].clone(), &[ADVERT_TOPIC]).await;
     relay.client.block_adverts(pid, true).await.unwrap();
-    let meshed = wait_until(Duration::from_secs(10), || async {
-        relay.client.connected_peers().await.map(|p| p.len() >= 2).unwrap_or(false)
-    })
-    .await;
-    assert!(meshed.is_some(), "relay did not connect to both");
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let heard_from_provider = |heard: &mut mpsc::Receiver<Vec<u8>>| {
-        let mut n = 0;
-        while let Ok(bytes) = heard.try_recv() {
-            if Signed::<peervm_protocol::Advertisement>::open(&bytes).is_ok_and(|a| a.body().provider == pid) {
-                n += 1;
-            }
-        }
-        n
-    };
-    for seq in 1..=3u64 {
-        provider
-            .client
-            .publish(signed(&provider_key, &advert(&provider_key, seq, Duration::from_secs(60))))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // The positive control: adverts of another key, published by the same node, take the
+    // same path (provider -> relay -> observer).
+    let other = unique_key(73);
+    let long = Duration::from_secs(300);
+    let control: Vec<_> = (0..=2).map(|seq| signed(&other, &advert(&other, seq, long))).collect();
+    provider.client.publish(control[1].clone()).await.unwrap();
+    assert!(observer.hear(HANG_GUARD, |m| m == control[1].to_bytes()).await, "the relay forwarded nothing");
+
+    let blocked: Vec<_> = (1..=3u64).map(|seq| signed(&provider_key, &advert(&provider_key, seq, long))).collect();
+    for a in &blocked {
+        provider.client.publish(a.clone()).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    provider.client.publish(control[2].clone()).await.unwrap();
+    // Once the observer has the control that followed them, the relay has judged the
+    // blocked provider's adverts.
+    assert!(observer.hear(HANG_GUARD, |m| m == control[2].to_bytes()).await, "the relay forwarded nothing");
+    let judged =
+        wait_until(HANG_GUARD, || async { relay.store.lock().unwrap().held_seq(&other.peer_id()) == Some(2) }).await;
+    assert!(judged.is_some(), "the relay did not store the control advert");
     assert!(holds(&provider, &pid), "the provider holds its own advert");
     assert!(!holds(&relay, &pid), "the relay stored a blocked provider's advert");
-    assert_eq!(heard_from_provider(&mut heard), 0, "the relay forwarded a blocked provider's advert");
+    assert!(!observer.heard_any(|m| provider_of(m) == Some(pid)), "the relay forwarded a blocked provider's advert");
 
     relay.client.block_adverts(pid, false).await.unwrap();
-    provider.client.publish(signed(&provider_key, &advert(&provider_key, 4, Duration::from_secs(60)))).await.unwrap();
-    let reached = wait_until(Duration::from_secs(10), || async { holds(&relay, &pid) }).await;
+    let unblocked = signed(&provider_key, &advert(&provider_key, 4, long));
+    provider.client.publish(unblocked.clone()).await.unwrap();
+    let reached = wait_until(HANG_GUARD, || async { holds(&relay, &pid) }).await;
     assert!(reached.is_some(), "after unblocking, the relay stores the provider's advert");
-    let mut forwarded = 0;
-    for _ in 0..40 {
-        forwarded += heard_from_provider(&mut heard);
-        if forwarded > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(forwarded > 0, "after unblocking, the relay forwards the provider's advert");
+    assert!(
+        observer.hear(HANG_GUARD, |m| m == unblocked.to_bytes()).await,
+        "after unblocking, the relay forwards the provider's advert"
+    );
     for n in [provider, relay] {
         n.stop().await;
     }

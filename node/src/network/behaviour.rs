@@ -1,7 +1,5 @@
-//! The node's libp2p behaviour: one field per concern (STYLE item 2). Tuning lives in
-//! `gossip_params.rs`; protocol logic lives in the event loop and its modules.
-
-use std::time::Duration;
+//! The node's libp2p behaviour: one field per concern. Tuning lives in `tuning.rs` and
+//! `gossip_params.rs`; protocol logic lives in the event loop's modules.
 
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, allow_block_list, connection_limits, gossipsub, identify, kad, ping, request_response};
@@ -10,6 +8,7 @@ use super::dialback::{self, DialBackRequest, DialBackResponse};
 use super::gossip_params;
 use super::lease_wire::{self, Envelope, LeaseMessage};
 use super::sync::{self, SyncRequest, SyncResponse};
+use super::tuning;
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/kad/1.0.0");
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/peervm/1.0.0";
@@ -30,8 +29,9 @@ pub struct PeervmBehaviour {
     pub dialback: request_response::cbor::Behaviour<DialBackRequest, DialBackResponse>,
 }
 
-/// Connection limits (DESIGN section 6): enough for a well-connected node, bounded so a
-/// crowd of peers cannot exhaust file descriptors or memory.
+/// Connection limits (docs/architecture.md, "The swarm"): enough for a well-connected node,
+/// bounded so a crowd of peers cannot exhaust file descriptors or memory. Defaults and
+/// their reasons are in `tuning.rs`.
 #[derive(Debug, Clone)]
 pub struct ConnectionCaps {
     pub max_established: u32,
@@ -41,7 +41,11 @@ pub struct ConnectionCaps {
 
 impl Default for ConnectionCaps {
     fn default() -> Self {
-        Self { max_established: 512, max_per_peer: 2, max_pending_incoming: 64 }
+        Self {
+            max_established: tuning::MAX_ESTABLISHED,
+            max_per_peer: tuning::MAX_PER_PEER,
+            max_pending_incoming: tuning::MAX_PENDING_INCOMING,
+        }
     }
 }
 
@@ -59,7 +63,7 @@ impl PeervmBehaviour {
             .with_max_pending_incoming(Some(caps.max_pending_incoming));
 
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-        kad_config.set_query_timeout(Duration::from_secs(30));
+        kad_config.set_query_timeout(tuning::KAD_QUERY_TIMEOUT);
         // The event loop walks the DHT on its own timer, when it has too few peers (and
         // every 5 min), since each walk connects to every peer it queries. (Kademlia
         // still walks by itself while its routing table has fewer than 20 entries.)
@@ -67,17 +71,17 @@ impl PeervmBehaviour {
         let kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
 
         let sync_codec = request_response::cbor::codec::Codec::default()
-            .set_request_size_maximum(sync::MAX_REQUEST_BYTES)
-            .set_response_size_maximum(sync::MAX_RESPONSE_BYTES);
+            .set_request_size_maximum(tuning::SYNC_MAX_REQUEST_BYTES)
+            .set_response_size_maximum(tuning::SYNC_MAX_RESPONSE_BYTES);
         let sync = request_response::Behaviour::with_codec(
             sync_codec,
             [(sync::PROTOCOL, request_response::ProtocolSupport::Full)],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            request_response::Config::default().with_request_timeout(tuning::SYNC_REQUEST_TIMEOUT),
         );
 
         let lease_codec = request_response::cbor::codec::Codec::default()
-            .set_request_size_maximum(lease_wire::MAX_REQUEST_BYTES)
-            .set_response_size_maximum(lease_wire::MAX_RESPONSE_BYTES);
+            .set_request_size_maximum(tuning::LEASE_MAX_REQUEST_BYTES)
+            .set_response_size_maximum(tuning::LEASE_MAX_RESPONSE_BYTES);
         let lease_support = if serve_leases {
             request_response::ProtocolSupport::Full
         } else {
@@ -87,17 +91,17 @@ impl PeervmBehaviour {
             lease_codec,
             [(lease_wire::PROTOCOL, lease_support)],
             request_response::Config::default()
-                .with_request_timeout(lease_wire::REQUEST_TIMEOUT)
-                .with_max_concurrent_streams(64),
+                .with_request_timeout(tuning::LEASE_REQUEST_TIMEOUT)
+                .with_max_concurrent_streams(tuning::LEASE_MAX_CONCURRENT_STREAMS),
         );
 
         let dialback_codec = request_response::cbor::codec::Codec::default()
-            .set_request_size_maximum(dialback::MAX_REQUEST_BYTES)
-            .set_response_size_maximum(dialback::MAX_RESPONSE_BYTES);
+            .set_request_size_maximum(tuning::DIALBACK_MAX_REQUEST_BYTES)
+            .set_response_size_maximum(tuning::DIALBACK_MAX_RESPONSE_BYTES);
         let dialback = request_response::Behaviour::with_codec(
             dialback_codec,
             [(dialback::PROTOCOL, request_response::ProtocolSupport::Full)],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(20)),
+            request_response::Config::default().with_request_timeout(tuning::DIALBACK_REQUEST_TIMEOUT),
         );
 
         Ok(Self {

@@ -4,24 +4,19 @@
 //! the host answered, nothing listens now) or `filtered` (no answer: a firewall drops it).
 //!
 //! The serving peer dials only the IP address it sees the asking peer's connection come
-//! from, at most [`MAX_PORTS`] ports, never below 1024, and at most once per peer per
-//! [`MIN_INTERVAL`]: nobody can use a node to scan a third party. A request that names
-//! another address is refused.
+//! from, at most [`DIALBACK_MAX_PORTS`] ports, never below 1024, and at most once per peer
+//! per [`DIALBACK_MIN_INTERVAL`](super::tuning::DIALBACK_MIN_INTERVAL): nobody can use a
+//! node to scan a third party (docs/protocol.md, section 7c). A request that names another
+//! address is refused.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 
+use super::tuning::{DIALBACK_CONNECT_TIMEOUT, DIALBACK_MAX_PORTS};
+
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/dialback/1");
-pub const MAX_PORTS: usize = 8;
-pub const MAX_REQUEST_BYTES: u64 = 1024;
-pub const MAX_RESPONSE_BYTES: u64 = 4096;
-/// A peer gets one dial-back per this long.
-pub const MIN_INTERVAL: Duration = Duration::from_secs(30);
-/// Each probe waits this long for the TCP handshake.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DialBackRequest {
@@ -62,8 +57,8 @@ pub fn admissible(request: &DialBackRequest, observed: IpAddr) -> Result<Vec<u16
             ));
         }
     }
-    if request.ports.is_empty() || request.ports.len() > MAX_PORTS {
-        return Err(format!("ask for 1 to {MAX_PORTS} ports, not {}", request.ports.len()));
+    if request.ports.is_empty() || request.ports.len() > DIALBACK_MAX_PORTS {
+        return Err(format!("ask for 1 to {DIALBACK_MAX_PORTS} ports, not {}", request.ports.len()));
     }
     if let Some(p) = request.ports.iter().find(|p| **p < 1024) {
         return Err(format!("port {p} is a system port; only 1024 and up are dialed back"));
@@ -78,7 +73,7 @@ pub fn admissible(request: &DialBackRequest, observed: IpAddr) -> Result<Vec<u16
 pub async fn probe(ip: IpAddr, ports: &[u16]) -> Vec<(u16, PortState)> {
     let probes = ports.iter().map(|&port| async move {
         let addr = SocketAddr::new(ip, port);
-        let state = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        let state = match tokio::time::timeout(DIALBACK_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(_)) => PortState::Open,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => PortState::Closed,
             _ => PortState::Filtered,

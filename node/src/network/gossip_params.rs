@@ -1,16 +1,17 @@
-//! Gossipsub tuning for the advert topic, kept apart from logic (STYLE item 2).
+//! Gossipsub's topics, configuration and scoring, kept apart from logic (its timing and
+//! sizes are in `tuning.rs`).
 //!
 //! Adverts carry their own signatures, so gossip runs anonymous with content-hash message
 //! ids: the same advert relayed by many peers is one message. `validate_messages` holds
 //! every message until the node has checked it: nothing is forwarded unverified.
-
-use std::time::Duration;
 
 use libp2p::gossipsub::{
     self, IdentTopic, MessageAuthenticity, MessageId, PeerScoreParams, PeerScoreThresholds, TopicScoreParams,
     ValidationMode,
 };
 use sha2::{Digest, Sha256};
+
+use super::tuning;
 
 pub const ADVERT_TOPIC: &str = "peervm/adverts/v1";
 
@@ -31,11 +32,9 @@ pub fn behaviour() -> Result<gossipsub::Behaviour, String> {
         .validation_mode(ValidationMode::Anonymous)
         .validate_messages()
         .message_id_fn(|m: &gossipsub::Message| MessageId::from(Sha256::digest(&m.data).to_vec()))
-        .heartbeat_interval(Duration::from_millis(700))
-        // An advert is at most 4 KiB, a block list 64 KiB; leave room for the RPC framing.
-        .max_transmit_size(80 * 1024)
-        // Remember ids long enough that a re-published duplicate is recognised.
-        .duplicate_cache_time(Duration::from_secs(120))
+        .heartbeat_interval(tuning::GOSSIP_HEARTBEAT)
+        .max_transmit_size(tuning::GOSSIP_MAX_TRANSMIT)
+        .duplicate_cache_time(tuning::GOSSIP_DUPLICATE_CACHE)
         .build()
         .map_err(|e| format!("gossipsub config: {e}"))?;
     let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, config)?;

@@ -1,6 +1,7 @@
 //! `/peervm/lease/1`: signed lease requests and control messages in, one signed reply
-//! out (DESIGN section 7). The wire carries the signed envelopes as CBOR byte strings;
-//! the lease manager verifies them, the swarm only routes and rate limits.
+//! out (docs/protocol.md, sections 5-7 and "Transport: /peervm/lease/1"). The wire carries
+//! the signed envelopes as CBOR byte strings; the lease manager verifies them, the swarm
+//! only routes and rate limits. Sizes and the timeout are in `tuning.rs`.
 
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
@@ -8,12 +9,6 @@ use serde::{Deserialize, Serialize};
 pub use super::sync::Envelope;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/lease/1");
-/// A signed request is well under 1 KiB; the cap leaves room for growth, not for abuse.
-pub const MAX_REQUEST_BYTES: u64 = 16 * 1024;
-pub const MAX_RESPONSE_BYTES: u64 = 16 * 1024;
-/// A grant comes back once the guest's sshd is up: provisioning plus a software-emulated
-/// boot can take minutes, so the stream waits that long.
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What a requestor sends.
 #[derive(Debug, Clone, Serialize, Deserialize)]

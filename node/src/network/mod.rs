@@ -1,5 +1,6 @@
-//! The libp2p swarm: one task owns it (STYLE item 1); the rest of the program drives it
-//! through a cloneable [`NodeClient`] and reads the shared [`AdvertStore`].
+//! The libp2p swarm: one task owns it (docs/architecture.md, "The swarm"); the rest of the
+//! program drives it through a cloneable [`NodeClient`] and reads the shared
+//! [`AdvertStore`].
 
 pub mod behaviour;
 pub mod dialback;
@@ -8,6 +9,7 @@ pub mod gossip_params;
 pub mod lease_wire;
 pub mod rate_limit;
 pub mod sync;
+pub mod tuning;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +52,7 @@ impl Default for Keepalive {
     /// A dead connection is closed within about a minute: libp2p forgives the first failed
     /// ping, and the next one needs a new stream, whose negotiation times out after 10 s.
     fn default() -> Self {
-        Self { interval: Duration::from_secs(15), timeout: Duration::from_secs(20) }
+        Self { interval: tuning::KEEPALIVE_INTERVAL, timeout: tuning::KEEPALIVE_TIMEOUT }
     }
 }
 
@@ -90,10 +92,10 @@ impl NodeConfig {
             bootstrap: Vec::new(),
             rate_limits: RateLimits::default(),
             caps: ConnectionCaps::default(),
-            target_peers: 8,
+            target_peers: tuning::TARGET_PEERS,
             metrics: None,
-            sweep_interval: Duration::from_secs(1),
-            trim_grace: Duration::from_secs(30),
+            sweep_interval: tuning::SWEEP_INTERVAL,
+            trim_grace: tuning::TRIM_GRACE,
             keepalive: Keepalive::default(),
             lease_inbox: None,
             audit: None,

@@ -1,5 +1,5 @@
-//! Per-peer rate limits and misbehaviour accounting (invariant 11: one peer's flood
-//! does not stop another peer's work).
+//! Per-peer rate limits and misbehaviour accounting (SECURITY.md, invariant 11: one
+//! peer's flood does not stop another peer's work).
 //!
 //! Each peer gets a token bucket per API. A message over the limit is dropped and adds a
 //! little to the peer's misbehaviour score; an invalid signature adds a lot. The score
@@ -11,24 +11,34 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-/// A token bucket: `burst` tokens, refilled at `per_sec`.
+use super::tuning;
+
+/// A sustained rate with a burst: a token bucket holds `burst` tokens and refills at
+/// `per_sec`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_sec: f64,
+    pub burst: f64,
+}
+
+/// A token bucket that enforces one [`RateLimit`].
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     tokens: f64,
-    burst: f64,
-    per_sec: f64,
+    limit: RateLimit,
     last: Instant,
 }
 
 impl TokenBucket {
-    pub fn new(per_sec: f64, burst: f64, now: Instant) -> Self {
-        Self { tokens: burst, burst, per_sec, last: now }
+    /// A full bucket.
+    pub fn new(limit: RateLimit, now: Instant) -> Self {
+        Self { tokens: limit.burst, limit, last: now }
     }
 
     /// Takes `n` tokens if there are enough.
     pub fn try_take(&mut self, n: f64, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        self.tokens = (self.tokens + elapsed * self.limit.per_sec).min(self.limit.burst);
         self.last = now;
         if self.tokens >= n {
             self.tokens -= n;
@@ -47,44 +57,76 @@ pub enum Api {
     Lease,
 }
 
-/// Limits per API: (per second, burst).
+impl Api {
+    /// The API's name in metrics (`peervm_rate_limited_total{api=...}`) and the audit log.
+    pub fn label(self) -> &'static str {
+        match self {
+            Api::Gossip => "gossip",
+            Api::Sync => "sync",
+            Api::Lease => "lease",
+        }
+    }
+}
+
+/// What one message over an API's limit adds to the sender's misbehaviour score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ThrottlePenalty {
+    pub gossip: f64,
+    pub sync: f64,
+    pub lease: f64,
+}
+
+/// Every per-peer limit and the ban rule. The defaults and the reasons for them are in
+/// `tuning.rs`.
 #[derive(Debug, Clone)]
 pub struct RateLimits {
-    pub gossip: (f64, f64),
-    pub sync: (f64, f64),
-    pub lease: (f64, f64),
+    pub gossip: RateLimit,
+    pub sync: RateLimit,
+    pub lease: RateLimit,
     /// Score at which a peer is banned.
     pub ban_threshold: f64,
     /// Score added by an invalid signature or malformed message.
     pub invalid_penalty: f64,
-    /// Score added by a message dropped for exceeding the rate of (gossip, sync, lease).
-    /// A relay can overshoot the gossip rate in an honest burst, so that costs little; a
-    /// peer that keeps asking for leases or snapshots ten times faster than allowed is
-    /// banned within seconds.
-    pub throttle_penalty: (f64, f64, f64),
+    /// Score added by a message dropped for exceeding its API's rate.
+    pub throttle_penalty: ThrottlePenalty,
     /// The score halves every this long.
     pub score_half_life: Duration,
     pub ban_duration: Duration,
 }
 
+impl RateLimits {
+    pub fn of(&self, api: Api) -> RateLimit {
+        match api {
+            Api::Gossip => self.gossip,
+            Api::Sync => self.sync,
+            Api::Lease => self.lease,
+        }
+    }
+
+    pub fn throttle_penalty_of(&self, api: Api) -> f64 {
+        match api {
+            Api::Gossip => self.throttle_penalty.gossip,
+            Api::Sync => self.throttle_penalty.sync,
+            Api::Lease => self.throttle_penalty.lease,
+        }
+    }
+}
+
 impl Default for RateLimits {
     fn default() -> Self {
         Self {
-            // A relay forwards everybody's adverts: 10,000 providers re-publishing every
-            // 60 s is ~170 adverts/s through one peer.
-            gossip: (400.0, 2000.0),
-            // A full snapshot of 10,000 adverts is ~7 pages of 1 MiB.
-            sync: (4.0, 32.0),
-            lease: (2.0, 10.0),
-            ban_threshold: 100.0,
-            // An honest relay never forwards an invalid signature (it validates first), so
-            // three are proof enough. Gossipsub graylists a peer after its fifth invalid
-            // message (see gossip_params.rs); the ban must come before that, or the node
-            // would stop hearing, and counting, the peer's messages.
-            invalid_penalty: 34.0,
-            throttle_penalty: (0.05, 0.5, 1.0),
-            score_half_life: Duration::from_secs(60),
-            ban_duration: Duration::from_secs(600),
+            gossip: RateLimit { per_sec: tuning::GOSSIP_PER_SEC, burst: tuning::GOSSIP_BURST },
+            sync: RateLimit { per_sec: tuning::SYNC_PER_SEC, burst: tuning::SYNC_BURST },
+            lease: RateLimit { per_sec: tuning::LEASE_PER_SEC, burst: tuning::LEASE_BURST },
+            ban_threshold: tuning::BAN_THRESHOLD,
+            invalid_penalty: tuning::INVALID_PENALTY,
+            throttle_penalty: ThrottlePenalty {
+                gossip: tuning::GOSSIP_THROTTLE_PENALTY,
+                sync: tuning::SYNC_THROTTLE_PENALTY,
+                lease: tuning::LEASE_THROTTLE_PENALTY,
+            },
+            score_half_life: tuning::SCORE_HALF_LIFE,
+            ban_duration: tuning::BAN_DURATION,
         }
     }
 }
@@ -125,21 +167,13 @@ impl PeerGuard {
     /// Takes one token of `api` for `peer`. False means: drop the message. Dropping also
     /// raises the peer's score a little, so a sustained flood ends in a ban.
     pub fn allow(&mut self, peer: PeerId, api: Api, now: Instant) -> (bool, Verdict) {
-        let (per_sec, burst) = match api {
-            Api::Gossip => self.limits.gossip,
-            Api::Sync => self.limits.sync,
-            Api::Lease => self.limits.lease,
-        };
+        let limit = self.limits.of(api);
         let state = self.state(peer, now);
-        let bucket = state.buckets.entry(api).or_insert_with(|| TokenBucket::new(per_sec, burst, now));
+        let bucket = state.buckets.entry(api).or_insert_with(|| TokenBucket::new(limit, now));
         if bucket.try_take(1.0, now) {
             return (true, Verdict::Ok);
         }
-        let penalty = match api {
-            Api::Gossip => self.limits.throttle_penalty.0,
-            Api::Sync => self.limits.throttle_penalty.1,
-            Api::Lease => self.limits.throttle_penalty.2,
-        };
+        let penalty = self.limits.throttle_penalty_of(api);
         (false, self.penalise(peer, penalty, now))
     }
 
@@ -195,7 +229,7 @@ mod tests {
     #[test]
     fn bucket_refills_and_caps() {
         let t0 = Instant::now();
-        let mut b = TokenBucket::new(10.0, 5.0, t0);
+        let mut b = TokenBucket::new(RateLimit { per_sec: 10.0, burst: 5.0 }, t0);
         assert!((0..5).all(|_| b.try_take(1.0, t0)));
         assert!(!b.try_take(1.0, t0));
         assert!(b.try_take(1.0, t0 + Duration::from_millis(100)));
@@ -208,7 +242,8 @@ mod tests {
     #[test]
     fn flood_ends_in_ban_and_invalid_messages_faster() {
         let t0 = Instant::now();
-        let mut g = PeerGuard::new(RateLimits { gossip: (1.0, 1.0), ..RateLimits::default() });
+        let mut g =
+            PeerGuard::new(RateLimits { gossip: RateLimit { per_sec: 1.0, burst: 1.0 }, ..RateLimits::default() });
         let flooder = PeerId::random();
         let honest = PeerId::random();
         let mut banned_after = None;

@@ -1,22 +1,13 @@
 //! `/peervm/sync/1`: a node that connects pulls a snapshot of the peer's valid adverts,
-//! page by page (DESIGN section 6). Pages are capped in items and bytes (1 MiB), and the
-//! receiver verifies every advert (batch verification) and applies the accept rule, as
-//! for gossip. Serving is rate limited per peer.
+//! page by page (docs/architecture.md, "Sync"). Pages are capped in items and bytes
+//! (1 MiB, docs/protocol.md section 2; the caps are in `tuning.rs`), and the receiver
+//! verifies every advert (batch verification) and applies the accept rule, as for gossip
+//! (SECURITY.md, invariant 1). Serving is rate limited per peer.
 
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/sync/1");
-/// Most adverts one page carries.
-pub const MAX_PAGE_ITEMS: u32 = 1024;
-/// Most envelope bytes one page carries (the protocol's sync reply cap).
-pub const MAX_PAGE_BYTES: usize = peervm_protocol::MAX_SYNC_REPLY_BYTES;
-/// Block-list bytes one first page may carry besides its adverts.
-pub const MAX_LIST_BYTES: usize = 256 * 1024;
-/// Requests are tiny: a cursor and a limit.
-pub const MAX_REQUEST_BYTES: u64 = 1024;
-/// A page on the wire: the adverts plus CBOR framing.
-pub const MAX_RESPONSE_BYTES: u64 = (MAX_PAGE_BYTES + MAX_LIST_BYTES) as u64 + 64 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncRequest {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::network::rate_limit::TokenBucket;
+use crate::network::rate_limit::{RateLimit, TokenBucket};
 use crate::provider::ProviderLeases;
 use crate::provider::audit::AuditLog;
 
@@ -173,7 +173,9 @@ impl Ctx {
         let allowed = {
             let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            bucket.get_or_insert_with(|| TokenBucket::new(CALLS_PER_SEC, CALLS_BURST, now)).try_take(1.0, now)
+            bucket
+                .get_or_insert_with(|| TokenBucket::new(RateLimit { per_sec: CALLS_PER_SEC, burst: CALLS_BURST }, now))
+                .try_take(1.0, now)
         };
         if !allowed {
             return AdminReply::err("rate limited: too many admin calls; slow down");

@@ -1,0 +1,255 @@
+//! The task that owns the Swarm (docs/architecture.md, "The swarm"): a `select!` over
+//! swarm events, commands and timers, each handed to the module of its concern. Each
+//! module owns its state:
+//!
+//! - `connections`: open connections, dials, bootstrap re-dials, Kademlia, trimming,
+//!   operator blocks, the end of bans;
+//! - `gossip`: advert validation and publishing;
+//! - `block_lists`: signed block lists, held, relayed and applied;
+//! - `sync`: the sync client (sessions) and server (pages);
+//! - `leases`: lease messages in both directions;
+//! - `dial_back`: port verification in both directions.
+//!
+//! They share a `Context` (the swarm, the store, events, metrics, audit, per-peer rate
+//! limits and bans) and the `Pending` map of requests in flight; `setup` builds the swarm.
+//! Timings and limits are in `tuning.rs`.
+
+mod block_lists;
+mod connections;
+mod context;
+mod dial_back;
+mod gossip;
+mod leases;
+mod pending;
+mod setup;
+mod sync;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{PeerId, identify, kad, ping};
+use tokio::sync::{broadcast, mpsc};
+
+use self::block_lists::BlockLists;
+use self::connections::Connections;
+use self::context::Context;
+use self::dial_back::DialBacks;
+use self::gossip::Gossip;
+use self::leases::Leases;
+use self::sync::Syncs;
+use super::behaviour::PeervmBehaviourEvent;
+use super::rate_limit::{Api, PeerGuard};
+use super::tuning::{COMMAND_QUEUE, EVENT_QUEUE, MAINTAIN_TICK, SHUTDOWN_FLUSH, SLOW_EVERY};
+use super::{Command, ListBlocked, NetworkError, Node, NodeClient, NodeConfig, NodeEvent, SharedStore};
+use crate::advert_store::AdvertStore;
+use crate::clock::now_unix_ms;
+
+/// Builds the swarm, starts listening, dials the bootstrap nodes and spawns the task.
+pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
+    let peer_id = config.key.peer_id();
+    let mut swarm = setup::build_swarm(&config)?;
+    let listen_addrs = setup::listen(&mut swarm, &config.listen, peer_id).await?;
+
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (events, _) = broadcast::channel(EVENT_QUEUE);
+    let store: SharedStore = Arc::new(Mutex::new(AdvertStore::new()));
+    let list_blocked: ListBlocked = Default::default();
+    let mut event_loop = EventLoop {
+        ctx: Context {
+            swarm,
+            store: store.clone(),
+            events: events.clone(),
+            metrics: config.metrics.clone().unwrap_or_default(),
+            audit: config.audit.clone(),
+            self_tx: tx.clone(),
+            guard: PeerGuard::new(config.rate_limits.clone()),
+        },
+        commands: rx,
+        sweep_interval: config.sweep_interval,
+        maintain_ticks: 0,
+        connections: Connections::new(&config),
+        gossip: Gossip::default(),
+        block_lists: BlockLists::new(config.trusted_block_lists.clone(), list_blocked.clone()),
+        sync: Syncs::default(),
+        leases: Leases::new(config.lease_inbox.clone()),
+        dial_back: DialBacks::default(),
+    };
+    event_loop.connections.dial_bootstraps(&mut event_loop.ctx);
+    let task = tokio::spawn(event_loop.run());
+    Ok(Node { client: NodeClient { tx }, store, list_blocked, peer_id, listen_addrs, events, task })
+}
+
+struct EventLoop {
+    ctx: Context,
+    commands: mpsc::Receiver<Command>,
+    sweep_interval: Duration,
+    maintain_ticks: u64,
+    connections: Connections,
+    gossip: Gossip,
+    block_lists: BlockLists,
+    sync: Syncs,
+    leases: Leases,
+    dial_back: DialBacks,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut sweep = tokio::time::interval(self.sweep_interval);
+        // The bootstrap nodes were just dialed: the first re-dial check comes later.
+        let mut maintenance = tokio::time::interval_at(tokio::time::Instant::now() + MAINTAIN_TICK, MAINTAIN_TICK);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.ctx.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => {
+                        // Give queued gossip (a withdrawal, typically) a moment to go out.
+                        let flush = tokio::time::sleep(SHUTDOWN_FLUSH);
+                        tokio::pin!(flush);
+                        loop {
+                            tokio::select! {
+                                event = self.ctx.swarm.select_next_some() => self.on_swarm_event(event),
+                                _ = &mut flush => break,
+                            }
+                        }
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.on_command(command),
+                    None => return,
+                },
+                _ = sweep.tick() => self.sweep(),
+                _ = maintenance.tick() => self.maintain(),
+            }
+        }
+    }
+
+    /// Drops expired adverts (and tombstones that can no longer matter) from the store.
+    fn sweep(&mut self) {
+        let now = now_unix_ms();
+        let (removed, size) = {
+            let mut store = self.ctx.store();
+            let removed = store.sweep(now);
+            (removed, store.len())
+        };
+        self.ctx.metrics.advert_store_size.set(size as i64);
+        if !removed.is_empty() {
+            self.ctx.emit(NodeEvent::AdvertsExpired(removed));
+        }
+    }
+
+    /// Re-dials lost bootstrap nodes (every tick while the node has no peer), and every
+    /// `SLOW_EVERY` ticks: walks the DHT, re-gossips the own block list, forgets finished
+    /// streams, lifts bans that ran out and trims idle connections.
+    fn maintain(&mut self) {
+        self.maintain_ticks += 1;
+        let slow = self.maintain_ticks.is_multiple_of(SLOW_EVERY);
+        let connected: HashSet<PeerId> = self.ctx.swarm.connected_peers().copied().collect();
+        self.connections.redial_bootstraps(&mut self.ctx, &connected, slow);
+        if !slow {
+            return;
+        }
+        let slow_ticks = self.maintain_ticks / SLOW_EVERY;
+        self.connections.walk_dht(&mut self.ctx, &connected, slow_ticks);
+        self.block_lists.regossip_own(&mut self.ctx, slow_ticks);
+        self.leases.forget_closed_streams();
+        self.dial_back.forget_stale();
+        self.connections.lift_expired_bans(&mut self.ctx);
+        // A peer with a request in flight either way is not idle.
+        let busy: Vec<PeerId> = self.sync.peers().chain(self.leases.peers()).chain(self.dial_back.peers()).collect();
+        self.connections.trim(&mut self.ctx, busy);
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let ctx = &mut self.ctx;
+        match command {
+            Command::Publish { advert, reply } => {
+                let _ = reply.send(self.gossip.publish(ctx, *advert));
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(ctx.swarm.connected_peers().copied().collect());
+            }
+            Command::Dial { addr, reply } => self.connections.dial(ctx, addr, Some(reply)),
+            Command::Sync { peer, reply } => self.sync.request(ctx, peer, reply),
+            Command::LeaseSend { peer, addrs, message, reply } => self.leases.send(ctx, peer, addrs, message, reply),
+            Command::LeaseRespond { id, reply } => self.leases.respond(ctx, id, reply),
+            Command::DialBack { peer, request, reply } => self.dial_back.send(ctx, peer, request, reply),
+            Command::DialBackRespond { id, response } => self.dial_back.respond(ctx, id, response),
+            Command::ReportInvalid { peer } => ctx.invalid(peer, Api::Lease),
+            Command::BlockAdverts { peer, blocked: true } => self.block_lists.block_adverts(ctx, peer),
+            Command::BlockAdverts { peer, blocked: false } => self.block_lists.unblock_adverts(ctx, peer),
+            Command::PublishBlockList { list, reply } => {
+                let _ = reply.send(self.block_lists.publish_own(ctx, *list));
+            }
+            Command::BlockPeer { peer } => {
+                self.connections.block(ctx, peer);
+                self.block_lists.block_adverts(ctx, peer);
+            }
+            Command::UnblockPeer { peer } => {
+                self.connections.unblock(ctx, peer);
+                self.block_lists.unblock_peer_adverts(ctx, peer);
+            }
+            Command::Shutdown { .. } => unreachable!("handled in run"),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<PeervmBehaviourEvent>) {
+        let ctx = &mut self.ctx;
+        match event {
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Gossipsub(e)) => {
+                self.gossip.on_event(ctx, &mut self.block_lists, e)
+            }
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Sync(e)) => self.sync.on_event(ctx, &mut self.block_lists, e),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Lease(e)) => self.leases.on_event(ctx, e),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Dialback(e)) => {
+                self.dial_back.on_event(ctx, &self.connections, e)
+            }
+            // (A peer that does not speak ping, `Failure::Unsupported`, keeps its connection.)
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(error @ (ping::Failure::Timeout | ping::Failure::Other { .. })),
+            })) => Connections::on_ping_failure(ctx, peer, connection, &error),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Identify(identify::Event::Received {
+                peer_id, info, ..
+            })) => Connections::on_identify(ctx, peer_id, info),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, addresses, ..
+            })) => self.connections.on_routing_updated(ctx, peer, addresses.into_vec()),
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                self.on_connection_established(peer_id, connection_id, &endpoint, num_established.get())
+            }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
+                self.on_connection_closed(peer_id, connection_id, num_established)
+            }
+            SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
+                self.connections.on_dial_error(ctx, connection_id, peer_id, &error)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_established(
+        &mut self,
+        peer: PeerId,
+        id: ConnectionId,
+        endpoint: &ConnectedPoint,
+        num_established: u32,
+    ) {
+        if self.connections.on_established(&mut self.ctx, peer, id, endpoint, num_established) {
+            // Pull the peer's market snapshot: a new node sees the market in seconds.
+            self.sync.start(&mut self.ctx, peer);
+            self.connections.learn_bootstrap_id(peer, endpoint);
+        }
+    }
+
+    fn on_connection_closed(&mut self, peer: PeerId, id: ConnectionId, num_established: u32) {
+        if self.connections.on_closed(&mut self.ctx, peer, id, num_established) {
+            self.dial_back.forget_served();
+        }
+    }
+}

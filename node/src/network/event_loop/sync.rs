@@ -1,0 +1,194 @@
+//! `/peervm/sync/1` in both directions (docs/architecture.md, "Sync"): the client pulls a
+//! peer's market snapshot page by page when it first connects (or when asked), verifies
+//! every advert and applies the accept rule through the store (SECURITY.md, invariant 1);
+//! the server answers pages from its store, rate limited per peer.
+
+use std::collections::HashMap;
+
+use libp2p::PeerId;
+use libp2p::request_response::{self, OutboundRequestId};
+use peervm_protocol::{Advertisement, verify_batch};
+
+use super::block_lists::BlockLists;
+use super::context::Context;
+use super::pending::{Pending, Reply};
+use crate::clock::now_unix_ms;
+use crate::network::rate_limit::Api;
+use crate::network::sync::{Envelope, SyncRequest, SyncResponse};
+use crate::network::tuning::{MAX_INVALID_COUNTED_PER_PAGE, MAX_SYNC_PAGES, SYNC_MAX_PAGE_BYTES, SYNC_MAX_PAGE_ITEMS};
+use crate::network::{NetworkError, NodeEvent, SyncSummary};
+
+/// One peer's snapshot being pulled.
+struct Session {
+    pages: usize,
+    summary: SyncSummary,
+}
+
+#[derive(Default)]
+pub(super) struct Syncs {
+    /// The page request each session waits on.
+    sessions: Pending<OutboundRequestId, Session>,
+    /// Callers of `NodeClient::sync_from`, per peer, told when its session ends.
+    waiters: HashMap<PeerId, Vec<Reply<SyncSummary>>>,
+}
+
+impl Syncs {
+    /// A caller asks for a full snapshot of `peer` (connected) and waits for its summary.
+    pub fn request(&mut self, ctx: &mut Context, peer: PeerId, reply: Reply<SyncSummary>) {
+        if !ctx.swarm.is_connected(&peer) {
+            let reason = format!("not connected to {peer}");
+            let _ = reply.send(Err(NetworkError::Sync { peer, reason }));
+            return;
+        }
+        self.waiters.entry(peer).or_default().push(reply);
+        self.start(ctx, peer);
+    }
+
+    /// Starts pulling `peer`'s snapshot, unless a session with it is under way (its
+    /// waiters then get that session's result).
+    pub fn start(&mut self, ctx: &mut Context, peer: PeerId) {
+        if self.sessions.has_peer(&peer) {
+            return;
+        }
+        let request = SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS };
+        let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.sessions.insert(id, peer, Session { pages: 0, summary: SyncSummary::default() });
+    }
+
+    /// The peers a session is pulling from (not to be trimmed).
+    pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.sessions.peers()
+    }
+
+    pub fn on_event(
+        &mut self,
+        ctx: &mut Context,
+        block_lists: &mut BlockLists,
+        event: request_response::Event<SyncRequest, SyncResponse>,
+    ) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let response = serve(ctx, block_lists, peer, request);
+                    let _ = ctx.swarm.behaviour_mut().sync.send_response(channel, response);
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some((peer, session)) = self.sessions.take(&request_id) {
+                        self.on_page(ctx, block_lists, peer, session, response);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some((peer, session)) = self.sessions.take(&request_id) {
+                    tracing::debug!(%peer, %error, "sync failed");
+                    let error = NetworkError::Sync { peer, reason: error.to_string() };
+                    self.finish(ctx, peer, session, Err(error));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_page(
+        &mut self,
+        ctx: &mut Context,
+        block_lists: &mut BlockLists,
+        peer: PeerId,
+        mut session: Session,
+        response: SyncResponse,
+    ) {
+        let (adverts, next) = match response {
+            SyncResponse::Page { adverts, next, lists } => {
+                block_lists.accept_from_sync(ctx, &lists);
+                (adverts, next)
+            }
+            SyncResponse::RateLimited => {
+                self.finish(ctx, peer, session, Err(NetworkError::RateLimited { peer, api: "sync" }));
+                return;
+            }
+        };
+        session.pages += 1;
+        if adverts.len() > SYNC_MAX_PAGE_ITEMS as usize {
+            ctx.invalid(peer, Api::Sync);
+            let reason = format!("a page of {} adverts, above the cap of {}", adverts.len(), SYNC_MAX_PAGE_ITEMS);
+            self.finish(ctx, peer, session, Err(NetworkError::Sync { peer, reason }));
+            return;
+        }
+        let refs: Vec<&[u8]> = adverts.iter().map(|e| e.0.as_slice()).collect();
+        let now = now_unix_ms();
+        let mut stored = Vec::new();
+        let mut invalid = 0usize;
+        {
+            let mut store = ctx.store();
+            for result in verify_batch::<Advertisement>(&refs) {
+                match result {
+                    Ok(advert) => {
+                        let provider = advert.body().provider;
+                        match store.insert(advert, now) {
+                            Ok(outcome) => stored.push((provider, outcome)),
+                            Err(e) => {
+                                ctx.metrics.rejected(e.reason());
+                                if e.is_misbehaviour() {
+                                    invalid += 1;
+                                } else {
+                                    session.summary.ignored += 1;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        ctx.metrics.rejected("bad_signature");
+                        if e.is_misbehaviour() {
+                            invalid += 1;
+                        } else {
+                            session.summary.ignored += 1;
+                        }
+                    }
+                }
+            }
+            ctx.metrics.advert_store_size.set(store.len() as i64);
+        }
+        session.summary.accepted += stored.len();
+        session.summary.invalid += invalid;
+        ctx.metrics.adverts_accepted.inc_by(stored.len() as u64);
+        // Sync results are stored but never re-gossiped (docs/protocol.md, "Batch
+        // verification").
+        for (provider, outcome) in stored {
+            ctx.emit(NodeEvent::AdvertStored { provider, outcome });
+        }
+        for _ in 0..invalid.min(MAX_INVALID_COUNTED_PER_PAGE) {
+            ctx.invalid(peer, Api::Sync);
+        }
+        match next {
+            Some(after) if session.pages < MAX_SYNC_PAGES && ctx.swarm.is_connected(&peer) => {
+                let request = SyncRequest { version: 1, after: Some(after), max_items: SYNC_MAX_PAGE_ITEMS };
+                let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, request);
+                self.sessions.insert(id, peer, session);
+            }
+            _ => self.finish(ctx, peer, session, Ok(())),
+        }
+    }
+
+    fn finish(&mut self, ctx: &Context, peer: PeerId, session: Session, result: Result<(), NetworkError>) {
+        let summary = session.summary;
+        if result.is_ok() {
+            ctx.emit(NodeEvent::SyncDone { peer, accepted: summary.accepted, invalid: summary.invalid });
+        }
+        for waiter in self.waiters.remove(&peer).unwrap_or_default() {
+            let _ = waiter.send(result.clone().map(|()| summary));
+        }
+    }
+}
+
+/// One page of this node's store for `peer`, after the cursor it sent; the first page
+/// also carries the held block lists.
+fn serve(ctx: &mut Context, block_lists: &BlockLists, peer: PeerId, request: SyncRequest) -> SyncResponse {
+    if !ctx.admit(peer, Api::Sync) {
+        return SyncResponse::RateLimited;
+    }
+    let after = request.after.as_deref().and_then(|b| PeerId::from_bytes(b).ok());
+    let max_items = request.max_items.clamp(1, SYNC_MAX_PAGE_ITEMS) as usize;
+    let (adverts, next) = ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now_unix_ms());
+    let lists = if after.is_none() { block_lists.for_sync() } else { Vec::new() };
+    SyncResponse::Page { adverts: adverts.into_iter().map(Envelope).collect(), next: next.map(|p| p.to_bytes()), lists }
+}
