@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::network::rate_limit::TokenBucket;
 use crate::provider::ProviderLeases;
 use crate::provider::audit::AuditLog;
+use crate::provider::reachability::SharedReachability;
 
 /// A request line is small; anything longer is refused.
 const MAX_REQUEST: usize = 4096;
@@ -106,7 +107,7 @@ pub fn serve(
     leases: ProviderLeases,
     info: NodeInfo,
     audit: Option<Arc<AuditLog>>,
-    reachability: crate::provider::daemon::SharedReachability,
+    reachability: SharedReachability,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     // A socket left by a killed provider is ours to replace (the directory is 0700).
     let _ = std::fs::remove_file(path);
@@ -134,7 +135,7 @@ struct Ctx {
     audit: Option<Arc<AuditLog>>,
     me: u32,
     bucket: std::sync::Mutex<Option<TokenBucket>>,
-    reachability: crate::provider::daemon::SharedReachability,
+    reachability: SharedReachability,
 }
 
 impl Ctx {

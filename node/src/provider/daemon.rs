@@ -17,11 +17,13 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::now_unix_ms;
 use crate::metrics::Metrics;
 use crate::network::{Node, NodeConfig, Role};
+use crate::provider::ProviderLeases;
 use crate::provider::admin;
 use crate::provider::audit::{self, AuditLog};
 use crate::provider::config::ProviderConfig;
 use crate::provider::lease::db::ProviderDb;
 use crate::provider::lease::{LeaseManager, LeaseTerms};
+use crate::provider::reachability::SharedReachability;
 
 /// Capacity changes are re-advertised at most this often (DESIGN section 5).
 const MIN_CAPACITY_REPUBLISH: Duration = Duration::from_secs(5);
@@ -55,9 +57,6 @@ pub enum ProviderError {
     )]
     Delegation(peervm_protocol::DelegationError),
 }
-
-/// The provider's concrete lease manager.
-pub type ProviderLeases = LeaseManager<QemuHypervisor>;
 
 /// Issues strictly increasing seqs: the wall clock in ms, bumped past the last one, so
 /// a restarted provider's adverts still supersede the ones it sent before.
@@ -347,9 +346,6 @@ fn summarise(report: &serde_json::Value) -> Option<peervm_protocol::Reachability
         ssh_reachable: state("ssh", &["open", "closed"]),
     })
 }
-
-/// What the last port verification found, for `peervm provider status` and `doctor`.
-pub type SharedReachability = Arc<std::sync::Mutex<Option<serde_json::Value>>>;
 
 /// Port verification: shortly after start and every 10 minutes, asks up to two connected
 /// peers to dial this provider back on its libp2p TCP port and the ends of its SSH port
