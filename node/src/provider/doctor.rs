@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::provider::admin::{AdminReply, AdminRequest, AdminResult};
 use crate::provider::config::ProviderConfig;
 use crate::provider::reachability::{PortReport, state_name};
 use crate::secure_fs;
@@ -293,16 +294,13 @@ fn check_ssh_ports(config: &ProviderConfig) -> Check {
 /// peers dialed its libp2p and SSH ports back), else a static look at the config.
 async fn check_reachability(config: &ProviderConfig, data_dir: &Path) -> Check {
     let socket = crate::provider::admin::socket_path(data_dir);
-    let status = tokio::time::timeout(
-        Duration::from_secs(5),
-        crate::provider::admin::call(&socket, &crate::provider::admin::AdminRequest::Status),
-    )
-    .await;
-    if let Ok(Ok(reply)) = status
-        && let Some(report) = reply.result.get("reachability").filter(|r| !r.is_null())
-        && let Ok(report) = serde_json::from_value::<PortReport>(report.clone())
+    let status =
+        tokio::time::timeout(Duration::from_secs(5), crate::provider::admin::call(&socket, &AdminRequest::Status))
+            .await;
+    if let Ok(Ok(AdminReply::Ok(AdminResult::Status(status)))) = status
+        && let Some(report) = &status.reachability
     {
-        return verified_reachability(&report);
+        return verified_reachability(report);
     }
     let mut check = static_reachability(config);
     check.detail.push_str(" (no dial-back result: the provider is not running, or no peer has checked yet)");
