@@ -25,7 +25,8 @@ use crate::provider::lease::db::ProviderDb;
 use crate::provider::lease::{LeaseManager, LeaseTerms};
 use crate::provider::reachability::{PortReport, SharedReachability, spawn_port_check};
 
-/// Capacity changes are re-advertised at most this often (DESIGN section 5).
+/// Capacity changes are re-advertised at most this often (docs/architecture.md,
+/// "Provider daemon"): a burst of leases must not become a burst of adverts.
 const MIN_CAPACITY_REPUBLISH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]

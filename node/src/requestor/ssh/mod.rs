@@ -1,12 +1,12 @@
 //! SSH for leased guests: the lease's key pair, the pinned host key (no trust on first
-//! use: the key comes from the provider's signed grant, invariant 6), OpenSSH options and
-//! config, and a built-in client for `peervm exec`. SECURITY.md lists the invariants.
+//! use: the key comes from the provider's signed grant, SECURITY.md invariant 6),
+//! OpenSSH options and config, and a built-in client for `peervm exec`.
 //!
 //! Everything that reaches the guest uses the lease key only, with password and
-//! keyboard-interactive login off (invariant 5), and accepts exactly one host key: the
-//! ed25519 key in the grant (invariant 6). OpenSSH gets it through a known_hosts file of
-//! one line filed under a per-lease `HostKeyAlias`, so neither the provider's address nor
-//! its port decide which key is accepted.
+//! keyboard-interactive login off (SECURITY.md invariant 5), and accepts exactly one
+//! host key: the ed25519 key in the grant (invariant 6). OpenSSH gets it through a
+//! known_hosts file of one line filed under a per-lease `HostKeyAlias`, so neither the
+//! provider's address nor its port decide which key is accepted.
 //!
 //! `keys.rs`: the lease key pair; `target.rs`: where the guest is and its checks;
 //! `openssh.rs`: what OpenSSH is given (known_hosts, a config block, arguments);
@@ -58,7 +58,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SshError + '_ {
     move |source| SshError::Io { path: path.to_path_buf(), source }
 }
 
-/// `path` made absolute (OpenSSH reads paths in its config relative to nothing useful).
+/// `path` made absolute: it is stored with the lease and written into OpenSSH options,
+/// which must not depend on the directory a later command runs in.
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
