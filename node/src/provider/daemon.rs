@@ -53,6 +53,9 @@ pub enum ProviderError {
     Fs(#[from] crate::secure_fs::SecureFsError),
     #[error(transparent)]
     Admin(#[from] crate::provider::admin::AdminError),
+    /// The daemon could not install its SIGTERM handler (it stops on SIGTERM).
+    #[error("cannot handle SIGTERM")]
+    Signal(#[source] std::io::Error),
     #[error(
         "[advert] delegation: {0}; ask the owner for a new one: peervm owner delegate --node <this node's peer id>"
     )]
@@ -254,8 +257,8 @@ impl Provider {
 
     /// Runs until SIGINT or SIGTERM, then withdraws the advert and stops.
     pub async fn run_until_signal(mut self) -> Result<(), ProviderError> {
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| crate::network::NetworkError::Build(format!("cannot handle SIGTERM: {e}")))?;
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ProviderError::Signal)?;
         let mut free_rx = self.free_tx.subscribe();
         let mut last_capacity_publish = tokio::time::Instant::now();
         loop {

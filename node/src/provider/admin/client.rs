@@ -11,10 +11,10 @@ use super::protocol::{AdminReply, AdminRequest};
 
 /// Sends one request to the provider at `path` and returns its reply.
 pub async fn call(path: &Path, request: &AdminRequest) -> Result<AdminReply, AdminError> {
-    let protocol = |reason: String| AdminError::Protocol { path: path.to_path_buf(), reason };
+    let path_buf = || path.to_path_buf();
     let mut stream =
-        UnixStream::connect(path).await.map_err(|source| AdminError::Connect { path: path.to_path_buf(), source })?;
-    let mut line = serde_json::to_string(request).map_err(|e| protocol(e.to_string()))?;
+        UnixStream::connect(path).await.map_err(|source| AdminError::Connect { path: path_buf(), source })?;
+    let mut line = serde_json::to_string(request).map_err(|source| AdminError::Request { path: path_buf(), source })?;
     line.push('\n');
     // A refused connection is answered and closed at once: the write can then fail,
     // and the refusal is still there to read.
@@ -23,13 +23,19 @@ pub async fn call(path: &Path, request: &AdminRequest) -> Result<AdminReply, Adm
     let mut answer = String::new();
     let read = tokio::time::timeout(Duration::from_secs(120), reader.read_line(&mut answer))
         .await
-        .map_err(|_| protocol("no answer within 120 s".into()))?;
+        .map_err(|_| AdminError::Protocol { path: path_buf(), reason: "no answer within 120 s".into() })?;
     if answer.trim().is_empty() {
-        let reason = match (written, read) {
-            (Err(e), _) | (_, Err(e)) => e.to_string(),
-            _ => "the provider closed the connection without an answer".into(),
-        };
-        return Err(protocol(reason));
+        return Err(match (written, read) {
+            (Err(source), _) | (_, Err(source)) => AdminError::Io { path: path_buf(), source },
+            _ => AdminError::Protocol {
+                path: path_buf(),
+                reason: "the provider closed the connection without an answer".into(),
+            },
+        });
     }
-    AdminReply::from_line(request, answer.trim()).map_err(|e| protocol(format!("bad answer {answer:?}: {e}")))
+    AdminReply::from_line(request, answer.trim()).map_err(|source| AdminError::BadAnswer {
+        path: path_buf(),
+        answer,
+        source,
+    })
 }

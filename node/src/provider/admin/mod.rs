@@ -30,6 +30,26 @@ pub enum AdminError {
     Connect { path: PathBuf, source: std::io::Error },
     #[error("admin socket {path}: {reason}")]
     Protocol { path: PathBuf, reason: String },
+    #[error("admin socket {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: cannot encode the request")]
+    Request {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The reply line is not JSON, or not a reply to the request sent.
+    #[error("admin socket {path}: bad answer {answer:?}")]
+    BadAnswer {
+        path: PathBuf,
+        answer: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// The socket of a provider's data directory.

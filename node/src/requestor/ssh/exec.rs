@@ -84,10 +84,6 @@ fn printable(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(80).collect()
 }
 
-fn protocol(e: russh::Error) -> SshError {
-    SshError::Protocol(e.to_string())
-}
-
 /// Runs `command` in the guest with the built-in client and returns its exit status;
 /// see [`exec_with`]. Local stdin is not forwarded: the command reads end-of-file.
 pub async fn exec(
@@ -141,27 +137,24 @@ pub async fn exec_with(
     // A refused host key ends the handshake with an error; the handler kept what it saw.
     let connect_error = |e: russh::Error| match presented.lock().unwrap_or_else(|p| p.into_inner()).take() {
         Some(p) => SshError::HostKeyMismatch { expected: host_key_line(&target.host_key), presented: p },
-        None => SshError::Connect { addr: addr.clone(), reason: e.to_string() },
+        None => SshError::Connect { addr: addr.clone(), source: e },
     };
     let start = async {
         let mut handle =
             client::connect(config, (target.host.as_str(), target.port), handler).await.map_err(connect_error)?;
-        let auth = handle.authenticate_publickey(target.user.as_str(), key).await.map_err(protocol)?;
+        let auth = handle.authenticate_publickey(target.user.as_str(), key).await.map_err(SshError::Protocol)?;
         if !auth.success() {
             let _ = handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
             return Err(SshError::Auth { user: target.user.clone() });
         }
-        let channel = handle.channel_open_session().await.map_err(protocol)?;
-        channel.exec(true, command).await.map_err(protocol)?;
+        let channel = handle.channel_open_session().await.map_err(SshError::Protocol)?;
+        channel.exec(true, command).await.map_err(SshError::Protocol)?;
         Ok((handle, channel))
     };
     let (handle, channel) = match tokio::time::timeout(opts.connect_timeout, start).await {
         Ok(started) => started?,
         Err(_) => {
-            return Err(SshError::Connect {
-                addr,
-                reason: format!("no SSH session within {} s", opts.connect_timeout.as_secs_f64()),
-            });
+            return Err(SshError::ConnectTimeout { addr, secs: opts.connect_timeout.as_secs_f64() });
         }
     };
 
@@ -219,7 +212,7 @@ pub async fn exec_with(
     }
     let _ = handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
     if refused {
-        return Err(SshError::Protocol("the guest refused to run the command".into()));
+        return Err(SshError::CommandRefused);
     }
     status.ok_or(SshError::NoExitStatus { signal })
 }
@@ -277,7 +270,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let (_guest, t) = guest_with_lease_key(dir.path(), 1).await;
-        assert!(matches!(within(exec(&t, "no such command", &mut out, &mut err)).await, Err(SshError::Protocol(_))));
+        assert!(matches!(within(exec(&t, "no such command", &mut out, &mut err)).await, Err(SshError::CommandRefused)));
     }
 
     #[tokio::test]
@@ -335,9 +328,11 @@ mod tests {
         let opts = ExecOptions { connect_timeout: Duration::from_millis(300), ..Default::default() };
         let started = std::time::Instant::now();
         match within(exec_with(&t, "true", None, &mut out, &mut err, &opts)).await {
-            Err(SshError::Connect { addr, reason }) => {
-                assert_eq!(addr, format!("127.0.0.1:{}", t.port));
-                assert!(reason.contains("no SSH session"), "{reason}");
+            Err(e @ SshError::ConnectTimeout { .. }) => {
+                assert_eq!(
+                    e.to_string(),
+                    format!("cannot connect to 127.0.0.1:{}: no SSH session within 0.3 s", t.port)
+                );
             }
             other => panic!("{other:?}"),
         }

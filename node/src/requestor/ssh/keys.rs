@@ -45,7 +45,7 @@ pub(super) fn pub_path(path: &Path) -> PathBuf {
 pub(super) fn public_line(key: &PublicKey) -> Result<String, SshError> {
     key.to_openssh()
         .map(|s| s.trim_end().to_string())
-        .map_err(|e| SshError::Key(format!("cannot encode the public key: {e}")))
+        .map_err(|source| SshError::KeyFormat { what: "cannot encode the public key".into(), source })
 }
 
 fn ed25519_raw(key: &PublicKey) -> Result<[u8; 32], SshError> {
@@ -63,7 +63,9 @@ pub fn generate_key(path: &Path, comment: &str) -> Result<LeaseKey, SshError> {
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, seed.as_mut());
     let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
     key.set_comment(comment);
-    let pem = key.to_openssh(LineEnding::LF).map_err(|e| SshError::Key(format!("cannot encode the key: {e}")))?;
+    let pem = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|source| SshError::KeyFormat { what: "cannot encode the key".into(), source })?;
     let line = public_line(key.public_key())?;
     let public_raw = ed25519_raw(key.public_key())?;
     let pubp = pub_path(path);
@@ -118,8 +120,10 @@ pub(super) fn read_private_key(path: &Path) -> Result<PrivateKey, SshError> {
             path.display()
         )));
     }
-    let key = PrivateKey::from_openssh(text)
-        .map_err(|e| SshError::Key(format!("{} is not a readable OpenSSH private key: {e}", path.display())))?;
+    let key = PrivateKey::from_openssh(text).map_err(|source| SshError::KeyFormat {
+        what: format!("{} is not a readable OpenSSH private key", path.display()),
+        source,
+    })?;
     if key.algorithm() != Algorithm::Ed25519 {
         return Err(SshError::Key(format!(
             "{} is an {} key; peervm takes ssh-ed25519 keys only (ssh-keygen -t ed25519)",
@@ -141,8 +145,10 @@ pub fn load_key(path: &Path) -> Result<LeaseKey, SshError> {
     let pubp = pub_path(path);
     match std::fs::read_to_string(&pubp) {
         Ok(line) => {
-            let from_file = PublicKey::from_openssh(line.trim())
-                .map_err(|e| SshError::Key(format!("{} is not an OpenSSH public key: {e}", pubp.display())))?;
+            let from_file = PublicKey::from_openssh(line.trim()).map_err(|source| SshError::KeyFormat {
+                what: format!("{} is not an OpenSSH public key", pubp.display()),
+                source,
+            })?;
             if from_file.key_data() != public.key_data() {
                 return Err(SshError::Key(format!(
                     "{} does not hold the public key of {}; regenerate it with: ssh-keygen -y -f {} > {}",

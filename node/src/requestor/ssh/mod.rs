@@ -34,21 +34,37 @@ pub enum SshError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Key(String),
+    /// A key that OpenSSH's format cannot carry or that does not parse; `what` names the
+    /// key (and its file), the cause says why.
+    #[error("{what}")]
+    KeyFormat {
+        what: String,
+        #[source]
+        source: russh::keys::ssh_key::Error,
+    },
     #[error(
         "the guest presented the host key {presented}, but the provider's signed grant pinned {expected}; \
          refusing to connect (no credentials were sent)"
     )]
     HostKeyMismatch { expected: String, presented: String },
-    #[error("cannot connect to {addr}: {reason}")]
-    Connect { addr: String, reason: String },
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: russh::Error,
+    },
+    #[error("cannot connect to {addr}: no SSH session within {secs} s")]
+    ConnectTimeout { addr: String, secs: f64 },
     #[error("the guest refused the lease key for user `{user}`")]
     Auth { user: String },
     /// The lease's address, user or alias cannot be used safely (e.g. a host name with
     /// spaces or control characters from a provider's grant).
     #[error("unusable SSH target: {0}")]
     Target(String),
-    #[error("ssh: {0}")]
-    Protocol(String),
+    #[error("ssh")]
+    Protocol(#[source] russh::Error),
+    #[error("ssh: the guest refused to run the command")]
+    CommandRefused,
     #[error("the remote command ended without an exit status{}", .signal.as_ref().map(|s| format!(" (killed by {s})")).unwrap_or_default())]
     NoExitStatus { signal: Option<String> },
 }
