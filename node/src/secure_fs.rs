@@ -1,6 +1,7 @@
 //! Files and directories that hold keys and state: created with their final modes
 //! (0700 directories, 0600 files) in the same system call that creates them, never
-//! chmod-ed afterwards, and refused when another user could read them (invariant 10).
+//! chmod-ed afterwards, and refused when another user could read them (SECURITY.md
+//! invariant 10).
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::Write;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::bail;
-use peervm_node::provider::admin::{self, AdminRequest};
+use peervm_node::provider::admin::{self, AdminReply, AdminRequest, AdminResult};
 use peervm_node::provider::config::ProviderConfig;
 
 use super::provider::ProviderCommand;
@@ -30,13 +30,13 @@ pub async fn run(cmd: ProviderCommand, data_dir: &Path) -> anyhow::Result<ExitCo
         Some(path) => ProviderConfig::load(path)?.data_dir.unwrap_or_else(|| data_dir.to_path_buf()),
         None => data_dir.to_path_buf(),
     };
-    let reply = admin::call(&admin::socket_path(&dir), &request).await?;
-    if !reply.ok {
-        bail!("{}", reply.error.unwrap_or_else(|| "the provider refused".into()));
-    }
+    let result = match admin::call(&admin::socket_path(&dir), &request).await? {
+        AdminReply::Ok(result) => result,
+        AdminReply::Err(error) => bail!("{error}"),
+    };
     if args.json {
-        println!("{}", reply.result);
-    } else if let (AdminRequest::Leases, serde_json::Value::Array(list)) = (&request, &reply.result) {
+        println!("{}", result.to_json());
+    } else if let AdminResult::Leases(list) = &result {
         if list.is_empty() {
             println!("no leases");
         } else {
@@ -44,16 +44,16 @@ pub async fn run(cmd: ProviderCommand, data_dir: &Path) -> anyhow::Result<ExitCo
             for l in list {
                 println!(
                     "{:<32}  {:<12}  {:<8}  {:<14}  {}",
-                    l["lease"].as_str().unwrap_or("?"),
-                    l["state"].as_str().unwrap_or("?"),
-                    if l["isolated"].as_bool().unwrap_or(false) { "yes" } else { "" },
-                    format_time(l["ends_at_unix_ms"].as_u64().unwrap_or(0)),
-                    l["requestor"].as_str().unwrap_or("?"),
+                    l.lease,
+                    l.state.as_str(),
+                    if l.isolated { "yes" } else { "" },
+                    format_time(l.ends_at_unix_ms),
+                    l.requestor,
                 );
             }
         }
     } else {
-        println!("{}", serde_json::to_string_pretty(&reply.result).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(&result.to_json()).unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
 }

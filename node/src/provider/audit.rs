@@ -1,7 +1,8 @@
-//! The audit log (DESIGN section 9): append-only JSON lines, one per security-relevant
-//! event (lease requests and their outcome, control messages, admin calls, signature
-//! failures, bans), each with its time and the peer. The file is created 0600 and rotated
-//! by size: `audit.log` -> `audit.log.1` -> ... -> `audit.log.<keep>`, the oldest dropped.
+//! The audit log (SECURITY.md, "Hardening notes"; docs/architecture.md, "Admin API and
+//! audit"): append-only JSON lines, one per security-relevant event (lease requests and
+//! their outcome, control messages, admin calls, signature failures, bans), each with its
+//! time and the peer. The file is created 0600 and rotated by size: `audit.log` ->
+//! `audit.log.1` -> ... -> `audit.log.<keep>`, the oldest dropped.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

@@ -14,8 +14,13 @@ use crate::units;
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// The TOML does not parse or does not fit the schema; the cause names the line.
+    #[error("config {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("config {path}: {field}: {message}")]
     Invalid { path: PathBuf, field: &'static str, message: String },
 }
@@ -191,8 +196,7 @@ impl ProviderConfig {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         let invalid = |field: &'static str, message: String| ConfigError::Invalid { path: path.into(), field, message };
         let base = path.parent().unwrap_or(Path::new("."));
 

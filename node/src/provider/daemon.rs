@@ -17,13 +17,16 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::now_unix_ms;
 use crate::metrics::Metrics;
 use crate::network::{Node, NodeConfig, Role};
+use crate::provider::ProviderLeases;
 use crate::provider::admin;
 use crate::provider::audit::{self, AuditLog};
 use crate::provider::config::ProviderConfig;
 use crate::provider::lease::db::ProviderDb;
 use crate::provider::lease::{LeaseManager, LeaseTerms};
+use crate::provider::reachability::{PortReport, SharedReachability, spawn_port_check};
 
-/// Capacity changes are re-advertised at most this often (DESIGN section 5).
+/// Capacity changes are re-advertised at most this often (docs/architecture.md,
+/// "Provider daemon"): a burst of leases must not become a burst of adverts.
 const MIN_CAPACITY_REPUBLISH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +53,14 @@ pub enum ProviderError {
     Fs(#[from] crate::secure_fs::SecureFsError),
     #[error(transparent)]
     Admin(#[from] crate::provider::admin::AdminError),
+    /// The daemon could not install its SIGTERM handler (it stops on SIGTERM).
+    #[error("cannot handle SIGTERM")]
+    Signal(#[source] std::io::Error),
     #[error(
         "[advert] delegation: {0}; ask the owner for a new one: peervm owner delegate --node <this node's peer id>"
     )]
     Delegation(peervm_protocol::DelegationError),
 }
-
-/// The provider's concrete lease manager.
-pub type ProviderLeases = LeaseManager<QemuHypervisor>;
 
 /// Issues strictly increasing seqs: the wall clock in ms, bumped past the last one, so
 /// a restarted provider's adverts still supersede the ones it sent before.
@@ -235,7 +238,8 @@ impl Provider {
         let free = *self.free_tx.borrow();
         let mut advert = self.config.advert(&self.key, seq, now, self.accel, free, &self.node.listen_addrs);
         advert.withdrawn = withdrawn;
-        advert.reachability = self.reachability.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(summarise);
+        advert.reachability =
+            self.reachability.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(PortReport::summary);
         Ok(Signed::sign(&self.key, &advert)?)
     }
 
@@ -253,8 +257,8 @@ impl Provider {
 
     /// Runs until SIGINT or SIGTERM, then withdraws the advert and stops.
     pub async fn run_until_signal(mut self) -> Result<(), ProviderError> {
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| crate::network::NetworkError::Build(format!("cannot handle SIGTERM: {e}")))?;
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ProviderError::Signal)?;
         let mut free_rx = self.free_tx.subscribe();
         let mut last_capacity_publish = tokio::time::Instant::now();
         loop {
@@ -332,92 +336,6 @@ async fn select_accel(
             },
         }),
     }
-}
-
-/// The advert's short form of a port verification report.
-fn summarise(report: &serde_json::Value) -> Option<peervm_protocol::Reachability> {
-    let ports = report["ports"].as_array()?;
-    let state = |kind: &str, ok: &[&str]| {
-        let of_kind: Vec<_> = ports.iter().filter(|p| p["kind"] == kind).collect();
-        !of_kind.is_empty() && of_kind.iter().all(|p| p["state"].as_str().is_some_and(|s| ok.contains(&s)))
-    };
-    Some(peervm_protocol::Reachability {
-        checked_at_unix_ms: report["checked_at_unix_ms"].as_u64()?,
-        libp2p_open: state("libp2p", &["open"]),
-        ssh_reachable: state("ssh", &["open", "closed"]),
-    })
-}
-
-/// What the last port verification found, for `peervm provider status` and `doctor`.
-pub type SharedReachability = Arc<std::sync::Mutex<Option<serde_json::Value>>>;
-
-/// Port verification: shortly after start and every 10 minutes, asks up to two connected
-/// peers to dial this provider back on its libp2p TCP port and the ends of its SSH port
-/// range (`/peervm/dialback/1`), and records and logs what they saw.
-fn spawn_port_check(
-    config: &ProviderConfig,
-    node: &Node,
-    out: SharedReachability,
-    done: Arc<tokio::sync::Notify>,
-) -> tokio::task::JoinHandle<()> {
-    use crate::network::dialback::{DialBackRequest, DialBackResponse, PortState};
-    let client = node.client.clone();
-    let mut ports: Vec<(u16, &'static str)> = node
-        .listen_addrs
-        .iter()
-        .filter_map(|a| {
-            a.iter().find_map(|p| match p {
-                libp2p::multiaddr::Protocol::Tcp(port) => Some((port, "libp2p")),
-                _ => None,
-            })
-        })
-        .take(2)
-        .collect();
-    ports.push((config.ssh.port_min, "ssh"));
-    ports.push((config.ssh.port_max, "ssh"));
-    ports.retain(|(p, _)| *p >= 1024);
-    ports.dedup_by_key(|(p, _)| *p);
-    tokio::spawn(async move {
-        let mut wait = Duration::from_secs(5);
-        loop {
-            tokio::time::sleep(wait).await;
-            wait = Duration::from_secs(600);
-            let Ok(peers) = client.connected_peers().await else { return };
-            let request = DialBackRequest { ip: None, ports: ports.iter().map(|(p, _)| *p).collect() };
-            for peer in peers.into_iter().take(2) {
-                match client.dial_back(peer, request.clone()).await {
-                    Ok(DialBackResponse::Result { observed_ip, ports: seen }) => {
-                        let kind = |port: u16| ports.iter().find(|(p, _)| *p == port).map_or("?", |(_, k)| *k);
-                        for (port, state) in &seen {
-                            let reachable = matches!(
-                                (kind(*port), state),
-                                ("libp2p", PortState::Open) | ("ssh", PortState::Open | PortState::Closed)
-                            );
-                            if reachable {
-                                tracing::info!(%peer, %observed_ip, port, ?state, "port verified from outside");
-                            } else {
-                                tracing::warn!(%peer, %observed_ip, port, ?state, kind = kind(*port),
-                                    "port not reachable from outside");
-                            }
-                        }
-                        let report = serde_json::json!({
-                            "checked_at_unix_ms": now_unix_ms(),
-                            "by": peer.to_string(),
-                            "observed_ip": observed_ip,
-                            "ports": seen.iter().map(|(p, s)| serde_json::json!({"port": p, "kind": kind(*p), "state": s})).collect::<Vec<_>>(),
-                        });
-                        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
-                        done.notify_one();
-                        break;
-                    }
-                    Ok(DialBackResponse::Refused { reason }) => {
-                        tracing::debug!(%peer, %reason, "dial-back refused");
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "dial-back failed"),
-                }
-            }
-        }
-    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::provider::admin::{AdminReply, AdminRequest, AdminResult};
 use crate::provider::config::ProviderConfig;
+use crate::provider::reachability::{PortReport, state_name};
 use crate::secure_fs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -292,47 +294,35 @@ fn check_ssh_ports(config: &ProviderConfig) -> Check {
 /// peers dialed its libp2p and SSH ports back), else a static look at the config.
 async fn check_reachability(config: &ProviderConfig, data_dir: &Path) -> Check {
     let socket = crate::provider::admin::socket_path(data_dir);
-    let status = tokio::time::timeout(
-        Duration::from_secs(5),
-        crate::provider::admin::call(&socket, &crate::provider::admin::AdminRequest::Status),
-    )
-    .await;
-    if let Ok(Ok(reply)) = status
-        && let Some(report) = reply.result.get("reachability").filter(|r| !r.is_null())
+    let status =
+        tokio::time::timeout(Duration::from_secs(5), crate::provider::admin::call(&socket, &AdminRequest::Status))
+            .await;
+    if let Ok(Ok(AdminReply::Ok(AdminResult::Status(status)))) = status
+        && let Some(report) = &status.reachability
     {
-        let ports = report["ports"].as_array().cloned().unwrap_or_default();
-        let bad: Vec<String> = ports
-            .iter()
-            .filter(|p| {
-                !matches!(
-                    (p["kind"].as_str(), p["state"].as_str()),
-                    (Some("libp2p"), Some("open")) | (Some("ssh"), Some("open" | "closed"))
-                )
-            })
-            .map(|p| {
-                format!(
-                    "{} port {} {}",
-                    p["kind"].as_str().unwrap_or("?"),
-                    p["port"],
-                    p["state"].as_str().unwrap_or("?")
-                )
-            })
-            .collect();
-        let by = report["by"].as_str().unwrap_or("a peer");
-        let ip = report["observed_ip"].as_str().unwrap_or("?");
-        return if bad.is_empty() {
-            pass("reachability", format!("{by} dialed {ip} back: libp2p port open, SSH port range not filtered"))
-        } else {
-            fail(
-                "reachability",
-                format!("{by} dialed {ip} back: {}", bad.join(", ")),
-                "open these TCP ports in the host's and the network's firewall (and forward them through NAT)",
-            )
-        };
+        return verified_reachability(report);
     }
     let mut check = static_reachability(config);
     check.detail.push_str(" (no dial-back result: the provider is not running, or no peer has checked yet)");
     check
+}
+
+/// The verdict on a dial-back report: every port passes
+/// [`reachable`](crate::provider::reachability::PortProbe::reachable), or the
+/// ones that do not are named with the fix.
+fn verified_reachability(report: &PortReport) -> Check {
+    let bad: Vec<String> =
+        report.unreachable().map(|p| format!("{} port {} {}", p.kind.as_str(), p.port, state_name(p.state))).collect();
+    let (by, ip) = (&report.by, &report.observed_ip);
+    if bad.is_empty() {
+        pass("reachability", format!("{by} dialed {ip} back: libp2p port open, SSH port range not filtered"))
+    } else {
+        fail(
+            "reachability",
+            format!("{by} dialed {ip} back: {}", bad.join(", ")),
+            "open these TCP ports in the host's and the network's firewall (and forward them through NAT)",
+        )
+    }
 }
 
 fn static_reachability(config: &ProviderConfig) -> Check {
@@ -393,6 +383,32 @@ mod tests {
         assert_eq!(ephemeral_overlap((32000, 33000), (32768, 60999)), Some((32768, 33000)));
         assert_eq!(ephemeral_overlap((60999, 61010), (32768, 60999)), Some((60999, 60999)));
         assert_eq!(ephemeral_overlap((61000, 61010), (32768, 60999)), None);
+    }
+
+    #[test]
+    fn a_dial_back_report_passes_or_names_the_unreachable_ports() {
+        use crate::network::dialback::PortState;
+        use crate::provider::reachability::{PortKind, PortProbe};
+        let mut report = PortReport {
+            by: "12D3KooWpeer".into(),
+            checked_at_unix_ms: 1,
+            observed_ip: "198.51.100.7".into(),
+            ports: vec![
+                PortProbe { kind: PortKind::Libp2p, port: 4001, state: PortState::Open },
+                PortProbe { kind: PortKind::Ssh, port: 22000, state: PortState::Closed },
+            ],
+        };
+        let ok = verified_reachability(&report);
+        assert_eq!(ok.verdict, Verdict::Pass);
+        assert_eq!(ok.detail, "12D3KooWpeer dialed 198.51.100.7 back: libp2p port open, SSH port range not filtered");
+        report.ports[0].state = PortState::Closed;
+        report.ports.push(PortProbe { kind: PortKind::Ssh, port: 22099, state: PortState::Filtered });
+        let bad = verified_reachability(&report);
+        assert_eq!(bad.verdict, Verdict::Fail);
+        assert_eq!(
+            bad.detail,
+            "12D3KooWpeer dialed 198.51.100.7 back: libp2p port 4001 closed, ssh port 22099 filtered"
+        );
     }
 
     #[test]

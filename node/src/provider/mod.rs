@@ -7,5 +7,9 @@ pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod lease;
+pub mod reachability;
 
-pub use daemon::{Provider, ProviderError, ProviderLeases};
+pub use daemon::{Provider, ProviderError};
+
+/// The provider's concrete lease manager: the daemon builds it, the admin API drives it.
+pub type ProviderLeases = lease::LeaseManager<peervm_vmm::QemuHypervisor>;

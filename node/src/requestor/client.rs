@@ -43,6 +43,9 @@ pub enum RequestorError {
     Denied { reason: DenyReason, detail: String },
     #[error("the provider's reply is not valid: {0}")]
     BadReply(String),
+    /// The reply's envelope does not open (size, encoding, signature, version).
+    #[error("the provider's reply is not valid")]
+    BadReplyEnvelope(#[source] peervm_protocol::VerifyError),
     #[error("the provider answered with {0}, which does not answer this message")]
     UnexpectedReply(String),
     #[error("lease {id} is {state:?}; {what}")]
@@ -268,7 +271,7 @@ impl Requestor {
         let reply = match open_reply(&bytes, a.provider, self.key.peer_id(), id, digest) {
             Ok(r) => r,
             Err(e) => {
-                self.db.set_state(&id, LeaseState::Failed, &e.to_string())?;
+                self.db.set_state(&id, LeaseState::Failed, &with_causes(&e))?;
                 return Err(e);
             }
         };
@@ -439,6 +442,18 @@ fn choose_offer(
     }
 }
 
+/// `e` and its causes, as `peervm` prints an error: "what failed: why: ...".
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Verifies a reply: signed by the provider we asked, to us, about this lease, answering
 /// exactly the message we sent.
 fn open_reply(
@@ -448,7 +463,7 @@ fn open_reply(
     id: LeaseId,
     digest: [u8; 32],
 ) -> Result<LeaseReply, RequestorError> {
-    let verified = Signed::<LeaseReply>::open(bytes).map_err(|e| RequestorError::BadReply(e.to_string()))?;
+    let verified = Signed::<LeaseReply>::open(bytes).map_err(RequestorError::BadReplyEnvelope)?;
     let reply = verified.body();
     if reply.provider != provider {
         return Err(RequestorError::BadReply(format!("signed by {}, not by the provider {provider}", reply.provider)));
