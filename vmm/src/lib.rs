@@ -18,7 +18,6 @@ mod qmp;
 pub mod readiness;
 pub mod seed;
 pub mod spec;
-mod state;
 
 pub use accel::{Accel, AccelPolicy, KvmProbe, ProbeOptions, probe_kvm, select_accel};
 pub use cgroup::{CgroupLayout, CgroupLimits, CgroupUsage, LeaseCgroup};
