@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::accel::Accel;
 use crate::error::VmmError;
-use crate::spec::{LeaseId, VmSpec};
+use crate::lease_id::LeaseId;
+use crate::spec::VmSpec;
 
 /// A guest that is up and whose sshd presented the provisioned host key.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -20,7 +20,8 @@ use std::str::FromStr;
 
 use crate::error::VmmError;
 use crate::host_command::run;
-use crate::spec::{EgressPolicy, LeaseId};
+use crate::lease_id::LeaseId;
+use crate::spec::EgressPolicy;
 
 /// Destinations a guest never reaches, under either egress policy: "this network",
 /// RFC 1918, CGNAT, loopback, link-local (incl. the cloud metadata address

@@ -16,79 +16,7 @@ use zeroize::Zeroizing;
 
 use crate::error::VmmError;
 use crate::image::GuestImage;
-
-/// A lease's 128-bit identifier; shown and stored as 32 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseId([u8; 16]);
-
-impl LeaseId {
-    pub fn from_bytes(bytes: [u8; 16]) -> Self {
-        LeaseId(bytes)
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 16] {
-        &self.0
-    }
-
-    pub fn random() -> Self {
-        LeaseId(rand::random())
-    }
-
-    /// 32 lowercase hex digits.
-    pub fn hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// The first `n` hex digits: names with a length limit (interface names, 15 bytes)
-    /// carry this prefix. 12 digits (48 bits) make a clash between two live leases of
-    /// one host improbable, and a clash is caught when the interface is created.
-    pub fn short_hex(&self, n: usize) -> String {
-        let mut s = self.hex();
-        s.truncate(n.min(32));
-        s
-    }
-}
-
-impl fmt::Display for LeaseId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.hex())
-    }
-}
-
-impl fmt::Debug for LeaseId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LeaseId({})", self.hex())
-    }
-}
-
-impl FromStr for LeaseId {
-    type Err = VmmError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        // exactly 32 lowercase hex digits: the id is also a file and device name, so one
-        // spelling per lease
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(VmmError::InvalidSpec(format!("lease id {s:?} is not 32 lowercase hex digits")));
-        }
-        let mut out = [0u8; 16];
-        hex::decode_to_slice(s, &mut out)
-            .map_err(|e| VmmError::InvalidSpec(format!("lease id {s:?} is not hex: {e}")))?;
-        Ok(LeaseId(out))
-    }
-}
-
-impl Serialize for LeaseId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for LeaseId {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+use crate::lease_id::LeaseId;
 
 /// The requestor's SSH public key in canonical OpenSSH form (`ssh-ed25519 <base64>
 /// [comment]`). Only ed25519 keys (DESIGN section 7); the comment is reduced to a safe
@@ -319,17 +247,6 @@ pub fn validate_user_name(name: &str) -> Result<(), VmmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lease_id_round_trips_and_rejects_bad_text() {
-        let id = LeaseId::from_bytes([0xab; 16]);
-        assert_eq!(id.hex(), "ab".repeat(16));
-        assert_eq!(id.hex().parse::<LeaseId>().ok(), Some(id));
-        assert_eq!(id.short_hex(12), "abababababab");
-        for bad in ["", "AB".repeat(16).as_str(), &"a".repeat(31), &"g".repeat(32), &"a".repeat(33)] {
-            assert!(bad.parse::<LeaseId>().is_err(), "{bad:?} accepted");
-        }
-    }
 
     #[test]
     fn authorized_key_is_canonicalised() {

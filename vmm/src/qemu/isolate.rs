@@ -4,7 +4,7 @@
 use super::QemuHypervisor;
 use crate::error::VmmError;
 use crate::host_command::run;
-use crate::spec::LeaseId;
+use crate::lease_id::LeaseId;
 
 impl QemuHypervisor {
     pub(super) async fn isolate_lease(&self, lease: LeaseId) -> Result<(), VmmError> {

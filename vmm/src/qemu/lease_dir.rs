@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
 use crate::error::VmmError;
-use crate::spec::{EgressPolicy, LeaseId};
+use crate::lease_id::LeaseId;
+use crate::spec::EgressPolicy;
 
 pub(super) const RECORD_FILE: &str = "lease.json";
 pub(super) const OVERLAY_FILE: &str = "overlay.qcow2";

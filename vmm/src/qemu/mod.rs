@@ -37,8 +37,9 @@ use crate::accel::Accel;
 use crate::cgroup::{CPU_PERIOD_US, CgroupLayout, CgroupLimits, LeaseCgroup};
 use crate::error::VmmError;
 use crate::hypervisor::{Hypervisor, ReconcileReport, RunningVm, VmStatus, VmUsage};
+use crate::lease_id::LeaseId;
 use crate::qemu_user::QemuUser;
-use crate::spec::{LeaseId, VmSpec};
+use crate::spec::VmSpec;
 
 /// The QEMU backend.
 #[derive(Clone)]

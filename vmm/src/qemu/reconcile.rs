@@ -17,8 +17,8 @@ use crate::error::VmmError;
 use crate::forward::{ForwardCounters, SshForwarder};
 use crate::host_command::run;
 use crate::hypervisor::{ReconcileReport, RunningVm};
+use crate::lease_id::LeaseId;
 use crate::network;
-use crate::spec::LeaseId;
 
 impl QemuHypervisor {
     pub(super) async fn reconcile_leases(&self, live: &[LeaseId]) -> Result<ReconcileReport, VmmError> {

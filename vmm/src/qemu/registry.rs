@@ -15,7 +15,7 @@ use crate::cgroup::LeaseCgroup;
 use crate::error::VmmError;
 use crate::forward::{ForwardCounters, SshForwarder};
 use crate::hypervisor::RunningVm;
-use crate::spec::LeaseId;
+use crate::lease_id::LeaseId;
 
 pub(super) enum Entry {
     /// Being provisioned or torn down: its slot is taken, nothing else is usable.

@@ -8,8 +8,8 @@ use super::QemuHypervisor;
 use super::lease_dir::{LeaseRecord, QMP_FILE};
 use crate::error::VmmError;
 use crate::hypervisor::{GuestState, VmStatus, VmUsage};
+use crate::lease_id::LeaseId;
 use crate::qmp;
-use crate::spec::LeaseId;
 
 impl QemuHypervisor {
     pub(super) async fn lease_status(&self, lease: LeaseId) -> Result<VmStatus, VmmError> {

@@ -9,9 +9,9 @@ use super::lease_dir::QMP_FILE;
 use super::process::kill_guest_processes;
 use crate::cgroup::LeaseCgroup;
 use crate::error::VmmError;
+use crate::lease_id::LeaseId;
 use crate::network;
 use crate::qmp;
-use crate::spec::LeaseId;
 
 impl QemuHypervisor {
     pub(super) async fn stop_lease(&self, lease: LeaseId) -> Result<(), VmmError> {
