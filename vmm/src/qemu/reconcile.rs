@@ -158,7 +158,7 @@ impl QemuHypervisor {
         for cg in self.inner.cgroups.list_children(names.long()) {
             if unowned(&cg) {
                 let what = format!("cgroup {}/{cg}", names.long());
-                match LeaseCgroup::new(self.inner.cgroups.clone(), names.long(), &cg).destroy() {
+                match LeaseCgroup::new(self.inner.cgroups.clone(), names.long(), &cg).destroy().await {
                     Ok(()) => report.removed_objects.push(what),
                     Err(e) => report.failed.push(format!("{what}: {e}")),
                 }

@@ -45,12 +45,13 @@ impl QemuHypervisor {
         if let Err(e) = network::teardown_names(Some(&name), Some(&name), Some(&cfg.names.host_if(&lease))).await {
             first_error.get_or_insert(e);
         }
-        if let Err(e) = self.lease_cgroup(&lease).destroy() {
+        if let Err(e) = self.lease_cgroup(&lease).destroy().await {
             first_error.get_or_insert(e);
         }
         let dir = self.lease_dir(lease);
+        // on a blocking thread: unlinking a large overlay can take a while
         if dir.exists()
-            && let Err(e) = fs::remove_dir_all(&dir)
+            && let Err(e) = tokio::fs::remove_dir_all(&dir).await
         {
             first_error.get_or_insert(VmmError::io("cannot remove", &dir, e));
         }
