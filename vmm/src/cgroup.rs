@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::VmmError;
+use crate::procfs;
 
 /// The CFS period we use: 100 ms, the kernel default; quota is expressed against it.
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -38,8 +39,7 @@ impl CgroupLayout {
     /// hierarchy (a controller bound to v1 is absent from v2, e.g. hybrid hosts with an
     /// empty /sys/fs/cgroup/unified); otherwise the cgroup2 mount is used.
     pub fn detect() -> Result<Self, VmmError> {
-        let text = fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| VmmError::io("cannot read", "/proc/self/mountinfo", e))?;
+        let text = procfs::self_mountinfo().map_err(|e| VmmError::io("cannot read", procfs::SELF_MOUNTINFO, e))?;
         Self::from_mountinfo(&text)
     }
 

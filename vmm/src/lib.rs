@@ -13,6 +13,7 @@ pub mod image;
 mod launch;
 pub mod lease_id;
 pub mod network;
+pub mod procfs;
 pub mod qemu;
 mod qemu_user;
 mod qmp;

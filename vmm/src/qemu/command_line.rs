@@ -1,11 +1,11 @@
 //! QEMU's command line for a guest (docs/vmm.md "QEMU"): isolation options, the
 //! machine from the image manifest, and lease files by descriptor number only.
 
-use std::fs;
 use std::path::Path;
 
 use crate::accel::Accel;
 use crate::image::MachineKind;
+use crate::procfs;
 
 /// Inputs of the QEMU command line. Only descriptor numbers and public paths go on it:
 /// any host user can read a command line (DESIGN section 8), so the seed disk (host
@@ -80,11 +80,9 @@ pub(super) fn qemu_args(a: &GuestArgs<'_>) -> Vec<String> {
     v
 }
 
-/// The host's TSC rate (TCG's guest TSC runs at it), from /proc/cpuinfo.
+/// The host's TSC rate (TCG's guest TSC runs at it).
 fn host_tsc_khz() -> Option<u64> {
-    let info = fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    Some((mhz * 1000.0).round() as u64)
+    procfs::cpu_mhz().map(|mhz| (mhz * 1000.0).round() as u64)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::cgroup::LeaseCgroup;
 use crate::error::VmmError;
 use crate::launch::{Launch, TapAttach, reserve_fd};
 use crate::network::{LeaseNetwork, NS_TAP};
+use crate::procfs;
 use crate::qemu_user::QemuUser;
 use crate::spec::VmSpec;
 
@@ -32,7 +33,7 @@ impl GuestProcess {
     pub fn is_alive(&mut self) -> bool {
         match self {
             GuestProcess::Child(c) => matches!(c.try_wait(), Ok(None)),
-            GuestProcess::Adopted { pid, start_ticks } => process_start_ticks(*pid) == Some(*start_ticks),
+            GuestProcess::Adopted { pid, start_ticks } => procfs::process_start_ticks(*pid) == Some(*start_ticks),
         }
     }
 
@@ -69,7 +70,7 @@ impl GuestProcess {
                 let _ = c.start_kill();
             }
             GuestProcess::Adopted { pid, start_ticks } => {
-                if process_start_ticks(*pid) == Some(*start_ticks) {
+                if procfs::process_start_ticks(*pid) == Some(*start_ticks) {
                     // SAFETY: kill(2) on the pid we verified is our QEMU
                     unsafe {
                         libc::kill(*pid, libc::SIGKILL);
@@ -157,7 +158,7 @@ pub(super) fn spawn_qemu(
 /// Waits (a few seconds at most) until the killed processes are gone.
 pub(super) async fn wait_gone(pids: &[i32]) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|p| process_start_ticks(*p).is_some()) && Instant::now() < deadline {
+    while pids.iter().any(|p| procfs::process_start_ticks(*p).is_some()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -180,41 +181,14 @@ pub(super) async fn kill_guest_processes(prefix: &str, name: &str) {
     }
 }
 
-/// Start time (clock ticks since boot) of a live process; `None` when it is gone or a
-/// zombie (a zombie is no guest).
-pub(super) fn process_start_ticks(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // fields after the parenthesised command name, which may itself contain spaces
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
-}
-
-/// The command line of a process, split at NULs.
-fn process_cmdline(pid: i32) -> Option<Vec<String>> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
-}
-
 /// Live processes whose QEMU `-name guest=<name>` starts with `prefix-`: the guests of
 /// some vmm with that name prefix, found without any state file.
 pub(super) fn find_guest_processes(prefix: &str) -> Vec<(i32, String)> {
     let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else { return found };
-    let want = format!("guest={prefix}-");
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Some(args) = process_cmdline(pid) else { continue };
-        let name = args
-            .windows(2)
-            .find(|w| w[0] == "-name")
-            .and_then(|w| w[1].split(',').find_map(|kv| kv.strip_prefix("guest=")).map(str::to_string));
-        if let Some(name) = name
-            && format!("guest={name}").starts_with(&want)
-            && process_start_ticks(pid).is_some()
+    for pid in procfs::pids() {
+        let Some(args) = procfs::process_cmdline(pid) else { continue };
+        if let Some(name) = guest_name(&args, prefix)
+            && procfs::process_start_ticks(pid).is_some()
         {
             found.push((pid, name));
         }
@@ -222,14 +196,26 @@ pub(super) fn find_guest_processes(prefix: &str) -> Vec<(i32, String)> {
     found
 }
 
+/// The `guest=` name of a QEMU command line, if it carries `prefix-`.
+fn guest_name(args: &[String], prefix: &str) -> Option<String> {
+    let name = args
+        .windows(2)
+        .find(|w| w[0] == "-name")
+        .and_then(|w| w[1].split(',').find_map(|kv| kv.strip_prefix("guest=")))?;
+    name.starts_with(&format!("{prefix}-")).then(|| name.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn own_process_has_a_start_time() {
-        let me = std::process::id() as i32;
-        assert!(process_start_ticks(me).is_some());
-        assert!(process_cmdline(me).is_some_and(|a| !a.is_empty()));
+    fn guests_are_recognised_by_their_name_prefix() {
+        let args = |name: &str| ["qemu-system-x86_64", "-name", name, "-m", "256"].map(String::from).to_vec();
+        assert_eq!(guest_name(&args("guest=peervm-ab12,debug-threads=on"), "peervm").as_deref(), Some("peervm-ab12"));
+        assert_eq!(guest_name(&args("debug-threads=on,guest=peervm-ab12"), "peervm").as_deref(), Some("peervm-ab12"));
+        assert_eq!(guest_name(&args("guest=pvtest-ab12"), "peervm"), None);
+        assert_eq!(guest_name(&args("guest=peervmx-ab12"), "peervm"), None);
+        assert_eq!(guest_name(&["sleep".to_string(), "-name".to_string()], "peervm"), None);
     }
 }

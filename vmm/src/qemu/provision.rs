@@ -14,13 +14,14 @@ use super::lease_dir::{
     CONSOLE_FILE, LeaseRecord, OVERLAY_FILE, QMP_FILE, RecordState, SEED_FILE, console_tail, create_private_dir,
     create_private_file, write_record,
 };
-use super::process::{GuestProcess, process_start_ticks, spawn_qemu};
+use super::process::{GuestProcess, spawn_qemu};
 use super::registry::LeaseRuntime;
 use crate::error::VmmError;
 use crate::forward::{ForwardCounters, SshForwarder};
 use crate::host_command::run;
 use crate::hypervisor::RunningVm;
 use crate::network::{LeaseNetwork, SLOT_PREFIX_LEN};
+use crate::procfs;
 use crate::qmp;
 use crate::readiness::{SshProbe, probe_ssh};
 use crate::seed::{SeedConfig, write_seed_disk};
@@ -134,7 +135,7 @@ impl QemuHypervisor {
         network.setup().await?;
         // ARP retries every 100 ms instead of 1 s: the readiness check reaches the
         // guest sooner once its interface is up
-        let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/{}/retrans_time_ms", network.host_if), "100");
+        let _ = procfs::write_sysctl(&format!("net/ipv4/neigh/{}/retrans_time_ms", network.host_if), "100");
 
         // bound before QEMU starts: a port in use fails the lease before a boot is paid for
         let counters = Arc::new(ForwardCounters::default());
@@ -153,7 +154,7 @@ impl QemuHypervisor {
             .ok_or_else(|| VmmError::Spawn { lease, reason: "QEMU exited at once".into() })?;
         record.state = RecordState::Running;
         record.pid = Some(pid);
-        record.pid_start_ticks = process_start_ticks(pid);
+        record.pid_start_ticks = procfs::process_start_ticks(pid);
         write_record(&dir, &record)?;
 
         let rt = Arc::new(LeaseRuntime {

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::QemuHypervisor;
 use super::lease_dir::{LeaseRecord, RecordState, leases_dir, read_record};
-use super::process::{GuestProcess, find_guest_processes, process_start_ticks, wait_gone};
+use super::process::{GuestProcess, find_guest_processes, wait_gone};
 use super::registry::LeaseRuntime;
 use crate::cgroup::LeaseCgroup;
 use crate::error::VmmError;
@@ -19,6 +19,7 @@ use crate::host_command::run;
 use crate::hypervisor::{ReconcileReport, RunningVm};
 use crate::lease_id::LeaseId;
 use crate::network;
+use crate::procfs;
 
 impl QemuHypervisor {
     pub(super) async fn reconcile_leases(&self, live: &[LeaseId]) -> Result<ReconcileReport, VmmError> {
@@ -63,7 +64,7 @@ impl QemuHypervisor {
         let (Some(pid), Some(ticks), RecordState::Running) = (record.pid, record.pid_start_ticks, record.state) else {
             return None;
         };
-        if process_start_ticks(pid) != Some(ticks) {
+        if procfs::process_start_ticks(pid) != Some(ticks) {
             tracing::info!(%lease, "guest is gone: cleaning up");
             return None;
         }
