@@ -1,6 +1,6 @@
-//! A cgroup per lease: CPU quota, memory limit and pids limit (DESIGN section 8,
-//! invariant 8), on cgroup v1 (one directory per controller hierarchy) or v2 (one
-//! directory in the unified hierarchy).
+//! A cgroup per lease: CPU quota, memory limit and pids limit (docs/vmm.md "Cgroups";
+//! SECURITY.md invariant 8), on cgroup v1 (one directory per controller hierarchy) or v2
+//! (one directory in the unified hierarchy).
 //!
 //! The files are written directly rather than through cgroups-rs: the handful of files we
 //! need is smaller than the dependency, and the same code can be pointed at a temporary

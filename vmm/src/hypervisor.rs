@@ -1,6 +1,6 @@
 //! The `Hypervisor` trait: the whole control surface the node uses, and the values it
 //! returns. The QEMU backend (`QemuHypervisor`) implements it; another backend (libvirt)
-//! could follow behind the same trait (DESIGN section 8).
+//! could follow behind the same trait (docs/vmm.md "Decisions").
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};

@@ -1,7 +1,8 @@
 //! The provider's hypervisor layer: guests, images, cgroups and network isolation.
 //!
-//! It takes a `VmSpec` and knows nothing of libp2p or of the wire format (DESIGN
-//! section 2). See docs/vmm.md for the design.
+//! It takes a `VmSpec` and knows nothing of libp2p or of the wire format
+//! (docs/architecture.md "Crates and direction of dependencies"). See docs/vmm.md for
+//! the design.
 
 pub mod accel;
 pub mod cgroup;

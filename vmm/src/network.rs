@@ -1,4 +1,4 @@
-//! Network isolation per lease (DESIGN section 8, invariant 7).
+//! Network isolation per lease (docs/vmm.md "Network"; SECURITY.md invariant 7).
 //!
 //! ```text
 //!  host network namespace                     lease namespace <long>-<lease hex>

@@ -1,7 +1,8 @@
 //! What a lease asks of the hypervisor layer: `VmSpec` and the small types it is made of.
 //!
-//! vmm takes its own spec rather than the wire type (DESIGN section 2: vmm knows nothing
-//! of the protocol crate); the node translates a granted `LeaseRequest` into a `VmSpec`.
+//! vmm takes its own spec rather than the wire type (vmm knows nothing of the protocol
+//! crate: docs/architecture.md "Crates and direction of dependencies"); the node
+//! translates a granted `LeaseRequest` into a `VmSpec`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,8 +20,9 @@ use crate::image::GuestImage;
 use crate::lease_id::LeaseId;
 
 /// The requestor's SSH public key in canonical OpenSSH form (`ssh-ed25519 <base64>
-/// [comment]`). Only ed25519 keys (DESIGN section 7); the comment is reduced to a safe
-/// character set because the line is written into the guest's YAML user-data.
+/// [comment]`). Only ed25519 keys (a lease request carries a raw ed25519 key:
+/// docs/protocol.md, `ssh_public_key`); the comment is reduced to a safe character set
+/// because the line is written into the guest's YAML user-data.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AuthorizedKey {
     key: PublicKey,
@@ -80,8 +82,9 @@ impl fmt::Debug for AuthorizedKey {
 }
 
 /// The per-lease SSH host key of the guest: an ed25519 seed chosen by the provider, whose
-/// public half goes into the signed grant so that the requestor pins it (DESIGN section
-/// 7, invariant 6). Zeroised on drop; never printed.
+/// public half goes into the signed grant so that the requestor pins it (SECURITY.md
+/// invariant 6; docs/protocol.md, the grant's `host_key`). Zeroised on drop; never
+/// printed.
 #[derive(Clone)]
 pub struct HostKeySeed(Zeroizing<[u8; 32]>);
 
@@ -131,7 +134,8 @@ impl fmt::Debug for HostKeySeed {
 
 /// What a guest may reach beyond its own link. Private, link-local (incl. the metadata
 /// address 169.254.169.254), CGNAT, loopback and multicast destinations, other guests
-/// and the host itself are dropped under either policy (DESIGN section 11, invariant 7).
+/// and the host itself are dropped under either policy (docs/vmm.md "nftables";
+/// SECURITY.md invariant 7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EgressPolicy {
@@ -175,7 +179,8 @@ pub struct VmSpec {
     pub authorized_key: AuthorizedKey,
     pub host_key: HostKeySeed,
     /// Index into the provider's address pool and SSH port range; the node allocates
-    /// and persists it (DESIGN section 9), vmm derives addresses and port from it.
+    /// and persists it (docs/architecture.md "Leases", admission), vmm derives addresses
+    /// and port from it.
     pub network_slot: u32,
     pub egress: EgressPolicy,
     /// CPU quota as a fraction of one core, overriding `vcpus` cores (tests, or a

@@ -1,6 +1,7 @@
-//! Invariant 9 across a provider crash: the managing process is SIGKILLed while its guest
-//! runs; a new backend re-adopts the guest of a live lease (reachable again on its port),
-//! and a reconcile with no live lease removes it and every stray object with the prefix.
+//! SECURITY.md invariant 9 across a provider crash: the managing process is SIGKILLed
+//! while its guest runs; a new backend re-adopts the guest of a live lease (reachable
+//! again on its port), and a reconcile with no live lease removes it and every stray
+//! object with the prefix.
 //!
 //! The managing process is this test binary run again as a child with
 //! PEERVM_VMM_TEST_MANAGER set: it starts one guest, prints its port, and waits to be

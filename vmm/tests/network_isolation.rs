@@ -1,10 +1,11 @@
-//! Invariant 7 with real guests: a guest cannot reach another guest, the host's own
-//! addresses, or private ranges; with egress `deny` it reaches nothing at all, and with
-//! `public-only` it does reach a public address (the positive control that shows the
-//! drops come from the rules, not from a missing route).
+//! SECURITY.md invariant 7 with real guests: a guest cannot reach another guest, the
+//! host's own addresses, or private ranges; with egress `deny` it reaches nothing at
+//! all, and with `public-only` it does reach a public address (the positive control
+//! that shows the drops come from the rules, not from a missing route).
 //!
-//! "Outside" is a stand-in host in a network namespace of this test (PLATFORM: never a
-//! real address): 198.51.100.10 (documentation range, treated as public) and
+//! "Outside" is a stand-in host in a network namespace of this test (tests never send
+//! to a real outside address: docs/vmm.md "The development hosts"): 198.51.100.10
+//! (documentation range, treated as public) and
 //! 10.254.0.10 (private), routed from the host through a veth of the test's own (named
 //! outside the `pt` prefix: lease rules treat `pt*` interfaces as other guests).
 

@@ -8,8 +8,8 @@ use crate::image::MachineKind;
 use crate::procfs;
 
 /// Inputs of the QEMU command line. Only descriptor numbers and public paths go on it:
-/// any host user can read a command line (DESIGN section 8), so the seed disk (host
-/// key) and the overlay are passed as open descriptors.
+/// any host user can read a command line (docs/vmm.md "Per-lease files"), so the seed
+/// disk (host key) and the overlay are passed as open descriptors.
 pub(super) struct GuestArgs<'a> {
     pub name: &'a str,
     pub accel: Accel,

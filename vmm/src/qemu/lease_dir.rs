@@ -71,7 +71,7 @@ pub(super) fn leases_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// Creates a directory 0700 (and its parents, also 0700): modes are set at creation,
-/// never fixed up afterwards (DESIGN section 10).
+/// never fixed up afterwards (docs/vmm.md "Per-lease files"; SECURITY.md invariant 10).
 pub(super) fn create_private_dir(path: &Path) -> Result<(), VmmError> {
     fs::DirBuilder::new()
         .recursive(true)

@@ -1,5 +1,5 @@
-//! The default backend: QEMU run directly (DESIGN section 8). See docs/vmm.md for the
-//! layout of files, namespaces, cgroups and rules it creates for a lease.
+//! The default backend: QEMU run directly. docs/vmm.md describes the files, namespaces,
+//! cgroups and rules it creates for a lease.
 //!
 //! `QemuHypervisor` (here) holds the configuration and the leases; each part of a
 //! lease's life is a module of its own that extends it:
