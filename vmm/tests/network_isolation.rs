@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use guest_harness::{Ssh, config, guest_env, leftovers, login, serial, spec};
+use guest_harness::{Ssh, TestState, guest_env, leftovers, login, serial, spec};
 use peervm_vmm::{EgressPolicy, Hypervisor, QemuHypervisor};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -167,9 +167,8 @@ async fn guests_reach_neither_each_other_nor_host_nor_private_ranges() {
         n
     };
 
-    let state = tempfile::tempdir().unwrap();
-    let hv = QemuHypervisor::new(config(state.path())).unwrap();
-    let _cleanup = guest_harness::CleanupOnPanic::new(config(state.path()));
+    let state = TestState::new();
+    let hv = QemuHypervisor::new(state.config()).unwrap();
     let (spec_a, key_a) = spec(10, 1, 192, EgressPolicy::PublicOnly);
     let (spec_b, key_b) = spec(11, 1, 192, EgressPolicy::Deny);
     let (a, b) = tokio::join!(hv.start(spec_a.clone()), hv.start(spec_b.clone()));
