@@ -1,8 +1,10 @@
 //! The default backend: QEMU run directly. docs/vmm.md describes the files, namespaces,
 //! cgroups and rules it creates for a lease.
 //!
-//! `QemuHypervisor` (here) holds the configuration and the leases; each part of a
-//! lease's life is a module of its own that extends it:
+//! `QemuHypervisor` (here) holds the configuration and the leases, and its `Hypervisor`
+//! impl delegates. Each step of a lease's life (provision, status, isolate, teardown,
+//! reconcile) is a module that adds an `impl QemuHypervisor` block; the others are the
+//! parts those steps use:
 //!
 //! - `config`: `VmmConfig`, the defaults, and a lease's port and cgroup limits
 //! - `registry`: the leases held, their slots and their live parts
