@@ -1,11 +1,11 @@
 //! Acceleration: KVM where it works, software emulation (TCG) only when the provider's
-//! config allows it (DESIGN section 8).
+//! config allows it (docs/vmm.md "Acceleration").
 //!
 //! "Works" is decided by booting: /dev/kvm can exist, open and answer ioctls on hosts
-//! where guests still hang or die (PLATFORM: nested KVM here aborts on an MSR, hangs
-//! after the BIOS, or dies with "emulation failure"). So the probe boots the image's
-//! kernel under KVM with the same QEMU options as a real guest, and calls KVM usable only
-//! when the guest reaches userspace before a deadline.
+//! where guests still hang or die (docs/vmm.md "The development hosts": nested KVM
+//! there aborts on an MSR, hangs after the BIOS, or dies with "emulation failure"). So
+//! the probe boots the image's kernel under KVM with the same QEMU options as a real
+//! guest, and calls KVM usable only when the guest reaches userspace before a deadline.
 
 use std::fmt;
 use std::path::PathBuf;

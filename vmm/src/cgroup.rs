@@ -1,6 +1,6 @@
-//! A cgroup per lease: CPU quota, memory limit and pids limit (DESIGN section 8,
-//! invariant 8), on cgroup v1 (one directory per controller hierarchy) or v2 (one
-//! directory in the unified hierarchy).
+//! A cgroup per lease: CPU quota, memory limit and pids limit (docs/vmm.md "Cgroups";
+//! SECURITY.md invariant 8), on cgroup v1 (one directory per controller hierarchy) or v2
+//! (one directory in the unified hierarchy).
 //!
 //! The files are written directly rather than through cgroups-rs: the handful of files we
 //! need is smaller than the dependency, and the same code can be pointed at a temporary
@@ -12,12 +12,18 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::VmmError;
+use crate::procfs;
 
 /// The CFS period we use: 100 ms, the kernel default; quota is expressed against it.
 pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// `destroy` tries this many times, `DESTROY_PAUSE` apart, before it reports the cgroup
+/// as busy: about 5 s for killed tasks to be reaped.
+const DESTROY_ATTEMPTS: u32 = 250;
+const DESTROY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Where the controllers we need are mounted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,8 +39,7 @@ impl CgroupLayout {
     /// hierarchy (a controller bound to v1 is absent from v2, e.g. hybrid hosts with an
     /// empty /sys/fs/cgroup/unified); otherwise the cgroup2 mount is used.
     pub fn detect() -> Result<Self, VmmError> {
-        let text = fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| VmmError::io("cannot read", "/proc/self/mountinfo", e))?;
+        let text = procfs::self_mountinfo().map_err(|e| VmmError::io("cannot read", procfs::SELF_MOUNTINFO, e))?;
         Self::from_mountinfo(&text)
     }
 
@@ -348,36 +353,54 @@ impl LeaseCgroup {
     }
 
     /// SIGKILLs whatever is left in the cgroup and removes its directories. Idempotent.
-    pub fn destroy(&self) -> Result<(), VmmError> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+    ///
+    /// rmdir fails with EBUSY until the kernel has reaped the killed tasks, so this
+    /// retries (`DESTROY_ATTEMPTS` times, `DESTROY_PAUSE` apart, about 5 s in all). It is
+    /// async because it runs on the teardown path inside the runtime: the pauses must
+    /// not hold a worker thread that other leases' tasks need.
+    pub async fn destroy(&self) -> Result<(), VmmError> {
+        self.destroy_with(DESTROY_ATTEMPTS, DESTROY_PAUSE).await
+    }
+
+    async fn destroy_with(&self, attempts: u32, pause: Duration) -> Result<(), VmmError> {
+        let mut attempt = 1;
         loop {
-            for pid in self.procs() {
-                // SAFETY: kill(2) with a pid read from this lease's own cgroup
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-            let mut busy = None;
-            for d in self.dirs() {
-                match fs::remove_dir(&d) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    // EBUSY until the killed tasks are gone; a plain directory (tests)
-                    // reports ENOTEMPTY because of the files we wrote
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && !is_cgroupfs(&d) => {
-                        fs::remove_dir_all(&d).map_err(|e| VmmError::io("cannot remove", &d, e))?;
-                    }
-                    Err(e) => busy = Some((d, e)),
-                }
-            }
-            match busy {
+            match self.kill_and_remove()? {
                 None => return Ok(()),
-                Some((d, e)) if Instant::now() >= deadline => {
+                Some((d, e)) if attempt >= attempts => {
                     return Err(cg_err(&d, format!("cannot remove: {e} (tasks: {:?})", self.procs())));
                 }
-                Some(_) => std::thread::sleep(Duration::from_millis(20)),
+                Some(_) => tokio::time::sleep(pause).await,
+            }
+            attempt += 1;
+        }
+    }
+
+    /// One attempt of `destroy`: SIGKILL every task, rmdir every directory. Returns the
+    /// first directory that is still busy.
+    fn kill_and_remove(&self) -> Result<Option<(PathBuf, std::io::Error)>, VmmError> {
+        for pid in self.procs() {
+            // SAFETY: kill(2) with a pid read from this lease's own cgroup
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
             }
         }
+        let mut busy = None;
+        for d in self.dirs() {
+            match fs::remove_dir(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                // EBUSY until the killed tasks are gone; a plain directory (tests)
+                // reports ENOTEMPTY because of the files we wrote
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && !is_cgroupfs(&d) => {
+                    fs::remove_dir_all(&d).map_err(|e| VmmError::io("cannot remove", &d, e))?;
+                }
+                Err(e) => {
+                    busy.get_or_insert((d, e));
+                }
+            }
+        }
+        Ok(busy)
     }
 }
 
@@ -485,8 +508,8 @@ mod tests {
     }
 
     /// The v2 code path against a directory that looks like a cgroup2 root.
-    #[test]
-    fn v2_writes_limits_and_enables_controllers() {
+    #[tokio::test]
+    async fn v2_writes_limits_and_enables_controllers() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
         fs::write(r.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
@@ -533,8 +556,21 @@ mod tests {
             }
         );
         assert_eq!(cg.layout.list_children("peervm"), vec!["peervm-abc".to_string()]);
-        cg.destroy().unwrap();
+        cg.destroy().await.unwrap();
         assert!(!dir.exists());
+        cg.destroy().await.unwrap();
+    }
+
+    /// A directory that never goes away is reported after the bounded number of
+    /// attempts, naming it (the path is a plain file here: rmdir fails every time).
+    #[tokio::test]
+    async fn destroy_gives_up_after_its_attempts() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("peervm")).unwrap();
+        fs::write(root.path().join("peervm/peervm-abc"), "").unwrap();
+        let cg = LeaseCgroup::new(CgroupLayout::V2 { root: root.path().to_path_buf() }, "peervm", "peervm-abc");
+        let err = cg.destroy_with(3, Duration::from_millis(1)).await.unwrap_err().to_string();
+        assert!(err.contains("peervm/peervm-abc") && err.contains("cannot remove"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::spec::LeaseId;
+use crate::lease_id::LeaseId;
 
 /// Anything that can go wrong while checking a guest image.
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,9 @@
 //! The SSH forwarder: a TCP listener on the provider's SSH address (a port of the
 //! configured range) that relays each connection to the guest's port 22.
 //!
-//! An in-process relay rather than kernel DNAT (PLATFORM "Reaching a guest"): it works
-//! for 127.0.0.1 without route_localnet and source NAT, and it counts bytes and
-//! connections per lease for monitoring.
+//! An in-process relay rather than kernel DNAT (docs/vmm.md "Decisions"): it works for
+//! 127.0.0.1 without route_localnet and source NAT, and it counts bytes and connections
+//! per lease for monitoring.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! The `Hypervisor` trait: the whole control surface the node uses, and the values it
 //! returns. The QEMU backend (`QemuHypervisor`) implements it; another backend (libvirt)
-//! could follow behind the same trait (DESIGN section 8).
+//! could follow behind the same trait (docs/vmm.md "Decisions").
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::accel::Accel;
 use crate::error::VmmError;
-use crate::spec::{LeaseId, VmSpec};
+use crate::lease_id::LeaseId;
+use crate::spec::VmSpec;
 
 /// A guest that is up and whose sshd presented the provisioned host key.
 #[derive(Clone, Debug, PartialEq, Eq)]

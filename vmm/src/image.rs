@@ -82,10 +82,11 @@ struct PinnedFile {
 /// The machine type a guest boots on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MachineKind {
-    /// `-M microvm`: virtio-mmio devices, PVH entry of an uncompressed kernel; the fastest
-    /// boot (PLATFORM: 1-3 s to userspace under TCG).
+    /// `-M microvm`: virtio-mmio devices found through ACPI, no legacy timers (under TCG
+    /// the kernel needs `tsc_early_khz`); no faster than q35 under TCG
+    /// (docs/guest-image.md "Machine types and measured times").
     Microvm,
-    /// `-M q35`: PCI devices, bzImage; for images without a microvm kernel.
+    /// `-M q35`: PCI devices and ACPI power-off; the minimal image's machine.
     Q35,
 }
 

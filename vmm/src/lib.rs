@@ -1,7 +1,8 @@
 //! The provider's hypervisor layer: guests, images, cgroups and network isolation.
 //!
-//! It takes a `VmSpec` and knows nothing of libp2p or of the wire format (DESIGN
-//! section 2). See docs/vmm.md for the design.
+//! It takes a `VmSpec` and knows nothing of libp2p or of the wire format
+//! (docs/architecture.md "Crates and direction of dependencies"). See docs/vmm.md for
+//! the design.
 
 pub mod accel;
 pub mod cgroup;
@@ -11,14 +12,15 @@ mod host_command;
 pub mod hypervisor;
 pub mod image;
 mod launch;
+pub mod lease_id;
 pub mod network;
+pub mod procfs;
 pub mod qemu;
 mod qemu_user;
 mod qmp;
 pub mod readiness;
 pub mod seed;
 pub mod spec;
-mod state;
 
 pub use accel::{Accel, AccelPolicy, KvmProbe, ProbeOptions, probe_kvm, select_accel};
 pub use cgroup::{CgroupLayout, CgroupLimits, CgroupUsage, LeaseCgroup};
@@ -26,7 +28,8 @@ pub use error::{ImageError, VmmError};
 pub use forward::ForwardCounters;
 pub use hypervisor::{GuestState, Hypervisor, ReconcileReport, RunningVm, VmStatus, VmUsage};
 pub use image::{GuestImage, MachineKind};
+pub use lease_id::{LeaseId, LeaseIdError};
 pub use network::{AddressPool, NamePrefix};
 pub use qemu::{QemuHypervisor, VmmConfig};
 pub use qemu_user::{DEFAULT_QEMU_USER, QemuUser};
-pub use spec::{AuthorizedKey, EgressPolicy, HostKeySeed, LeaseId, StartStage, VmSpec};
+pub use spec::{AuthorizedKey, EgressPolicy, HostKeySeed, StartStage, VmSpec};

@@ -1,4 +1,4 @@
-//! Network isolation per lease (DESIGN section 8, invariant 7).
+//! Network isolation per lease (docs/vmm.md "Network"; SECURITY.md invariant 7).
 //!
 //! ```text
 //!  host network namespace                     lease namespace <long>-<lease hex>
@@ -20,7 +20,9 @@ use std::str::FromStr;
 
 use crate::error::VmmError;
 use crate::host_command::run;
-use crate::spec::{EgressPolicy, LeaseId};
+use crate::lease_id::LeaseId;
+use crate::procfs;
+use crate::spec::EgressPolicy;
 
 /// Destinations a guest never reaches, under either egress policy: "this network",
 /// RFC 1918, CGNAT, loopback, link-local (incl. the cloud metadata address
@@ -203,14 +205,14 @@ impl LeaseNetwork {
         // in the host namespace to leak
         run("ip", &["link", "add", hif, "type", "veth", "peer", "name", NS_UPLINK, "netns", ns], None).await?;
         // no IPv6 on the host end: the guest must not reach the host over link-local v6
-        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{hif}/disable_ipv6"), "1");
+        set_sysctl(&format!("net/ipv6/conf/{hif}/disable_ipv6"), "1");
         let host_cidr = format!("{}/{SLOT_PREFIX_LEN}", self.addrs.host);
         run("ip", &["addr", "add", &host_cidr, "dev", hif], None).await?;
         run("ip", &["link", "set", hif, "up"], None).await?;
         if self.egress == EgressPolicy::PublicOnly {
             // per-interface forwarding: the host's global ip_forward is left alone; the
             // uplink's forwarding is the operator's decision (docs/vmm.md)
-            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{hif}/forwarding"), "1");
+            set_sysctl(&format!("net/ipv4/conf/{hif}/forwarding"), "1");
         }
         let batch = format!(
             "link add {NS_BRIDGE} type bridge\n\
@@ -327,9 +329,9 @@ pub(crate) async fn list_tables() -> Result<Vec<String>, VmmError> {
     Ok(out.lines().filter_map(|l| l.strip_prefix("table inet ")).map(|s| s.trim().to_string()).collect())
 }
 
-fn write_sysctl(path: &str, value: &str) {
-    if let Err(e) = std::fs::write(path, value) {
-        tracing::warn!(path, error = %e, "cannot set sysctl");
+fn set_sysctl(name: &str, value: &str) {
+    if let Err(e) = procfs::write_sysctl(name, value) {
+        tracing::warn!(path = %procfs::sysctl_path(name), error = %e, "cannot set sysctl");
     }
 }
 

@@ -1,4 +1,4 @@
-//! The unprivileged system user QEMU runs as (DESIGN section 8). QEMU gets no file by
+//! The unprivileged system user QEMU runs as (docs/vmm.md "The QEMU user"). QEMU gets no file by
 //! path that it could not read anyway (kernel, initrd and base image are world-readable);
 //! the lease's overlay, seed disk, QMP socket and tap device are handed over as open
 //! descriptors, so lease directories stay root-only.

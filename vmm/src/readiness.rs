@@ -1,7 +1,7 @@
 //! Readiness: a guest is ready only when its sshd completes an SSH key exchange and
-//! proves possession of exactly the host key provisioned for the lease (DESIGN section
-//! 7: the requestor pins that key, so a guest answering with any other key is not the
-//! lease's guest).
+//! proves possession of exactly the host key provisioned for the lease (SECURITY.md
+//! invariant 6: the requestor pins that key, so a guest answering with any other key is
+//! not the lease's guest).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

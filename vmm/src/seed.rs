@@ -16,7 +16,8 @@ use std::path::Path;
 use zeroize::Zeroizing;
 
 use crate::error::VmmError;
-use crate::spec::{AuthorizedKey, HostKeySeed, LeaseId};
+use crate::lease_id::LeaseId;
+use crate::spec::{AuthorizedKey, HostKeySeed};
 
 /// 1 MiB: a FAT12 volume, far larger than the three small files.
 const SEED_BYTES: usize = 1024 * 1024;

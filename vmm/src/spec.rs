@@ -1,7 +1,8 @@
 //! What a lease asks of the hypervisor layer: `VmSpec` and the small types it is made of.
 //!
-//! vmm takes its own spec rather than the wire type (DESIGN section 2: vmm knows nothing
-//! of the protocol crate); the node translates a granted `LeaseRequest` into a `VmSpec`.
+//! vmm takes its own spec rather than the wire type (vmm knows nothing of the protocol
+//! crate: docs/architecture.md "Crates and direction of dependencies"); the node
+//! translates a granted `LeaseRequest` into a `VmSpec`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,83 +17,12 @@ use zeroize::Zeroizing;
 
 use crate::error::VmmError;
 use crate::image::GuestImage;
-
-/// A lease's 128-bit identifier; shown and stored as 32 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseId([u8; 16]);
-
-impl LeaseId {
-    pub fn from_bytes(bytes: [u8; 16]) -> Self {
-        LeaseId(bytes)
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 16] {
-        &self.0
-    }
-
-    pub fn random() -> Self {
-        LeaseId(rand::random())
-    }
-
-    /// 32 lowercase hex digits.
-    pub fn hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// The first `n` hex digits: names with a length limit (interface names, 15 bytes)
-    /// carry this prefix. 12 digits (48 bits) make a clash between two live leases of
-    /// one host improbable, and a clash is caught when the interface is created.
-    pub fn short_hex(&self, n: usize) -> String {
-        let mut s = self.hex();
-        s.truncate(n.min(32));
-        s
-    }
-}
-
-impl fmt::Display for LeaseId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.hex())
-    }
-}
-
-impl fmt::Debug for LeaseId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LeaseId({})", self.hex())
-    }
-}
-
-impl FromStr for LeaseId {
-    type Err = VmmError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        // exactly 32 lowercase hex digits: the id is also a file and device name, so one
-        // spelling per lease
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(VmmError::InvalidSpec(format!("lease id {s:?} is not 32 lowercase hex digits")));
-        }
-        let mut out = [0u8; 16];
-        hex::decode_to_slice(s, &mut out)
-            .map_err(|e| VmmError::InvalidSpec(format!("lease id {s:?} is not hex: {e}")))?;
-        Ok(LeaseId(out))
-    }
-}
-
-impl Serialize for LeaseId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for LeaseId {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+use crate::lease_id::LeaseId;
 
 /// The requestor's SSH public key in canonical OpenSSH form (`ssh-ed25519 <base64>
-/// [comment]`). Only ed25519 keys (DESIGN section 7); the comment is reduced to a safe
-/// character set because the line is written into the guest's YAML user-data.
+/// [comment]`). Only ed25519 keys (a lease request carries a raw ed25519 key:
+/// docs/protocol.md, `ssh_public_key`); the comment is reduced to a safe character set
+/// because the line is written into the guest's YAML user-data.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AuthorizedKey {
     key: PublicKey,
@@ -152,8 +82,9 @@ impl fmt::Debug for AuthorizedKey {
 }
 
 /// The per-lease SSH host key of the guest: an ed25519 seed chosen by the provider, whose
-/// public half goes into the signed grant so that the requestor pins it (DESIGN section
-/// 7, invariant 6). Zeroised on drop; never printed.
+/// public half goes into the signed grant so that the requestor pins it (SECURITY.md
+/// invariant 6; docs/protocol.md, the grant's `host_key`). Zeroised on drop; never
+/// printed.
 #[derive(Clone)]
 pub struct HostKeySeed(Zeroizing<[u8; 32]>);
 
@@ -203,7 +134,8 @@ impl fmt::Debug for HostKeySeed {
 
 /// What a guest may reach beyond its own link. Private, link-local (incl. the metadata
 /// address 169.254.169.254), CGNAT, loopback and multicast destinations, other guests
-/// and the host itself are dropped under either policy (DESIGN section 11, invariant 7).
+/// and the host itself are dropped under either policy (docs/vmm.md "nftables";
+/// SECURITY.md invariant 7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EgressPolicy {
@@ -247,7 +179,8 @@ pub struct VmSpec {
     pub authorized_key: AuthorizedKey,
     pub host_key: HostKeySeed,
     /// Index into the provider's address pool and SSH port range; the node allocates
-    /// and persists it (DESIGN section 9), vmm derives addresses and port from it.
+    /// and persists it (docs/architecture.md "Leases", admission), vmm derives addresses
+    /// and port from it.
     pub network_slot: u32,
     pub egress: EgressPolicy,
     /// CPU quota as a fraction of one core, overriding `vcpus` cores (tests, or a
@@ -319,17 +252,6 @@ pub fn validate_user_name(name: &str) -> Result<(), VmmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lease_id_round_trips_and_rejects_bad_text() {
-        let id = LeaseId::from_bytes([0xab; 16]);
-        assert_eq!(id.hex(), "ab".repeat(16));
-        assert_eq!(id.hex().parse::<LeaseId>().ok(), Some(id));
-        assert_eq!(id.short_hex(12), "abababababab");
-        for bad in ["", "AB".repeat(16).as_str(), &"a".repeat(31), &"g".repeat(32), &"a".repeat(33)] {
-            assert!(bad.parse::<LeaseId>().is_err(), "{bad:?} accepted");
-        }
-    }
 
     #[test]
     fn authorized_key_is_canonicalised() {

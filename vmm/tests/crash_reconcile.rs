@@ -1,6 +1,7 @@
-//! Invariant 9 across a provider crash: the managing process is SIGKILLed while its guest
-//! runs; a new backend re-adopts the guest of a live lease (reachable again on its port),
-//! and a reconcile with no live lease removes it and every stray object with the prefix.
+//! SECURITY.md invariant 9 across a provider crash: the managing process is SIGKILLed
+//! while its guest runs; a new backend re-adopts the guest of a live lease (reachable
+//! again on its port), and a reconcile with no live lease removes it and every stray
+//! object with the prefix.
 //!
 //! The managing process is this test binary run again as a child with
 //! PEERVM_VMM_TEST_MANAGER set: it starts one guest, prints its port, and waits to be
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guest_harness::{config, guest_env, leftovers, login, serial, spec};
+use guest_harness::{TestState, config, guest_env, leftovers, login, serial, spec};
 use peervm_vmm::{EgressPolicy, Hypervisor, LeaseId, QemuHypervisor};
 
 const MANAGER_ENV: &str = "PEERVM_VMM_TEST_MANAGER";
@@ -47,18 +48,19 @@ async fn sigkill_of_manager_then_reconcile_leaves_nothing() {
     }
     guest_env();
     let _serial = serial().await;
-    let state = tempfile::tempdir().unwrap();
-    let _cleanup = guest_harness::CleanupOnPanic::new(config(state.path()));
+    let state = TestState::new();
 
     // -- the manager starts a guest, then dies by SIGKILL ----------------------------
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "manager_process_for_crash_test", "--include-ignored", "--nocapture", "--test-threads=1"])
-        .env(MANAGER_ENV, state.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut child = Manager(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "manager_process_for_crash_test", "--include-ignored", "--nocapture", "--test-threads=1"])
+            .env(MANAGER_ENV, state.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
     let ready = loop {
         let line = lines.next().expect("manager exited before its guest was ready").unwrap();
         // libtest prints "test name ... " on the same line first
@@ -76,8 +78,8 @@ async fn sigkill_of_manager_then_reconcile_leaves_nothing() {
     assert_eq!(ssh.exec("echo before", Duration::from_secs(30)).await.unwrap().1.trim(), "before");
     drop(ssh);
 
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
     // the guest outlives its manager; its port died with the manager's forwarder
     let before = leftovers(Some(&lease), state.path(), None);
     assert!(before.iter().any(|l| l.starts_with("process")), "guest did not survive its manager: {before:?}");
@@ -85,7 +87,7 @@ async fn sigkill_of_manager_then_reconcile_leaves_nothing() {
 
     // -- a new backend re-adopts the live lease's guest --------------------------------
     {
-        let hv = QemuHypervisor::new(config(state.path())).unwrap();
+        let hv = QemuHypervisor::new(state.config()).unwrap();
         let report = hv.reconcile(&[lease]).await.unwrap();
         assert_eq!(report.adopted.len(), 1, "{report:?}");
         assert!(report.removed_leases.is_empty(), "{report:?}");
@@ -104,7 +106,7 @@ async fn sigkill_of_manager_then_reconcile_leaves_nothing() {
     // a veth whose peer never moved into a namespace (a crash in the middle of setup)
     run(&["ip", "link", "add", &stray_link, "type", "veth", "peer", "name", &format!("{stray_link}x")]);
     run(&["nft", "add", "table", "inet", &stray_name]);
-    let hv = QemuHypervisor::new(config(state.path())).unwrap();
+    let hv = QemuHypervisor::new(state.config()).unwrap();
     let stray_cgroup =
         peervm_vmm::LeaseCgroup::new(hv.cgroup_layout().clone(), guest_harness::PREFIX_LONG, &stray_name);
     stray_cgroup
@@ -133,6 +135,18 @@ async fn sigkill_of_manager_then_reconcile_leaves_nothing() {
     // a second reconcile finds nothing to do
     let again = hv.reconcile(&[]).await.unwrap();
     assert_eq!(again, Default::default());
+}
+
+/// The manager child process, SIGKILLed on drop: a failing test must not leave it
+/// running (it would hold its guest's SSH port for minutes). Declared after the
+/// `TestState`, so it is gone before the teardown reconciles.
+struct Manager(std::process::Child);
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn hex_32(s: &str) -> [u8; 32] {

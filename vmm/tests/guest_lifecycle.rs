@@ -7,7 +7,7 @@ mod guest_harness;
 
 use std::time::{Duration, Instant};
 
-use guest_harness::{Ssh, config, guest_env, leftovers, login, random_key, serial, spec};
+use guest_harness::{Ssh, TestState, guest_env, leftovers, login, random_key, serial, spec};
 use peervm_vmm::{EgressPolicy, GuestState, Hypervisor, QemuHypervisor};
 
 const VCPUS: u32 = 2;
@@ -18,9 +18,8 @@ const MEMORY_MIB: u32 = 256;
 async fn guest_ssh_resources_auth_cpu_quota_and_teardown() {
     guest_env();
     let _serial = serial().await;
-    let state = tempfile::tempdir().unwrap();
-    let hv = QemuHypervisor::new(config(state.path())).unwrap();
-    let _cleanup = guest_harness::CleanupOnPanic::new(config(state.path()));
+    let state = TestState::new();
+    let hv = QemuHypervisor::new(state.config()).unwrap();
     let (spec, key) = spec(3, VCPUS, MEMORY_MIB, EgressPolicy::Deny);
     let lease = spec.lease_id;
     let host_key = spec.host_key.public_key();

@@ -42,7 +42,8 @@ fn corrupted_image_refused() {
     assert!(err.contains("initrd.img"), "{err}");
 }
 
-/// On this kind of host KVM is broken (PLATFORM): the probe must say so, with a reason,
+/// On the development hosts KVM is broken (docs/vmm.md "The development hosts"): the
+/// probe must say so, with a reason,
 /// within its deadline, and the policy then picks TCG only where allowed. Set
 /// PEERVM_EXPECT_KVM=1 on a host where KVM works.
 #[ignore = "needs root: guest image and QEMU"]

@@ -1,10 +1,11 @@
-//! Invariant 7 with real guests: a guest cannot reach another guest, the host's own
-//! addresses, or private ranges; with egress `deny` it reaches nothing at all, and with
-//! `public-only` it does reach a public address (the positive control that shows the
-//! drops come from the rules, not from a missing route).
+//! SECURITY.md invariant 7 with real guests: a guest cannot reach another guest, the
+//! host's own addresses, or private ranges; with egress `deny` it reaches nothing at
+//! all, and with `public-only` it does reach a public address (the positive control
+//! that shows the drops come from the rules, not from a missing route).
 //!
-//! "Outside" is a stand-in host in a network namespace of this test (PLATFORM: never a
-//! real address): 198.51.100.10 (documentation range, treated as public) and
+//! "Outside" is a stand-in host in a network namespace of this test (tests never send
+//! to a real outside address: docs/vmm.md "The development hosts"): 198.51.100.10
+//! (documentation range, treated as public) and
 //! 10.254.0.10 (private), routed from the host through a veth of the test's own (named
 //! outside the `pt` prefix: lease rules treat `pt*` interfaces as other guests).
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use guest_harness::{Ssh, config, guest_env, leftovers, login, serial, spec};
+use guest_harness::{Ssh, TestState, guest_env, leftovers, login, serial, spec};
 use peervm_vmm::{EgressPolicy, Hypervisor, QemuHypervisor};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -166,9 +167,8 @@ async fn guests_reach_neither_each_other_nor_host_nor_private_ranges() {
         n
     };
 
-    let state = tempfile::tempdir().unwrap();
-    let hv = QemuHypervisor::new(config(state.path())).unwrap();
-    let _cleanup = guest_harness::CleanupOnPanic::new(config(state.path()));
+    let state = TestState::new();
+    let hv = QemuHypervisor::new(state.config()).unwrap();
     let (spec_a, key_a) = spec(10, 1, 192, EgressPolicy::PublicOnly);
     let (spec_b, key_b) = spec(11, 1, 192, EgressPolicy::Deny);
     let (a, b) = tokio::join!(hv.start(spec_a.clone()), hv.start(spec_b.clone()));

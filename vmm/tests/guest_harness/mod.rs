@@ -19,7 +19,8 @@ use std::time::Duration;
 
 pub use peervm_testenv::Needs;
 use peervm_vmm::{
-    Accel, AuthorizedKey, EgressPolicy, GuestImage, HostKeySeed, LeaseId, NamePrefix, QemuUser, VmSpec, VmmConfig,
+    Accel, AuthorizedKey, EgressPolicy, GuestImage, HostKeySeed, Hypervisor, LeaseId, NamePrefix, QemuHypervisor,
+    QemuUser, ReconcileReport, VmSpec, VmmConfig,
 };
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
@@ -242,38 +243,62 @@ pub fn leftovers(lease: Option<&LeaseId>, state_dir: &Path, port: Option<u16>) -
     found
 }
 
-/// Removes the test's guests if the test panics (otherwise they would outlive it: guests
-/// survive their manager by design). A fresh backend on the same state directory
-/// reconciles with no live lease, on a thread of its own (the test's runtime is
-/// unwinding).
-pub struct CleanupOnPanic {
-    config: peervm_vmm::VmmConfig,
+/// A guest test's state directory, and the guard that removes everything the test made
+/// with the test prefix when it ends, whether it passed or failed: QEMU processes,
+/// namespaces, nftables tables, host links, cgroups and lease files. Guests outlive
+/// their manager by design (a provider restart re-adopts them), so without this a
+/// failing test would leave its guests running.
+///
+/// Drop runs a reconcile with no live lease from a fresh backend on this directory
+/// (which also sweeps strays with the prefix) before the directory is removed, on a
+/// thread of its own with its own runtime: the test's runtime may be unwinding. A test
+/// declares it before its backend, so the backend (and its SSH ports) goes first.
+pub struct TestState {
+    dir: tempfile::TempDir,
 }
 
-impl CleanupOnPanic {
-    pub fn new(config: peervm_vmm::VmmConfig) -> Self {
-        CleanupOnPanic { config }
+impl TestState {
+    pub fn new() -> Self {
+        TestState { dir: tempfile::tempdir().expect("cannot create a state directory") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The backend configuration of the tests, on this directory.
+    pub fn config(&self) -> VmmConfig {
+        config(self.path())
     }
 }
 
-impl Drop for CleanupOnPanic {
+impl Drop for TestState {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let config = self.config.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                use peervm_vmm::Hypervisor;
-                if let Ok(hv) = peervm_vmm::QemuHypervisor::new(config) {
-                    match hv.reconcile(&[]).await {
-                        Ok(r) => eprintln!("cleanup after panic: {r:?}"),
-                        Err(e) => eprintln!("cleanup after panic failed: {e}"),
-                    }
-                }
-            });
+        let failing = std::thread::panicking();
+        let config = self.config();
+        let dir = self.path().to_path_buf();
+        let outcome = std::thread::spawn(move || -> Result<(ReconcileReport, Vec<String>), String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("no runtime: {e}"))?;
+            let hv = QemuHypervisor::new(config).map_err(|e| format!("no backend: {e}"))?;
+            let report = rt.block_on(hv.reconcile(&[])).map_err(|e| format!("reconcile: {e}"))?;
+            drop(hv);
+            Ok((report, leftovers(None, &dir, None)))
         })
         .join();
+        match outcome {
+            Ok(Ok((report, left))) => {
+                if failing || report != ReconcileReport::default() {
+                    eprintln!("test teardown removed: {report:?}");
+                }
+                if !left.is_empty() {
+                    eprintln!("test teardown could not remove: {left:#?}");
+                }
+            }
+            Ok(Err(e)) => eprintln!("test teardown failed: {e}"),
+            Err(_) => eprintln!("test teardown panicked"),
+        }
     }
 }

@@ -1,11 +1,13 @@
-//! The per-lease state file (`<state dir>/leases/<lease hex>/lease.json`, 0600).
+//! A lease's directory, `<state dir>/leases/<lease hex>/` (0700): the names of its files,
+//! their modes, and the state record `lease.json` (0600).
 //!
-//! It is written before any resource of the lease exists and removed after the last one
-//! is gone, so after a crash at any point reconcile knows every lease that may have left
-//! something behind, and can re-adopt a live guest (its QEMU pid, port and addresses).
+//! The record is written before any resource of the lease exists and removed after the
+//! last one is gone, so after a crash at any point reconcile knows every lease that may
+//! have left something behind, and can re-adopt a live guest (its QEMU pid, port and
+//! addresses).
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -14,14 +16,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
 use crate::error::VmmError;
-use crate::spec::{EgressPolicy, LeaseId};
+use crate::lease_id::LeaseId;
+use crate::spec::EgressPolicy;
 
-pub(crate) const RECORD_FILE: &str = "lease.json";
+pub(super) const RECORD_FILE: &str = "lease.json";
+pub(super) const OVERLAY_FILE: &str = "overlay.qcow2";
+pub(super) const SEED_FILE: &str = "seed.img";
+pub(super) const CONSOLE_FILE: &str = "console.log";
+pub(super) const QMP_FILE: &str = "qmp.sock";
 const RECORD_VERSION: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub(crate) enum RecordState {
+pub(super) enum RecordState {
     /// Resources are being created; no guest to re-adopt.
     Provisioning,
     /// QEMU runs with `pid`.
@@ -29,7 +36,7 @@ pub(crate) enum RecordState {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct LeaseRecord {
+pub(super) struct LeaseRecord {
     pub version: u32,
     pub lease: LeaseId,
     pub state: RecordState,
@@ -59,13 +66,13 @@ impl LeaseRecord {
 }
 
 /// `<state dir>/leases`.
-pub(crate) fn leases_dir(state_dir: &Path) -> PathBuf {
+pub(super) fn leases_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("leases")
 }
 
 /// Creates a directory 0700 (and its parents, also 0700): modes are set at creation,
-/// never fixed up afterwards (DESIGN section 10).
-pub(crate) fn create_private_dir(path: &Path) -> Result<(), VmmError> {
+/// never fixed up afterwards (docs/vmm.md "Per-lease files"; SECURITY.md invariant 10).
+pub(super) fn create_private_dir(path: &Path) -> Result<(), VmmError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -73,8 +80,19 @@ pub(crate) fn create_private_dir(path: &Path) -> Result<(), VmmError> {
         .map_err(|e| VmmError::io("cannot create directory", path, e))
 }
 
+/// Creates an empty file 0600; fails if it exists.
+pub(super) fn create_private_file(path: &Path) -> Result<(), VmmError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|e| VmmError::io("cannot create", path, e))
+}
+
 /// Writes the record atomically (temporary file 0600, fsync, rename).
-pub(crate) fn write_record(dir: &Path, record: &LeaseRecord) -> Result<(), VmmError> {
+pub(super) fn write_record(dir: &Path, record: &LeaseRecord) -> Result<(), VmmError> {
     let path = dir.join(RECORD_FILE);
     let tmp = dir.join(".lease.json.tmp");
     let _ = fs::remove_file(&tmp);
@@ -93,52 +111,21 @@ pub(crate) fn write_record(dir: &Path, record: &LeaseRecord) -> Result<(), VmmEr
     Ok(())
 }
 
-pub(crate) fn read_record(dir: &Path) -> Result<LeaseRecord, VmmError> {
+pub(super) fn read_record(dir: &Path) -> Result<LeaseRecord, VmmError> {
     let path = dir.join(RECORD_FILE);
     let data = fs::read(&path).map_err(|e| VmmError::io("cannot read", &path, e))?;
     serde_json::from_slice(&data).map_err(|e| VmmError::io("cannot parse", &path, e.into()))
 }
 
-/// Start time (clock ticks since boot) of a live process; `None` when it is gone or a
-/// zombie (a zombie is no guest).
-pub(crate) fn process_start_ticks(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // fields after the parenthesised command name, which may itself contain spaces
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
-}
-
-/// The command line of a process, split at NULs.
-pub(crate) fn process_cmdline(pid: i32) -> Option<Vec<String>> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
-}
-
-/// Live processes whose QEMU `-name guest=<name>` starts with `prefix-`: the guests of
-/// some vmm with that name prefix, found without any state file.
-pub(crate) fn find_guest_processes(prefix: &str) -> Vec<(i32, String)> {
-    let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else { return found };
-    let want = format!("guest={prefix}-");
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Some(args) = process_cmdline(pid) else { continue };
-        let name = args
-            .windows(2)
-            .find(|w| w[0] == "-name")
-            .and_then(|w| w[1].split(',').find_map(|kv| kv.strip_prefix("guest=")).map(str::to_string));
-        if let Some(name) = name
-            && format!("guest={name}").starts_with(&want)
-            && process_start_ticks(pid).is_some()
-        {
-            found.push((pid, name));
-        }
-    }
-    found
+/// The last lines of the console log, for an error message.
+pub(super) fn console_tail(path: &Path) -> String {
+    let Ok(mut f) = File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(2048)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 #[cfg(test)]
@@ -177,12 +164,5 @@ mod tests {
         assert_eq!(fs::metadata(lease_dir.join(RECORD_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(read_record(&lease_dir).unwrap(), r);
         write_record(&lease_dir, &r).unwrap();
-    }
-
-    #[test]
-    fn own_process_has_a_start_time() {
-        let me = std::process::id() as i32;
-        assert!(process_start_ticks(me).is_some());
-        assert!(process_cmdline(me).is_some_and(|a| !a.is_empty()));
     }
 }

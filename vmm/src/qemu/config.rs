@@ -1,0 +1,120 @@
+//! `VmmConfig`: every knob of the QEMU backend, with the defaults documented in
+//! docs/vmm.md, and what follows from them for one lease (its SSH port, its cgroup
+//! limits).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::accel::Accel;
+use crate::cgroup::{CPU_PERIOD_US, CgroupLayout, CgroupLimits};
+use crate::error::VmmError;
+use crate::network::{AddressPool, NamePrefix};
+use crate::qemu_user::DEFAULT_QEMU_USER;
+
+/// Configuration of the QEMU backend. `VmmConfig::new` gives the defaults documented in
+/// docs/vmm.md.
+#[derive(Clone, Debug)]
+pub struct VmmConfig {
+    /// Lease directories live in `<state_dir>/leases/<lease hex>/` (0700).
+    pub state_dir: PathBuf,
+    /// The accelerator every guest uses (from `select_accel`).
+    pub accel: Accel,
+    pub qemu_binary: PathBuf,
+    pub qemu_img: PathBuf,
+    /// The unprivileged user QEMU runs as (never root).
+    pub qemu_user: String,
+    pub names: NamePrefix,
+    /// One /30 per network slot.
+    pub address_pool: AddressPool,
+    /// The address the SSH forwarders listen on.
+    pub ssh_listen: IpAddr,
+    /// Slot `n` is reached on port `ssh_port_base + n`; `ssh_port_count` ports in all.
+    pub ssh_port_base: u16,
+    pub ssh_port_count: u16,
+    /// From QEMU start to SSH-ready at most.
+    pub ready_timeout: Duration,
+    /// From the ACPI power button to QEMU's exit at most; then it is killed.
+    pub stop_timeout: Duration,
+    /// Host memory QEMU may use beyond the guest's RAM (device emulation, TCG's
+    /// translation cache, page cache of the overlay); the cgroup limit is RAM + this.
+    pub memory_overhead_mib: u32,
+    /// Task limit of the cgroup beyond one per vCPU (QEMU's own threads and its I/O
+    /// worker pool of up to 64 threads).
+    pub pids_base: u32,
+    /// TCG translation cache size.
+    pub tcg_tb_size_mib: u32,
+    /// `None`: detect from /proc/self/mountinfo.
+    pub cgroups: Option<CgroupLayout>,
+}
+
+impl VmmConfig {
+    pub fn new(state_dir: impl Into<PathBuf>, accel: Accel) -> Self {
+        VmmConfig {
+            state_dir: state_dir.into(),
+            accel,
+            qemu_binary: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            qemu_user: DEFAULT_QEMU_USER.into(),
+            names: NamePrefix::default(),
+            address_pool: AddressPool::default(),
+            ssh_listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ssh_port_base: 22000,
+            ssh_port_count: 1000,
+            ready_timeout: Duration::from_secs(120),
+            stop_timeout: Duration::from_secs(20),
+            memory_overhead_mib: 256,
+            pids_base: 128,
+            tcg_tb_size_mib: 128,
+            cgroups: None,
+        }
+    }
+
+    /// The SSH port of network slot `slot`.
+    pub(super) fn port_for(&self, slot: u32) -> Result<u16, VmmError> {
+        let port = u32::from(self.ssh_port_base) + slot;
+        if slot >= u32::from(self.ssh_port_count) || port > u32::from(u16::MAX) {
+            return Err(VmmError::InvalidSpec(format!(
+                "network slot {slot} is outside the SSH port range {}+{}",
+                self.ssh_port_base, self.ssh_port_count
+            )));
+        }
+        Ok(port as u16)
+    }
+
+    /// The cgroup limits of a guest with `vcpus`, `memory_mib` of RAM and `cores` of CPU
+    /// quota (docs/vmm.md "Cgroups").
+    pub(super) fn limits_for(&self, vcpus: u32, memory_mib: u32, cores: f64) -> CgroupLimits {
+        CgroupLimits {
+            cpu_quota_us: Some(CgroupLimits::quota_for_cores(cores)),
+            cpu_period_us: CPU_PERIOD_US,
+            memory_max_bytes: (u64::from(memory_mib) + u64::from(self.memory_overhead_mib)) << 20,
+            pids_max: u64::from(self.pids_base) + u64::from(vcpus),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_follow_slots_within_the_range() {
+        let mut c = VmmConfig::new("/tmp/x", Accel::Tcg);
+        c.ssh_port_base = 40000;
+        c.ssh_port_count = 10;
+        assert_eq!(c.port_for(0).unwrap(), 40000);
+        assert_eq!(c.port_for(9).unwrap(), 40009);
+        assert!(c.port_for(10).is_err());
+    }
+
+    #[test]
+    fn limits_are_the_lease_plus_qemu_overhead() {
+        let c = VmmConfig::new("/tmp/x", Accel::Tcg);
+        let l = c.limits_for(2, 512, 0.5);
+        assert_eq!(l.cpu_quota_us, Some(50_000));
+        assert_eq!(l.cpu_period_us, CPU_PERIOD_US);
+        assert_eq!(l.memory_max_bytes, (512 + 256) << 20);
+        assert_eq!(l.pids_max, 128 + 2);
+    }
+}

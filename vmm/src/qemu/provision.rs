@@ -1,0 +1,247 @@
+//! Starting a lease: the record first, then the overlay, the seed disk, the cgroup, the
+//! network, the SSH port and QEMU; then the wait until the guest's sshd proves the
+//! provisioned host key (docs/vmm.md "Readiness"). A failed start removes what it made.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+
+use super::QemuHypervisor;
+use super::lease_dir::{
+    CONSOLE_FILE, LeaseRecord, OVERLAY_FILE, QMP_FILE, RecordState, SEED_FILE, console_tail, create_private_dir,
+    create_private_file, write_record,
+};
+use super::process::{GuestProcess, spawn_qemu};
+use super::registry::LeaseRuntime;
+use crate::error::VmmError;
+use crate::forward::{ForwardCounters, SshForwarder};
+use crate::host_command::run;
+use crate::hypervisor::RunningVm;
+use crate::network::{LeaseNetwork, SLOT_PREFIX_LEN};
+use crate::procfs;
+use crate::qmp;
+use crate::readiness::{SshProbe, probe_ssh};
+use crate::seed::{SeedConfig, write_seed_disk};
+use crate::spec::{StartStage, VmSpec};
+
+impl QemuHypervisor {
+    pub(super) async fn start_lease(&self, spec: VmSpec) -> Result<RunningVm, VmmError> {
+        spec.validate()?;
+        let cfg = &self.inner.config;
+        let lease = spec.lease_id;
+        let slot = spec.network_slot;
+        cfg.address_pool.slot(slot).ok_or_else(|| {
+            VmmError::InvalidSpec(format!("network slot {slot} is outside the address pool {}", cfg.address_pool))
+        })?;
+        cfg.port_for(slot)?;
+        self.inner.leases.reserve(lease, slot)?;
+        if self.lease_dir(lease).exists() {
+            self.inner.leases.release(lease);
+            return Err(VmmError::LeaseExists(lease));
+        }
+        match self.provision_and_boot(&spec).await {
+            Ok(rt) => {
+                let vm = rt.running_vm();
+                self.inner.leases.set_running(lease, rt);
+                Ok(vm)
+            }
+            Err(e) => {
+                tracing::warn!(%lease, error = %e, "start failed: removing what was created");
+                if let Err(ce) = self.cleanup_lease(lease).await {
+                    tracing::error!(%lease, error = %ce, "cleanup after a failed start is incomplete");
+                }
+                self.inner.leases.release(lease);
+                self.remove_cgroup_parent_if_unused();
+                Err(e)
+            }
+        }
+    }
+
+    async fn provision_and_boot(&self, spec: &VmSpec) -> Result<Arc<LeaseRuntime>, VmmError> {
+        let cfg = &self.inner.config;
+        let lease = spec.lease_id;
+        let t0 = Instant::now();
+        let addrs = cfg
+            .address_pool
+            .slot(spec.network_slot)
+            .ok_or_else(|| VmmError::InvalidSpec(format!("network slot {} is outside the pool", spec.network_slot)))?;
+        let port = cfg.port_for(spec.network_slot)?;
+        let image = spec.image.clone();
+        // hashes again only when a file changed since it last verified
+        tokio::task::spawn_blocking(move || image.verify())
+            .await
+            .map_err(|e| VmmError::InvalidSpec(format!("image check did not finish: {e}")))??;
+
+        let dir = self.lease_dir(lease);
+        create_private_dir(&dir)?;
+        let mut record = LeaseRecord {
+            version: LeaseRecord::new_version(),
+            lease,
+            state: RecordState::Provisioning,
+            pid: None,
+            pid_start_ticks: None,
+            slot: spec.network_slot,
+            listen: cfg.ssh_listen,
+            port,
+            host_ip: addrs.host,
+            guest_ip: addrs.guest,
+            accel: cfg.accel,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disk_gib: spec.disk_gib,
+            cpu_quota: spec.cpu_quota,
+            egress: spec.egress,
+            host_key: spec.host_key.public_openssh(),
+            image_sha256: spec.image.manifest_sha256_hex(),
+            started_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        };
+        // the record exists before any other resource: reconcile finds every lease that
+        // may have left something behind
+        write_record(&dir, &record)?;
+
+        // per-lease copy-on-write overlay of the leased size over the read-only base;
+        // created 0600 first so that qemu-img only fills it
+        let overlay = dir.join(OVERLAY_FILE);
+        create_private_file(&overlay)?;
+        let base = spec.image.base_disk().display().to_string();
+        let size = format!("{}G", spec.disk_gib);
+        let overlay_s = overlay.display().to_string();
+        let qemu_img = cfg.qemu_img.display().to_string();
+        run(&qemu_img, &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &overlay_s, &size], None).await?;
+
+        let mac = [0x52, 0x54, 0x00, lease.as_bytes()[0], lease.as_bytes()[1], lease.as_bytes()[2]];
+        let seed = dir.join(SEED_FILE);
+        write_seed_disk(
+            &seed,
+            &SeedConfig {
+                lease,
+                user: &spec.ssh_user,
+                authorized_key: &spec.authorized_key,
+                host_key: &spec.host_key,
+                mac,
+                guest_addr: addrs.guest,
+                prefix_len: SLOT_PREFIX_LEN,
+                gateway: addrs.host,
+            },
+        )?;
+
+        let cgroup = self.lease_cgroup(&lease);
+        cgroup.create(&cfg.limits_for(spec.vcpus, spec.memory_mib, spec.cpu_cores()))?;
+
+        let network = LeaseNetwork::new(&cfg.names, &lease, addrs, spec.egress, cfg.address_pool);
+        network.setup().await?;
+        // ARP retries every 100 ms instead of 1 s: the readiness check reaches the
+        // guest sooner once its interface is up
+        let _ = procfs::write_sysctl(&format!("net/ipv4/neigh/{}/retrans_time_ms", network.host_if), "100");
+
+        // bound before QEMU starts: a port in use fails the lease before a boot is paid for
+        let counters = Arc::new(ForwardCounters::default());
+        let listen = SocketAddr::new(cfg.ssh_listen, port);
+        let forwarder =
+            SshForwarder::start(listen, SocketAddr::new(IpAddr::V4(addrs.guest), 22), counters.clone()).await?;
+        let t_provisioned = t0.elapsed();
+
+        let child = spawn_qemu(cfg, &self.inner.user, spec, &dir, &network, &cgroup, mac)?;
+        if let Some(progress) = &spec.progress {
+            let _ = progress.send(StartStage::Booting);
+        }
+        let pid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or_else(|| VmmError::Spawn { lease, reason: "QEMU exited at once".into() })?;
+        record.state = RecordState::Running;
+        record.pid = Some(pid);
+        record.pid_start_ticks = procfs::process_start_ticks(pid);
+        write_record(&dir, &record)?;
+
+        let rt = Arc::new(LeaseRuntime {
+            record,
+            dir: dir.clone(),
+            process: tokio::sync::Mutex::new(GuestProcess::Child(child)),
+            forwarder: Mutex::new(Some(forwarder)),
+            counters,
+            cgroup,
+            started: t0,
+            boot_time: OnceLock::new(),
+        });
+
+        let deadline = Instant::now() + cfg.ready_timeout;
+        wait_ready(&rt, spec, deadline).await?;
+        check_forwarder(listen, deadline).await.map_err(|e| VmmError::NotReady {
+            lease,
+            waited_secs: t0.elapsed().as_secs(),
+            last_error: format!("guest ready but its SSH port {listen} does not answer: {e}"),
+        })?;
+        let boot_time = t0.elapsed();
+        tracing::info!(%lease, provisioned_ms = t_provisioned.as_millis() as u64, ready_ms = boot_time.as_millis() as u64,
+            accel = %cfg.accel, "guest ready");
+
+        // The console has served its purpose (boot diagnostics): from here on a guest
+        // writing to its serial port must not fill the provider's disk.
+        if let Err(e) = qmp::execute(
+            &dir.join(QMP_FILE),
+            "chardev-change",
+            Some(json!({"id": "console", "backend": {"type": "null", "data": {}}})),
+        )
+        .await
+        {
+            tracing::warn!(%lease, error = %e, "cannot detach the serial console log");
+        }
+
+        let _ = rt.boot_time.set(boot_time);
+        Ok(rt)
+    }
+}
+
+/// Polls the guest's sshd until it proves the provisioned host key; fails at once on a
+/// different key or when QEMU exits (with the console tail), else at `deadline`.
+async fn wait_ready(rt: &LeaseRuntime, spec: &VmSpec, deadline: Instant) -> Result<(), VmmError> {
+    let lease = spec.lease_id;
+    let expected = spec.host_key.public_key();
+    let target = SocketAddr::new(IpAddr::V4(rt.record.guest_ip), 22);
+    let mut last = String::from("no attempt yet");
+    loop {
+        {
+            let mut p = rt.process.lock().await;
+            if !p.is_alive() {
+                return Err(VmmError::QemuExited {
+                    lease,
+                    status: p.exit_status(),
+                    console: console_tail(&rt.dir.join(CONSOLE_FILE)),
+                });
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(VmmError::NotReady { lease, waited_secs: rt.started.elapsed().as_secs(), last_error: last });
+        }
+        match probe_ssh(target, &expected, (deadline - now).min(Duration::from_secs(3))).await {
+            SshProbe::Ready => return Ok(()),
+            SshProbe::WrongKey { presented } => {
+                return Err(VmmError::HostKeyMismatch { lease, presented, expected: spec.host_key.public_openssh() });
+            }
+            SshProbe::NotYet(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The forwarder relays to an sshd: its port must greet with an SSH banner.
+async fn check_forwarder(listen: SocketAddr, deadline: Instant) -> Result<(), String> {
+    let addr = if listen.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), listen.port())
+    } else {
+        listen
+    };
+    let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stream).read_line(&mut line).await.map_err(|e| e.to_string())?;
+        if line.starts_with("SSH-") { Ok(()) } else { Err(format!("unexpected greeting {:?}", line.trim())) }
+    };
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| "no SSH greeting".to_string())?
+}

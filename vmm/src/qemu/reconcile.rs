@@ -1,0 +1,177 @@
+//! At provider start: re-adopt the live guests of live leases, clean up every other
+//! lease this host has state for, then sweep every object with the name prefix that no
+//! lease owns (docs/vmm.md "Teardown and reconcile"). One failure does not stop the
+//! rest: it is listed in the report.
+
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use super::QemuHypervisor;
+use super::lease_dir::{LeaseRecord, RecordState, leases_dir, read_record};
+use super::process::{GuestProcess, find_guest_processes, wait_gone};
+use super::registry::LeaseRuntime;
+use crate::cgroup::LeaseCgroup;
+use crate::error::VmmError;
+use crate::forward::{ForwardCounters, SshForwarder};
+use crate::host_command::run;
+use crate::hypervisor::{ReconcileReport, RunningVm};
+use crate::lease_id::LeaseId;
+use crate::network;
+use crate::procfs;
+
+impl QemuHypervisor {
+    pub(super) async fn reconcile_leases(&self, live: &[LeaseId]) -> Result<ReconcileReport, VmmError> {
+        let cfg = &self.inner.config;
+        let mut report = ReconcileReport::default();
+        let dir = leases_dir(&cfg.state_dir);
+        let entries = fs::read_dir(&dir).map_err(|e| VmmError::io("cannot list", &dir, e))?;
+        for e in entries.flatten() {
+            let Some(lease) = e.file_name().to_str().and_then(|s| s.parse::<LeaseId>().ok()) else {
+                tracing::warn!(path = %e.path().display(), "not a lease directory: left alone");
+                continue;
+            };
+            if self.inner.leases.contains(lease) {
+                continue;
+            }
+            let adopted = match read_record(&e.path()) {
+                Ok(record) if live.contains(&lease) => self.try_adopt(record).await,
+                _ => None,
+            };
+            match adopted {
+                Some(vm) => report.adopted.push(vm),
+                // one lease that cannot be cleaned must not stop the others
+                None => match self.cleanup_lease(lease).await {
+                    Ok(()) => report.removed_leases.push(lease),
+                    Err(e) => {
+                        tracing::error!(%lease, error = %e, "cannot clean up lease");
+                        report.failed.push(format!("lease {lease}: {e}"));
+                    }
+                },
+            }
+        }
+        self.sweep_unowned(&mut report).await;
+        self.remove_cgroup_parent_if_unused();
+        Ok(report)
+    }
+
+    /// Re-adopts the guest of `record` if its QEMU is still the one we started and its
+    /// isolation is intact.
+    async fn try_adopt(&self, record: LeaseRecord) -> Option<RunningVm> {
+        let cfg = &self.inner.config;
+        let lease = record.lease;
+        let (Some(pid), Some(ticks), RecordState::Running) = (record.pid, record.pid_start_ticks, record.state) else {
+            return None;
+        };
+        if procfs::process_start_ticks(pid) != Some(ticks) {
+            tracing::info!(%lease, "guest is gone: cleaning up");
+            return None;
+        }
+        let name = cfg.names.lease_name(&lease);
+        let cgroup = self.lease_cgroup(&lease);
+        let intact = network::list_netns().await.ok()?.contains(&name)
+            && network::list_tables().await.ok()?.contains(&name)
+            && cgroup.procs().contains(&pid);
+        if !intact {
+            tracing::warn!(%lease, "guest is alive but its isolation is incomplete: not adopting it");
+            return None;
+        }
+        if self.inner.leases.slot_taken(record.slot) {
+            return None;
+        }
+        let counters = Arc::new(ForwardCounters::default());
+        let listen = SocketAddr::new(record.listen, record.port);
+        let forwarder =
+            match SshForwarder::start(listen, SocketAddr::new(IpAddr::V4(record.guest_ip), 22), counters.clone()).await
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(%lease, error = %e, "cannot re-open the SSH port: not adopting");
+                    return None;
+                }
+            };
+        let rt = Arc::new(LeaseRuntime {
+            dir: self.lease_dir(lease),
+            process: tokio::sync::Mutex::new(GuestProcess::Adopted { pid, start_ticks: ticks }),
+            forwarder: Mutex::new(Some(forwarder)),
+            counters,
+            cgroup,
+            started: Instant::now(),
+            boot_time: OnceLock::new(),
+            record,
+        });
+        let vm = rt.running_vm();
+        if !self.inner.leases.adopt(lease, rt) {
+            return None;
+        }
+        tracing::info!(%lease, pid, "re-adopted live guest");
+        Some(vm)
+    }
+
+    /// Removes processes, namespaces, tables, host interfaces and cgroups with our name
+    /// prefix that belong to no lease of this backend.
+    async fn sweep_unowned(&self, report: &mut ReconcileReport) {
+        let names = &self.inner.config.names;
+        let owned: Vec<LeaseId> = self.inner.leases.ids();
+        let unowned = |name: &str| names.parse_lease_name(name).is_some_and(|l| !owned.contains(&l));
+        let mut killed = Vec::new();
+        for (pid, name) in find_guest_processes(names.long()) {
+            if unowned(&name) {
+                // SAFETY: kill(2) on a QEMU carrying our guest name prefix that no lease owns
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                killed.push(pid);
+                report.removed_objects.push(format!("process {pid} ({name})"));
+            }
+        }
+        wait_gone(&killed).await;
+
+        match network::list_tables().await {
+            Ok(tables) => {
+                for t in tables.iter().filter(|t| unowned(t)) {
+                    remove_object(report, format!("nft table inet {t}"), "nft", &["delete", "table", "inet", t]).await;
+                }
+            }
+            Err(e) => report.failed.push(format!("listing nft tables: {e}")),
+        }
+        match network::list_netns().await {
+            Ok(all) => {
+                for ns in all.iter().filter(|n| unowned(n)) {
+                    remove_object(report, format!("netns {ns}"), "ip", &["netns", "delete", ns]).await;
+                }
+            }
+            Err(e) => report.failed.push(format!("listing network namespaces: {e}")),
+        }
+        match network::list_links().await {
+            Ok(links) => {
+                for link in links {
+                    if let Some(short) = names.parse_host_if(&link)
+                        && !owned.iter().any(|l| l.short_hex(12) == short)
+                    {
+                        remove_object(report, format!("link {link}"), "ip", &["link", "delete", &link]).await;
+                    }
+                }
+            }
+            Err(e) => report.failed.push(format!("listing links: {e}")),
+        }
+        for cg in self.inner.cgroups.list_children(names.long()) {
+            if unowned(&cg) {
+                let what = format!("cgroup {}/{cg}", names.long());
+                match LeaseCgroup::new(self.inner.cgroups.clone(), names.long(), &cg).destroy().await {
+                    Ok(()) => report.removed_objects.push(what),
+                    Err(e) => report.failed.push(format!("{what}: {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// Runs a removal command and records the outcome in the report.
+async fn remove_object(report: &mut ReconcileReport, what: String, program: &str, args: &[&str]) {
+    match run(program, args, None).await {
+        Ok(_) => report.removed_objects.push(what),
+        Err(e) => report.failed.push(format!("{what}: {e}")),
+    }
+}
