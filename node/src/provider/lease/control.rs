@@ -11,7 +11,6 @@ use super::db::{DbError, LeaseRecord};
 use super::denial::{Denial, deny, internal};
 use super::inbound::ReplyTo;
 use super::manager::LeaseManager;
-use crate::clock::now_unix_ms;
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     pub(super) async fn on_control(
@@ -30,7 +29,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
 
     async fn control(&self, c: &LeaseControl) -> Result<ReplyOutcome, Denial> {
         let inner = &self.inner;
-        let now = now_unix_ms();
+        let now = self.now();
         c.check_fresh(&inner.me, now).map_err(|e| deny(e.deny_reason(), e.to_string()))?;
         let record = inner
             .db
@@ -66,7 +65,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                     return Err(deny(DenyReason::LeaseEnded, format!("the lease already {:?}", record.state)));
                 }
                 self.end(record.id, "terminated by the requestor").await.map_err(internal)?;
-                Ok(ReplyOutcome::Terminated { at_unix_ms: now_unix_ms() })
+                Ok(ReplyOutcome::Terminated { at_unix_ms: self.now() })
             }
         }
     }

@@ -13,7 +13,6 @@ use tokio::sync::watch;
 use super::db::LeaseRecord;
 use super::denial::{Denial, deny, internal};
 use super::manager::{LeaseManager, vmm_id};
-use crate::clock::now_unix_ms;
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     pub(super) async fn start_guest(
@@ -24,7 +23,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     ) -> Result<ReplyOutcome, Denial> {
         let inner = &self.inner;
         let id = record.id;
-        inner.db.set_state(&id, LeaseState::Provisioning, "", now_unix_ms()).map_err(internal)?;
+        inner.db.set_state(&id, LeaseState::Provisioning, "", self.now()).map_err(internal)?;
         let host_key = HostKeySeed::from_bytes(record.host_key_seed);
         let host_key_raw = host_key.public_raw();
         let spec = VmSpec {
@@ -52,7 +51,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                     if *progress_rx.borrow() == StartStage::Booting {
                         let current = this.inner.db.get(&id).ok().flatten().map(|r| r.state);
                         if current == Some(LeaseState::Provisioning) {
-                            let _ = this.inner.db.set_state(&id, LeaseState::Booting, "", now_unix_ms());
+                            let _ = this.inner.db.set_state(&id, LeaseState::Booting, "", this.now());
                         }
                         break;
                     }
@@ -66,7 +65,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             Err(e) => {
                 tracing::warn!(lease = %id, error = %e, "guest failed to start");
                 let detail = format!("the guest failed to start: {e}");
-                let _ = inner.db.set_state(&id, LeaseState::Failed, &detail, now_unix_ms());
+                let _ = inner.db.set_state(&id, LeaseState::Failed, &detail, self.now());
                 let _ = self.refresh_capacity();
                 return Err(deny(DenyReason::Internal, detail));
             }
@@ -77,7 +76,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             self.finish_stop(id, "terminated while starting").await;
             return Err(deny(DenyReason::LeaseEnded, "the lease was terminated while its guest started"));
         }
-        let started_at = now_unix_ms();
+        let started_at = self.now();
         let ends_at = started_at.saturating_add(duration_secs.saturating_mul(1000));
         inner.db.set_running(&id, started_at, ends_at, started_at).map_err(internal)?;
         inner.metrics.leases_started.inc();

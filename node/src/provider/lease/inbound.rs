@@ -11,7 +11,6 @@ use sha2::{Digest, Sha256};
 
 use super::denial::{Denial, MAX_DETAIL, deny, truncate};
 use super::manager::{LeaseError, LeaseManager};
-use crate::clock::now_unix_ms;
 use crate::network::lease_wire::LeaseMessage;
 
 /// Who a reply goes to and what it answers.
@@ -75,7 +74,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             provider: self.inner.me,
             requestor: to.requestor,
             in_reply_to: to.digest,
-            issued_at_unix_ms: now_unix_ms(),
+            issued_at_unix_ms: self.now(),
             outcome,
         };
         Ok(Signed::sign(&self.inner.key, &reply)?.to_bytes())

@@ -8,7 +8,6 @@ use peervm_vmm::Hypervisor;
 
 use super::denial::truncate;
 use super::manager::{LeaseError, LeaseManager, vmm_id};
-use crate::clock::now_unix_ms;
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     /// Incident response: the requestor's running leases end, its new requests get a
@@ -16,7 +15,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     /// also be a provider, are no longer stored or forwarded.
     pub async fn block(&self, peer: PeerId, reason: &str) -> Result<Vec<LeaseId>, LeaseError> {
         let inner = &self.inner;
-        inner.db.block(&peer, reason, now_unix_ms())?;
+        inner.db.block(&peer, reason, self.now())?;
         if let Some(network) = &inner.network {
             let _ = network.block_adverts(peer, true).await;
         }
@@ -66,7 +65,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
 
     /// Signs this provider's block list (its operator's blocks) for publication.
     pub fn signed_block_list(&self) -> Result<peervm_protocol::Verified<peervm_protocol::BlockList>, LeaseError> {
-        let now = now_unix_ms();
+        let now = self.now();
         let entries = self
             .inner
             .db

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use super::admission;
 use super::db::{DbError, LeaseRecord, ProviderDb};
 use super::terms::LeaseTerms;
+use crate::clock::{Clock, SystemClock};
 use crate::metrics::Metrics;
 use crate::network::{InboundLease, NodeClient};
 use crate::provider::audit::AuditLog;
@@ -63,6 +64,8 @@ pub(super) struct Inner<H> {
     pub audit: Option<Arc<AuditLog>>,
     /// Requestors named by block lists this provider trusts.
     pub list_blocked: Option<crate::network::ListBlocked>,
+    /// Every time the manager decides or records by (freshness, expiry, transitions).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
@@ -92,6 +95,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 memory_warned: Mutex::new(HashSet::new()),
                 audit: None,
                 list_blocked: None,
+                clock: Arc::new(SystemClock),
             }),
         }
     }
@@ -111,6 +115,20 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             inner.list_blocked = Some(list_blocked);
         }
         self
+    }
+
+    /// Reads the time from `clock` instead of the system clock (tests fix and advance it).
+    /// Call before the manager is cloned or run.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.clock = clock;
+        }
+        self
+    }
+
+    /// Now, by the manager's clock, in milliseconds since the Unix epoch.
+    pub(super) fn now(&self) -> u64 {
+        self.inner.clock.now_unix_ms()
     }
 
     pub(super) fn audit(&self, event: &str, fields: serde_json::Value) {

@@ -9,7 +9,6 @@ use tokio::task::JoinHandle;
 
 use super::db::LeaseRecord;
 use super::manager::{LeaseManager, vmm_id};
-use crate::clock::now_unix_ms;
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     /// A lease's resource use, as the hypervisor reports it; `None` if it cannot.
@@ -28,7 +27,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     /// Ends every lease past its end, each on its own task (returned, for a caller that
     /// waits), and prunes expired nonces.
     pub(super) fn end_expired(&self) -> Vec<JoinHandle<()>> {
-        let now = now_unix_ms();
+        let now = self.now();
         let active = match self.inner.db.active() {
             Ok(a) => a,
             Err(e) => {

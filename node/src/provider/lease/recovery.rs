@@ -11,7 +11,6 @@ use peervm_vmm::Hypervisor;
 
 use super::db::LeaseRecord;
 use super::manager::{LeaseError, LeaseManager, vmm_id};
-use crate::clock::now_unix_ms;
 
 /// What `recover` found and did at start.
 #[derive(Debug, Default, Clone)]
@@ -27,7 +26,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     /// leases whose guest survived are re-adopted, expired ones are ended, and everything
     /// else the hypervisor holds is cleaned up.
     pub async fn recover(&self) -> Result<RecoveryReport, LeaseError> {
-        let now = now_unix_ms();
+        let now = self.now();
         let mut report = RecoveryReport::default();
         let active = self.inner.db.active()?;
         // Only running, unexpired leases keep their guest; reconcile cleans the rest.

@@ -12,7 +12,6 @@ use super::db::{DbError, LeaseRecord};
 use super::denial::{Denial, deny, internal};
 use super::inbound::ReplyTo;
 use super::manager::LeaseManager;
-use crate::clock::now_unix_ms;
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     pub(super) async fn on_request(
@@ -59,7 +58,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         digest: [u8; 32],
     ) -> Result<ReplyOutcome, Denial> {
         let inner = &self.inner;
-        let now = now_unix_ms();
+        let now = self.now();
         admission::check_addressed(req, self.is_locked(), &inner.me, now)?;
         let standing = self.standing(req).map_err(internal)?;
         let plan = admission::check_request(req, standing, &inner.terms)?;

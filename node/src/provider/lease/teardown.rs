@@ -7,7 +7,6 @@ use peervm_protocol::{LeaseId, LeaseState};
 use peervm_vmm::Hypervisor;
 
 use super::manager::{LeaseError, LeaseManager, vmm_id};
-use crate::clock::now_unix_ms;
 
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     /// Ends a lease: Stopping is committed first, then the guest is stopped and every
@@ -22,7 +21,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         if !inner.ending.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
             return Ok(()); // someone else is ending it
         }
-        inner.db.set_state(&id, LeaseState::Stopping, reason, now_unix_ms())?;
+        inner.db.set_state(&id, LeaseState::Stopping, reason, self.now())?;
         if record.state == LeaseState::Running {
             self.finish_stop(id, reason).await;
         }
@@ -40,7 +39,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 (LeaseState::Failed, format!("{reason}; teardown incomplete: {e}"))
             }
         };
-        if let Err(e) = inner.db.set_state(&id, state, &detail, now_unix_ms()) {
+        if let Err(e) = inner.db.set_state(&id, state, &detail, self.now()) {
             tracing::error!(lease = %id, error = %e, "cannot record the end of a lease");
         }
         inner.metrics.forget_lease(&id.to_hex());
