@@ -152,3 +152,184 @@ pub(super) fn free_capacity<'a>(
         disk_gib: total.disk_gib.saturating_sub(used.disk_gib),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use peervm_protocol::DenyReason;
+
+    use super::super::test_support::{Harness, T0};
+    use super::*;
+
+    const CLEAR: Standing = Standing { lease_id_used: false, blocked: None };
+
+    fn reason(result: Result<impl std::fmt::Debug, Denial>) -> DenyReason {
+        result.expect_err("a denial").reason
+    }
+
+    #[test]
+    fn a_fresh_request_addressed_here_passes_and_a_locked_provider_denies_it() {
+        let h = Harness::new();
+        let req = h.request();
+        assert_eq!(check_addressed(&req, false, &h.provider, T0), Ok(()));
+        let d = check_addressed(&req, true, &h.provider, T0).unwrap_err();
+        assert_eq!(d.reason, DenyReason::Locked);
+    }
+
+    #[test]
+    fn a_request_for_another_provider_is_wrong_provider() {
+        let h = Harness::new();
+        let req = LeaseRequest { provider: PeerId::random(), ..h.request() };
+        assert_eq!(reason(check_addressed(&req, false, &h.provider, T0)), DenyReason::WrongProvider);
+    }
+
+    #[test]
+    fn freshness_is_checked_at_the_given_time() {
+        let h = Harness::new();
+        let req = h.request(); // issued at T0, valid until T0 + 60 s
+        assert_eq!(check_addressed(&req, false, &h.provider, T0 + 59_999), Ok(()));
+        assert_eq!(reason(check_addressed(&req, false, &h.provider, T0 + 60_000)), DenyReason::Stale);
+        // issued more than the allowed skew (30 s) in the future
+        assert_eq!(check_addressed(&req, false, &h.provider, T0 - 30_000), Ok(()));
+        assert_eq!(reason(check_addressed(&req, false, &h.provider, T0 - 30_001)), DenyReason::Stale);
+        let long = LeaseRequest { valid_until_unix_ms: T0 + 60_001, ..h.request() };
+        assert_eq!(reason(check_addressed(&long, false, &h.provider, T0)), DenyReason::Stale);
+    }
+
+    #[test]
+    fn a_used_lease_id_is_a_replay_before_anything_else() {
+        let h = Harness::new();
+        let standing = Standing { lease_id_used: true, blocked: Some(Blocked::ByOperator) };
+        let bad = LeaseRequest { ssh_user: "Root!".into(), ..h.request() };
+        let d = check_request(&bad, standing, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::Replay);
+        assert_eq!(d.detail, format!("lease id {} was already used", bad.lease_id));
+    }
+
+    #[test]
+    fn a_blocked_requestor_is_denied_naming_who_blocked_it() {
+        let h = Harness::new();
+        let req = LeaseRequest { duration_secs: 1, ..h.request() };
+        let by_operator = Standing { lease_id_used: false, blocked: Some(Blocked::ByOperator) };
+        let d = check_request(&req, by_operator, &h.terms).unwrap_err();
+        assert_eq!((d.reason, d.detail.as_str()), (DenyReason::Blocked, "this requestor is blocked by the provider"));
+        let by_list = Standing { lease_id_used: false, blocked: Some(Blocked::ByTrustedList) };
+        let d = check_request(&req, by_list, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::Blocked);
+        assert!(d.detail.contains("block list"), "{}", d.detail);
+    }
+
+    #[test]
+    fn an_ill_formed_request_is_invalid_spec() {
+        let h = Harness::new();
+        for req in [
+            LeaseRequest { ssh_user: "Root!".into(), ..h.request() },
+            LeaseRequest { spec: GuestSpec { vcpus: 0, ..h.request().spec }, ..h.request() },
+            LeaseRequest { duration_secs: 0, ..h.request() },
+        ] {
+            assert_eq!(reason(check_request(&req, CLEAR, &h.terms)), DenyReason::InvalidSpec, "{req:?}");
+        }
+    }
+
+    #[test]
+    fn the_duration_must_be_within_the_terms() {
+        let h = Harness::new(); // 60..=7200 s
+        for (secs, ok) in [(59, false), (60, true), (7200, true), (7201, false)] {
+            let req = LeaseRequest { duration_secs: secs, ..h.request() };
+            let result = check_request(&req, CLEAR, &h.terms);
+            assert_eq!(result.is_ok(), ok, "{secs} s");
+            if !ok {
+                assert_eq!(reason(result), DenyReason::InvalidSpec);
+            }
+        }
+    }
+
+    #[test]
+    fn an_image_not_offered_or_with_another_sha256_is_unknown_image() {
+        let h = Harness::new();
+        let req = h.request();
+        let other_name =
+            LeaseRequest { spec: GuestSpec { image_name: "debian".into(), ..req.spec.clone() }, ..h.request() };
+        let d = check_request(&other_name, CLEAR, &h.terms).unwrap_err();
+        assert_eq!((d.reason, d.detail.as_str()), (DenyReason::UnknownImage, "no image `debian` here"));
+        let other_sha = LeaseRequest { spec: GuestSpec { image_sha256: [1; 32], ..req.spec.clone() }, ..h.request() };
+        let d = check_request(&other_sha, CLEAR, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::UnknownImage);
+        assert!(d.detail.contains("different sha256"), "{}", d.detail);
+    }
+
+    #[test]
+    fn memory_below_64_mib_or_beyond_u32_is_invalid_spec() {
+        let h = Harness::new();
+        for (mib, ok) in [(63, false), (64, true), (u64::from(u32::MAX) + 1, false)] {
+            let req = LeaseRequest { spec: GuestSpec { memory_mib: mib, ..h.request().spec }, ..h.request() };
+            let result = check_request(&req, CLEAR, &h.terms);
+            match ok {
+                true => assert!(result.is_ok(), "{mib} MiB"),
+                false => assert_eq!(reason(result), DenyReason::InvalidSpec, "{mib} MiB"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_size_whose_price_overflows_is_invalid_spec() {
+        let h = Harness::new();
+        let mut terms = h.terms.clone();
+        terms.pricing.per_disk_gib_hour_micros = u64::MAX;
+        let req = LeaseRequest { spec: GuestSpec { disk_gib: 2, ..h.request().spec }, ..h.request() };
+        let d = check_request(&req, CLEAR, &terms).unwrap_err();
+        assert_eq!((d.reason, d.detail.as_str()), (DenyReason::InvalidSpec, "the requested size overflows the price"));
+    }
+
+    #[test]
+    fn the_price_must_be_met_in_the_provider_currency() {
+        let h = Harness::new();
+        // 1 vCPU x 1000 + 256 MiB x 512/GiB + 1 GiB x 10
+        let price = 1000 + 128 + 10;
+        let exact = LeaseRequest { max_price_per_hour_micros: price, ..h.request() };
+        let plan = check_request(&exact, CLEAR, &h.terms).unwrap();
+        assert_eq!(plan.price_per_hour_micros, price);
+        assert!(Arc::ptr_eq(&plan.image, &h.image));
+        let short = LeaseRequest { max_price_per_hour_micros: price - 1, ..h.request() };
+        assert_eq!(reason(check_request(&short, CLEAR, &h.terms)), DenyReason::PriceTooLow);
+        let usd = LeaseRequest { currency: "USD".into(), ..exact };
+        assert_eq!(reason(check_request(&usd, CLEAR, &h.terms)), DenyReason::PriceTooLow);
+    }
+
+    #[test]
+    fn capacity_fits_up_to_what_is_free_in_every_resource() {
+        let free = ResourceAmounts { vcpus: 2, memory_mib: 512, disk_gib: 3 };
+        assert_eq!(check_capacity(&free, &free), Ok(()));
+        for want in [
+            ResourceAmounts { vcpus: 3, ..free },
+            ResourceAmounts { memory_mib: 513, ..free },
+            ResourceAmounts { disk_gib: 4, ..free },
+        ] {
+            let d = check_capacity(&want, &free).unwrap_err();
+            assert_eq!(d.reason, DenyReason::NoCapacity);
+            assert_eq!(d.detail, "free now: 2 vCPU, 512 MiB memory, 3 GiB disk");
+        }
+    }
+
+    #[test]
+    fn free_capacity_is_the_total_minus_what_live_leases_hold_never_below_zero() {
+        let spec = |vcpus, memory_mib, disk_gib| GuestSpec {
+            vcpus,
+            memory_mib,
+            disk_gib,
+            image_name: "tiny".into(),
+            image_sha256: [0; 32],
+        };
+        let total = ResourceAmounts { vcpus: 4, memory_mib: 2048, disk_gib: 10 };
+        assert_eq!(free_capacity(total, []), total);
+        let held = [spec(1, 256, 1), spec(2, 1024, 4)];
+        assert_eq!(free_capacity(total, &held), ResourceAmounts { vcpus: 1, memory_mib: 768, disk_gib: 5 });
+        let over = [spec(5, 4096, 11)];
+        assert_eq!(free_capacity(total, &over), ResourceAmounts { vcpus: 0, memory_mib: 0, disk_gib: 0 });
+    }
+
+    #[test]
+    fn a_nonce_is_kept_past_its_validity_by_the_skew_and_a_minute() {
+        assert_eq!(nonce_kept_until(T0), T0 + 90_000);
+        assert_eq!(nonce_kept_until(u64::MAX), u64::MAX);
+    }
+}

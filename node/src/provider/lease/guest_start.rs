@@ -92,3 +92,99 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use peervm_protocol::{DenyReason, LeaseState, ReplyOutcome};
+    use peervm_vmm::HostKeySeed;
+
+    use super::super::fake_hypervisor::{Committed, Op};
+    use super::super::manager::vmm_id;
+    use super::super::test_support::{Harness, T0, denial};
+
+    #[tokio::test]
+    async fn the_grant_carries_the_provisioned_host_key_the_slot_port_the_times_and_the_price() {
+        let h = Harness::new();
+        let req = h.request();
+        let outcome = h.send_request(&req).await;
+        let record = h.record(req.lease_id);
+        let provisioned = HostKeySeed::from_bytes(record.host_key_seed);
+        match outcome {
+            ReplyOutcome::Granted {
+                access,
+                host_key,
+                started_at_unix_ms,
+                ends_at_unix_ms,
+                price_per_hour_micros,
+                currency,
+            } => {
+                assert_eq!(
+                    (access.host.as_str(), access.port, access.user.as_str()),
+                    ("provider.example", 22_000, "alice")
+                );
+                assert_eq!(host_key, provisioned.public_raw(), "the key the guest was provisioned with");
+                assert_eq!((started_at_unix_ms, ends_at_unix_ms), (T0, T0 + 3_600_000));
+                assert_eq!((price_per_hour_micros, currency.as_str()), (1138, "EUR"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(record.state, LeaseState::Running);
+        assert_eq!((record.started_at_unix_ms, record.ends_at_unix_ms), (Some(T0), T0 + 3_600_000));
+        assert!(h.hv.is_running(vmm_id(&req.lease_id)));
+    }
+
+    #[tokio::test]
+    async fn provisioning_is_committed_before_the_hypervisor_starts_and_running_after() {
+        let h = Harness::new();
+        let id = h.grant().await;
+        let starts = h.hv.calls_of(Op::Start);
+        assert_eq!(starts.len(), 1);
+        assert_eq!(starts[0].lease, Some(vmm_id(&id)));
+        assert_eq!(starts[0].committed, Some(Committed { state: LeaseState::Provisioning, isolated: false }));
+        assert_eq!(
+            h.states(id),
+            [LeaseState::Requested, LeaseState::Provisioning, LeaseState::Booting, LeaseState::Running]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_fails_to_start_fails_its_lease_and_frees_its_capacity_and_slot() {
+        let h = Harness::new();
+        h.hv.fail_start(true);
+        let req = h.request();
+        let outcome = h.send_request(&req).await;
+        let (reason, detail) = denial(&outcome);
+        assert_eq!(reason, DenyReason::Internal);
+        assert!(detail.starts_with("the guest failed to start: "), "{detail}");
+        let record = h.record(req.lease_id);
+        assert_eq!(record.state, LeaseState::Failed);
+        assert_eq!(record.detail, detail);
+        assert_eq!(h.manager.free_capacity_now(), h.terms.total);
+        h.hv.fail_start(false);
+        match h.send_request(&h.request()).await {
+            ReplyOutcome::Granted { access, .. } => assert_eq!(access.port, 22_000, "slot 0 is free again"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_ended_while_its_guest_starts_is_stopped_when_the_start_returns() {
+        let h = Harness::build(|_| {}, |hv| hv.hold_starts());
+        let req = h.request();
+        let id = req.lease_id;
+        let (outcome, ()) = tokio::join!(h.send_request(&req), async {
+            h.hv.start_entered().await;
+            h.manager.end(id, "terminated by the operator").await.unwrap();
+            assert_eq!(h.state(id), LeaseState::Stopping);
+            assert!(h.hv.calls_of(Op::Stop).is_empty(), "the start task stops it, not `end`");
+            h.hv.release_start();
+        });
+        assert_eq!(denial(&outcome), (DenyReason::LeaseEnded, "the lease was terminated while its guest started"));
+        let stops = h.hv.calls_of(Op::Stop);
+        assert_eq!(stops.len(), 1);
+        assert_eq!(stops[0].committed.map(|c| c.state), Some(LeaseState::Stopping));
+        assert_eq!(h.state(id), LeaseState::Ended);
+        assert!(!h.hv.is_running(vmm_id(&id)));
+        assert_eq!(h.manager.free_capacity_now(), h.terms.total);
+    }
+}

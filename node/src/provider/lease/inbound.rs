@@ -133,3 +133,81 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use peervm_protocol::lease::payload_digest;
+    use peervm_protocol::{DenyReason, LeaseId, LeaseRequest, ReplyOutcome, Signed};
+    use sha2::{Digest, Sha256};
+
+    use super::super::test_support::{Harness, T0, denial, random_key};
+    use crate::network::lease_wire::{Envelope, LeaseMessage};
+
+    #[tokio::test]
+    async fn a_reply_names_the_lease_the_requestor_and_the_payload_it_answers() {
+        let h = Harness::new();
+        h.clock.advance(3);
+        let req = h.request();
+        let signed = Signed::sign(&h.requestor, &req).unwrap();
+        let relay = random_key().peer_id(); // the transport peer need not be the requestor
+        let reply = h.send_raw(relay, LeaseMessage::Request(Envelope(signed.to_bytes()))).await;
+        assert_eq!((reply.lease_id, reply.requestor, reply.provider), (req.lease_id, req.requestor, h.provider));
+        assert_eq!(reply.in_reply_to, payload_digest(signed.signed()));
+        assert_eq!(reply.issued_at_unix_ms, T0 + 3);
+        assert!(matches!(reply.outcome, ReplyOutcome::Granted { .. }));
+    }
+
+    #[tokio::test]
+    async fn garbage_is_malformed_answered_to_the_transport_peer_with_a_zero_lease_id() {
+        let h = Harness::new();
+        let peer = random_key().peer_id();
+        let bytes = b"not an envelope".to_vec();
+        let reply = h.send_raw(peer, LeaseMessage::Request(Envelope(bytes.clone()))).await;
+        assert_eq!(denial(&reply.outcome).0, DenyReason::Malformed);
+        assert_eq!((reply.lease_id, reply.requestor), (LeaseId([0; 16]), peer));
+        assert_eq!(reply.in_reply_to, <[u8; 32]>::from(Sha256::digest(&bytes)));
+        let control = h.send_raw(peer, LeaseMessage::Control(Envelope(bytes))).await;
+        assert_eq!(denial(&control.outcome).0, DenyReason::Malformed);
+        assert!(h.hv.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_forged_signature_is_bad_signature_and_names_nothing_it_claims() {
+        let h = Harness::new();
+        let req = h.request();
+        let signed = Signed::sign(&h.requestor, &req).unwrap();
+        let mut signature = *signed.signed().signature();
+        signature[0] ^= 1;
+        let forged =
+            Signed::<LeaseRequest>::from_parts(signed.signed().payload_bytes().to_vec(), req.requestor, signature);
+        let peer = random_key().peer_id();
+        let reply = h.send_raw(peer, LeaseMessage::Request(Envelope(forged.to_bytes()))).await;
+        assert_eq!(denial(&reply.outcome).0, DenyReason::BadSignature);
+        assert_eq!((reply.lease_id, reply.requestor), (LeaseId([0; 16]), peer));
+        assert_eq!(reply.in_reply_to, payload_digest(&forged));
+        assert!(h.db().get(&req.lease_id).unwrap().is_none());
+        assert!(h.hv.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn another_version_is_unsupported_version() {
+        let h = Harness::new();
+        let req = LeaseRequest { version: 2, ..h.request() };
+        assert_eq!(denial(&h.send_request(&req).await).0, DenyReason::UnsupportedVersion);
+        assert!(h.db().get(&req.lease_id).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_throttled_message_is_rate_limited_and_not_acted_on() {
+        let h = Harness::new();
+        let req = h.request();
+        let bytes = Signed::sign(&h.requestor, &req).unwrap().to_bytes();
+        let reply = h.manager.handle(h.requestor.peer_id(), &LeaseMessage::Request(Envelope(bytes)), true).await;
+        let reply = Signed::<peervm_protocol::LeaseReply>::open(&reply).unwrap();
+        assert_eq!(denial(&reply.body().outcome).0, DenyReason::RateLimited);
+        assert!(h.db().get(&req.lease_id).unwrap().is_none());
+        assert!(h.hv.calls().is_empty());
+        // the same request, no longer throttled, is served: nothing of it was recorded
+        assert!(matches!(h.send_request(&req).await, ReplyOutcome::Granted { .. }));
+    }
+}

@@ -14,6 +14,8 @@ mod admission;
 mod control;
 pub mod db;
 mod denial;
+#[cfg(test)]
+mod fake_hypervisor;
 mod guest_start;
 mod inbound;
 mod incident;
@@ -23,6 +25,8 @@ mod recovery;
 mod request;
 mod teardown;
 mod terms;
+#[cfg(test)]
+mod test_support;
 
 pub use admission::REQUEST_VALIDITY_MS;
 pub use manager::{LeaseError, LeaseManager};

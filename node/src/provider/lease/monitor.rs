@@ -100,3 +100,93 @@ fn host_memory_available_mib() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use peervm_protocol::LeaseState;
+    use peervm_vmm::VmUsage;
+
+    use super::super::admission::nonce_kept_until;
+    use super::super::db::DbError;
+    use super::super::fake_hypervisor::Op;
+    use super::super::manager::vmm_id;
+    use super::super::test_support::{Harness, T0};
+
+    /// A time no test reaches.
+    const FAR: u64 = T0 + 1_000_000_000;
+
+    async fn tick(h: &Harness) {
+        for end in h.manager.end_expired() {
+            end.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_ends_at_its_end_and_not_a_millisecond_before() {
+        let h = Harness::new();
+        let id = h.grant().await; // ends at T0 + 1 h
+        h.clock.set(T0 + 3_600_000 - 1);
+        tick(&h).await;
+        assert_eq!(h.state(id), LeaseState::Running);
+        h.clock.advance(1);
+        tick(&h).await;
+        let record = h.record(id);
+        assert_eq!((record.state, record.detail.as_str()), (LeaseState::Ended, "expired"));
+        let stops = h.hv.calls_of(Op::Stop);
+        assert_eq!(stops.len(), 1);
+        assert_eq!(stops[0].committed.map(|c| c.state), Some(LeaseState::Stopping));
+        assert_eq!(h.manager.free_capacity_now(), h.terms.total);
+    }
+
+    #[tokio::test]
+    async fn an_extended_lease_runs_to_its_new_end() {
+        use peervm_protocol::{ControlAction, ReplyOutcome};
+        let h = Harness::new();
+        let id = h.grant().await;
+        let extend = h.control(id, ControlAction::Extend { additional_secs: 600 });
+        assert!(matches!(h.send_control(&extend).await, ReplyOutcome::Extended { .. }));
+        h.clock.set(T0 + 3_600_000);
+        tick(&h).await;
+        assert_eq!(h.state(id), LeaseState::Running);
+        h.clock.set(T0 + 4_200_000);
+        tick(&h).await;
+        assert_eq!(h.state(id), LeaseState::Ended);
+    }
+
+    #[tokio::test]
+    async fn seen_nonces_are_forgotten_only_after_they_can_no_longer_be_fresh() {
+        let h = Harness::new();
+        let req = h.request();
+        h.send_request(&req).await;
+        let kept_until = nonce_kept_until(req.valid_until_unix_ms);
+        h.clock.set(kept_until);
+        tick(&h).await;
+        let kept = h.db().record_nonce(&req.requestor, req.nonce, FAR);
+        assert!(matches!(kept, Err(DbError::Replay { .. })), "still kept at {kept_until}: {kept:?}");
+        h.clock.set(kept_until + 1);
+        tick(&h).await;
+        assert!(h.db().record_nonce(&req.requestor, req.nonce, FAR).is_ok(), "pruned after {kept_until}");
+    }
+
+    #[tokio::test]
+    async fn monitoring_counts_running_leases_and_warns_once_about_a_lease_at_its_memory_limit() {
+        let h = Harness::new();
+        let full = h.grant().await; // 256 MiB
+        let calm = h.grant().await;
+        h.hv.set_usage(vmm_id(&full), VmUsage { memory_current_bytes: 256 << 20, ..Default::default() });
+        h.hv.set_usage(
+            vmm_id(&calm),
+            VmUsage { memory_current_bytes: 1 << 20, uptime: Duration::from_secs(3), ..Default::default() },
+        );
+        h.manager.monitor().await;
+        assert_eq!(h.manager.inner.metrics.leases_running.get(), 2);
+        let warned = h.manager.inner.memory_warned.lock().unwrap().clone();
+        assert_eq!(warned, [full].into_iter().collect());
+        h.manager.end(full, "test").await.unwrap();
+        assert!(h.manager.inner.memory_warned.lock().unwrap().is_empty(), "forgotten when the lease ends");
+        h.manager.monitor().await;
+        assert_eq!(h.manager.inner.metrics.leases_running.get(), 1);
+    }
+}

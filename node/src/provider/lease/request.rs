@@ -104,3 +104,154 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         self.start_guest(record, plan.image, req.duration_secs).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::{Arc, RwLock};
+
+    use peervm_protocol::{DenyReason, GuestSpec, LeaseRequest, LeaseState, ReplyOutcome, ResourceAmounts};
+
+    use super::super::fake_hypervisor::Op;
+    use super::super::test_support::{Harness, denial, random_key};
+
+    fn sized(h: &Harness, vcpus: u32) -> LeaseRequest {
+        LeaseRequest { spec: GuestSpec { vcpus, ..h.request().spec }, ..h.request() }
+    }
+
+    #[tokio::test]
+    async fn every_denial_of_a_request_is_signed_typed_and_starts_nothing() {
+        let h = Harness::new();
+        let blocked_key = random_key();
+        h.manager.block(blocked_key.peer_id(), "abuse").await.unwrap();
+        let cases: Vec<(&str, LeaseRequest, DenyReason)> = vec![
+            (
+                "wrong provider",
+                LeaseRequest { provider: random_key().peer_id(), ..h.request() },
+                DenyReason::WrongProvider,
+            ),
+            (
+                "stale",
+                LeaseRequest { valid_until_unix_ms: h.request().issued_at_unix_ms, ..h.request() },
+                DenyReason::Stale,
+            ),
+            ("bad user", LeaseRequest { ssh_user: "Root!".into(), ..h.request() }, DenyReason::InvalidSpec),
+            ("too short", LeaseRequest { duration_secs: 59, ..h.request() }, DenyReason::InvalidSpec),
+            (
+                "unknown image",
+                LeaseRequest { spec: GuestSpec { image_name: "other".into(), ..h.request().spec }, ..h.request() },
+                DenyReason::UnknownImage,
+            ),
+            ("cheap", LeaseRequest { max_price_per_hour_micros: 1, ..h.request() }, DenyReason::PriceTooLow),
+            ("too big", sized(&h, 5), DenyReason::NoCapacity),
+        ];
+        for (what, req, want) in cases {
+            let outcome = h.send_request(&req).await;
+            assert_eq!(denial(&outcome).0, want, "{what}: {outcome:?}");
+            assert!(h.db().get(&req.lease_id).unwrap().is_none(), "{what}: nothing is stored");
+        }
+        let blocked = LeaseRequest { requestor: blocked_key.peer_id(), ..h.request() };
+        assert_eq!(denial(&h.send_request_as(&blocked_key, &blocked).await).0, DenyReason::Blocked);
+        h.manager.set_locked(true);
+        assert_eq!(denial(&h.send_request(&h.request()).await).0, DenyReason::Locked);
+        assert!(h.hv.calls().is_empty(), "no denied request reaches the hypervisor: {:?}", h.hv.calls());
+        assert!(h.db().list(10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_requestor_on_a_trusted_block_list_is_denied() {
+        let listed = random_key();
+        let list = Arc::new(RwLock::new(HashSet::from([listed.peer_id()])));
+        let mut h = Harness::new();
+        h.manager = h.manager.with_list_blocked(list);
+        let req = LeaseRequest { requestor: listed.peer_id(), ..h.request() };
+        let outcome = h.send_request_as(&listed, &req).await;
+        assert_eq!(denial(&outcome), (DenyReason::Blocked, "this requestor is on a block list the provider trusts"));
+        h.grant().await; // others are served
+    }
+
+    #[tokio::test]
+    async fn the_manager_refuses_a_used_lease_id_itself_before_the_store_is_asked() {
+        let h = Harness::new();
+        let first = h.grant().await;
+        // the same lease id with a new nonce: the manager's own check answers, in its
+        // words, and the store never sees the request (its nonce stays unused)
+        let again = LeaseRequest { lease_id: first, ..h.request() };
+        let outcome = h.send_request(&again).await;
+        assert_eq!(denial(&outcome), (DenyReason::Replay, format!("lease id {first} was already used").as_str()));
+        assert_eq!(h.hv.calls_of(Op::Start).len(), 1);
+        let same_nonce = LeaseRequest { nonce: again.nonce, ..h.request() };
+        assert!(matches!(h.send_request(&same_nonce).await, ReplyOutcome::Granted { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_replayed_nonce_under_a_new_lease_id_is_refused_by_the_store() {
+        let h = Harness::new();
+        let first = h.request();
+        assert!(matches!(h.send_request(&first).await, ReplyOutcome::Granted { .. }));
+        let replay = LeaseRequest { nonce: first.nonce, ..h.request() };
+        let outcome = h.send_request(&replay).await;
+        assert_eq!(denial(&outcome), (DenyReason::Replay, "this request's nonce was already used"));
+        assert!(h.db().get(&replay.lease_id).unwrap().is_none());
+        assert_eq!(h.hv.calls_of(Op::Start).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_same_signed_request_twice_is_acted_on_once() {
+        let h = Harness::new();
+        let req = h.request();
+        assert!(matches!(h.send_request(&req).await, ReplyOutcome::Granted { .. }));
+        assert_eq!(denial(&h.send_request(&req).await).0, DenyReason::Replay);
+        assert_eq!(h.hv.calls_of(Op::Start).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn capacity_admits_until_full_and_is_freed_when_a_lease_ends() {
+        let h = Harness::new(); // 4 vCPU
+        let a = sized(&h, 2);
+        let b = sized(&h, 2);
+        for req in [&a, &b] {
+            assert!(matches!(h.send_request(req).await, ReplyOutcome::Granted { .. }));
+        }
+        assert_eq!(h.manager.free_capacity_now(), ResourceAmounts { vcpus: 0, memory_mib: 1536, disk_gib: 8 });
+        assert_eq!(*h.capacity.borrow(), h.manager.free_capacity_now(), "the advert follows");
+        let outcome = h.send_request(&sized(&h, 1)).await;
+        assert_eq!(denial(&outcome), (DenyReason::NoCapacity, "free now: 0 vCPU, 1536 MiB memory, 8 GiB disk"));
+        h.manager.end(a.lease_id, "test").await.unwrap();
+        assert_eq!(h.manager.free_capacity_now().vcpus, 2);
+        assert!(matches!(h.send_request(&sized(&h, 2)).await, ReplyOutcome::Granted { .. }));
+    }
+
+    #[tokio::test]
+    async fn slots_are_handed_out_lowest_first_until_none_is_left() {
+        let h = Harness::new(); // 3 slots
+        let mut leases = Vec::new();
+        for slot in 0..3u16 {
+            let req = LeaseRequest { spec: GuestSpec { memory_mib: 64, ..h.request().spec }, ..h.request() };
+            match h.send_request(&req).await {
+                ReplyOutcome::Granted { access, .. } => assert_eq!(access.port, 22_000 + slot),
+                other => panic!("{other:?}"),
+            }
+            leases.push(req.lease_id);
+        }
+        let outcome = h.send_request(&h.request()).await;
+        assert_eq!(denial(&outcome), (DenyReason::NoCapacity, "every lease slot of this provider is taken"));
+        h.manager.end(leases[1], "test").await.unwrap();
+        match h.send_request(&h.request()).await {
+            ReplyOutcome::Granted { access, .. } => assert_eq!(access.port, 22_001, "the freed slot"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_never_take_more_than_the_capacity() {
+        let h = Harness::new(); // 4 vCPU
+        let requests: Vec<_> = (0..4).map(|_| sized(&h, 2)).collect();
+        let outcomes = futures::future::join_all(requests.iter().map(|r| h.send_request(r))).await;
+        let granted = outcomes.iter().filter(|o| matches!(o, ReplyOutcome::Granted { .. })).count();
+        assert_eq!(granted, 2, "{outcomes:?}");
+        let live = h.db().active().unwrap();
+        assert_eq!(live.iter().map(|r| r.spec.vcpus).sum::<u32>(), 4);
+        assert!(live.iter().all(|r| r.state == LeaseState::Running));
+    }
+}

@@ -50,3 +50,44 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         tracing::info!(lease = %id, %reason, "lease ended");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use peervm_protocol::{LeaseId, LeaseState};
+
+    use super::super::fake_hypervisor::Op;
+    use super::super::manager::{LeaseError, vmm_id};
+    use super::super::test_support::Harness;
+
+    #[tokio::test]
+    async fn an_incomplete_teardown_fails_the_lease_saying_why_and_frees_its_capacity() {
+        let h = Harness::new();
+        let id = h.grant().await;
+        h.hv.fail_stop(true);
+        h.manager.end(id, "expired").await.unwrap();
+        let record = h.record(id);
+        assert_eq!(record.state, LeaseState::Failed);
+        assert!(record.detail.starts_with("expired; teardown incomplete: "), "{}", record.detail);
+        assert_eq!(h.states(id).last(), Some(&LeaseState::Failed));
+        assert_eq!(h.states(id).iter().rev().nth(1), Some(&LeaseState::Stopping));
+        assert_eq!(h.manager.free_capacity_now(), h.terms.total);
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_ended_once() {
+        let h = Harness::new();
+        let id = h.grant().await;
+        h.manager.end(id, "first").await.unwrap();
+        h.manager.end(id, "second").await.unwrap();
+        assert_eq!(h.hv.calls_of(Op::Stop).len(), 1);
+        assert_eq!(h.record(id).detail, "first");
+        assert!(!h.hv.is_running(vmm_id(&id)));
+    }
+
+    #[tokio::test]
+    async fn ending_an_unknown_lease_is_an_error_naming_it() {
+        let h = Harness::new();
+        let err = h.manager.end(LeaseId([3; 16]), "test").await.unwrap_err();
+        assert!(matches!(err, LeaseError::UnknownLease(id) if id == LeaseId([3; 16])), "{err}");
+    }
+}
