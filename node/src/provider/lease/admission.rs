@@ -99,7 +99,7 @@ pub(super) fn check_request(req: &LeaseRequest, standing: Standing, terms: &Leas
             return Err(deny(DenyReason::UnknownImage, format!("no image `{}` here", req.spec.image_name)));
         }
     };
-    // The hypervisor takes memory as u32 MiB; below 64 MiB no guest image boots.
+    // The hypervisor takes memory as u32 MiB, and 64 MiB is the smallest guest offered.
     if u32::try_from(req.spec.memory_mib).is_err() || req.spec.memory_mib < 64 {
         return Err(deny(DenyReason::InvalidSpec, "memory must be at least 64 MiB"));
     }
@@ -157,7 +157,7 @@ pub(super) fn free_capacity<'a>(
 mod tests {
     use peervm_protocol::DenyReason;
 
-    use super::super::test_support::{Harness, T0};
+    use super::super::test_harness::{Harness, T0};
     use super::*;
 
     const CLEAR: Standing = Standing { lease_id_used: false, blocked: None };

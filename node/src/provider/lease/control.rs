@@ -98,7 +98,7 @@ mod tests {
 
     use super::super::fake_hypervisor::Op;
     use super::super::manager::vmm_id;
-    use super::super::test_support::{Harness, T0, denial, random_key};
+    use super::super::test_harness::{Harness, T0, denial, random_key};
 
     const HOUR_MS: u64 = 3_600_000;
 

@@ -100,7 +100,7 @@ mod tests {
 
     use super::super::fake_hypervisor::{Committed, Op};
     use super::super::manager::vmm_id;
-    use super::super::test_support::{Harness, T0, denial};
+    use super::super::test_harness::{Harness, T0, denial};
 
     #[tokio::test]
     async fn the_grant_carries_the_provisioned_host_key_the_slot_port_the_times_and_the_price() {

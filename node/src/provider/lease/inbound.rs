@@ -140,7 +140,7 @@ mod tests {
     use peervm_protocol::{DenyReason, LeaseId, LeaseRequest, ReplyOutcome, Signed};
     use sha2::{Digest, Sha256};
 
-    use super::super::test_support::{Harness, T0, denial, random_key};
+    use super::super::test_harness::{Harness, T0, denial, random_key};
     use crate::network::lease_wire::{Envelope, LeaseMessage};
 
     #[tokio::test]

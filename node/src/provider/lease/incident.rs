@@ -95,7 +95,7 @@ mod tests {
 
     use super::super::fake_hypervisor::{Committed, Op};
     use super::super::manager::{LeaseError, vmm_id};
-    use super::super::test_support::{Harness, T0, denial, random_key};
+    use super::super::test_harness::{Harness, T0, denial, random_key};
 
     #[tokio::test]
     async fn blocking_a_requestor_ends_its_leases_denies_its_requests_and_survives_a_restart() {

@@ -26,7 +26,7 @@ mod request;
 mod teardown;
 mod terms;
 #[cfg(test)]
-mod test_support;
+mod test_harness;
 
 pub use admission::REQUEST_VALIDITY_MS;
 pub use manager::{LeaseError, LeaseManager};

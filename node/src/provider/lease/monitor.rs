@@ -112,7 +112,7 @@ mod tests {
     use super::super::db::DbError;
     use super::super::fake_hypervisor::Op;
     use super::super::manager::vmm_id;
-    use super::super::test_support::{Harness, T0};
+    use super::super::test_harness::{Harness, T0};
 
     /// A time no test reaches.
     const FAR: u64 = T0 + 1_000_000_000;

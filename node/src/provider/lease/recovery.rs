@@ -87,7 +87,7 @@ mod tests {
     use super::super::db::LeaseRecord;
     use super::super::fake_hypervisor::Op;
     use super::super::manager::vmm_id;
-    use super::super::test_support::{Harness, T0};
+    use super::super::test_harness::{Harness, T0};
 
     /// Stores a lease as a crash would have left it in `state`, without a guest.
     fn stored_in(h: &Harness, like: &LeaseRecord, state: LeaseState) -> LeaseId {

@@ -113,7 +113,7 @@ mod tests {
     use peervm_protocol::{DenyReason, GuestSpec, LeaseRequest, LeaseState, ReplyOutcome, ResourceAmounts};
 
     use super::super::fake_hypervisor::Op;
-    use super::super::test_support::{Harness, denial, random_key};
+    use super::super::test_harness::{Harness, denial, random_key};
 
     fn sized(h: &Harness, vcpus: u32) -> LeaseRequest {
         LeaseRequest { spec: GuestSpec { vcpus, ..h.request().spec }, ..h.request() }
@@ -243,8 +243,10 @@ mod tests {
         }
     }
 
+    /// Requests served together (interleaved on one thread) each see the capacity the
+    /// others took. Whether the admission mutex holds across threads is not shown here.
     #[tokio::test]
-    async fn concurrent_requests_never_take_more_than_the_capacity() {
+    async fn requests_served_together_never_take_more_than_the_capacity() {
         let h = Harness::new(); // 4 vCPU
         let requests: Vec<_> = (0..4).map(|_| sized(&h, 2)).collect();
         let outcomes = futures::future::join_all(requests.iter().map(|r| h.send_request(r))).await;

@@ -57,7 +57,7 @@ mod tests {
 
     use super::super::fake_hypervisor::Op;
     use super::super::manager::{LeaseError, vmm_id};
-    use super::super::test_support::Harness;
+    use super::super::test_harness::Harness;
 
     #[tokio::test]
     async fn an_incomplete_teardown_fails_the_lease_saying_why_and_frees_its_capacity() {
