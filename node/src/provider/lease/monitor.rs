@@ -1,0 +1,192 @@
+//! The manager's timers (docs/architecture.md, "Leases", "Timers"): every second, leases
+//! past their end are ended (isolated ones wait for the operator) and expired nonces are
+//! pruned; every 10 s, per-lease usage goes to metrics with warnings for a lease at its
+//! memory limit and for a host short of the memory it advertises.
+
+use peervm_protocol::{LeaseId, LeaseState, LeaseUsage};
+use peervm_vmm::Hypervisor;
+use tokio::task::JoinHandle;
+
+use super::db::LeaseRecord;
+use super::manager::{LeaseManager, vmm_id};
+
+impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
+    /// A lease's resource use, as the hypervisor reports it; `None` if it cannot.
+    pub(super) async fn usage(&self, id: &LeaseId) -> Option<LeaseUsage> {
+        let u = self.inner.hv.usage(vmm_id(id)).await.ok()?;
+        Some(LeaseUsage {
+            cpu_usec: u.cpu_time.as_micros().min(u128::from(u64::MAX)) as u64,
+            memory_current_bytes: u.memory_current_bytes,
+            memory_peak_bytes: u.memory_peak_bytes.unwrap_or(u.memory_current_bytes),
+            net_rx_bytes: u.ssh_bytes_in,
+            net_tx_bytes: u.ssh_bytes_out,
+            uptime_secs: u.uptime.as_secs(),
+        })
+    }
+
+    /// Ends every lease past its end, each on its own task (returned, for a caller that
+    /// waits), and prunes expired nonces.
+    pub(super) fn end_expired(&self) -> Vec<JoinHandle<()>> {
+        let now = self.now();
+        let active = match self.inner.db.active() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read leases for expiry");
+                return Vec::new();
+            }
+        };
+        let ending = expired(&active, now)
+            .map(|id| {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.end(id, "expired").await {
+                        tracing::error!(lease = %id, error = %e, "cannot end an expired lease");
+                    }
+                })
+            })
+            .collect();
+        if let Err(e) = self.inner.db.prune_nonces(now) {
+            tracing::warn!(error = %e, "cannot prune seen nonces");
+        }
+        ending
+    }
+
+    /// Per-lease usage into metrics; warnings for a lease at its memory limit and for a
+    /// host short of what it advertises.
+    pub(super) async fn monitor(&self) {
+        let inner = &self.inner;
+        let Ok(active) = inner.db.active() else { return };
+        let mut running = 0;
+        for record in active.iter().filter(|r| r.state == LeaseState::Running) {
+            running += 1;
+            let Some(u) = self.usage(&record.id).await else { continue };
+            inner.metrics.record_lease_usage(&record.id.to_hex(), &u);
+            let ram = record.spec.memory_mib << 20;
+            if u.memory_current_bytes >= ram {
+                let first = inner.memory_warned.lock().unwrap_or_else(|p| p.into_inner()).insert(record.id);
+                if first {
+                    tracing::warn!(lease = %record.id, memory_mib = record.spec.memory_mib,
+                        "lease sits at its memory limit (its guest uses all the RAM it leased)");
+                }
+            }
+        }
+        inner.metrics.leases_running.set(running);
+        let free = *inner.capacity.borrow();
+        if let Some(avail) = host_memory_available_mib()
+            && avail < free.memory_mib
+        {
+            tracing::warn!(
+                available_mib = avail,
+                advertised_free_mib = free.memory_mib,
+                "the host has less memory available than this provider advertises as free"
+            );
+        }
+    }
+}
+
+/// The running leases whose end is at or before `now`. An isolated lease is evidence: it
+/// waits for the operator (SECURITY.md, "Incident response").
+fn expired(active: &[LeaseRecord], now: u64) -> impl Iterator<Item = LeaseId> + '_ {
+    active
+        .iter()
+        .filter(move |r| r.state == LeaseState::Running && r.ends_at_unix_ms <= now && !r.isolated)
+        .map(|r| r.id)
+}
+
+/// MemAvailable from /proc/meminfo, in MiB.
+fn host_memory_available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use peervm_protocol::LeaseState;
+    use peervm_vmm::VmUsage;
+
+    use super::super::admission::nonce_kept_until;
+    use super::super::db::DbError;
+    use super::super::fake_hypervisor::Op;
+    use super::super::manager::vmm_id;
+    use super::super::test_harness::{Harness, T0};
+
+    /// A time no test reaches.
+    const FAR: u64 = T0 + 1_000_000_000;
+
+    async fn tick(h: &Harness) {
+        for end in h.manager.end_expired() {
+            end.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_ends_at_its_end_and_not_a_millisecond_before() {
+        let h = Harness::new();
+        let id = h.grant().await; // ends at T0 + 1 h
+        h.clock.set(T0 + 3_600_000 - 1);
+        tick(&h).await;
+        assert_eq!(h.state(id), LeaseState::Running);
+        h.clock.advance(1);
+        tick(&h).await;
+        let record = h.record(id);
+        assert_eq!((record.state, record.detail.as_str()), (LeaseState::Ended, "expired"));
+        let stops = h.hv.calls_of(Op::Stop);
+        assert_eq!(stops.len(), 1);
+        assert_eq!(stops[0].committed.map(|c| c.state), Some(LeaseState::Stopping));
+        assert_eq!(h.manager.free_capacity_now(), h.terms.total);
+    }
+
+    #[tokio::test]
+    async fn an_extended_lease_runs_to_its_new_end() {
+        use peervm_protocol::{ControlAction, ReplyOutcome};
+        let h = Harness::new();
+        let id = h.grant().await;
+        let extend = h.control(id, ControlAction::Extend { additional_secs: 600 });
+        assert!(matches!(h.send_control(&extend).await, ReplyOutcome::Extended { .. }));
+        h.clock.set(T0 + 3_600_000);
+        tick(&h).await;
+        assert_eq!(h.state(id), LeaseState::Running);
+        h.clock.set(T0 + 4_200_000);
+        tick(&h).await;
+        assert_eq!(h.state(id), LeaseState::Ended);
+    }
+
+    #[tokio::test]
+    async fn seen_nonces_are_forgotten_only_after_they_can_no_longer_be_fresh() {
+        let h = Harness::new();
+        let req = h.request();
+        h.send_request(&req).await;
+        let kept_until = nonce_kept_until(req.valid_until_unix_ms);
+        h.clock.set(kept_until);
+        tick(&h).await;
+        let kept = h.db().record_nonce(&req.requestor, req.nonce, FAR);
+        assert!(matches!(kept, Err(DbError::Replay { .. })), "still kept at {kept_until}: {kept:?}");
+        h.clock.set(kept_until + 1);
+        tick(&h).await;
+        assert!(h.db().record_nonce(&req.requestor, req.nonce, FAR).is_ok(), "pruned after {kept_until}");
+    }
+
+    #[tokio::test]
+    async fn monitoring_counts_running_leases_and_warns_once_about_a_lease_at_its_memory_limit() {
+        let h = Harness::new();
+        let full = h.grant().await; // 256 MiB
+        let calm = h.grant().await;
+        h.hv.set_usage(vmm_id(&full), VmUsage { memory_current_bytes: 256 << 20, ..Default::default() });
+        h.hv.set_usage(
+            vmm_id(&calm),
+            VmUsage { memory_current_bytes: 1 << 20, uptime: Duration::from_secs(3), ..Default::default() },
+        );
+        h.manager.monitor().await;
+        assert_eq!(h.manager.inner.metrics.leases_running.get(), 2);
+        let warned = h.manager.inner.memory_warned.lock().unwrap().clone();
+        assert_eq!(warned, [full].into_iter().collect());
+        h.manager.end(full, "test").await.unwrap();
+        assert!(h.manager.inner.memory_warned.lock().unwrap().is_empty(), "forgotten when the lease ends");
+        h.manager.monitor().await;
+        assert_eq!(h.manager.inner.metrics.leases_running.get(), 1);
+    }
+}

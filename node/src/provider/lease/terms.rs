@@ -1,0 +1,23 @@
+//! What the lease manager offers and enforces: the provider's config, resolved
+//! (docs/architecture.md, "Provider daemon").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use peervm_protocol::{Pricing, ResourceAmounts};
+use peervm_vmm::{EgressPolicy, GuestImage};
+
+#[derive(Debug, Clone)]
+pub struct LeaseTerms {
+    pub total: ResourceAmounts,
+    pub pricing: Pricing,
+    /// Offered images by name, verified at start; the advertised sha256 is the manifest's.
+    pub images: HashMap<String, Arc<GuestImage>>,
+    /// The host requestors connect to.
+    pub ssh_host: String,
+    /// Most leases at once (network slots).
+    pub max_leases: u32,
+    pub egress: EgressPolicy,
+    pub min_lease_secs: u64,
+    pub max_lease_secs: u64,
+}
