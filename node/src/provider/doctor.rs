@@ -249,7 +249,7 @@ fn check_disk(config: &ProviderConfig, data_dir: &Path) -> Check {
 }
 
 /// Where the kernel picks source ports for outgoing connections.
-const EPHEMERAL_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+const EPHEMERAL_RANGE: &str = "net/ipv4/ip_local_port_range";
 
 /// The overlap of the SSH port range with the kernel's ephemeral range, if any: a port
 /// there can be held by any outgoing connection on the host, and a lease whose port is
@@ -271,8 +271,13 @@ pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
 
 fn check_ssh_ports(config: &ProviderConfig) -> Check {
     let ssh = (config.ssh.port_min, config.ssh.port_max);
-    let Some(ephemeral) = std::fs::read_to_string(EPHEMERAL_RANGE).ok().as_deref().and_then(parse_port_range) else {
-        return warn("ssh ports", format!("cannot read {EPHEMERAL_RANGE}"), "check that /proc is mounted");
+    let Some(ephemeral) = peervm_vmm::procfs::read_sysctl(EPHEMERAL_RANGE).ok().as_deref().and_then(parse_port_range)
+    else {
+        return warn(
+            "ssh ports",
+            format!("cannot read {}", peervm_vmm::procfs::sysctl_path(EPHEMERAL_RANGE)),
+            "check that /proc is mounted",
+        );
     };
     match ephemeral_overlap(ssh, ephemeral) {
         None => pass(

@@ -72,7 +72,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         }
         inner.metrics.leases_running.set(running);
         let free = *inner.capacity.borrow();
-        if let Some(avail) = host_memory_available_mib()
+        if let Some(avail) = peervm_vmm::procfs::mem_available_mib()
             && avail < free.memory_mib
         {
             tracing::warn!(
@@ -91,14 +91,6 @@ fn expired(active: &[LeaseRecord], now: u64) -> impl Iterator<Item = LeaseId> + 
         .iter()
         .filter(move |r| r.state == LeaseState::Running && r.ends_at_unix_ms <= now && !r.isolated)
         .map(|r| r.id)
-}
-
-/// MemAvailable from /proc/meminfo, in MiB.
-fn host_memory_available_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
 }
 
 #[cfg(test)]
