@@ -39,6 +39,10 @@ pub enum DbError {
     /// A lease that ended or failed cannot come back: its slot may be another lease's now.
     #[error("lease {id} is {} and cannot become {}", .state, .to)]
     Finished { id: LeaseId, state: LeaseState, to: LeaseState },
+    /// The start path may only move a lease forward from where it left it: a lease that
+    /// was stopped while its guest started must not become booting or running again.
+    #[error("lease {id} is {} and cannot become {} any more", .state, .to)]
+    Overtaken { id: LeaseId, state: LeaseState, to: LeaseState },
     /// A row that does not decode; the message names the lease.
     #[error("corrupt database row: {0}")]
     Corrupt(String),
@@ -434,6 +438,16 @@ fn check_may_become(conn: &Connection, id: &LeaseId, to: LeaseState) -> Result<(
     if state.is_finished() && !to.is_finished() {
         return Err(DbError::Finished { id: *id, state, to }.into());
     }
+    // Checked in the same immediate transaction as the write, so a terminate that lands
+    // between the start path's read and its write cannot be overwritten.
+    let from_ok = match to {
+        LeaseState::Booting => state == LeaseState::Provisioning,
+        LeaseState::Running => matches!(state, LeaseState::Provisioning | LeaseState::Booting),
+        _ => true,
+    };
+    if !from_ok {
+        return Err(DbError::Overtaken { id: *id, state, to }.into());
+    }
     Ok(())
 }
 
@@ -609,6 +623,28 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_stopped_while_it_starts_cannot_become_booting_or_running() {
+        let (_dir, db) = fresh();
+        let rec = record(1, PeerId::random(), 1_000);
+        db.admit(&rec, [1; 16], 61_000, 4, 1_000).unwrap();
+        // Not yet provisioning: nothing to boot or run.
+        assert!(matches!(db.set_running(&rec.id, 1, 2, 1), Err(DbError::Overtaken { .. })));
+        db.set_state(&rec.id, LeaseState::Provisioning, "", 1_100).unwrap();
+        db.set_state(&rec.id, LeaseState::Stopping, "terminated by requestor", 1_200).unwrap();
+        let err = db.set_state(&rec.id, LeaseState::Booting, "", 1_300).unwrap_err();
+        assert!(
+            matches!(err, DbError::Overtaken { state: LeaseState::Stopping, to: LeaseState::Booting, .. }),
+            "{err}"
+        );
+        let err = db.set_running(&rec.id, 1_300, 3_601_300, 1_300).unwrap_err();
+        assert!(
+            matches!(err, DbError::Overtaken { state: LeaseState::Stopping, to: LeaseState::Running, .. }),
+            "{err}"
+        );
+        assert_eq!(db.get(&rec.id).unwrap().unwrap().state, LeaseState::Stopping);
+    }
+
+    #[test]
     fn transitions_recorded_in_order() {
         let (_dir, db) = fresh();
         let rec = record(1, PeerId::random(), 1_000);
@@ -684,6 +720,7 @@ mod tests {
         }
         db.set_state(&LeaseId([3; 16]), LeaseState::Ended, "", 5_000).unwrap();
         db.set_state(&LeaseId([4; 16]), LeaseState::Failed, "", 5_000).unwrap();
+        db.set_state(&LeaseId([1; 16]), LeaseState::Provisioning, "", 5_000).unwrap();
         db.set_running(&LeaseId([1; 16]), 5_000, 9_000, 5_000).unwrap();
         let ids = |v: Vec<LeaseRecord>| v.into_iter().map(|r| r.id.0[0]).collect::<Vec<_>>();
         assert_eq!(ids(db.active().unwrap()), vec![2, 1]);

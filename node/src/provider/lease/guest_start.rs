@@ -10,7 +10,7 @@ use peervm_protocol::{DenyReason, LeaseState, ReplyOutcome, SshAccess};
 use peervm_vmm::{AuthorizedKey, GuestImage, HostKeySeed, Hypervisor, StartStage, VmSpec};
 use tokio::sync::watch;
 
-use super::db::LeaseRecord;
+use super::db::{DbError, LeaseRecord};
 use super::denial::{Denial, deny, internal};
 use super::manager::{LeaseManager, vmm_id};
 
@@ -49,10 +49,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             tokio::spawn(async move {
                 while progress_rx.changed().await.is_ok() {
                     if *progress_rx.borrow() == StartStage::Booting {
-                        let current = this.inner.db.get(&id).ok().flatten().map(|r| r.state);
-                        if current == Some(LeaseState::Provisioning) {
-                            let _ = this.inner.db.set_state(&id, LeaseState::Booting, "", this.now());
-                        }
+                        // Refused (Overtaken) when the lease was stopped meanwhile: the
+                        // check after start below sees that and stops the guest.
+                        let _ = this.inner.db.set_state(&id, LeaseState::Booting, "", this.now());
                         break;
                     }
                 }
@@ -78,7 +77,15 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         }
         let started_at = self.now();
         let ends_at = started_at.saturating_add(duration_secs.saturating_mul(1000));
-        inner.db.set_running(&id, started_at, ends_at, started_at).map_err(internal)?;
+        match inner.db.set_running(&id, started_at, ends_at, started_at) {
+            Ok(()) => {}
+            // Terminated between the check above and this write.
+            Err(DbError::Overtaken { .. } | DbError::Finished { .. }) => {
+                self.finish_stop(id, "terminated while starting").await;
+                return Err(deny(DenyReason::LeaseEnded, "the lease was terminated while its guest started"));
+            }
+            Err(e) => return Err(internal(e)),
+        }
         inner.metrics.leases_started.inc();
         tracing::info!(lease = %id, port = vm.ssh_addr.port(), boot_ms = vm.boot_time.map(|d| d.as_millis() as u64),
             "lease running");
