@@ -63,6 +63,11 @@ async fn trusted_block_lists_hide_providers_untrusted_ones_change_nothing() {
     let hidden = wait_until(HANG_GUARD, || async { !holds(&trusting, &pid) }).await;
     assert!(hidden.is_some(), "the trusting node still shows a provider its trusted list names");
     assert!(trusting.list_blocked.read().unwrap().contains(&pid));
+    // The operator lifting its own peer block does not lift what a trusted list blocks.
+    trusting.client.unblock_peer(pid).await.expect("unblock the peer");
+    // Commands run in order: once a later one answers, the unblock has been applied.
+    trusting.client.connected_peers().await.expect("the node answers");
+    assert!(trusting.store.lock().unwrap().is_blocked(&pid), "unblocking the peer lifted a trusted list's block");
     // Nobody else is censored: the relay and the other node keep (and relay) the offer.
     // The relay has taken the list once it forwards it; the other node has once it has
     // synced from the relay, whose first page carries the lists it holds.

@@ -127,12 +127,10 @@ impl BlockLists {
         }
     }
 
-    /// The operator unblocks `peer` as a peer (`NodeClient::unblock_peer`): its adverts are
-    /// let into the store again at once. NOTE: unlike `unblock_adverts`, this does not
-    /// check the trusted lists; kept as it was when the event loop was split up.
+    /// The operator unblocks `peer` as a peer (`NodeClient::unblock_peer`): the same as
+    /// lifting its advert block, so a trusted list naming `peer` still holds.
     pub fn unblock_peer_adverts(&mut self, ctx: &Context, peer: PeerId) {
-        self.operator_blocks.remove(&peer);
-        ctx.store().unblock(&peer);
+        self.unblock_adverts(ctx, peer);
     }
 
     fn is_list_blocked(&self, peer: &PeerId) -> bool {
