@@ -17,7 +17,7 @@ use peervm_node::network::gossip_params::ADVERT_TOPIC;
 use peervm_node::network::{Node, NodeEvent, Role};
 use peervm_protocol::encoding::to_cbor;
 use peervm_protocol::signed::signing_input;
-use peervm_protocol::{Advertisement, Kind, Signed, SigningKey};
+use peervm_protocol::{Advertisement, Kind, Signed, SigningKey, Verified};
 use peervm_tests::*;
 use raw_gossip::RawGossipPeer;
 
@@ -63,12 +63,8 @@ async fn malicious_peer_adverts_never_stored_shown_or_forwarded_and_peer_is_bann
     let mut observer = RawGossipPeer::connect(a.listen_addrs[0].clone(), &[ADVERT_TOPIC]).await;
     let m_peer = mallory.peer_id;
     let c_key = unique_key(7_005);
-    let control: Vec<_> = (0..=3).map(|seq| signed(&c_key, &advert(&c_key, seq, long))).collect();
-    mallory.publish(ADVERT_TOPIC, control[1].to_bytes()).await;
-    assert!(
-        observer.hear(HANG_GUARD, |m| m == control[1].to_bytes()).await,
-        "a never forwarded mallory's valid advert"
-    );
+    let next = until_the_path_carries(|ad| mallory.publish(ADVERT_TOPIC, ad.to_bytes()), &c_key, &mut observer).await;
+    let control: Vec<_> = (next..next + 4).map(|seq| signed(&c_key, &advert(&c_key, seq, long))).collect();
 
     let m_key = unique_key(7_003);
     let victim = unique_key(7_004);
@@ -135,7 +131,7 @@ async fn malicious_peer_adverts_never_stored_shown_or_forwarded_and_peer_is_bann
         "a never forwarded the last control advert"
     );
     let last = wait_until(HANG_GUARD, || async {
-        [&a, &b].iter().all(|n| n.store.lock().unwrap().held_seq(&c_key.peer_id()) == Some(3))
+        [&a, &b].iter().all(|n| n.store.lock().unwrap().held_seq(&c_key.peer_id()) == Some(next + 3))
     })
     .await;
     assert!(last.is_some(), "the last control advert did not reach a and b");
@@ -181,20 +177,20 @@ async fn a_node_does_not_store_or_forward_adverts_of_a_provider_it_blocked() {
     // same path (provider -> relay -> observer).
     let other = unique_key(73);
     let long = Duration::from_secs(300);
-    let control: Vec<_> = (0..=2).map(|seq| signed(&other, &advert(&other, seq, long))).collect();
-    provider.client.publish(control[1].clone()).await.unwrap();
-    assert!(observer.hear(HANG_GUARD, |m| m == control[1].to_bytes()).await, "the relay forwarded nothing");
+    let next =
+        until_the_path_carries(|a| async { provider.client.publish(a).await.unwrap() }, &other, &mut observer).await;
 
     let blocked: Vec<_> = (1..=3u64).map(|seq| signed(&provider_key, &advert(&provider_key, seq, long))).collect();
     for a in &blocked {
         provider.client.publish(a.clone()).await.unwrap();
     }
-    provider.client.publish(control[2].clone()).await.unwrap();
+    let last_control = signed(&other, &advert(&other, next, long));
+    provider.client.publish(last_control.clone()).await.unwrap();
     // Once the observer has the control that followed them, the relay has judged the
     // blocked provider's adverts.
-    assert!(observer.hear(HANG_GUARD, |m| m == control[2].to_bytes()).await, "the relay forwarded nothing");
+    assert!(observer.hear(HANG_GUARD, |m| m == last_control.to_bytes()).await, "the relay forwarded nothing");
     let judged =
-        wait_until(HANG_GUARD, || async { relay.store.lock().unwrap().held_seq(&other.peer_id()) == Some(2) }).await;
+        wait_until(HANG_GUARD, || async { relay.store.lock().unwrap().held_seq(&other.peer_id()) == Some(next) }).await;
     assert!(judged.is_some(), "the relay did not store the control advert");
     assert!(holds(&provider, &pid), "the provider holds its own advert");
     assert!(!holds(&relay, &pid), "the relay stored a blocked provider's advert");
@@ -212,4 +208,26 @@ async fn a_node_does_not_store_or_forward_adverts_of_a_provider_it_blocked() {
     for n in [provider, relay] {
         n.stop().await;
     }
+}
+
+/// Publishes fresh adverts of `key` through `publish` until `observer` hears one: from
+/// then on the path to the observer carries messages. Gossipsub forwards only to peers
+/// in its mesh, which forms on heartbeats, so a message sent before the observer was
+/// grafted never reaches it; each try waits a little for it (pacing only), and the count
+/// of tries is the hang guard. Returns the seq to use next.
+async fn until_the_path_carries<F, Fut>(publish: F, key: &SigningKey, observer: &mut RawGossipPeer) -> u64
+where
+    F: Fn(Verified<Advertisement>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    const TRIES: u64 = 90;
+    for seq in 1..=TRIES {
+        let a = signed(key, &advert(key, seq, Duration::from_secs(300)));
+        let bytes = a.to_bytes();
+        publish(a).await;
+        if observer.hear(Duration::from_secs(2), |m| m == bytes).await {
+            return seq + 1;
+        }
+    }
+    panic!("none of {TRIES} adverts reached the observer");
 }
