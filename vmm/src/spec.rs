@@ -18,6 +18,7 @@ use zeroize::Zeroizing;
 use crate::error::VmmError;
 use crate::image::GuestImage;
 use crate::lease_id::LeaseId;
+use crate::user_name::is_valid_user_name;
 
 /// The requestor's SSH public key in canonical OpenSSH form (`ssh-ed25519 <base64>
 /// [comment]`). Only ed25519 keys (a lease request carries a raw ed25519 key:
@@ -220,6 +221,7 @@ impl VmSpec {
             return bad(format!("disk {} GiB is outside 1..={MAX_DISK_GIB} GiB", self.disk_gib));
         }
         validate_user_name(&self.ssh_user)?;
+        self.image.check_lease(&self.ssh_user, self.disk_gib)?;
         if let Some(q) = self.cpu_quota
             && !(q.is_finite() && q >= 0.01 && q <= f64::from(MAX_VCPUS))
         {
@@ -236,11 +238,7 @@ impl VmSpec {
 
 /// A POSIX-portable login name: it is written into the guest's user-data and passwd.
 pub fn validate_user_name(name: &str) -> Result<(), VmmError> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok {
+    if is_valid_user_name(name) {
         Ok(())
     } else {
         Err(VmmError::InvalidSpec(format!(
