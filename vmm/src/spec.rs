@@ -276,6 +276,46 @@ mod tests {
         assert!(!format!("{seed:?}").contains("0101"));
     }
 
+    /// A one-file image whose manifest says what a root-disk image says.
+    fn root_image(dir: &std::path::Path, virtual_size: u64) -> Arc<GuestImage> {
+        use sha2::{Digest, Sha256};
+        std::fs::write(dir.join("disk"), b"disk").unwrap();
+        let m = serde_json::json!({
+            "name": "debian-12", "kernel": "disk", "initrd": "disk", "disk": "disk",
+            "disk_role": "root", "disk_format": "qcow2", "disk_virtual_size": virtual_size,
+            "login_user": "peervm", "seed": "cloud-init",
+            "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(b"disk")), "size": 4}],
+        });
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        Arc::new(GuestImage::open(dir).unwrap())
+    }
+
+    fn spec_for(image: Arc<GuestImage>, ssh_user: &str, disk_gib: u32) -> VmSpec {
+        VmSpec {
+            lease_id: LeaseId::from_bytes([1; 16]),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib,
+            image,
+            ssh_user: ssh_user.into(),
+            authorized_key: AuthorizedKey::from_ed25519(&HostKeySeed::from_bytes([2; 32]).public_raw(), "").unwrap(),
+            host_key: HostKeySeed::from_bytes([3; 32]),
+            network_slot: 0,
+            egress: EgressPolicy::Deny,
+            cpu_quota: None,
+            progress: None,
+        }
+    }
+
+    #[test]
+    fn a_root_disk_image_refuses_a_smaller_lease_disk_and_another_user_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = root_image(dir.path(), 5 << 30);
+        assert!(spec_for(image.clone(), "peervm", 5).validate().is_ok());
+        assert!(matches!(spec_for(image.clone(), "peervm", 4).validate(), Err(VmmError::DiskTooSmall { .. })));
+        assert!(matches!(spec_for(image, "alice", 5).validate(), Err(VmmError::WrongLoginUser { .. })));
+    }
+
     #[test]
     fn user_names() {
         for ok in ["alice", "_x", "a-b_9"] {
