@@ -123,6 +123,7 @@ impl QemuHypervisor {
             &seed,
             &SeedConfig {
                 lease,
+                kind: spec.image.seed_kind(),
                 user: &spec.ssh_user,
                 authorized_key: &spec.authorized_key,
                 host_key: &spec.host_key,
@@ -130,6 +131,7 @@ impl QemuHypervisor {
                 guest_addr: addrs.guest,
                 prefix_len: SLOT_PREFIX_LEN,
                 gateway: addrs.host,
+                nameservers: cfg.nameservers_for(spec.egress),
             },
         )?;
 
