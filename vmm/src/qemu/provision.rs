@@ -175,7 +175,9 @@ impl QemuHypervisor {
             boot_time: OnceLock::new(),
         });
 
-        let deadline = Instant::now() + cfg.ready_timeout;
+        // a systemd guest under TCG needs minutes where minimal needs seconds: the image
+        // says how long it may take (docs/guest-image.md, `boot_deadline_secs`)
+        let deadline = Instant::now() + spec.image.boot_deadline().unwrap_or(cfg.ready_timeout);
         wait_ready(&rt, spec, deadline).await?;
         check_forwarder(listen, deadline).await.map_err(|e| VmmError::NotReady {
             lease,
