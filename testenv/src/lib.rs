@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub struct Needs {
     root: Option<&'static str>,
     tools: Vec<&'static str>,
-    paths: Vec<(PathBuf, &'static str)>,
+    paths: Vec<(PathBuf, String)>,
 }
 
 /// Where the guest images live (`scripts/build-guest-image` writes there); the tests read
@@ -38,6 +38,11 @@ impl Needs {
             .path(image_dir("minimal").join("manifest.json"), "scripts/build-guest-image")
     }
 
+    /// A guest image besides `minimal` (which `guests` needs), e.g. `debian-12`.
+    pub fn image(name: &str) -> Self {
+        Self::default().path(image_dir(name).join("manifest.json"), format!("scripts/build-guest-image {name}"))
+    }
+
     /// The multi-host test bed: root, iproute2 and tc.
     pub fn netns() -> Self {
         Self::root("network namespaces, veth, bridges").tools(&["ip", "tc"])
@@ -50,8 +55,8 @@ impl Needs {
     }
 
     /// A file that must exist, and how to get it.
-    pub fn path(mut self, path: impl Into<PathBuf>, hint: &'static str) -> Self {
-        self.paths.push((path.into(), hint));
+    pub fn path(mut self, path: impl Into<PathBuf>, hint: impl Into<String>) -> Self {
+        self.paths.push((path.into(), hint.into()));
         self
     }
 
@@ -145,6 +150,14 @@ mod tests {
         assert!(missing.iter().any(|m| m == "nft (scripts/install-deps)"));
         assert!(missing.iter().any(|m| m == "tc (scripts/install-deps)"));
         assert!(missing.iter().any(|m| m.contains("manifest.json (scripts/build-guest-image)")));
+    }
+
+    #[test]
+    fn an_image_is_named_with_the_command_that_builds_it() {
+        let needs = Needs::guests().and(Needs::image("debian-12"));
+        let missing = needs.missing_with(true, |_| true, |p| !p.to_string_lossy().contains("debian-12"));
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(missing[0].ends_with("debian-12/manifest.json (scripts/build-guest-image debian-12)"), "{missing:?}");
     }
 
     #[test]

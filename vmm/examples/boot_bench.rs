@@ -81,6 +81,7 @@ async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32) -> Sample {
         &seed,
         &SeedConfig {
             lease: LeaseId::random(),
+            kind: image.seed_kind(),
             user: "bench",
             authorized_key: &key,
             host_key: &host_key,
@@ -88,6 +89,7 @@ async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32) -> Sample {
             guest_addr: Ipv4Addr::new(10, 99, 0, 2),
             prefix_len: 29,
             gateway: Ipv4Addr::new(10, 99, 0, 1),
+            nameservers: &[],
         },
     )
     .expect("seed");

@@ -29,6 +29,11 @@ pub enum ImageError {
          modified: refusing to use it (rebuild it, e.g. scripts/build-guest-image --force)"
     )]
     HashMismatch { path: PathBuf, expected_sha256: String, actual_sha256: String, expected_size: u64, actual_size: u64 },
+    #[error(
+        "image manifest {path} gives disk_format {format:?}; only \"qcow2\" and \"raw\" are supported \
+         (QEMU is always told the format, never left to probe it)"
+    )]
+    UnsupportedDiskFormat { path: PathBuf, format: String },
 }
 
 /// Errors of the hypervisor layer.
@@ -38,6 +43,13 @@ pub enum VmmError {
     InvalidSpec(String),
     #[error("invalid vmm configuration: {0}")]
     InvalidConfig(String),
+    #[error(
+        "image {image} needs a disk of at least {needs_bytes} bytes (its root file system); the lease has \
+         {leased_bytes} bytes"
+    )]
+    DiskTooSmall { image: String, leased_bytes: u64, needs_bytes: u64 },
+    #[error("image {image} is laid out for the user {login_user:?}; the lease asks for {requested:?}")]
+    WrongLoginUser { image: String, login_user: String, requested: String },
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error("{what} {path}: {source}")]

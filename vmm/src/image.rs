@@ -11,14 +11,21 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::error::ImageError;
+use crate::error::{ImageError, VmmError};
+use crate::user_name::is_valid_user_name;
 
 /// A manifest larger than this is not one of ours; refuse before parsing.
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+
+/// The longest boot deadline a manifest may ask for: far beyond any guest measured
+/// (docs/guest-image.md "Measured boot times"), short enough that a guest that never
+/// boots does not hold a lease's resources for long.
+const MAX_BOOT_DEADLINE_SECS: u64 = 3600;
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -32,6 +39,21 @@ struct Manifest {
     cmdline: Option<String>,
     #[serde(default)]
     microvm: Option<MicrovmManifest>,
+    // The fields below came with the debian-12 image (docs/guest-image.md "Output" of
+    // "The debian-12 image"); each is optional and its default is what `minimal` was
+    // before they existed.
+    #[serde(default)]
+    disk_role: DiskRole,
+    #[serde(default)]
+    disk_format: Option<String>,
+    #[serde(default)]
+    disk_virtual_size: Option<u64>,
+    #[serde(default)]
+    boot_deadline_secs: Option<u64>,
+    #[serde(default)]
+    login_user: Option<String>,
+    #[serde(default)]
+    seed: SeedKind,
     files: Vec<ManifestFile>,
 }
 
@@ -90,6 +112,49 @@ pub enum MachineKind {
     Q35,
 }
 
+/// What the image's disk is to the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskRole {
+    /// A blank data disk beside a root file system in the initrd (`minimal`'s `/data`).
+    #[default]
+    Data,
+    /// The guest's root file system: the lease's disk must be at least
+    /// `disk_virtual_size`, and the guest grows its file system to the lease's size.
+    Root,
+}
+
+/// The format of the base disk, what QEMU is told (`format=`, the overlay's backing
+/// format): QEMU never probes a format (docs/vmm.md "QEMU": a probed raw disk whose
+/// bytes look like a qcow2 header could name a host file as its backing file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    /// The name QEMU and qemu-img take.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+/// Who reads the NoCloud seed in the guest, which decides what the provider writes
+/// there (docs/guest-image.md "Seed format" and "The seed it expects").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SeedKind {
+    /// The minimal image's own boot script, which reads only the provider's shape.
+    #[default]
+    Minimal,
+    /// The real cloud-init (22.4 in debian-12), which validates the whole cloud-config.
+    CloudInit,
+}
+
 /// A verified guest image.
 #[derive(Debug)]
 pub struct GuestImage {
@@ -102,6 +167,12 @@ pub struct GuestImage {
     disk: PathBuf,
     machine: MachineKind,
     cmdline: String,
+    disk_role: DiskRole,
+    disk_format: DiskFormat,
+    disk_virtual_size: Option<u64>,
+    boot_deadline: Option<Duration>,
+    login_user: Option<String>,
+    seed: SeedKind,
 }
 
 impl GuestImage {
@@ -167,7 +238,50 @@ impl GuestImage {
         if cmdline.len() > 1024 || cmdline.chars().any(|c| c.is_control()) {
             return Err(bad("kernel command line is too long or has control characters".into()));
         }
-        let image = GuestImage { dir, name: m.name, manifest_sha256, files, kernel, initrd, disk, machine, cmdline };
+        let disk_format = match m.disk_format.as_deref() {
+            // before the field existed every base was qcow2
+            None | Some("qcow2") => DiskFormat::Qcow2,
+            Some("raw") => DiskFormat::Raw,
+            Some(other) => {
+                return Err(ImageError::UnsupportedDiskFormat { path: manifest_path, format: other.to_string() });
+            }
+        };
+        if m.disk_virtual_size == Some(0) {
+            return Err(bad("disk_virtual_size is 0".into()));
+        }
+        if m.disk_role == DiskRole::Root && m.disk_virtual_size.is_none() {
+            // without it a lease too small for the root file system could not be refused
+            return Err(bad("a disk_role \"root\" image must give disk_virtual_size".into()));
+        }
+        let boot_deadline = match m.boot_deadline_secs {
+            None => None,
+            Some(s @ 1..=MAX_BOOT_DEADLINE_SECS) => Some(Duration::from_secs(s)),
+            Some(s) => {
+                return Err(bad(format!("boot_deadline_secs {s} is outside 1..={MAX_BOOT_DEADLINE_SECS}")));
+            }
+        };
+        if let Some(user) = &m.login_user
+            && !is_valid_user_name(user)
+        {
+            return Err(bad(format!("login_user {user:?} is not a valid user name")));
+        }
+        let image = GuestImage {
+            dir,
+            name: m.name,
+            manifest_sha256,
+            files,
+            kernel,
+            initrd,
+            disk,
+            machine,
+            cmdline,
+            disk_role: m.disk_role,
+            disk_format,
+            disk_virtual_size: m.disk_virtual_size,
+            boot_deadline,
+            login_user: m.login_user,
+            seed: m.seed,
+        };
         image.verify()?;
         Ok(image)
     }
@@ -234,6 +348,60 @@ impl GuestImage {
 
     pub fn cmdline(&self) -> &str {
         &self.cmdline
+    }
+
+    pub fn disk_role(&self) -> DiskRole {
+        self.disk_role
+    }
+
+    /// The base disk's format: the overlay's backing format.
+    pub fn disk_format(&self) -> DiskFormat {
+        self.disk_format
+    }
+
+    /// The base disk's virtual size in bytes, when the manifest gives it: a lease's disk
+    /// may not be smaller.
+    pub fn disk_virtual_size(&self) -> Option<u64> {
+        self.disk_virtual_size
+    }
+
+    /// How long from QEMU's start to SSH-ready the image needs at most; `None`: the
+    /// backend's default (`VmmConfig::ready_timeout`).
+    pub fn boot_deadline(&self) -> Option<Duration> {
+        self.boot_deadline
+    }
+
+    /// The one account the image is laid out for (`peervm` in debian-12); `None`: any
+    /// valid name the lease asks for (`minimal`).
+    pub fn login_user(&self) -> Option<&str> {
+        self.login_user.as_deref()
+    }
+
+    pub fn seed_kind(&self) -> SeedKind {
+        self.seed
+    }
+
+    /// Whether a lease asking for `ssh_user` and a disk of `disk_gib` GiB can run this
+    /// image: the user must be the image's login user (the account its seed creates and
+    /// the grant names), and the disk must hold the base disk. The provider checks this
+    /// at admission and the backend again before it creates anything.
+    pub fn check_lease(&self, ssh_user: &str, disk_gib: u32) -> Result<(), VmmError> {
+        if let Some(login_user) = &self.login_user
+            && login_user != ssh_user
+        {
+            return Err(VmmError::WrongLoginUser {
+                image: self.name.clone(),
+                login_user: login_user.clone(),
+                requested: ssh_user.to_string(),
+            });
+        }
+        let leased_bytes = u64::from(disk_gib) << 30;
+        if let Some(needs_bytes) = self.disk_virtual_size
+            && leased_bytes < needs_bytes
+        {
+            return Err(VmmError::DiskTooSmall { image: self.name.clone(), leased_bytes, needs_bytes });
+        }
+        Ok(())
     }
 }
 
@@ -302,6 +470,116 @@ mod tests {
         assert_eq!(img.manifest_sha256(), <[u8; 32]>::from(Sha256::digest(&raw)));
         write_image(dir.path(), false);
         assert_eq!(GuestImage::open(dir.path()).unwrap().machine(), MachineKind::Q35);
+    }
+
+    /// Rewrites the manifest of an image made by `write_image` with `edit`.
+    fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+        let path = dir.join("manifest.json");
+        let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        edit(&mut m);
+        fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+
+    fn debian_like(m: &mut serde_json::Value) {
+        m["name"] = "debian-12".into();
+        m["disk_role"] = "root".into();
+        m["disk_format"] = "qcow2".into();
+        m["disk_virtual_size"] = 738197504u64.into();
+        m["boot_deadline_secs"] = 300.into();
+        m["login_user"] = "peervm".into();
+        m["seed"] = "cloud-init".into();
+        m["source_date_epoch"] = 1796005301u64.into();
+    }
+
+    #[test]
+    fn a_manifest_without_the_new_fields_is_minimal_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(dir.path(), false);
+        let img = GuestImage::open(dir.path()).unwrap();
+        assert_eq!(img.disk_role(), DiskRole::Data);
+        assert_eq!(img.disk_format(), DiskFormat::Qcow2);
+        assert_eq!(img.disk_virtual_size(), None);
+        assert_eq!(img.boot_deadline(), None);
+        assert_eq!(img.login_user(), None);
+        assert_eq!(img.seed_kind(), SeedKind::Minimal);
+        assert!(img.check_lease("anyone", 1).is_ok(), "minimal takes any user and any disk");
+    }
+
+    #[test]
+    fn the_debian_fields_are_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(dir.path(), false);
+        edit_manifest(dir.path(), debian_like);
+        let img = GuestImage::open(dir.path()).unwrap();
+        assert_eq!(img.disk_role(), DiskRole::Root);
+        assert_eq!(img.disk_format(), DiskFormat::Qcow2);
+        assert_eq!(img.disk_virtual_size(), Some(738197504));
+        assert_eq!(img.boot_deadline(), Some(Duration::from_secs(300)));
+        assert_eq!(img.login_user(), Some("peervm"));
+        assert_eq!(img.seed_kind(), SeedKind::CloudInit);
+        assert_eq!(img.cmdline(), "console=ttyS0", "the kernel command line is used as it is");
+        edit_manifest(dir.path(), |m| m["disk_format"] = "raw".into());
+        assert_eq!(GuestImage::open(dir.path()).unwrap().disk_format(), DiskFormat::Raw);
+    }
+
+    #[test]
+    fn a_disk_format_qemu_would_have_to_guess_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for format in ["vmdk", "QCOW2", "", "qcow2,backing=x"] {
+            write_image(dir.path(), false);
+            edit_manifest(dir.path(), |m| m["disk_format"] = format.into());
+            match GuestImage::open(dir.path()) {
+                Err(ImageError::UnsupportedDiskFormat { format: f, .. }) => assert_eq!(f, format),
+                other => panic!("{format:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_new_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit); 7] = [
+            ("root without size", |m| m["disk_virtual_size"] = serde_json::Value::Null),
+            ("size 0", |m| m["disk_virtual_size"] = 0.into()),
+            ("deadline 0", |m| m["boot_deadline_secs"] = 0.into()),
+            ("deadline too long", |m| m["boot_deadline_secs"] = 3601.into()),
+            ("bad login user", |m| m["login_user"] = "Root!".into()),
+            ("unknown seed", |m| m["seed"] = "ignition".into()),
+            ("unknown role", |m| m["disk_role"] = "swap".into()),
+        ];
+        for (what, edit) in cases {
+            write_image(dir.path(), false);
+            edit_manifest(dir.path(), |m| {
+                debian_like(m);
+                edit(m);
+            });
+            assert!(matches!(GuestImage::open(dir.path()), Err(ImageError::BadManifest { .. })), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_lease_must_fit_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(dir.path(), false);
+        edit_manifest(dir.path(), |m| {
+            debian_like(m);
+            m["disk_virtual_size"] = ((2u64 << 30) + 1).into();
+        });
+        let img = GuestImage::open(dir.path()).unwrap();
+        assert!(img.check_lease("peervm", 3).is_ok());
+        match img.check_lease("peervm", 2) {
+            Err(VmmError::DiskTooSmall { leased_bytes, needs_bytes, .. }) => {
+                assert_eq!((leased_bytes, needs_bytes), (2 << 30, (2 << 30) + 1))
+            }
+            other => panic!("{other:?}"),
+        }
+        match img.check_lease("alice", 3) {
+            Err(VmmError::WrongLoginUser { login_user, requested, .. }) => {
+                assert_eq!((login_user.as_str(), requested.as_str()), ("peervm", "alice"))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

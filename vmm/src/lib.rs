@@ -21,13 +21,14 @@ mod qmp;
 pub mod readiness;
 pub mod seed;
 pub mod spec;
+mod user_name;
 
 pub use accel::{Accel, AccelPolicy, KvmProbe, ProbeOptions, probe_kvm, select_accel};
 pub use cgroup::{CgroupLayout, CgroupLimits, CgroupUsage, LeaseCgroup};
 pub use error::{ImageError, VmmError};
 pub use forward::ForwardCounters;
 pub use hypervisor::{GuestState, Hypervisor, ReconcileReport, RunningVm, VmStatus, VmUsage};
-pub use image::{GuestImage, MachineKind};
+pub use image::{DiskFormat, DiskRole, GuestImage, MachineKind, SeedKind};
 pub use lease_id::{LeaseId, LeaseIdError};
 pub use network::{AddressPool, NamePrefix};
 pub use qemu::{QemuHypervisor, VmmConfig};

@@ -42,6 +42,22 @@ pub const BLOCKED_IPV4: &[&str] = &[
     "240.0.0.0/4",
 ];
 
+/// Whether the lease's nftables table drops packets a guest sends to `addr` under
+/// `public-only` (`BLOCKED_IPV4` or the guests' own pool): such an address is no use to
+/// a guest as, say, its DNS resolver.
+pub fn is_blocked_destination(addr: Ipv4Addr, pool: &AddressPool) -> bool {
+    let within = |net: Ipv4Addr, len: u8| {
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+        u32::from(addr) & mask == u32::from(net) & mask
+    };
+    within(pool.base, pool.prefix_len)
+        || BLOCKED_IPV4.iter().any(|cidr| {
+            cidr.split_once('/')
+                .and_then(|(net, len)| Some((net.parse().ok()?, len.parse().ok()?)))
+                .is_some_and(|(net, len)| within(net, len))
+        })
+}
+
 /// Interfaces inside the lease namespace; private to it, so fixed names.
 const NS_UPLINK: &str = "uplink";
 const NS_BRIDGE: &str = "br0";
@@ -338,6 +354,19 @@ fn set_sysctl(name: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocked_destinations_are_the_ruleset_s() {
+        let pool: AddressPool = "10.213.0.0/16".parse().unwrap();
+        for blocked in ["10.213.0.1", "10.1.2.3", "127.0.0.53", "169.254.169.254", "192.168.1.1", "100.64.0.1"] {
+            assert!(is_blocked_destination(blocked.parse().unwrap(), &pool), "{blocked}");
+        }
+        for public in ["9.9.9.9", "1.1.1.1", "198.51.100.10"] {
+            assert!(!is_blocked_destination(public.parse().unwrap(), &pool), "{public}");
+        }
+        let public_pool: AddressPool = "198.51.100.0/24".parse().unwrap();
+        assert!(is_blocked_destination("198.51.100.10".parse().unwrap(), &public_pool), "the guests' own pool");
+    }
 
     #[test]
     fn pool_carves_slots() {

@@ -18,6 +18,7 @@ use zeroize::Zeroizing;
 use crate::error::VmmError;
 use crate::image::GuestImage;
 use crate::lease_id::LeaseId;
+use crate::user_name::is_valid_user_name;
 
 /// The requestor's SSH public key in canonical OpenSSH form (`ssh-ed25519 <base64>
 /// [comment]`). Only ed25519 keys (a lease request carries a raw ed25519 key:
@@ -220,6 +221,7 @@ impl VmSpec {
             return bad(format!("disk {} GiB is outside 1..={MAX_DISK_GIB} GiB", self.disk_gib));
         }
         validate_user_name(&self.ssh_user)?;
+        self.image.check_lease(&self.ssh_user, self.disk_gib)?;
         if let Some(q) = self.cpu_quota
             && !(q.is_finite() && q >= 0.01 && q <= f64::from(MAX_VCPUS))
         {
@@ -236,11 +238,7 @@ impl VmSpec {
 
 /// A POSIX-portable login name: it is written into the guest's user-data and passwd.
 pub fn validate_user_name(name: &str) -> Result<(), VmmError> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok {
+    if is_valid_user_name(name) {
         Ok(())
     } else {
         Err(VmmError::InvalidSpec(format!(
@@ -276,6 +274,46 @@ mod tests {
         assert_eq!(parsed.public_key().key_data(), seed.public_key().key_data());
         assert!(seed.public_openssh().starts_with("ssh-ed25519 AAAA"));
         assert!(!format!("{seed:?}").contains("0101"));
+    }
+
+    /// A one-file image whose manifest says what a root-disk image says.
+    fn root_image(dir: &std::path::Path, virtual_size: u64) -> Arc<GuestImage> {
+        use sha2::{Digest, Sha256};
+        std::fs::write(dir.join("disk"), b"disk").unwrap();
+        let m = serde_json::json!({
+            "name": "debian-12", "kernel": "disk", "initrd": "disk", "disk": "disk",
+            "disk_role": "root", "disk_format": "qcow2", "disk_virtual_size": virtual_size,
+            "login_user": "peervm", "seed": "cloud-init",
+            "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(b"disk")), "size": 4}],
+        });
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        Arc::new(GuestImage::open(dir).unwrap())
+    }
+
+    fn spec_for(image: Arc<GuestImage>, ssh_user: &str, disk_gib: u32) -> VmSpec {
+        VmSpec {
+            lease_id: LeaseId::from_bytes([1; 16]),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib,
+            image,
+            ssh_user: ssh_user.into(),
+            authorized_key: AuthorizedKey::from_ed25519(&HostKeySeed::from_bytes([2; 32]).public_raw(), "").unwrap(),
+            host_key: HostKeySeed::from_bytes([3; 32]),
+            network_slot: 0,
+            egress: EgressPolicy::Deny,
+            cpu_quota: None,
+            progress: None,
+        }
+    }
+
+    #[test]
+    fn a_root_disk_image_refuses_a_smaller_lease_disk_and_another_user_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = root_image(dir.path(), 5 << 30);
+        assert!(spec_for(image.clone(), "peervm", 5).validate().is_ok());
+        assert!(matches!(spec_for(image.clone(), "peervm", 4).validate(), Err(VmmError::DiskTooSmall { .. })));
+        assert!(matches!(spec_for(image, "alice", 5).validate(), Err(VmmError::WrongLoginUser { .. })));
     }
 
     #[test]

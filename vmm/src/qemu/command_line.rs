@@ -124,5 +124,12 @@ mod tests {
         }
         // no file of the lease by name: seed (host key) and overlay go by descriptor
         assert!(!joined.contains("seed.img") && !joined.contains("overlay.qcow2") && !joined.contains("PRIVATE"));
+        // QEMU is told every drive's format, never left to probe it (docs/vmm.md "QEMU");
+        // the base's format is pinned in the overlay's header (provision.rs, `-F`)
+        let drives: Vec<&String> = args.windows(2).filter(|w| w[0] == "-drive").map(|w| &w[1]).collect();
+        assert_eq!(drives.len(), 2, "{joined}");
+        for d in drives {
+            assert!(d.contains(",format=qcow2,") || d.contains(",format=raw,"), "{d}");
+        }
     }
 }

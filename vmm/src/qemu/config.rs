@@ -9,8 +9,9 @@ use std::time::Duration;
 use crate::accel::Accel;
 use crate::cgroup::{CPU_PERIOD_US, CgroupLayout, CgroupLimits};
 use crate::error::VmmError;
-use crate::network::{AddressPool, NamePrefix};
+use crate::network::{AddressPool, NamePrefix, is_blocked_destination};
 use crate::qemu_user::DEFAULT_QEMU_USER;
+use crate::spec::EgressPolicy;
 
 /// Configuration of the QEMU backend. `VmmConfig::new` gives the defaults documented in
 /// docs/vmm.md.
@@ -32,7 +33,8 @@ pub struct VmmConfig {
     /// Slot `n` is reached on port `ssh_port_base + n`; `ssh_port_count` ports in all.
     pub ssh_port_base: u16,
     pub ssh_port_count: u16,
-    /// From QEMU start to SSH-ready at most.
+    /// From QEMU start to SSH-ready at most, for an image whose manifest gives no
+    /// `boot_deadline_secs` (`GuestImage::boot_deadline` overrides it).
     pub ready_timeout: Duration,
     /// From the ACPI power button to QEMU's exit at most; then it is killed.
     pub stop_timeout: Duration,
@@ -46,6 +48,12 @@ pub struct VmmConfig {
     pub tcg_tb_size_mib: u32,
     /// `None`: detect from /proc/self/mountinfo.
     pub cgroups: Option<CgroupLayout>,
+    /// DNS resolvers written into the seed of a guest whose image runs cloud-init and
+    /// whose egress is `public-only`; they must be addresses such a guest may reach
+    /// (public: the lease's table drops the host and private ranges, docs/vmm.md
+    /// "nftables"). A guest whose egress is denied reaches none, so gets none. Empty
+    /// (the default): no resolver, as the minimal image's seed never had one.
+    pub guest_nameservers: Vec<Ipv4Addr>,
 }
 
 impl VmmConfig {
@@ -67,7 +75,30 @@ impl VmmConfig {
             pids_base: 128,
             tcg_tb_size_mib: 128,
             cgroups: None,
+            guest_nameservers: Vec::new(),
         }
+    }
+
+    /// The resolvers a guest with `egress` is given (see `guest_nameservers`).
+    pub(super) fn nameservers_for(&self, egress: EgressPolicy) -> &[Ipv4Addr] {
+        match egress {
+            EgressPolicy::Deny => &[],
+            EgressPolicy::PublicOnly => &self.guest_nameservers,
+        }
+    }
+
+    /// Refuses resolvers a guest could never reach.
+    pub(super) fn check_nameservers(&self) -> Result<(), VmmError> {
+        for ns in &self.guest_nameservers {
+            if is_blocked_destination(*ns, &self.address_pool) {
+                return Err(VmmError::InvalidConfig(format!(
+                    "guest DNS resolver {ns} is an address guests cannot reach (private, local or the guests' \
+                     pool {}): give a public resolver",
+                    self.address_pool
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The SSH port of network slot `slot`.
@@ -106,6 +137,20 @@ mod tests {
         assert_eq!(c.port_for(0).unwrap(), 40000);
         assert_eq!(c.port_for(9).unwrap(), 40009);
         assert!(c.port_for(10).is_err());
+    }
+
+    #[test]
+    fn resolvers_only_where_egress_reaches_them() {
+        let mut c = VmmConfig::new("/tmp/x", Accel::Tcg);
+        assert!(c.nameservers_for(EgressPolicy::PublicOnly).is_empty(), "none by default");
+        c.guest_nameservers = vec![Ipv4Addr::new(9, 9, 9, 9)];
+        c.check_nameservers().unwrap();
+        assert_eq!(c.nameservers_for(EgressPolicy::PublicOnly), [Ipv4Addr::new(9, 9, 9, 9)]);
+        assert!(c.nameservers_for(EgressPolicy::Deny).is_empty(), "a denied guest reaches no resolver");
+        for unreachable in [Ipv4Addr::new(10, 213, 0, 1), Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(127, 0, 0, 53)] {
+            c.guest_nameservers = vec![unreachable];
+            assert!(matches!(c.check_nameservers(), Err(VmmError::InvalidConfig(_))), "{unreachable}");
+        }
     }
 
     #[test]

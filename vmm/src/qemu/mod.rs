@@ -70,6 +70,7 @@ impl QemuHypervisor {
         if config.ssh_port_count == 0 || config.ssh_port_base == 0 {
             return Err(VmmError::InvalidConfig("the SSH port range is empty".into()));
         }
+        config.check_nameservers()?;
         let cgroups = match &config.cgroups {
             Some(c) => c.clone(),
             None => CgroupLayout::detect()?,

@@ -102,15 +102,20 @@ impl QemuHypervisor {
         // may have left something behind
         write_record(&dir, &record)?;
 
-        // per-lease copy-on-write overlay of the leased size over the read-only base;
-        // created 0600 first so that qemu-img only fills it
+        // per-lease copy-on-write overlay of the leased size over the read-only base, for
+        // a data disk (minimal's /data) and a root disk (debian-12's /, which the guest
+        // grows to this size; spec.validate refused a lease smaller than the base);
+        // created 0600 first so that qemu-img only fills it. `-F` writes the base's
+        // format into the overlay's header: QEMU never probes it (docs/vmm.md "QEMU").
         let overlay = dir.join(OVERLAY_FILE);
         create_private_file(&overlay)?;
         let base = spec.image.base_disk().display().to_string();
+        let base_format = spec.image.disk_format().as_str();
         let size = format!("{}G", spec.disk_gib);
         let overlay_s = overlay.display().to_string();
         let qemu_img = cfg.qemu_img.display().to_string();
-        run(&qemu_img, &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &overlay_s, &size], None).await?;
+        run(&qemu_img, &["create", "-q", "-f", "qcow2", "-F", base_format, "-b", &base, &overlay_s, &size], None)
+            .await?;
 
         let mac = [0x52, 0x54, 0x00, lease.as_bytes()[0], lease.as_bytes()[1], lease.as_bytes()[2]];
         let seed = dir.join(SEED_FILE);
@@ -118,6 +123,7 @@ impl QemuHypervisor {
             &seed,
             &SeedConfig {
                 lease,
+                kind: spec.image.seed_kind(),
                 user: &spec.ssh_user,
                 authorized_key: &spec.authorized_key,
                 host_key: &spec.host_key,
@@ -125,6 +131,7 @@ impl QemuHypervisor {
                 guest_addr: addrs.guest,
                 prefix_len: SLOT_PREFIX_LEN,
                 gateway: addrs.host,
+                nameservers: cfg.nameservers_for(spec.egress),
             },
         )?;
 
@@ -168,7 +175,9 @@ impl QemuHypervisor {
             boot_time: OnceLock::new(),
         });
 
-        let deadline = Instant::now() + cfg.ready_timeout;
+        // a systemd guest under TCG needs minutes where minimal needs seconds: the image
+        // says how long it may take (docs/guest-image.md, `boot_deadline_secs`)
+        let deadline = Instant::now() + spec.image.boot_deadline().unwrap_or(cfg.ready_timeout);
         wait_ready(&rt, spec, deadline).await?;
         check_forwarder(listen, deadline).await.map_err(|e| VmmError::NotReady {
             lease,

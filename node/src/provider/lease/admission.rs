@@ -99,6 +99,12 @@ pub(super) fn check_request(req: &LeaseRequest, standing: Standing, terms: &Leas
             return Err(deny(DenyReason::UnknownImage, format!("no image `{}` here", req.spec.image_name)));
         }
     };
+    // The image's own needs: the SSH user the grant names must be the account the
+    // image's seed creates (its `login_user`), and the disk must hold its root file
+    // system (docs/vmm.md "Images"). vmm checks both again before it creates anything.
+    image
+        .check_lease(&req.ssh_user, u32::try_from(req.spec.disk_gib).unwrap_or(u32::MAX))
+        .map_err(|e| deny(DenyReason::InvalidSpec, e.to_string()))?;
     // The hypervisor takes memory as u32 MiB, and 64 MiB is the smallest guest offered.
     if u32::try_from(req.spec.memory_mib).is_err() || req.spec.memory_mib < 64 {
         return Err(deny(DenyReason::InvalidSpec, "memory must be at least 64 MiB"));
@@ -241,6 +247,40 @@ mod tests {
                 assert_eq!(reason(result), DenyReason::InvalidSpec);
             }
         }
+    }
+
+    #[test]
+    fn an_image_with_a_login_user_and_a_root_disk_takes_only_that_user_and_a_disk_that_holds_it() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("disk"), b"disk").unwrap();
+        let manifest = serde_json::json!({
+            "name": "debian-12", "kernel": "disk", "initrd": "disk", "disk": "disk",
+            "disk_role": "root", "disk_virtual_size": (2u64 << 30) + 1, "login_user": "peervm", "seed": "cloud-init",
+            "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(b"disk")), "size": 4}],
+        });
+        std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+        let image = Arc::new(GuestImage::open(dir.path()).unwrap());
+        let h = Harness::build(|t| _ = t.images.insert("debian-12".into(), image.clone()), |_| {});
+        let debian = |user: &str, disk_gib: u64| LeaseRequest {
+            ssh_user: user.into(),
+            spec: GuestSpec {
+                image_name: "debian-12".into(),
+                image_sha256: image.manifest_sha256(),
+                disk_gib,
+                ..h.request().spec
+            },
+            ..h.request()
+        };
+        assert!(check_request(&debian("peervm", 3), CLEAR, &h.terms).is_ok());
+        let d = check_request(&debian("alice", 3), CLEAR, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::InvalidSpec);
+        assert!(d.detail.contains("\"peervm\"") && d.detail.contains("\"alice\""), "{}", d.detail);
+        let d = check_request(&debian("peervm", 2), CLEAR, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::InvalidSpec);
+        assert!(d.detail.contains("needs a disk of at least"), "{}", d.detail);
+        // an image without a login user (minimal) takes the name the request gives
+        assert!(check_request(&h.request(), CLEAR, &h.terms).is_ok(), "alice on the tiny image");
     }
 
     #[test]
