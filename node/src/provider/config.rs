@@ -62,6 +62,9 @@ struct RawNetwork {
     pool: Option<String>,
     /// "deny" or "public-only".
     egress: Option<String>,
+    /// Public IPv4 resolvers given to guests allowed out (cloud-init images' network-config).
+    #[serde(default)]
+    guest_dns: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +183,8 @@ pub struct ProviderConfig {
     pub ssh_listen: std::net::IpAddr,
     pub address_pool: peervm_vmm::AddressPool,
     pub egress: peervm_vmm::EgressPolicy,
+    /// Resolvers for guests under `egress = "public-only"` (none under "deny").
+    pub guest_dns: Vec<std::net::Ipv4Addr>,
     /// Most concurrent leases: the smallest of the config's limit, the SSH port range
     /// and the address pool.
     pub max_leases: u32,
@@ -274,6 +279,12 @@ impl ProviderConfig {
             Some(e) => e.parse().map_err(|e: peervm_vmm::VmmError| invalid("network.egress", e.to_string()))?,
             None => peervm_vmm::EgressPolicy::Deny,
         };
+        let guest_dns = raw
+            .network
+            .guest_dns
+            .iter()
+            .map(|a| a.parse().map_err(|_| invalid("network.guest_dns", format!("`{a}` is not an IPv4 address"))))
+            .collect::<Result<Vec<std::net::Ipv4Addr>, _>>()?;
         let defaults = peervm_vmm::NamePrefix::default();
         let names = peervm_vmm::NamePrefix::new(
             raw.hypervisor.name_prefix.as_deref().unwrap_or(defaults.long()),
@@ -363,6 +374,7 @@ impl ProviderConfig {
             ssh_listen,
             address_pool,
             egress,
+            guest_dns,
             max_leases,
             min_lease_secs,
             max_lease_secs,
@@ -429,4 +441,34 @@ pub fn parse_addrs(list: &[String]) -> Result<Vec<Multiaddr>, String> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with_network(network: &str) -> Result<ProviderConfig, ConfigError> {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("image");
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::write(img.join("manifest.json"), br#"{"name":"minimal","version":1}"#).unwrap();
+        let text = format!(
+            "[ssh]\nhost = \"127.0.0.1\"\nport_min = 22000\nport_max = 22009\n\
+             [resources]\nvcpus = 1\nmemory = \"1GiB\"\ndisk = \"10GiB\"\n\
+             [pricing]\ncurrency = \"USD\"\nper_vcpu_hour = \"0.01\"\nper_memory_gib_hour = \"0\"\nper_disk_gib_hour = \"0\"\n\
+             [network]\n{network}\n\
+             [[images]]\nname = \"minimal\"\ndir = \"{}\"\n",
+            img.display()
+        );
+        ProviderConfig::parse(&text, Path::new("provider.toml"))
+    }
+
+    #[test]
+    fn guest_dns_is_a_list_of_ipv4_addresses_named_in_the_error() {
+        let cfg = config_with_network("egress = \"public-only\"\nguest_dns = [\"9.9.9.9\", \"1.1.1.1\"]").unwrap();
+        assert_eq!(cfg.guest_dns, [std::net::Ipv4Addr::new(9, 9, 9, 9), std::net::Ipv4Addr::new(1, 1, 1, 1)]);
+        assert!(config_with_network("").unwrap().guest_dns.is_empty());
+        let err = config_with_network("guest_dns = [\"dns.example\"]").unwrap_err().to_string();
+        assert!(err.contains("network.guest_dns") && err.contains("dns.example"), "{err}");
+    }
 }

@@ -137,6 +137,7 @@ impl Provider {
         vmm.ssh_port_base = config.ssh.port_min;
         vmm.ssh_port_count = config.ssh.port_max - config.ssh.port_min + 1;
         vmm.address_pool = config.address_pool;
+        vmm.guest_nameservers = config.guest_dns.clone();
         vmm.names = config.names.clone();
         QemuUser::ensure(&vmm.qemu_user)?;
         let hv = QemuHypervisor::new(vmm)?;
