@@ -28,7 +28,7 @@ pub use cgroup::{CgroupLayout, CgroupLimits, CgroupUsage, LeaseCgroup};
 pub use error::{ImageError, VmmError};
 pub use forward::ForwardCounters;
 pub use hypervisor::{GuestState, Hypervisor, ReconcileReport, RunningVm, VmStatus, VmUsage};
-pub use image::{DiskFormat, DiskRole, GuestImage, MachineKind, SeedKind};
+pub use image::{DiskFormat, DiskRole, GuestImage, MAX_BOOT_DEADLINE_SECS, MachineKind, SeedKind};
 pub use lease_id::{LeaseId, LeaseIdError};
 pub use network::{AddressPool, NamePrefix};
 pub use qemu::{QemuHypervisor, VmmConfig};

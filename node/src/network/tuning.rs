@@ -161,8 +161,14 @@ pub const OWN_BLOCK_LIST_EVERY: u64 = 30;
 pub const LEASE_MAX_REQUEST_BYTES: u64 = 16 * 1024;
 pub const LEASE_MAX_RESPONSE_BYTES: u64 = 16 * 1024;
 /// A grant comes back once the guest's sshd is up: provisioning plus a software-emulated
-/// boot can take minutes, so the stream waits that long.
-pub const LEASE_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// boot of a systemd guest can take minutes, so the stream waits longer than the longest
+/// boot deadline an image may ask for (`peervm_vmm::MAX_BOOT_DEADLINE_SECS`) plus
+/// provisioning (a test below ties the two).
+pub const LEASE_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What provisioning (overlay, namespace, nftables, cgroups, QEMU's start) may take on
+/// top of the boot deadline before the grant is sent.
+pub const LEASE_PROVISIONING_ALLOWANCE: Duration = Duration::from_secs(120);
 /// Lease streams open at once on one connection: a requestor with many leases in flight
 /// is served, a flood of streams is refused by libp2p before it reaches the manager.
 pub const LEASE_MAX_CONCURRENT_STREAMS: usize = 64;
@@ -183,3 +189,14 @@ pub const DIALBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DIALBACK_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DIALBACK_MAX_REQUEST_BYTES: u64 = 1024;
 pub const DIALBACK_MAX_RESPONSE_BYTES: u64 = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_after_the_longest_boot_deadline_still_reaches_the_waiting_requestor() {
+        let longest = Duration::from_secs(peervm_vmm::MAX_BOOT_DEADLINE_SECS) + LEASE_PROVISIONING_ALLOWANCE;
+        assert!(longest <= LEASE_REQUEST_TIMEOUT, "{longest:?} > {LEASE_REQUEST_TIMEOUT:?}");
+    }
+}
