@@ -34,6 +34,8 @@ pub enum ImageError {
          (QEMU is always told the format, never left to probe it)"
     )]
     UnsupportedDiskFormat { path: PathBuf, format: String },
+    #[error("image disk {path} is refused: {reason}")]
+    UnsafeDisk { path: PathBuf, reason: String },
 }
 
 /// Errors of the hypervisor layer.

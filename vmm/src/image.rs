@@ -284,6 +284,8 @@ impl GuestImage {
             seed: m.seed,
         };
         image.verify()?;
+        // only after the hash matched: the header is then the one the manifest pins
+        crate::disk_header::check(&image.disk, image.disk_format)?;
         Ok(image)
     }
 
@@ -441,7 +443,8 @@ mod tests {
     use super::*;
 
     fn write_image(dir: &Path, microvm: bool) {
-        let files = [("vmlinuz", b"kernel".as_slice()), ("initrd.img", b"initrd"), ("base.qcow2", b"disk")];
+        let disk = crate::disk_header::qcow2_v3_header(64 << 20);
+        let files = [("vmlinuz", b"kernel".as_slice()), ("initrd.img", b"initrd"), ("base.qcow2", &disk)];
         let mut listed = Vec::new();
         for (name, data) in files {
             fs::write(dir.join(name), data).unwrap();
@@ -519,8 +522,9 @@ mod tests {
         assert_eq!(img.login_user(), Some("peervm"));
         assert_eq!(img.seed_kind(), SeedKind::CloudInit);
         assert_eq!(img.cmdline(), "console=ttyS0", "the kernel command line is used as it is");
+        // the disk is a qcow2: declared raw, it is refused rather than handed to QEMU as raw
         edit_manifest(dir.path(), |m| m["disk_format"] = "raw".into());
-        assert_eq!(GuestImage::open(dir.path()).unwrap().disk_format(), DiskFormat::Raw);
+        assert!(matches!(GuestImage::open(dir.path()), Err(ImageError::UnsafeDisk { .. })));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod cgroup;
+pub mod disk_header;
 pub mod error;
 mod forward;
 mod host_command;

@@ -279,12 +279,13 @@ mod tests {
     /// A one-file image whose manifest says what a root-disk image says.
     fn root_image(dir: &std::path::Path, virtual_size: u64) -> Arc<GuestImage> {
         use sha2::{Digest, Sha256};
-        std::fs::write(dir.join("disk"), b"disk").unwrap();
+        let disk = crate::disk_header::qcow2_v3_header(virtual_size);
+        std::fs::write(dir.join("disk"), &disk).unwrap();
         let m = serde_json::json!({
             "name": "debian-12", "kernel": "disk", "initrd": "disk", "disk": "disk",
             "disk_role": "root", "disk_format": "qcow2", "disk_virtual_size": virtual_size,
             "login_user": "peervm", "seed": "cloud-init",
-            "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(b"disk")), "size": 4}],
+            "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(&disk)), "size": disk.len()}],
         });
         std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
         Arc::new(GuestImage::open(dir).unwrap())

@@ -78,3 +78,63 @@ async fn kvm_probe_reports_unusable_kvm_with_a_reason() {
     let leftover = std::process::Command::new("pgrep").args(["-f", "accel kvm"]).output().unwrap();
     assert!(leftover.stdout.is_empty(), "probe QEMU left running");
 }
+
+/// Disks made by the real qemu-img that would make QEMU read a host file (a backing file,
+/// an external data file), or that are not the format the manifest says: refused by
+/// `GuestImage::open` before any QEMU sees them, though the manifest pins their hashes.
+#[ignore = "needs root: QEMU's qemu-img (scripts/install-deps)"]
+#[test]
+fn a_disk_reaching_a_host_file_or_of_another_format_is_refused() {
+    guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let host_file = dir.path().join("host-secret");
+    std::fs::write(&host_file, b"a host file a guest must never read").unwrap();
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img").args(args).output().expect("qemu-img runs");
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let image_with = |name: &str, make: &dyn Fn(&str), format: &str| -> Result<GuestImage, ImageError> {
+        let img = dir.path().join(name);
+        std::fs::create_dir_all(&img).unwrap();
+        let disk = img.join("base.qcow2");
+        make(disk.to_str().unwrap());
+        let mut files = Vec::new();
+        for (file, bytes) in [("vmlinuz", b"kernel".to_vec()), ("base.qcow2", std::fs::read(&disk).unwrap())] {
+            if file == "vmlinuz" {
+                std::fs::write(img.join(file), &bytes).unwrap();
+            }
+            files.push(
+                serde_json::json!({"path": file, "sha256": hex::encode(Sha256::digest(&bytes)), "size": bytes.len()}),
+            );
+        }
+        let m = serde_json::json!({"name": name, "kernel": "vmlinuz", "initrd": "vmlinuz", "disk": "base.qcow2",
+            "disk_format": format, "files": files});
+        std::fs::write(img.join("manifest.json"), m.to_string()).unwrap();
+        GuestImage::open(&img)
+    };
+    let host = host_file.to_str().unwrap().to_string();
+
+    let plain = image_with("plain", &|d| qemu_img(&["create", "-q", "-f", "qcow2", d, "64M"]), "qcow2");
+    assert!(plain.is_ok(), "a standalone qcow2 opens: {plain:?}");
+
+    let backing =
+        image_with("backing", &|d| qemu_img(&["create", "-q", "-f", "qcow2", "-b", &host, "-F", "raw", d]), "qcow2");
+    let err = backing.expect_err("a qcow2 backed by a host file");
+    assert!(matches!(&err, ImageError::UnsafeDisk { reason, .. } if reason.contains("backing file")), "{err}");
+
+    let data_file = dir.path().join("data-file");
+    let external = image_with(
+        "external",
+        &|d| {
+            let opt = format!("data_file={}", data_file.display());
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opt, d, "64M"])
+        },
+        "qcow2",
+    );
+    let err = external.expect_err("a qcow2 with an external data file");
+    assert!(matches!(&err, ImageError::UnsafeDisk { reason, .. } if reason.contains("external data file")), "{err}");
+
+    let declared_raw = image_with("raw", &|d| qemu_img(&["create", "-q", "-f", "qcow2", d, "64M"]), "raw");
+    let err = declared_raw.expect_err("a qcow2 declared raw");
+    assert!(matches!(&err, ImageError::UnsafeDisk { reason, .. } if reason.contains("says raw")), "{err}");
+}

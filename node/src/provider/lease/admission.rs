@@ -253,11 +253,12 @@ mod tests {
     fn an_image_with_a_login_user_and_a_root_disk_takes_only_that_user_and_a_disk_that_holds_it() {
         use sha2::{Digest, Sha256};
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("disk"), b"disk").unwrap();
+        let disk = peervm_vmm::disk_header::qcow2_v3_header((2u64 << 30) + 1);
+        std::fs::write(dir.path().join("disk"), &disk).unwrap();
         let manifest = serde_json::json!({
             "name": "debian-12", "kernel": "disk", "initrd": "disk", "disk": "disk",
             "disk_role": "root", "disk_virtual_size": (2u64 << 30) + 1, "login_user": "peervm", "seed": "cloud-init",
-            "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(b"disk")), "size": 4}],
+            "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(&disk)), "size": disk.len()}],
         });
         std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
         let image = Arc::new(GuestImage::open(dir.path()).unwrap());

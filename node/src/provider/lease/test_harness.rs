@@ -34,11 +34,12 @@ pub(super) fn tiny_image(dir: &Path) -> Arc<GuestImage> {
     let dir = dir.join("tiny-image");
     std::fs::create_dir_all(&dir).unwrap();
     let mut files = Vec::new();
-    for (name, body) in [("vmlinuz", "kernel"), ("initrd.img", "initrd"), ("disk.qcow2", "disk")] {
+    let disk = peervm_vmm::disk_header::qcow2_v3_header(64 << 20);
+    for (name, body) in [("vmlinuz", b"kernel".as_slice()), ("initrd.img", b"initrd"), ("disk.qcow2", &disk)] {
         std::fs::write(dir.join(name), body).unwrap();
         files.push(serde_json::json!({
             "path": name,
-            "sha256": hex::encode(Sha256::digest(body.as_bytes())),
+            "sha256": hex::encode(Sha256::digest(body)),
             "size": body.len(),
         }));
     }
