@@ -38,6 +38,11 @@ pub fn signed(key: &SigningKey, advert: &Advertisement) -> Verified<Advertisemen
     Signed::sign(key, advert).expect("sign")
 }
 
+/// How long any one wait may take before a test is declared hung. Only a guard: each
+/// wait ends on the event it waits for, however fast or slow the machine is
+/// (docs/testing.md, "Verdicts from counts and events").
+pub const HANG_GUARD: Duration = Duration::from_secs(60);
+
 /// Polls `cond` every 50 ms until it holds or `timeout` passes; returns how long it took.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> Option<Duration>
 where

@@ -17,8 +17,6 @@ use peervm_protocol::{BlockEntry, BlockList, Signed, SigningKey};
 use peervm_tests::*;
 use raw_gossip::RawGossipPeer;
 
-const HANG_GUARD: Duration = Duration::from_secs(60);
-
 async fn node_trusting(key: SigningKey, bootstrap: &[Multiaddr], trusted: &[PeerId]) -> Node {
     let mut config = NodeConfig::new(key, Role::Requestor);
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];

@@ -21,10 +21,6 @@ use peervm_protocol::{Advertisement, Kind, Signed, SigningKey, Verified};
 use peervm_tests::*;
 use raw_gossip::RawGossipPeer;
 
-/// How long any one wait may take before the test is declared hung. Only a guard: each
-/// wait ends on the event it waits for, however fast or slow the machine is.
-const HANG_GUARD: Duration = Duration::from_secs(60);
-
 /// The provider an advert's bytes claim, if they parse.
 fn provider_of(bytes: &[u8]) -> Option<PeerId> {
     Signed::<Advertisement>::open(bytes).ok().map(|a| a.body().provider)

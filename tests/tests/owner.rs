@@ -15,8 +15,6 @@ use peervm_protocol::{Delegation, Signed, SigningKey};
 use peervm_tests::*;
 use tokio::sync::broadcast;
 
-const HANG_GUARD: Duration = Duration::from_secs(60);
-
 /// How many adverts of `provider` the node behind `events` stored since it was subscribed.
 fn stored_of(events: &mut broadcast::Receiver<NodeEvent>, provider: PeerId) -> usize {
     let mut n = 0;

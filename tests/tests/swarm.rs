@@ -60,7 +60,6 @@ impl Swarm {
 }
 
 const LONG: Duration = Duration::from_secs(300);
-const HANG_GUARD: Duration = Duration::from_secs(60);
 
 /// Waits until every node in `nodes` has at least one peer.
 async fn all_connected(nodes: &[&Node]) -> bool {
