@@ -159,10 +159,36 @@ pub enum DenyReason {
     NotRequestor,
     Locked,
     LeaseEnded,
+    /// The guest was started but never became ready: QEMU refused the image (e.g. a
+    /// kernel that is not x86_64) or exited, or no SSH server with the lease's host key
+    /// answered within the image's boot deadline. Nothing of the lease is left running.
+    BootFailed,
     Internal,
 }
 
 impl DenyReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [DenyReason; 18] = [
+        DenyReason::BadSignature,
+        DenyReason::Malformed,
+        DenyReason::UnsupportedVersion,
+        DenyReason::WrongProvider,
+        DenyReason::Stale,
+        DenyReason::Replay,
+        DenyReason::Blocked,
+        DenyReason::RateLimited,
+        DenyReason::UnknownImage,
+        DenyReason::PriceTooLow,
+        DenyReason::NoCapacity,
+        DenyReason::InvalidSpec,
+        DenyReason::UnknownLease,
+        DenyReason::NotRequestor,
+        DenyReason::Locked,
+        DenyReason::LeaseEnded,
+        DenyReason::BootFailed,
+        DenyReason::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::BadSignature => "bad_signature",
@@ -181,6 +207,7 @@ impl DenyReason {
             DenyReason::NotRequestor => "not_requestor",
             DenyReason::Locked => "locked",
             DenyReason::LeaseEnded => "lease_ended",
+            DenyReason::BootFailed => "boot_failed",
             DenyReason::Internal => "internal",
         }
     }
@@ -439,5 +466,20 @@ mod tests {
         assert_eq!(LeaseState::from_name("Running"), None);
         let finished: Vec<_> = LeaseState::ALL.into_iter().filter(|s| s.is_finished()).collect();
         assert_eq!(finished, [LeaseState::Ended, LeaseState::Failed]);
+    }
+
+    #[test]
+    fn deny_reason_names_are_the_wire_names_and_round_trip() {
+        for reason in DenyReason::ALL {
+            let mut cbor = Vec::new();
+            ciborium::into_writer(&reason, &mut cbor).unwrap();
+            let wire: String = ciborium::from_reader(cbor.as_slice()).unwrap();
+            assert_eq!(wire, reason.as_str());
+            assert_eq!(ciborium::from_reader::<DenyReason, _>(cbor.as_slice()).unwrap(), reason);
+        }
+        // the name docs/protocol.md gives for a guest that never became ready
+        assert_eq!(DenyReason::BootFailed.as_str(), "boot_failed");
+        let names: std::collections::HashSet<_> = DenyReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DenyReason::ALL.len(), "each reason has its own name");
     }
 }

@@ -44,13 +44,21 @@ pub fn qcow2_v3_header(virtual_size: u64) -> Vec<u8> {
 }
 
 /// Refuses a disk whose header does not match `format`, or a qcow2 that reaches outside
-/// itself (a backing file or an external data file).
-pub fn check(path: &Path, format: DiskFormat) -> Result<(), ImageError> {
+/// itself (a backing file or an external data file). Returns the disk's virtual size in
+/// bytes, what the guest sees: the qcow2 header's `size`, a raw file's length. A lease's
+/// disk must be at least that large (`GuestImage::check_lease`): an overlay smaller than
+/// its base would cut the base's file system short.
+pub fn check(path: &Path, format: DiskFormat) -> Result<u64, ImageError> {
+    let read_err = |source| ImageError::ReadFile { path: path.into(), source };
     let mut head = Vec::with_capacity(HEADER_V3_BYTES);
-    File::open(path)
-        .and_then(|f| f.take(HEADER_V3_BYTES as u64).read_to_end(&mut head))
-        .map_err(|source| ImageError::ReadFile { path: path.into(), source })?;
-    check_header(&head, format).map_err(|reason| ImageError::UnsafeDisk { path: path.into(), reason })
+    let file = File::open(path).map_err(read_err)?;
+    let file_len = file.metadata().map_err(read_err)?.len();
+    file.take(HEADER_V3_BYTES as u64).read_to_end(&mut head).map_err(read_err)?;
+    check_header(&head, format).map_err(|reason| ImageError::UnsafeDisk { path: path.into(), reason })?;
+    Ok(match format {
+        DiskFormat::Qcow2 => be_u64(&head, 24),
+        DiskFormat::Raw => file_len,
+    })
 }
 
 /// The decision on the first bytes of a disk file; `Err` says why it is refused.

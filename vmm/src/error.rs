@@ -46,8 +46,10 @@ pub enum VmmError {
     #[error("invalid vmm configuration: {0}")]
     InvalidConfig(String),
     #[error(
-        "image {image} needs a disk of at least {needs_bytes} bytes (its root file system); the lease has \
-         {leased_bytes} bytes"
+        "image {image} needs a disk of at least {needs_bytes} bytes ({needs_gib} GiB, the size of its disk); \
+         the lease asks for {leased_bytes} bytes ({leased_gib} GiB)",
+        needs_gib = gib(*.needs_bytes),
+        leased_gib = gib(*.leased_bytes)
     )]
     DiskTooSmall { image: String, leased_bytes: u64, needs_bytes: u64 },
     #[error("image {image} is laid out for the user {login_user:?}; the lease asks for {requested:?}")]
@@ -98,6 +100,11 @@ pub enum VmmError {
          fix KVM or allow TCG in the provider config"
     )]
     NoAcceleration { reason: String },
+}
+
+/// Bytes as GiB with two decimals, for messages a requestor reads.
+fn gib(bytes: u64) -> String {
+    format!("{:.2}", bytes as f64 / f64::from(1u32 << 30))
 }
 
 impl VmmError {

@@ -2,8 +2,9 @@
 //! (written by scripts/build-guest-image, see docs/guest-image.md).
 //!
 //! Every file is hashed before its first use (`GuestImage::open`); later starts re-hash a
-//! file only when its size, mtime or inode changed, so a modified base is caught without
-//! paying ~0.3 s of hashing on every boot. The sha256 of manifest.json itself is what a
+//! file only when its size, mtime, ctime or inode changed, so a modified base is caught
+//! without paying ~0.3 s of hashing on every boot. The base disk's header is read again
+//! before every start (docs/vmm.md "Images"). The sha256 of manifest.json itself is what a
 //! provider advertises: it pins every file transitively.
 
 use std::fs::{self, File};
@@ -72,12 +73,16 @@ struct ManifestFile {
     size: u64,
 }
 
-/// What was true of a file when it last hashed correctly.
+/// What was true of a file when it last hashed correctly. The ctime is in it because a
+/// writer can put the mtime back (utimensat) but not the ctime: any write or
+/// `touch -d` moves it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct FileStamp {
     size: u64,
     mtime: i64,
     mtime_nsec: i64,
+    ctime: i64,
+    ctime_nsec: i64,
     ino: u64,
     dev: u64,
 }
@@ -88,6 +93,8 @@ impl FileStamp {
             size: meta.len(),
             mtime: meta.mtime(),
             mtime_nsec: meta.mtime_nsec(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
             ino: meta.ino(),
             dev: meta.dev(),
         }
@@ -171,6 +178,9 @@ pub struct GuestImage {
     disk_role: DiskRole,
     disk_format: DiskFormat,
     disk_virtual_size: Option<u64>,
+    /// What the base disk's own header says (`disk_header::check`), whatever the manifest
+    /// claims.
+    base_virtual_size: u64,
     boot_deadline: Option<Duration>,
     login_user: Option<String>,
     seed: SeedKind,
@@ -266,7 +276,7 @@ impl GuestImage {
         {
             return Err(bad(format!("login_user {user:?} is not a valid user name")));
         }
-        let image = GuestImage {
+        let mut image = GuestImage {
             dir,
             name: m.name,
             manifest_sha256,
@@ -279,19 +289,28 @@ impl GuestImage {
             disk_role: m.disk_role,
             disk_format,
             disk_virtual_size: m.disk_virtual_size,
+            base_virtual_size: 0,
             boot_deadline,
             login_user: m.login_user,
             seed: m.seed,
         };
-        image.verify()?;
-        // only after the hash matched: the header is then the one the manifest pins
-        crate::disk_header::check(&image.disk, image.disk_format)?;
+        image.verify_files()?;
+        // only after the hash matched: the header is then the one the manifest pins, and
+        // a corrupt download is reported as such
+        image.base_virtual_size = crate::disk_header::check(&image.disk, image.disk_format)?;
         Ok(image)
     }
 
-    /// Re-checks the files: a file whose size, mtime or inode changed since it last
-    /// verified is hashed again. The backend calls this before every start.
+    /// Re-checks the image before a start: the base disk's header (a read of 104 bytes,
+    /// so every time, whatever the stamps below say), then the files: one whose size,
+    /// mtime, ctime or inode changed since it last verified is hashed again. The backend
+    /// calls this before every start, so a disk swapped after `open` is refused there.
     pub fn verify(&self) -> Result<(), ImageError> {
+        crate::disk_header::check(&self.disk, self.disk_format)?;
+        self.verify_files()
+    }
+
+    fn verify_files(&self) -> Result<(), ImageError> {
         for f in &self.files {
             let meta = fs::metadata(&f.path).map_err(|source| ImageError::ReadFile { path: f.path.clone(), source })?;
             let stamp = FileStamp::of(&meta);
@@ -362,10 +381,16 @@ impl GuestImage {
         self.disk_format
     }
 
-    /// The base disk's virtual size in bytes, when the manifest gives it: a lease's disk
-    /// may not be smaller.
+    /// The base disk's virtual size in bytes, when the manifest gives it.
     pub fn disk_virtual_size(&self) -> Option<u64> {
         self.disk_virtual_size
+    }
+
+    /// The smallest disk a lease of this image may have: the larger of the manifest's
+    /// `disk_virtual_size` and what the base disk's header says, so a manifest that
+    /// understates its disk cannot get a lease whose overlay cuts the base short.
+    pub fn min_disk_bytes(&self) -> u64 {
+        self.disk_virtual_size.unwrap_or(0).max(self.base_virtual_size)
     }
 
     /// How long from QEMU's start to SSH-ready the image needs at most; `None`: the
@@ -399,9 +424,8 @@ impl GuestImage {
             });
         }
         let leased_bytes = u64::from(disk_gib) << 30;
-        if let Some(needs_bytes) = self.disk_virtual_size
-            && leased_bytes < needs_bytes
-        {
+        let needs_bytes = self.min_disk_bytes();
+        if leased_bytes < needs_bytes {
             return Err(VmmError::DiskTooSmall { image: self.name.clone(), leased_bytes, needs_bytes });
         }
         Ok(())
@@ -443,8 +467,11 @@ mod tests {
     use super::*;
 
     fn write_image(dir: &Path, microvm: bool) {
-        let disk = crate::disk_header::qcow2_v3_header(64 << 20);
-        let files = [("vmlinuz", b"kernel".as_slice()), ("initrd.img", b"initrd"), ("base.qcow2", &disk)];
+        write_image_with_disk(dir, microvm, &crate::disk_header::qcow2_v3_header(64 << 20));
+    }
+
+    fn write_image_with_disk(dir: &Path, microvm: bool, disk: &[u8]) {
+        let files = [("vmlinuz", b"kernel".as_slice()), ("initrd.img", b"initrd"), ("base.qcow2", disk)];
         let mut listed = Vec::new();
         for (name, data) in files {
             fs::write(dir.join(name), data).unwrap();
@@ -584,6 +611,84 @@ mod tests {
                 assert_eq!((login_user.as_str(), requested.as_str()), ("peervm", "alice"))
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_disk_larger_than_its_manifest_says_needs_a_lease_that_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = (2u64 << 30) + 1;
+        // a data-disk image (minimal's kind) whose manifest gives no size: the header does
+        write_image_with_disk(dir.path(), false, &crate::disk_header::qcow2_v3_header(big));
+        let img = GuestImage::open(dir.path()).unwrap();
+        assert_eq!((img.disk_virtual_size(), img.min_disk_bytes()), (None, big));
+        assert!(img.check_lease("anyone", 3).is_ok());
+        let err = img.check_lease("anyone", 2).unwrap_err();
+        assert!(
+            matches!(err, VmmError::DiskTooSmall { leased_bytes: 0x8000_0000, needs_bytes, .. } if needs_bytes == big)
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("at least 2147483649 bytes (2.00 GiB") && msg.contains("asks for 2147483648 bytes (2.00 GiB)"),
+            "{msg}"
+        );
+        // a manifest understating it changes nothing
+        edit_manifest(dir.path(), |m| m["disk_virtual_size"] = (1u64 << 20).into());
+        let img = GuestImage::open(dir.path()).unwrap();
+        assert!(matches!(img.check_lease("anyone", 2), Err(VmmError::DiskTooSmall { .. })));
+        // a raw disk's size is its length
+        write_image_with_disk(dir.path(), false, &[0u8; 4096]);
+        edit_manifest(dir.path(), |m| m["disk_format"] = "raw".into());
+        assert_eq!(GuestImage::open(dir.path()).unwrap().min_disk_bytes(), 4096);
+    }
+
+    /// Rewrites `path` in place (same inode, same size) and puts its mtime back, as a
+    /// writer hiding the change would; returns once the ctime moved (the kernel's clock
+    /// can tick coarser than two writes; a hang guard, not a verdict).
+    fn rewrite_keeping_mtime(path: &Path, bytes: &[u8]) {
+        let before = fs::metadata(path).unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            fs::write(path, bytes).unwrap();
+            File::options().write(true).open(path).unwrap().set_modified(before.modified().unwrap()).unwrap();
+            let after = fs::metadata(path).unwrap();
+            assert_eq!(
+                (after.ino(), after.len(), after.modified().unwrap()),
+                (before.ino(), before.len(), before.modified().unwrap())
+            );
+            if (after.ctime(), after.ctime_nsec()) != (before.ctime(), before.ctime_nsec()) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the ctime never moved");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_file_rewritten_with_its_old_mtime_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(dir.path(), false);
+        let img = GuestImage::open(dir.path()).unwrap();
+        rewrite_keeping_mtime(&dir.path().join("initrd.img"), b"INITRD");
+        match img.verify() {
+            Err(ImageError::HashMismatch { path, .. }) => assert!(path.ends_with("initrd.img")),
+            other => panic!("a rewritten file passed as unchanged: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_disk_swapped_after_open_for_one_naming_a_backing_file_is_refused_before_a_start() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(dir.path(), false);
+        let img = GuestImage::open(dir.path()).unwrap();
+        let mut evil = crate::disk_header::qcow2_v3_header(64 << 20);
+        evil[8..16].copy_from_slice(&0x68u64.to_be_bytes()); // backing file name at 104...
+        evil[16..20].copy_from_slice(&0u32.to_be_bytes()); // ...of length 0: still a backing file
+        rewrite_keeping_mtime(&dir.path().join("base.qcow2"), &evil);
+        // the header is read before the hashes, whatever the stamps say
+        match img.verify() {
+            Err(ImageError::UnsafeDisk { reason, .. }) => assert!(reason.contains("backing file"), "{reason}"),
+            other => panic!("expected UnsafeDisk from the header check: {other:?}"),
         }
     }
 

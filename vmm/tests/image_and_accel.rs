@@ -2,11 +2,13 @@
 
 mod guest_harness;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use guest_harness::{guest_env, image, image_dir, serial};
+use guest_harness::{TestState, guest_env, image, image_dir, leftovers, login, serial, spec};
 use peervm_vmm::{
-    Accel, AccelPolicy, GuestImage, ImageError, KvmProbe, ProbeOptions, QemuUser, probe_kvm, select_accel,
+    Accel, AccelPolicy, EgressPolicy, GuestImage, Hypervisor, ImageError, KvmProbe, ProbeOptions, QemuHypervisor,
+    QemuUser, VmmError, probe_kvm, select_accel,
 };
 use sha2::{Digest, Sha256};
 
@@ -137,4 +139,127 @@ fn a_disk_reaching_a_host_file_or_of_another_format_is_refused() {
     let declared_raw = image_with("raw", &|d| qemu_img(&["create", "-q", "-f", "qcow2", d, "64M"]), "raw");
     let err = declared_raw.expect_err("a qcow2 declared raw");
     assert!(matches!(&err, ImageError::UnsafeDisk { reason, .. } if reason.contains("says raw")), "{err}");
+}
+
+/// Runs a host tool the marker test needs; panics with its stderr.
+fn host_tool(program: &str, args: &[&str]) {
+    let out = std::process::Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Copies the minimal image to `dir` with its base disk replaced by `disk` (a file made
+/// by the caller) and the manifest re-pinned to it: its hashes all match, so only the
+/// disk header check stands between that disk and a guest.
+fn minimal_with_disk(dir: &std::path::Path, disk: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(image_dir()).unwrap().flatten() {
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(disk, dir.join("base.qcow2")).unwrap();
+    let bytes = std::fs::read(dir.join("base.qcow2")).unwrap();
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let files = m["files"].as_array_mut().unwrap();
+    let entry = files.iter_mut().find(|f| f["path"] == "base.qcow2").expect("minimal pins base.qcow2");
+    entry["sha256"] = hex::encode(Sha256::digest(&bytes)).into();
+    entry["size"] = bytes.len().into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// The QEMU processes whose command line names `dir` (the image copies of a test).
+fn qemu_using(dir: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("pgrep").args(["-af", "qemu-system"]).output().unwrap();
+    let needle = dir.display().to_string();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&needle)).map(str::to_string).collect()
+}
+
+/// A qcow2 whose header names a host file as its backing file: QEMU would read that file
+/// into the guest's disk. Here the host file is an ext4 file system holding a marker,
+/// which `minimal` would mount on /data. Refused when the image is opened (its hashes all
+/// match: only the header check is in the way), and, for a disk swapped in after the
+/// image was opened, by the start itself before anything is created. Were the check
+/// gone, the image would open, the guest would boot, and this test reads /data in it
+/// and fails naming the marker it found there.
+#[ignore = "needs root: guest image, QEMU, mkfs.ext4"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_backed_by_a_host_file_is_refused_and_the_host_file_never_reaches_a_guest() {
+    guest_env();
+    let _serial = serial().await;
+    let tmp = tempfile::tempdir().unwrap();
+    // QEMU runs as the unprivileged QEMU user and opens the kernel, the initrd and the
+    // base by path: without the check it could read all of this
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = format!("PEERVM-HOST-FILE-MARKER-{}", hex::encode(rand::random::<[u8; 8]>()));
+
+    let content = tmp.path().join("content");
+    std::fs::create_dir(&content).unwrap();
+    std::fs::write(content.join("host-secret.txt"), format!("{marker}\n")).unwrap();
+    let host_file = tmp.path().join("host-secret.raw");
+    host_tool(
+        "mkfs.ext4",
+        &["-q", "-F", "-L", "host-secret", "-d", content.to_str().unwrap(), host_file.to_str().unwrap(), "16M"],
+    );
+    std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let evil = tmp.path().join("evil.qcow2");
+    host_tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", host_file.to_str().unwrap(), "-F", "raw", evil.to_str().unwrap()],
+    );
+
+    // -- an image that pins the disk in its manifest --------------------------------------
+    let pinned = tmp.path().join("pinned");
+    minimal_with_disk(&pinned, &evil);
+    match GuestImage::open(&pinned) {
+        Err(ImageError::UnsafeDisk { path, reason }) => {
+            assert!(path.ends_with("base.qcow2") && reason.contains("backing file"), "{path:?}: {reason}");
+            eprintln!("refused at open: {}", ImageError::UnsafeDisk { path, reason });
+        }
+        Err(other) => panic!("refused for another reason than its disk header: {other}"),
+        Ok(opened) => {
+            // the check is gone: show what it was there for, then fail
+            let state = TestState::new();
+            let hv = QemuHypervisor::new(state.config()).unwrap();
+            let (spec, key) = spec(41, 1, 192, EgressPolicy::Deny);
+            let spec = peervm_vmm::VmSpec { image: std::sync::Arc::new(opened), ..spec };
+            let (user, host_key) = (spec.ssh_user.clone(), spec.host_key.public_key());
+            let seen = match hv.start(spec.clone()).await {
+                Ok(vm) => {
+                    let ssh = login(vm.ssh_addr, &host_key, &user, &key).await;
+                    let out = ssh
+                        .exec("cat /data/host-secret.txt; ls -la /data", Duration::from_secs(60))
+                        .await
+                        .map_or_else(|e| e, |(_, out)| out);
+                    drop(ssh);
+                    let _ = hv.stop(spec.lease_id).await;
+                    out
+                }
+                Err(e) => format!("(the guest did not start: {e})"),
+            };
+            assert!(!seen.contains(&marker), "THE GUEST READ THE HOST FILE: /data holds the marker {marker}:\n{seen}");
+            panic!("an image whose disk names a backing file was opened; in its guest /data showed:\n{seen}");
+        }
+    }
+    assert_eq!(qemu_using(tmp.path()), Vec::<String>::new(), "a QEMU ran with the refused image");
+
+    // -- the same disk swapped in after a clean image was opened ------------------------
+    let swapped = tmp.path().join("swapped");
+    minimal_with_disk(&swapped, &image_dir().join("base.qcow2"));
+    let opened = std::sync::Arc::new(GuestImage::open(&swapped).expect("the clean copy opens"));
+    std::fs::copy(&evil, swapped.join("base.qcow2.new")).unwrap();
+    std::fs::rename(swapped.join("base.qcow2.new"), swapped.join("base.qcow2")).unwrap();
+    let state = TestState::new();
+    let hv = QemuHypervisor::new(state.config()).unwrap();
+    let (spec, _key) = spec(41, 1, 192, EgressPolicy::Deny);
+    let lease = spec.lease_id;
+    let spec = peervm_vmm::VmSpec { image: opened, ..spec };
+    match hv.start(spec).await {
+        Err(VmmError::Image(ImageError::UnsafeDisk { reason, .. })) => {
+            assert!(reason.contains("backing file"), "{reason}")
+        }
+        Err(other) => panic!("refused for another reason than its disk header: {other}"),
+        Ok(vm) => panic!("a guest started on a disk that names a backing file: {vm:?}"),
+    }
+    assert_eq!(qemu_using(tmp.path()), Vec::<String>::new(), "a QEMU ran with the refused image");
+    let left = leftovers(Some(&lease), state.path(), Some(guest_harness::PORT_BASE + 41));
+    assert!(left.is_empty(), "a refused start left: {left:#?}");
 }

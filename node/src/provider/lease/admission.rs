@@ -284,6 +284,40 @@ mod tests {
         assert!(check_request(&h.request(), CLEAR, &h.terms).is_ok(), "alice on the tiny image");
     }
 
+    /// A disk larger than the lease is refused whatever the manifest says (here nothing,
+    /// as in `minimal`): the size is the disk header's, and the detail gives both sizes.
+    #[test]
+    fn an_image_whose_disk_is_larger_than_the_leased_disk_is_invalid_spec_naming_both_sizes() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = peervm_vmm::disk_header::qcow2_v3_header((2u64 << 30) + 1);
+        std::fs::write(dir.path().join("disk"), &disk).unwrap();
+        let manifest = serde_json::json!({
+            "name": "big", "kernel": "disk", "initrd": "disk", "disk": "disk",
+            "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(&disk)), "size": disk.len()}],
+        });
+        std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+        let image = Arc::new(GuestImage::open(dir.path()).unwrap());
+        let h = Harness::build(|t| _ = t.images.insert("big".into(), image.clone()), |_| {});
+        let big = |disk_gib: u64| LeaseRequest {
+            spec: GuestSpec {
+                image_name: "big".into(),
+                image_sha256: image.manifest_sha256(),
+                disk_gib,
+                ..h.request().spec
+            },
+            ..h.request()
+        };
+        let d = check_request(&big(2), CLEAR, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::InvalidSpec);
+        assert_eq!(
+            d.detail,
+            "image big needs a disk of at least 2147483649 bytes (2.00 GiB, the size of its disk); the lease asks \
+             for 2147483648 bytes (2.00 GiB)"
+        );
+        assert!(check_request(&big(3), CLEAR, &h.terms).is_ok());
+    }
+
     #[test]
     fn an_image_not_offered_or_with_another_sha256_is_unknown_image() {
         let h = Harness::new();

@@ -52,6 +52,9 @@ struct State {
     /// Guests that run now (started, or survivors of a restart), with their VM.
     guests: BTreeMap<LeaseId, RunningVm>,
     fail_start: bool,
+    /// The error a start ends with after it reported `booting`, as a real guest that
+    /// never becomes ready does.
+    boot_error: Option<fn(LeaseId) -> VmmError>,
     fail_stop: bool,
     fail_isolate: bool,
     usage: BTreeMap<LeaseId, VmUsage>,
@@ -93,6 +96,10 @@ impl FakeHypervisor {
 
     pub fn fail_start(&self, fail: bool) {
         self.state().fail_start = fail;
+    }
+
+    pub fn fail_boot(&self, error: Option<fn(LeaseId) -> VmmError>) {
+        self.state().boot_error = error;
     }
 
     pub fn fail_stop(&self, fail: bool) {
@@ -189,6 +196,9 @@ impl Hypervisor for FakeHypervisor {
         let mut state = self.state();
         if state.fail_start {
             return Err(told_to_fail("start"));
+        }
+        if let Some(error) = state.boot_error {
+            return Err(error(lease));
         }
         if state.guests.contains_key(&lease) {
             return Err(VmmError::LeaseExists(lease));

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use peervm_protocol::{DenyReason, LeaseState, ReplyOutcome, SshAccess};
-use peervm_vmm::{AuthorizedKey, GuestImage, HostKeySeed, Hypervisor, StartStage, VmSpec};
+use peervm_vmm::{AuthorizedKey, GuestImage, HostKeySeed, Hypervisor, StartStage, VmSpec, VmmError};
 use tokio::sync::watch;
 
 use super::db::{DbError, LeaseRecord};
@@ -66,7 +66,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 let detail = format!("the guest failed to start: {e}");
                 let _ = inner.db.set_state(&id, LeaseState::Failed, &detail, self.now());
                 let _ = self.refresh_capacity();
-                return Err(deny(DenyReason::Internal, detail));
+                return Err(start_failure(&e, &record.spec.image_name, detail));
             }
         };
         // Ended while it booted (the requestor or the operator terminated it)?
@@ -100,10 +100,29 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     }
 }
 
+/// The denial for a guest that did not start. A guest that ran but never became ready
+/// (QEMU refused or quit the image, no sshd with the lease's key by the image's boot
+/// deadline) is `boot_failed`, with a short detail for the requestor: the console tail
+/// and the host paths stay in the provider's log and lease record. Anything else
+/// (a host resource, the image changed on disk) is the provider's own failure.
+fn start_failure(e: &VmmError, image: &str, detail: String) -> Denial {
+    let why = match e {
+        VmmError::QemuExited { status, .. } => format!("QEMU stopped before the guest was ready ({status})"),
+        VmmError::NotReady { waited_secs, .. } => {
+            format!(
+                "no SSH server with the lease's host key answered within {waited_secs} s (the image's boot deadline)"
+            )
+        }
+        VmmError::HostKeyMismatch { .. } => "the guest's SSH server presented another host key than the lease's".into(),
+        _ => return deny(DenyReason::Internal, detail),
+    };
+    deny(DenyReason::BootFailed, format!("the guest of image `{image}` did not boot: {why}"))
+}
+
 #[cfg(test)]
 mod tests {
     use peervm_protocol::{DenyReason, LeaseState, ReplyOutcome};
-    use peervm_vmm::HostKeySeed;
+    use peervm_vmm::{HostKeySeed, LeaseId, VmmError};
 
     use super::super::fake_hypervisor::{Committed, Op};
     use super::super::manager::vmm_id;
@@ -172,6 +191,53 @@ mod tests {
             ReplyOutcome::Granted { access, .. } => assert_eq!(access.port, 22_000, "slot 0 is free again"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_never_becomes_ready_is_boot_failed_with_a_detail_free_of_host_details() {
+        let h = Harness::new();
+        type Case = (fn(LeaseId) -> VmmError, &'static str);
+        let cases: [Case; 3] = [
+            (
+                |lease| VmmError::NotReady {
+                    lease,
+                    waited_secs: 20,
+                    last_error: "connect 10.0.0.2:22: refused".into(),
+                },
+                "within 20 s",
+            ),
+            (
+                |lease| VmmError::QemuExited {
+                    lease,
+                    status: "exit status: 1".into(),
+                    console: "qemu: could not load kernel '/var/cache/peervm/images/x/vmlinuz'".into(),
+                },
+                "QEMU stopped before the guest was ready (exit status: 1)",
+            ),
+            (
+                |lease| VmmError::HostKeyMismatch { lease, presented: "ssh-ed25519 AAAA".into(), expected: "x".into() },
+                "another host key",
+            ),
+        ];
+        for (error, says) in cases {
+            h.hv.fail_boot(Some(error));
+            let req = h.request();
+            let outcome = h.send_request(&req).await;
+            let (reason, detail) = denial(&outcome);
+            assert_eq!(reason, DenyReason::BootFailed, "{detail}");
+            assert!(detail.starts_with("the guest of image `tiny` did not boot: "), "{detail}");
+            assert!(detail.contains(says), "{detail}");
+            for host_detail in ["10.0.0.2", "/var/cache", "AAAA"] {
+                assert!(!detail.contains(host_detail), "{detail}");
+            }
+            // the provider's own record keeps the whole error
+            let record = h.record(req.lease_id);
+            assert_eq!(record.state, LeaseState::Failed);
+            assert!(record.detail.starts_with("the guest failed to start: "), "{}", record.detail);
+            assert_eq!(h.manager.free_capacity_now(), h.terms.total);
+        }
+        h.hv.fail_boot(None);
+        assert!(matches!(h.send_request(&h.request()).await, ReplyOutcome::Granted { .. }), "the next lease runs");
     }
 
     #[tokio::test]
