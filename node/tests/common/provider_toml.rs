@@ -34,6 +34,8 @@ pub struct ProviderToml {
     /// `[leases] min_secs`; `None` leaves the provider's default.
     pub lease_min_secs: Option<u64>,
     pub image_dir: PathBuf,
+    /// More `[[images]]` offered next to `minimal`, as (name, image directory).
+    pub extra_images: Vec<(String, PathBuf)>,
 }
 
 impl ProviderToml {
@@ -61,6 +63,7 @@ impl ProviderToml {
             egress: Some("deny".into()),
             lease_min_secs: None,
             image_dir: image_dir.into(),
+            extra_images: Vec::new(),
         }
     }
 
@@ -99,6 +102,9 @@ impl ProviderToml {
             t += &format!("[leases]\nmin_secs = {s}\n");
         }
         t += &format!("[[images]]\nname = \"minimal\"\ndir = \"{}\"\n", self.image_dir.display());
+        for (name, dir) in &self.extra_images {
+            t += &format!("[[images]]\nname = \"{name}\"\ndir = \"{}\"\n", dir.display());
+        }
         t
     }
 
