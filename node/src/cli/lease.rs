@@ -11,7 +11,7 @@ use peervm_node::requestor::client::{self, CreateOptions, ProviderChoice, Stage}
 use peervm_node::requestor::db::StoredLease;
 use peervm_node::requestor::ssh as guest_ssh;
 use peervm_node::units;
-use peervm_protocol::{ControlAction, ReplyOutcome};
+use peervm_protocol::{ControlAction, LeaseState, ReplyOutcome};
 
 use super::args::{SwarmArgs, TrustArgs};
 use super::render::{describe_outcome, format_time, shell_quote};
@@ -208,6 +208,17 @@ fn lease_json(l: &StoredLease) -> serde_json::Value {
     })
 }
 
+/// What the provider does in a state `lease create` waits through, from the lease
+/// protocol alone (docs/architecture.md, "Lease flow"): the CLI knows no more without
+/// asking, and the boot is the wait that can take minutes.
+fn waits_for(state: LeaseState) -> Option<&'static str> {
+    match state {
+        LeaseState::Provisioning => Some("preparing the disk, seed, network and cgroup"),
+        LeaseState::Booting => Some("the guest boots; the provider waits for its sshd to show the lease's host key"),
+        _ => None,
+    }
+}
+
 async fn create(args: CreateArgs, data_dir: &Path) -> anyhow::Result<()> {
     let bootstrap = args.swarm.addrs()?;
     let duration_secs = match (&args.hours, &args.duration) {
@@ -258,7 +269,13 @@ async fn create(args: CreateArgs, data_dir: &Path) -> anyhow::Result<()> {
                     format!("chose {provider} at {} {currency}/hour", units::format_micros(*price_per_hour_micros))
                 }
                 Stage::Sent => "sent the signed lease request".into(),
-                Stage::Provider(state) => format!("provider: {}", state.as_str()),
+                Stage::Provider(state) => match waits_for(*state) {
+                    Some(what) => format!("provider: {} ({what})", state.as_str()),
+                    None => format!("provider: {}", state.as_str()),
+                },
+                Stage::Still { state, in_state } => {
+                    format!("provider: {} ({} s)", state.as_str(), in_state.as_secs())
+                }
                 Stage::Granted => "granted; host key pinned".into(),
             };
             eprintln!("{:>7.1} s  {line}", at.as_secs_f64());

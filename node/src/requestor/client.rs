@@ -15,6 +15,7 @@ use peervm_protocol::{
 
 use super::db::{Access, RequestorDb, RequestorDbError, StoredLease};
 use super::ssh::{self, SshError};
+use super::wait_updates;
 use crate::advert_store::OfferFilter;
 use crate::clock::now_unix_ms;
 use crate::network::lease_wire::{Envelope, LeaseMessage};
@@ -82,10 +83,23 @@ pub struct CreateOptions {
 /// Stages of `lease create`, reported as they complete (with time since the start).
 #[derive(Debug, Clone)]
 pub enum Stage {
-    Joined { peers: usize, offers: usize },
-    Chose { provider: PeerId, price_per_hour_micros: u64, currency: String },
+    Joined {
+        peers: usize,
+        offers: usize,
+    },
+    Chose {
+        provider: PeerId,
+        price_per_hour_micros: u64,
+        currency: String,
+    },
     Sent,
     Provider(LeaseState),
+    /// The provider still reports this state, this long after it was first seen; at the
+    /// growing intervals of [`wait_updates`], so a minutes-long boot stays visibly alive.
+    Still {
+        state: LeaseState,
+        in_state: Duration,
+    },
     Granted,
 }
 
@@ -246,17 +260,29 @@ impl Requestor {
         // While the provider provisions and boots, ask it where it is.
         let mut poll =
             tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
-        let mut last_state = None;
+        // The state last reported, when it was first seen, and when to say it again.
+        let mut last: Option<(LeaseState, Instant, Duration)> = None;
         let bytes = loop {
             tokio::select! {
                 reply = &mut call => break reply,
                 _ = poll.tick() => {
-                    if let Ok(ReplyOutcome::Status { state, .. }) =
+                    let Ok(ReplyOutcome::Status { state, .. }) =
                         self.control_on(node, a.provider, &a.listen_addrs, id, ControlAction::Status).await
-                        && last_state != Some(state)
-                    {
-                        last_state = Some(state);
-                        progress(&Stage::Provider(state), t0.elapsed());
+                    else {
+                        continue;
+                    };
+                    match &mut last {
+                        Some((seen, since, due)) if *seen == state => {
+                            let in_state = since.elapsed();
+                            if let Some(next) = wait_updates::update_due(in_state, *due) {
+                                *due = next;
+                                progress(&Stage::Still { state, in_state }, t0.elapsed());
+                            }
+                        }
+                        _ => {
+                            last = Some((state, Instant::now(), wait_updates::next_update(Duration::ZERO)));
+                            progress(&Stage::Provider(state), t0.elapsed());
+                        }
                     }
                 }
             }

@@ -5,3 +5,4 @@ pub mod client;
 pub mod db;
 pub mod offers;
 pub mod ssh;
+pub mod wait_updates;

@@ -34,7 +34,7 @@ pub struct ProviderToml {
     /// `[leases] min_secs`; `None` leaves the provider's default.
     pub lease_min_secs: Option<u64>,
     pub image_dir: PathBuf,
-    /// More `[[images]]` (config name, directory) after `minimal`.
+    /// More `[[images]]` offered next to `minimal`, as (name, image directory).
     pub extra_images: Vec<(String, PathBuf)>,
 }
 
