@@ -53,6 +53,32 @@ pub fn check(path: &Path, format: DiskFormat) -> Result<(), ImageError> {
     check_header(&head, format).map_err(|reason| ImageError::UnsafeDisk { path: path.into(), reason })
 }
 
+/// The size of the disk the guest sees, in bytes: a qcow2's `size` header field, or a raw
+/// file's length. Call it after [`check`] passed for the same `format`.
+pub fn virtual_size(path: &Path, format: DiskFormat) -> Result<u64, ImageError> {
+    let read_err = |source| ImageError::ReadFile { path: path.into(), source };
+    let size = match format {
+        DiskFormat::Raw => std::fs::metadata(path).map_err(read_err)?.len(),
+        DiskFormat::Qcow2 => {
+            let mut head = Vec::with_capacity(32);
+            File::open(path).and_then(|f| f.take(32).read_to_end(&mut head)).map_err(read_err)?;
+            qcow2_virtual_size(&head).ok_or_else(|| ImageError::UnsafeDisk {
+                path: path.into(),
+                reason: "the qcow2 header is truncated".into(),
+            })?
+        }
+    };
+    if size == 0 {
+        return Err(ImageError::UnsafeDisk { path: path.into(), reason: "the disk's virtual size is 0".into() });
+    }
+    Ok(size)
+}
+
+/// The `size` field of a qcow2 header (bytes 24..32, the same in versions 2 and 3).
+pub fn qcow2_virtual_size(head: &[u8]) -> Option<u64> {
+    (head.len() >= 32 && head[..4] == QCOW2_MAGIC).then(|| be_u64(head, 24))
+}
+
 /// The decision on the first bytes of a disk file; `Err` says why it is refused.
 pub fn check_header(head: &[u8], format: DiskFormat) -> Result<(), String> {
     let is_qcow2 = head.len() >= 4 && head[..4] == QCOW2_MAGIC;
@@ -122,6 +148,20 @@ mod tests {
         h[72..80].copy_from_slice(&INCOMPAT_EXTERNAL_DATA_FILE.to_be_bytes());
         let err = check_header(&h, DiskFormat::Qcow2).unwrap_err();
         assert!(err.contains("external data file"), "{err}");
+    }
+
+    #[test]
+    fn the_virtual_size_is_the_qcow2_size_field_or_the_raw_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("q");
+        std::fs::write(&q, qcow2_v3_header(3 << 30)).unwrap();
+        assert_eq!(virtual_size(&q, DiskFormat::Qcow2).unwrap(), 3 << 30);
+        let r = dir.path().join("r");
+        std::fs::write(&r, vec![0u8; 4096]).unwrap();
+        assert_eq!(virtual_size(&r, DiskFormat::Raw).unwrap(), 4096);
+        std::fs::write(&r, b"").unwrap();
+        assert!(matches!(virtual_size(&r, DiskFormat::Raw), Err(ImageError::UnsafeDisk { .. })));
+        assert_eq!(qcow2_virtual_size(&qcow2_v3_header(1)[..31]), None);
     }
 
     #[test]
