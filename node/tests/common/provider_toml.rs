@@ -34,6 +34,9 @@ pub struct ProviderToml {
     /// `[leases] min_secs`; `None` leaves the provider's default.
     pub lease_min_secs: Option<u64>,
     pub image_dir: PathBuf,
+    /// Further `[[images]]` tables, rendered as given after the minimal image's (e.g. an
+    /// operator's stock image: `file`, `sha256`, `format`...).
+    pub extra_images: Vec<String>,
 }
 
 impl ProviderToml {
@@ -61,6 +64,7 @@ impl ProviderToml {
             egress: Some("deny".into()),
             lease_min_secs: None,
             image_dir: image_dir.into(),
+            extra_images: Vec::new(),
         }
     }
 
@@ -99,6 +103,9 @@ impl ProviderToml {
             t += &format!("[leases]\nmin_secs = {s}\n");
         }
         t += &format!("[[images]]\nname = \"minimal\"\ndir = \"{}\"\n", self.image_dir.display());
+        for table in &self.extra_images {
+            t += table;
+        }
         t
     }
 
