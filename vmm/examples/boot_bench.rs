@@ -100,12 +100,15 @@ async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32) -> Sample {
         peervm_vmm::MachineKind::Q35 => ("q35", "virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci"),
     };
     let rom = if image.machine() == peervm_vmm::MachineKind::Q35 { ",romfile=" } else { "" };
+    let peervm_vmm::Boot::Direct { kernel, initrd, cmdline } = image.boot() else {
+        panic!("boot_bench measures direct kernel boot; image {} boots by firmware", image.name());
+    };
     let t = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .args(["-accel", "tcg,tb-size=128", "-M", machine, "-smp", "1", "-m", &memory_mib.to_string()])
-        .args(["-kernel", &image.kernel().display().to_string(), "-initrd", &image.initrd().display().to_string()])
-        .args(["-append", image.cmdline()])
+        .args(["-kernel", &kernel.display().to_string(), "-initrd", &initrd.display().to_string()])
+        .args(["-append", cmdline])
         .args(["-drive", &format!("file={},if=none,id=disk0,format=qcow2,discard=unmap", overlay.display())])
         .args(["-device", &format!("{blk},drive=disk0")])
         .args(["-drive", &format!("file={},if=none,id=seed0,format=raw,readonly=on", seed.display())])

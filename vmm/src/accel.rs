@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::error::VmmError;
-use crate::image::{GuestImage, MachineKind};
+use crate::image::{Boot, GuestImage, MachineKind};
 use crate::launch::Launch;
 use crate::qemu_user::QemuUser;
 
@@ -112,6 +112,11 @@ pub async fn probe_kvm(image: &GuestImage, opts: &ProbeOptions) -> KvmProbe {
     if let Err(e) = std::fs::metadata("/dev/kvm") {
         return unusable(format!("/dev/kvm: {e}"));
     }
+    let Boot::Direct { kernel, initrd, cmdline } = image.boot() else {
+        // the probe watches for the kernel's own userspace marker, which only a kernel
+        // booted with the probe's log level prints
+        return unusable(format!("image {} boots by firmware: the probe needs one with a kernel", image.name()));
+    };
     if let Err(e) = image.verify() {
         return unusable(format!("cannot probe with image {}: {e}", image.name()));
     }
@@ -137,13 +142,13 @@ pub async fn probe_kvm(image: &GuestImage, opts: &ProbeOptions) -> KvmProbe {
     });
     args.extend([
         "-kernel".into(),
-        image.kernel().display().to_string(),
+        kernel.display().to_string(),
         "-initrd".into(),
-        image.initrd().display().to_string(),
+        initrd.display().to_string(),
         "-append".into(),
         // a later loglevel= wins over the image's "quiet": the kernel's own userspace
         // marker is printed at info level
-        format!("{} loglevel=7 panic=-1", image.cmdline()),
+        format!("{cmdline} loglevel=7 panic=-1"),
     ]);
     let launch = Launch {
         program: &opts.qemu_binary,

@@ -55,10 +55,14 @@ pub fn check(path: &Path, format: DiskFormat) -> Result<u64, ImageError> {
     let file_len = file.metadata().map_err(read_err)?.len();
     file.take(HEADER_V3_BYTES as u64).read_to_end(&mut head).map_err(read_err)?;
     check_header(&head, format).map_err(|reason| ImageError::UnsafeDisk { path: path.into(), reason })?;
-    Ok(match format {
+    let size = match format {
         DiskFormat::Qcow2 => be_u64(&head, 24),
         DiskFormat::Raw => file_len,
-    })
+    };
+    if size == 0 {
+        return Err(ImageError::UnsafeDisk { path: path.into(), reason: "the disk's virtual size is 0".into() });
+    }
+    Ok(size)
 }
 
 /// The decision on the first bytes of a disk file; `Err` says why it is refused.
@@ -130,6 +134,19 @@ mod tests {
         h[72..80].copy_from_slice(&INCOMPAT_EXTERNAL_DATA_FILE.to_be_bytes());
         let err = check_header(&h, DiskFormat::Qcow2).unwrap_err();
         assert!(err.contains("external data file"), "{err}");
+    }
+
+    #[test]
+    fn the_virtual_size_is_the_qcow2_size_field_or_the_raw_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("q");
+        std::fs::write(&q, qcow2_v3_header(3 << 30)).unwrap();
+        assert_eq!(check(&q, DiskFormat::Qcow2).unwrap(), 3 << 30);
+        let r = dir.path().join("r");
+        std::fs::write(&r, vec![0u8; 4096]).unwrap();
+        assert_eq!(check(&r, DiskFormat::Raw).unwrap(), 4096);
+        std::fs::write(&r, b"").unwrap();
+        assert!(matches!(check(&r, DiskFormat::Raw), Err(ImageError::UnsafeDisk { .. })));
     }
 
     #[test]

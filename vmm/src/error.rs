@@ -36,6 +36,18 @@ pub enum ImageError {
     UnsupportedDiskFormat { path: PathBuf, format: String },
     #[error("image disk {path} is refused: {reason}")]
     UnsafeDisk { path: PathBuf, reason: String },
+    #[error(
+        "stock image file {path} has sha256 {actual_sha256}; provider.toml pins {expected_sha256}. A different \
+         or corrupted file: refusing to use it (compare with the distribution's published checksums and fix \
+         the file or the sha256)"
+    )]
+    StockHashMismatch { path: PathBuf, expected_sha256: String, actual_sha256: String },
+    #[error("stock image {name:?}: {reason}")]
+    BadStockImage { name: String, reason: String },
+    #[error(
+        "firmware {firmware:?} needs {path}, which is missing: install Debian's `ovmf` package (scripts/install-deps)"
+    )]
+    FirmwareMissing { firmware: &'static str, path: PathBuf },
 }
 
 /// Errors of the hypervisor layer.

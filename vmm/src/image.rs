@@ -1,11 +1,14 @@
 //! Guest images: a directory with `manifest.json` that pins every file by sha256
-//! (written by scripts/build-guest-image, see docs/guest-image.md).
+//! (written by scripts/build-guest-image, see docs/guest-image.md), or an operator's
+//! stock cloud image, one disk file pinned by the sha256 provider.toml gives
+//! (`stock.rs`, docs/guest-image.md "Operators' stock images").
 //!
 //! Every file is hashed before its first use (`GuestImage::open`); later starts re-hash a
 //! file only when its size, mtime, ctime or inode changed, so a modified base is caught
 //! without paying ~0.3 s of hashing on every boot. The base disk's header is read again
-//! before every start (docs/vmm.md "Images"). The sha256 of manifest.json itself is what a
-//! provider advertises: it pins every file transitively.
+//! before every start (docs/vmm.md "Images"). What a provider advertises is the image's
+//! sha256 ([`GuestImage::sha256`]): of manifest.json, which pins every file
+//! transitively, or of a stock image's disk file, which the distribution publishes.
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -18,7 +21,11 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ImageError, VmmError};
+use crate::firmware::Firmware;
 use crate::user_name::is_valid_user_name;
+
+mod stock;
+pub use stock::StockImage;
 
 /// A manifest larger than this is not one of ours; refuse before parsing.
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
@@ -120,6 +127,17 @@ pub enum MachineKind {
     Q35,
 }
 
+/// How QEMU starts the guest's kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// QEMU loads the image's kernel and initrd itself (`-kernel`, `-initrd`, `-append`):
+    /// the images built by scripts/build-guest-image (their manifest names both).
+    Direct { kernel: PathBuf, initrd: PathBuf, cmdline: String },
+    /// The firmware boots the disk's own boot loader (`bootindex=0` on the root disk):
+    /// operators' stock images.
+    Firmware(Firmware),
+}
+
 /// What the image's disk is to the guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -168,13 +186,11 @@ pub enum SeedKind {
 pub struct GuestImage {
     dir: PathBuf,
     name: String,
-    manifest_sha256: [u8; 32],
+    sha256: [u8; 32],
     files: Vec<PinnedFile>,
-    kernel: PathBuf,
-    initrd: PathBuf,
+    boot: Boot,
     disk: PathBuf,
     machine: MachineKind,
-    cmdline: String,
     disk_role: DiskRole,
     disk_format: DiskFormat,
     disk_virtual_size: Option<u64>,
@@ -200,10 +216,7 @@ impl GuestImage {
         let manifest_sha256: [u8; 32] = Sha256::digest(&raw).into();
         let m: Manifest = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
 
-        if m.name.is_empty()
-            || m.name.len() > 64
-            || !m.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
+        if !is_valid_image_name(&m.name) {
             return Err(bad(format!("image name {:?} is not a short [A-Za-z0-9._-] name", m.name)));
         }
         let mut files = Vec::with_capacity(m.files.len());
@@ -279,13 +292,11 @@ impl GuestImage {
         let mut image = GuestImage {
             dir,
             name: m.name,
-            manifest_sha256,
+            sha256: manifest_sha256,
             files,
-            kernel,
-            initrd,
+            boot: Boot::Direct { kernel, initrd, cmdline },
             disk,
             machine,
-            cmdline,
             disk_role: m.disk_role,
             disk_format,
             disk_virtual_size: m.disk_virtual_size,
@@ -342,21 +353,20 @@ impl GuestImage {
         &self.dir
     }
 
-    /// sha256 of manifest.json: the image's identity in adverts and lease requests.
-    pub fn manifest_sha256(&self) -> [u8; 32] {
-        self.manifest_sha256
+    /// The image's identity in adverts and lease requests: the sha256 of manifest.json,
+    /// or of a stock image's disk file (docs/protocol.md, `ImageOffer`).
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
     }
 
-    pub fn manifest_sha256_hex(&self) -> String {
-        hex::encode(self.manifest_sha256)
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
     }
 
-    pub fn kernel(&self) -> &Path {
-        &self.kernel
-    }
-
-    pub fn initrd(&self) -> &Path {
-        &self.initrd
+    /// Direct kernel boot (with the manifest's kernel, initrd and command line) or the
+    /// firmware.
+    pub fn boot(&self) -> &Boot {
+        &self.boot
     }
 
     /// The read-only base disk under each lease's overlay.
@@ -366,10 +376,6 @@ impl GuestImage {
 
     pub fn machine(&self) -> MachineKind {
         self.machine
-    }
-
-    pub fn cmdline(&self) -> &str {
-        &self.cmdline
     }
 
     pub fn disk_role(&self) -> DiskRole {
@@ -430,6 +436,11 @@ impl GuestImage {
         }
         Ok(())
     }
+}
+
+/// An image name as adverts carry it: 1-64 of `[A-Za-z0-9._-]`.
+fn is_valid_image_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn read_capped(path: &Path) -> Result<Vec<u8>, ImageError> {
@@ -496,9 +507,16 @@ mod tests {
         let img = GuestImage::open(dir.path()).unwrap();
         assert_eq!(img.name(), "minimal");
         assert_eq!(img.machine(), MachineKind::Microvm);
-        assert_eq!(img.cmdline(), "console=ttyS0 quiet");
+        assert_eq!(
+            img.boot(),
+            &Boot::Direct {
+                kernel: img.dir().join("vmlinuz"),
+                initrd: img.dir().join("initrd.img"),
+                cmdline: "console=ttyS0 quiet".into()
+            }
+        );
         let raw = fs::read(dir.path().join("manifest.json")).unwrap();
-        assert_eq!(img.manifest_sha256(), <[u8; 32]>::from(Sha256::digest(&raw)));
+        assert_eq!(img.sha256(), <[u8; 32]>::from(Sha256::digest(&raw)));
         write_image(dir.path(), false);
         assert_eq!(GuestImage::open(dir.path()).unwrap().machine(), MachineKind::Q35);
     }
@@ -548,7 +566,10 @@ mod tests {
         assert_eq!(img.boot_deadline(), Some(Duration::from_secs(300)));
         assert_eq!(img.login_user(), Some("peervm"));
         assert_eq!(img.seed_kind(), SeedKind::CloudInit);
-        assert_eq!(img.cmdline(), "console=ttyS0", "the kernel command line is used as it is");
+        assert!(
+            matches!(img.boot(), Boot::Direct { cmdline, .. } if cmdline == "console=ttyS0"),
+            "the kernel command line is used as it is"
+        );
         // the disk is a qcow2: declared raw, it is refused rather than handed to QEMU as raw
         edit_manifest(dir.path(), |m| m["disk_format"] = "raw".into());
         assert!(matches!(GuestImage::open(dir.path()), Err(ImageError::UnsafeDisk { .. })));

@@ -19,7 +19,7 @@ fn corrupted_image_refused() {
     guest_env();
     let real = image();
     let raw = std::fs::read(image_dir().join("manifest.json")).unwrap();
-    assert_eq!(real.manifest_sha256(), <[u8; 32]>::from(Sha256::digest(&raw)), "advertised image id");
+    assert_eq!(real.sha256(), <[u8; 32]>::from(Sha256::digest(&raw)), "advertised image id");
 
     let copy = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(image_dir()).unwrap().flatten() {

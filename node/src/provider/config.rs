@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use libp2p::Multiaddr;
 use peervm_protocol::{Accel, Pricing, ResourceAmounts, SshEndpoint};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::units;
@@ -144,20 +143,8 @@ struct RawHypervisor {
     iface_prefix: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawImage {
-    name: String,
-    dir: PathBuf,
-}
-
-/// A guest image the provider offers, pinned by the sha256 of its manifest.
-#[derive(Debug, Clone)]
-pub struct ImageConfig {
-    pub name: String,
-    pub dir: PathBuf,
-    pub manifest_sha256: [u8; 32],
-}
+pub use super::image_config::{ImageConfig, ImageSource};
+use super::image_config::{RawImage, parse_images};
 
 /// A validated provider configuration.
 #[derive(Debug, Clone)]
@@ -333,25 +320,7 @@ impl ProviderConfig {
             })
             .collect::<Result<_, _>>()?;
 
-        let mut images = Vec::new();
-        for img in raw.images {
-            let dir = if img.dir.is_relative() { base.join(&img.dir) } else { img.dir.clone() };
-            let manifest = dir.join("manifest.json");
-            let bytes = std::fs::read(&manifest).map_err(|e| {
-                invalid(
-                    "images",
-                    format!(
-                        "image `{}`: cannot read {}: {e}; build it with scripts/build-guest-image",
-                        img.name,
-                        manifest.display()
-                    ),
-                )
-            })?;
-            images.push(ImageConfig { name: img.name, dir, manifest_sha256: Sha256::digest(&bytes).into() });
-        }
-        if images.is_empty() {
-            return Err(invalid("images", "offer at least one image ([[images]] name = ..., dir = ...)".into()));
-        }
+        let images = parse_images(raw.images, base).map_err(|m| invalid("images", m))?;
 
         let config = ProviderConfig {
             listen,
@@ -422,7 +391,7 @@ impl ProviderConfig {
             images: self
                 .images
                 .iter()
-                .map(|i| peervm_protocol::ImageOffer { name: i.name.clone(), sha256: i.manifest_sha256 })
+                .map(|i| peervm_protocol::ImageOffer { name: i.name.clone(), sha256: i.sha256 })
                 .collect(),
             beneficiary: self.beneficiary.clone(),
             withdrawn: false,

@@ -41,7 +41,7 @@ pub enum ProviderError {
     NoAccel { reason: String },
     #[error("image `{name}`: {source}")]
     Image { name: String, source: peervm_vmm::ImageError },
-    #[error("image `{name}` changed since the config was read (manifest sha256 differs); restart the provider")]
+    #[error("image `{name}` changed since the config was read (its sha256 differs); restart the provider")]
     ImageChanged { name: String },
     #[error(transparent)]
     Vmm(#[from] peervm_vmm::VmmError),
@@ -293,14 +293,14 @@ impl Provider {
     }
 }
 
-/// Opens and verifies every configured image (by config name); the manifest must still
-/// be the one whose hash the config read (and that the advert names).
+/// Opens and verifies every configured image (by config name); a directory's manifest
+/// must still be the one whose hash the config read (and that the advert names), a
+/// stock image's file must have the sha256 the config gives.
 fn open_images(config: &ProviderConfig) -> Result<Vec<(String, GuestImage)>, ProviderError> {
     let mut out = Vec::new();
     for img in &config.images {
-        let opened =
-            GuestImage::open(&img.dir).map_err(|source| ProviderError::Image { name: img.name.clone(), source })?;
-        if opened.manifest_sha256() != img.manifest_sha256 {
+        let opened = img.open().map_err(|source| ProviderError::Image { name: img.name.clone(), source })?;
+        if opened.sha256() != img.sha256 {
             return Err(ProviderError::ImageChanged { name: img.name.clone() });
         }
         out.push((img.name.clone(), opened));
@@ -321,12 +321,21 @@ async fn select_accel(
     let probe = if policy == AccelPolicy::TcgOnly {
         peervm_vmm::KvmProbe::Unusable { reason: "not probed (probe_kvm = false)".into() }
     } else {
-        let Some((_, image)) = images.first() else {
-            return Err(ProviderError::NoAccel { reason: "no image to probe with".into() });
-        };
-        let user = QemuUser::ensure(peervm_vmm::DEFAULT_QEMU_USER)?;
-        let opts = ProbeOptions { qemu_binary: "qemu-system-x86_64".into(), user, deadline: Duration::from_secs(20) };
-        peervm_vmm::probe_kvm(image, &opts).await
+        // the probe boots a kernel directly and watches for its userspace marker: a stock
+        // image (booted by firmware) cannot serve
+        match images.iter().find(|(_, i)| matches!(i.boot(), peervm_vmm::Boot::Direct { .. })) {
+            Some((_, image)) => {
+                let user = QemuUser::ensure(peervm_vmm::DEFAULT_QEMU_USER)?;
+                let opts =
+                    ProbeOptions { qemu_binary: "qemu-system-x86_64".into(), user, deadline: Duration::from_secs(20) };
+                peervm_vmm::probe_kvm(image, &opts).await
+            }
+            None => peervm_vmm::KvmProbe::Unusable {
+                reason: "not probed: no image with a kernel (stock images boot by firmware); offer one built by \
+                         scripts/build-guest-image too"
+                    .into(),
+            },
+        }
     };
     match peervm_vmm::select_accel(policy, &probe) {
         Ok(accel) => Ok(accel),

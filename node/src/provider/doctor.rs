@@ -118,11 +118,11 @@ fn check_namespaces() -> Check {
 fn check_images(config: &ProviderConfig, checks: &mut Vec<Check>) -> Vec<peervm_vmm::GuestImage> {
     let mut ok = Vec::new();
     for img in &config.images {
-        match peervm_vmm::GuestImage::open(&img.dir) {
-            Ok(opened) if opened.manifest_sha256() == img.manifest_sha256 => {
+        match img.open() {
+            Ok(opened) if opened.sha256() == img.sha256 => {
                 checks.push(pass(
                     "image",
-                    format!("{}: every file matches its sha256 ({})", img.name, img.dir.display()),
+                    format!("{}: every file matches its sha256 ({})", img.name, img.location().display()),
                 ));
                 ok.push(opened);
             }

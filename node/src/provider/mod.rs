@@ -6,6 +6,7 @@ pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod image_config;
 pub mod lease;
 pub mod reachability;
 

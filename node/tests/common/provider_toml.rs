@@ -36,6 +36,9 @@ pub struct ProviderToml {
     pub image_dir: PathBuf,
     /// More `[[images]]` offered next to `minimal`, as (name, image directory).
     pub extra_images: Vec<(String, PathBuf)>,
+    /// Further `[[images]]` tables, rendered as given after those (e.g. an operator's
+    /// stock image: `file`, `sha256`, `format`...).
+    pub extra_image_tables: Vec<String>,
 }
 
 impl ProviderToml {
@@ -64,6 +67,7 @@ impl ProviderToml {
             lease_min_secs: None,
             image_dir: image_dir.into(),
             extra_images: Vec::new(),
+            extra_image_tables: Vec::new(),
         }
     }
 
@@ -104,6 +108,9 @@ impl ProviderToml {
         t += &format!("[[images]]\nname = \"minimal\"\ndir = \"{}\"\n", self.image_dir.display());
         for (name, dir) in &self.extra_images {
             t += &format!("[[images]]\nname = \"{name}\"\ndir = \"{}\"\n", dir.display());
+        }
+        for table in &self.extra_image_tables {
+            t += table;
         }
         t
     }

@@ -24,6 +24,8 @@ pub(super) const OVERLAY_FILE: &str = "overlay.qcow2";
 pub(super) const SEED_FILE: &str = "seed.img";
 pub(super) const CONSOLE_FILE: &str = "console.log";
 pub(super) const QMP_FILE: &str = "qmp.sock";
+/// The lease's copy of OVMF's variable store (UEFI stock images only).
+pub(super) const UEFI_VARS_FILE: &str = "uefi-vars.fd";
 const RECORD_VERSION: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

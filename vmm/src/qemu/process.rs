@@ -14,9 +14,11 @@ use tokio::process::Child;
 
 use super::command_line::{GuestArgs, qemu_args};
 use super::config::VmmConfig;
-use super::lease_dir::{CONSOLE_FILE, OVERLAY_FILE, QMP_FILE, SEED_FILE};
+use super::lease_dir::{CONSOLE_FILE, OVERLAY_FILE, QMP_FILE, SEED_FILE, UEFI_VARS_FILE};
 use crate::cgroup::LeaseCgroup;
 use crate::error::VmmError;
+use crate::firmware::Firmware;
+use crate::image::Boot;
 use crate::launch::{Launch, TapAttach, reserve_fd};
 use crate::network::{LeaseNetwork, NS_TAP};
 use crate::procfs;
@@ -112,6 +114,23 @@ pub(super) fn spawn_qemu(
     let overlay_ro: OwnedFd = File::open(&overlay).map_err(|e| VmmError::io("cannot open", &overlay, e))?.into();
     let seed_path = dir.join(SEED_FILE);
     let seed: OwnedFd = File::open(&seed_path).map_err(|e| VmmError::io("cannot open", &seed_path, e))?.into();
+    // UEFI: the lease's variable store (provision.rs copied it), read-write and read-only
+    // like the overlay
+    let uefi_vars: Option<(OwnedFd, OwnedFd)> = match spec.image.boot() {
+        Boot::Firmware(Firmware::Uefi) => {
+            let path = dir.join(UEFI_VARS_FILE);
+            let open = |write: bool| -> Result<OwnedFd, VmmError> {
+                Ok(OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(&path)
+                    .map_err(|e| VmmError::io("cannot open", &path, e))?
+                    .into())
+            };
+            Some((open(true)?, open(false)?))
+        }
+        _ => None,
+    };
     let console_path = dir.join(CONSOLE_FILE);
     let console = OpenOptions::new()
         .append(true)
@@ -132,12 +151,11 @@ pub(super) fn spawn_qemu(
         machine: spec.image.machine(),
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
-        kernel: spec.image.kernel(),
-        initrd: spec.image.initrd(),
-        cmdline: spec.image.cmdline(),
+        boot: spec.image.boot(),
         qmp_fd: qmp_fd.as_raw_fd(),
         overlay_fds: (overlay_rw.as_raw_fd(), overlay_ro.as_raw_fd()),
         seed_fd: seed.as_raw_fd(),
+        uefi_vars_fds: uefi_vars.as_ref().map(|(rw, ro)| (rw.as_raw_fd(), ro.as_raw_fd())),
         tap_fd: tap_placeholder.as_raw_fd(),
         mac,
     });
@@ -147,7 +165,10 @@ pub(super) fn spawn_qemu(
         user,
         netns: Some(netns),
         cgroup_procs: procs,
-        inherit: vec![qmp_fd, overlay_rw, overlay_ro, seed],
+        inherit: [qmp_fd, overlay_rw, overlay_ro, seed]
+            .into_iter()
+            .chain(uefi_vars.into_iter().flat_map(|(rw, ro)| [rw, ro]))
+            .collect(),
         tap: Some(TapAttach { name: NS_TAP.into(), placeholder: tap_placeholder }),
         output: Some(console),
     }

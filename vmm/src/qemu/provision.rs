@@ -11,15 +11,17 @@ use tokio::io::AsyncBufReadExt;
 
 use super::QemuHypervisor;
 use super::lease_dir::{
-    CONSOLE_FILE, LeaseRecord, OVERLAY_FILE, QMP_FILE, RecordState, SEED_FILE, console_tail, create_private_dir,
-    create_private_file, write_record,
+    CONSOLE_FILE, LeaseRecord, OVERLAY_FILE, QMP_FILE, RecordState, SEED_FILE, UEFI_VARS_FILE, console_tail,
+    create_private_dir, create_private_file, write_record,
 };
 use super::process::{GuestProcess, spawn_qemu};
 use super::registry::LeaseRuntime;
 use crate::error::VmmError;
+use crate::firmware::{Firmware, OVMF_VARS};
 use crate::forward::{ForwardCounters, SshForwarder};
 use crate::host_command::run;
 use crate::hypervisor::RunningVm;
+use crate::image::Boot;
 use crate::network::{LeaseNetwork, SLOT_PREFIX_LEN};
 use crate::procfs;
 use crate::qmp;
@@ -95,7 +97,7 @@ impl QemuHypervisor {
             cpu_quota: spec.cpu_quota,
             egress: spec.egress,
             host_key: spec.host_key.public_openssh(),
-            image_sha256: spec.image.manifest_sha256_hex(),
+            image_sha256: spec.image.sha256_hex(),
             started_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
         // the record exists before any other resource: reconcile finds every lease that
@@ -103,8 +105,9 @@ impl QemuHypervisor {
         write_record(&dir, &record)?;
 
         // per-lease copy-on-write overlay of the leased size over the read-only base, for
-        // a data disk (minimal's /data) and a root disk (debian-12's /, which the guest
-        // grows to this size; spec.validate refused a lease smaller than the base);
+        // a data disk (minimal's /data) and a root disk (debian-12's or a stock image's /,
+        // which the guest grows to this size; spec.validate refused a lease smaller than
+        // the base);
         // created 0600 first so that qemu-img only fills it. `-F` writes the base's
         // format into the overlay's header: QEMU never probes it (docs/vmm.md "QEMU").
         let overlay = dir.join(OVERLAY_FILE);
@@ -116,6 +119,19 @@ impl QemuHypervisor {
         let qemu_img = cfg.qemu_img.display().to_string();
         run(&qemu_img, &["create", "-q", "-f", "qcow2", "-F", base_format, "-b", &base, &overlay_s, &size], None)
             .await?;
+
+        if let Boot::Firmware(Firmware::Uefi) = spec.image.boot() {
+            // the lease's own UEFI variable store (boot entries the guest writes stay
+            // its own), 0600 in the lease dir, removed with it at teardown
+            let vars = dir.join(UEFI_VARS_FILE);
+            create_private_file(&vars)?;
+            let mut from = std::fs::File::open(OVMF_VARS).map_err(|e| VmmError::io("cannot open", OVMF_VARS, e))?;
+            let mut to = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&vars)
+                .map_err(|e| VmmError::io("cannot open", &vars, e))?;
+            std::io::copy(&mut from, &mut to).map_err(|e| VmmError::io("cannot write", &vars, e))?;
+        }
 
         let mac = [0x52, 0x54, 0x00, lease.as_bytes()[0], lease.as_bytes()[1], lease.as_bytes()[2]];
         let seed = dir.join(SEED_FILE);

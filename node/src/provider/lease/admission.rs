@@ -88,7 +88,7 @@ pub(super) fn check_request(req: &LeaseRequest, standing: Standing, terms: &Leas
         ));
     }
     let image = match terms.images.get(&req.spec.image_name) {
-        Some(img) if img.manifest_sha256() == req.spec.image_sha256 => img.clone(),
+        Some(img) if img.sha256() == req.spec.image_sha256 => img.clone(),
         Some(_) => {
             return Err(deny(
                 DenyReason::UnknownImage,
@@ -267,7 +267,7 @@ mod tests {
             ssh_user: user.into(),
             spec: GuestSpec {
                 image_name: "debian-12".into(),
-                image_sha256: image.manifest_sha256(),
+                image_sha256: image.sha256(),
                 disk_gib,
                 ..h.request().spec
             },
@@ -300,12 +300,7 @@ mod tests {
         let image = Arc::new(GuestImage::open(dir.path()).unwrap());
         let h = Harness::build(|t| _ = t.images.insert("big".into(), image.clone()), |_| {});
         let big = |disk_gib: u64| LeaseRequest {
-            spec: GuestSpec {
-                image_name: "big".into(),
-                image_sha256: image.manifest_sha256(),
-                disk_gib,
-                ..h.request().spec
-            },
+            spec: GuestSpec { image_name: "big".into(), image_sha256: image.sha256(), disk_gib, ..h.request().spec },
             ..h.request()
         };
         let d = check_request(&big(2), CLEAR, &h.terms).unwrap_err();
@@ -316,6 +311,43 @@ mod tests {
              for 2147483648 bytes (2.00 GiB)"
         );
         assert!(check_request(&big(3), CLEAR, &h.terms).is_ok());
+    }
+
+    #[test]
+    fn a_stock_image_is_offered_by_its_file_sha256_and_takes_no_disk_smaller_than_its_virtual_size() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        // what the qcow2 header says, not the file's size, is what the guest's disk holds
+        let disk = peervm_vmm::disk_header::qcow2_v3_header((2u64 << 30) + 1);
+        let file = dir.path().join("debian-12-genericcloud-amd64.qcow2");
+        std::fs::write(&file, &disk).unwrap();
+        let stock = peervm_vmm::StockImage {
+            name: "debian-12-genericcloud".into(),
+            file,
+            sha256: Sha256::digest(&disk).into(),
+            format: peervm_vmm::DiskFormat::Qcow2,
+            firmware: peervm_vmm::Firmware::Bios,
+            login_user: "peervm".into(),
+            boot_deadline: std::time::Duration::from_secs(300),
+        };
+        let image = Arc::new(GuestImage::open_stock(&stock).unwrap());
+        let h = Harness::build(|t| _ = t.images.insert("debian-12-genericcloud".into(), image.clone()), |_| {});
+        let lease = |disk_gib: u64| LeaseRequest {
+            ssh_user: "peervm".into(),
+            spec: GuestSpec {
+                image_name: "debian-12-genericcloud".into(),
+                image_sha256: stock.sha256,
+                disk_gib,
+                ..h.request().spec
+            },
+            ..h.request()
+        };
+        assert!(check_request(&lease(3), CLEAR, &h.terms).is_ok());
+        let d = check_request(&lease(2), CLEAR, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::InvalidSpec);
+        assert!(d.detail.contains("needs a disk of at least 2147483649 bytes"), "{}", d.detail);
+        let d = check_request(&lease(1), CLEAR, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::InvalidSpec);
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl Harness {
                 memory_mib: 256,
                 disk_gib: 1,
                 image_name: self.image.name().to_string(),
-                image_sha256: self.image.manifest_sha256(),
+                image_sha256: self.image.sha256(),
             },
             duration_secs: 3600,
             max_price_per_hour_micros: 10_000,
