@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod lease;
 pub mod reachability;
+pub mod reload;
 
 pub use daemon::{Provider, ProviderError};
 
