@@ -66,10 +66,12 @@ pub enum ProviderCommand {
     /// Stop accepting leases and signing adverts (running leases go on).
     Lock(AdminArgs),
     Unlock(AdminArgs),
-    /// Re-read the config file the provider started from, as SIGHUP does: prices, advert
-    /// fields, resources, lease limits and trusted block lists apply at once and are
-    /// re-advertised; a change that needs a restart (listen addresses, data dir, SSH
-    /// ports, network, hypervisor, images) is refused whole, naming those fields.
+    /// Re-read the config file the provider started from, as SIGHUP does.
+    ///
+    /// Prices, advert fields, resources, lease limits and trusted block lists apply at
+    /// once and are re-advertised; running leases keep their terms. A change that needs a
+    /// restart (listen addresses, data dir, SSH ports, network, hypervisor, images) is
+    /// refused whole, naming those fields, and the running config stays.
     Reload(AdminArgs),
 }
 
