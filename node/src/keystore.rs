@@ -29,10 +29,16 @@
 //! a file whose parts were mixed up is refused rather than silently becoming another
 //! identity.
 //!
-//! The passphrase comes from `PEERVM_PASSPHRASE` (for `key change-password`, the new one
-//! from `PEERVM_NEW_PASSPHRASE`), else from a prompt on the controlling terminal with echo
-//! off (asked twice when a passphrase is set). Without either, commands fail with an error
-//! naming the variable. A wrong passphrase is [`KeyStoreError::WrongPassphrase`] and never
+//! The passphrase comes, in this order ([`PassphraseSource::current`] is the one rule),
+//! from the systemd credential `peervm-passphrase` (a file in `$CREDENTIALS_DIRECTORY`,
+//! which a unit fills with `LoadCredentialEncrypted=` or `LoadCredential=`; one trailing
+//! newline is ignored), from `PEERVM_PASSPHRASE`, else from a prompt on the controlling
+//! terminal with echo off (asked twice when a passphrase is set). The credential comes
+//! first because a service's environment is visible to more than its credentials are
+//! (`systemctl show`, /proc/PID/environ of its user), and a unit that sets both meant the
+//! credential. For `key change-password` the new passphrase comes from
+//! `PEERVM_NEW_PASSPHRASE` or the prompt, never a credential. Without any source, commands
+//! fail with an error naming the variable. A wrong passphrase is [`KeyStoreError::WrongPassphrase`] and never
 //! changes the file. Seeds, passphrases and decrypted buffers are zeroised when dropped.
 //!
 //! Keys created implicitly (`bootstrap` and `provider run` create a missing key so a node
@@ -71,6 +77,47 @@ const _: () = assert!(SCRYPT_LOG_N <= SCRYPT_MAX_LOG_N, "our own keys must load"
 pub const PASSPHRASE_ENV: &str = "PEERVM_PASSPHRASE";
 /// Environment variable holding the new passphrase for `peervm key change-password`.
 pub const NEW_PASSPHRASE_ENV: &str = "PEERVM_NEW_PASSPHRASE";
+/// The systemd credential holding the key passphrase (`LoadCredentialEncrypted=
+/// peervm-passphrase:...` in a unit), read from `$CREDENTIALS_DIRECTORY`.
+pub const PASSPHRASE_CREDENTIAL: &str = "peervm-passphrase";
+/// Where systemd puts a service's credentials (systemd.exec(5), "Credentials").
+pub const CREDENTIALS_DIRECTORY_ENV: &str = "CREDENTIALS_DIRECTORY";
+
+/// Where a passphrase comes from (module doc: the order and why).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassphraseSource {
+    /// The `peervm-passphrase` file in systemd's credentials directory.
+    Credential(PathBuf),
+    /// An environment variable.
+    Env(&'static str),
+    /// A prompt on the controlling terminal, if there is one.
+    Terminal,
+}
+
+impl PassphraseSource {
+    /// The rule: for the key's passphrase (`PEERVM_PASSPHRASE`), the systemd credential
+    /// when `credentials_dir` holds one; then `env` when it is set; else the terminal.
+    pub fn decide(env: &'static str, credentials_dir: Option<&Path>, env_is_set: bool) -> Self {
+        if env == PASSPHRASE_ENV
+            && let Some(file) = credentials_dir.map(|d| d.join(PASSPHRASE_CREDENTIAL))
+            && file.exists()
+        {
+            return PassphraseSource::Credential(file);
+        }
+        if env_is_set { PassphraseSource::Env(env) } else { PassphraseSource::Terminal }
+    }
+
+    /// [`PassphraseSource::decide`] on this process's environment.
+    pub fn current(env: &'static str) -> Self {
+        let dir = std::env::var_os(CREDENTIALS_DIRECTORY_ENV).map(PathBuf::from);
+        Self::decide(env, dir.as_deref(), std::env::var_os(env).is_some())
+    }
+
+    /// True when nobody has to type the passphrase.
+    pub fn is_unattended(&self) -> bool {
+        !matches!(self, PassphraseSource::Terminal)
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum KeyStoreError {
@@ -93,6 +140,12 @@ pub enum KeyStoreError {
     NoPassphrase { what: String, env: &'static str, reason: String },
     #[error("{0}")]
     BadPassphrase(String),
+    #[error("cannot read the systemd credential {path}")]
+    Credential {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot encrypt the identity key for {path}: {reason}")]
     Encrypt { path: PathBuf, reason: String },
 }
@@ -146,7 +199,8 @@ pub fn protection(path: &Path) -> Result<Protection, KeyStoreError> {
 }
 
 /// Loads the identity key, checking file modes and that the secret matches the PeerId.
-/// An encrypted key takes its passphrase from `PEERVM_PASSPHRASE` or a terminal prompt;
+/// An encrypted key takes its passphrase from the systemd credential, `PEERVM_PASSPHRASE`
+/// or a terminal prompt (module doc);
 /// a plaintext key loads with a one-line warning on stderr.
 pub fn load(path: &Path) -> Result<SigningKey, KeyStoreError> {
     let file = read(path)?;
@@ -208,6 +262,10 @@ pub fn read_passphrase(
     confirm: bool,
     what: &str,
 ) -> Result<SecretString, KeyStoreError> {
+    match PassphraseSource::current(env) {
+        PassphraseSource::Credential(path) => return read_credential(&path),
+        PassphraseSource::Env(_) | PassphraseSource::Terminal => {}
+    }
     if let Some(value) = std::env::var_os(env) {
         let value = Zeroizing::new(
             value.into_string().map_err(|_| KeyStoreError::BadPassphrase(format!("{env} is not valid UTF-8")))?,
@@ -234,6 +292,23 @@ pub fn read_passphrase(
         }
     }
     Ok(SecretString::from(first.to_string()))
+}
+
+/// A passphrase from a systemd credential file: one trailing newline (as `echo ... |
+/// systemd-creds encrypt` leaves) is not part of it; an empty one is refused.
+pub fn read_credential(path: &Path) -> Result<SecretString, KeyStoreError> {
+    let bytes =
+        Zeroizing::new(std::fs::read(path).map_err(|source| KeyStoreError::Credential { path: path.into(), source })?);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| KeyStoreError::BadPassphrase(format!("the systemd credential {} is not UTF-8", path.display())))?;
+    let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(text);
+    if text.is_empty() {
+        return Err(KeyStoreError::BadPassphrase(format!(
+            "the systemd credential {} is empty; an empty passphrase is refused",
+            path.display()
+        )));
+    }
+    Ok(SecretString::from(text.to_string()))
 }
 
 fn warn_plaintext(path: &Path) {
@@ -368,6 +443,8 @@ fn malformed(path: &Path, reason: impl ToString) -> KeyStoreError {
 
 #[cfg(test)]
 mod tests {
+    use age::secrecy::ExposeSecret;
+
     use super::*;
 
     fn pass(s: &str) -> SecretString {
@@ -393,6 +470,39 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), before);
 
         assert_eq!(load_with(&path, Some(&pass("right"))).unwrap().peer_id(), key.peer_id());
+    }
+
+    #[test]
+    fn the_systemd_credential_comes_before_the_variable_and_only_for_the_key_passphrase() {
+        let creds = tempfile::tempdir().unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        let file = creds.path().join(PASSPHRASE_CREDENTIAL);
+        std::fs::write(&file, "from systemd\n").unwrap();
+        let decide = PassphraseSource::decide;
+        assert_eq!(decide(PASSPHRASE_ENV, Some(creds.path()), true), PassphraseSource::Credential(file.clone()));
+        assert_eq!(decide(PASSPHRASE_ENV, Some(creds.path()), false), PassphraseSource::Credential(file.clone()));
+        assert_eq!(decide(PASSPHRASE_ENV, Some(empty.path()), true), PassphraseSource::Env(PASSPHRASE_ENV));
+        assert_eq!(decide(PASSPHRASE_ENV, None, true), PassphraseSource::Env(PASSPHRASE_ENV));
+        assert_eq!(decide(PASSPHRASE_ENV, None, false), PassphraseSource::Terminal);
+        assert!(!PassphraseSource::Terminal.is_unattended());
+        // A new passphrase is typed by an operator, never taken from the service's credential.
+        assert_eq!(decide(NEW_PASSPHRASE_ENV, Some(creds.path()), false), PassphraseSource::Terminal);
+        assert_eq!(decide(NEW_PASSPHRASE_ENV, Some(creds.path()), true), PassphraseSource::Env(NEW_PASSPHRASE_ENV));
+
+        // The credential's passphrase, without its trailing newline, unlocks the key.
+        let key_path = creds.path().join("data/identity.key");
+        let key = init(&key_path, Some(&pass("from systemd"))).unwrap();
+        let from_file = read_credential(&file).unwrap();
+        assert_eq!(load_with(&key_path, Some(&from_file)).unwrap().peer_id(), key.peer_id());
+        std::fs::write(&file, "from systemd\r\n").unwrap();
+        assert_eq!(read_credential(&file).unwrap().expose_secret(), "from systemd");
+        std::fs::write(&file, "two lines\n\n").unwrap();
+        assert_eq!(read_credential(&file).unwrap().expose_secret(), "two lines\n", "only one newline is dropped");
+        std::fs::write(&file, "\n").unwrap();
+        let err = read_credential(&file).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        let err = read_credential(&empty.path().join(PASSPHRASE_CREDENTIAL)).unwrap_err();
+        assert!(matches!(err, KeyStoreError::Credential { .. }), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ fn peervm_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("PEERVM_DATA_DIR")
         .env_remove("PEERVM_PASSPHRASE")
         .env_remove("PEERVM_NEW_PASSPHRASE")
+        .env_remove("CREDENTIALS_DIRECTORY")
         .stdin(std::process::Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
@@ -263,4 +264,37 @@ fn insecure_plaintext_warns_loudly_and_change_password_encrypts_it() {
     assert_eq!(key_json(&key)["protection"], "age-scrypt");
     assert!(!std::fs::read_to_string(&key).unwrap().contains(&seed));
     assert_eq!(stdout(&peervm(&data, &["key", "export"])), seed);
+}
+
+/// A service's passphrase as a systemd credential (`$CREDENTIALS_DIRECTORY/peervm-passphrase`,
+/// e.g. from `LoadCredentialEncrypted=`): it unlocks the key without the variable, and
+/// it wins over the variable when both are set.
+#[test]
+fn the_systemd_credential_unlocks_the_key_and_comes_before_the_variable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let init = peervm(&data, &["key", "init"]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let peer_id = String::from_utf8_lossy(&init.stdout).trim().to_string();
+    let creds = tmp.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("peervm-passphrase"), format!("{PASS}\n")).unwrap();
+    let creds_dir = creds.to_str().unwrap();
+
+    let out = peervm_env(&data, &["key", "export"], &[("CREDENTIALS_DIRECTORY", creds_dir)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&peer_id), "{}", String::from_utf8_lossy(&out.stderr));
+
+    std::fs::write(creds.join("peervm-passphrase"), "not the passphrase").unwrap();
+    let both = [("CREDENTIALS_DIRECTORY", creds_dir), ("PEERVM_PASSPHRASE", PASS)];
+    let out = peervm_env(&data, &["key", "export"], &both);
+    assert!(!out.status.success(), "the variable was used although a credential is there");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the credential file, the variable applies again.
+    std::fs::remove_file(creds.join("peervm-passphrase")).unwrap();
+    assert!(peervm_env(&data, &["key", "export"], &both).status.success());
 }

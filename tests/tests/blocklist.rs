@@ -92,3 +92,31 @@ async fn trusted_block_lists_hide_providers_untrusted_ones_change_nothing() {
         n.stop().await;
     }
 }
+
+/// A provider's config reload changes whom it trusts: the lists it already holds apply
+/// (or stop applying) at once, without waiting for their signers to publish again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusting_a_signer_at_run_time_applies_the_list_already_held_and_dropping_it_lifts_it() {
+    let key = unique_key(111);
+    let signer_key = SigningKey::from_seed(&key.seed());
+    let node = node_trusting(key, &[], &[]).await;
+    let provider_key = unique_key(112);
+    let pid = provider_key.peer_id();
+    node.client.publish(signed(&provider_key, &advert(&provider_key, 1, Duration::from_secs(120)))).await.unwrap();
+    // The node's own list is held as soon as the call returns, but not applied: the node
+    // does not trust its own signer yet.
+    node.client.publish_block_list(list(&signer_key, 1, &[pid])).await.unwrap();
+    assert!(holds(&node, &pid) && node.list_blocked.read().unwrap().is_empty());
+
+    node.client.set_trusted_block_lists(HashSet::from([signer_key.peer_id()])).await.unwrap();
+    // Commands run in order: once a later one answers, the new trust set has been applied.
+    node.client.connected_peers().await.expect("the node answers");
+    assert!(node.list_blocked.read().unwrap().contains(&pid), "trusting the signer did not apply its held list");
+    assert!(!holds(&node, &pid), "the newly trusted list's provider is still shown");
+
+    node.client.set_trusted_block_lists(HashSet::new()).await.unwrap();
+    node.client.connected_peers().await.expect("the node answers");
+    assert!(node.list_blocked.read().unwrap().is_empty(), "a signer no longer trusted still blocks");
+    assert!(!node.store.lock().unwrap().is_blocked(&pid), "the provider stays blocked after trust was dropped");
+    node.stop().await;
+}

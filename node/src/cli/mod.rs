@@ -5,10 +5,12 @@
 mod announce;
 mod args;
 mod bootstrap;
+mod completions;
 mod doctor;
 mod identity;
 mod key;
 mod lease;
+mod man;
 mod offers;
 mod owner;
 mod provider;
@@ -67,6 +69,10 @@ enum Command {
     /// Check this machine against the provider checklist: each line pass / warn / fail
     /// with its fix. Exits non-zero when something fails.
     Doctor(doctor::DoctorArgs),
+    /// Print the shell completion script for bash, zsh or fish (also elvish, powershell).
+    Completions(completions::CompletionsArgs),
+    /// Write the manual pages (peervm.1 and one per subcommand) into a directory.
+    Man(man::ManArgs),
 }
 
 /// Runs the command the user asked for; the exit code is the command's own (`exec`
@@ -88,5 +94,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Blocked => requestor_block::list(data_dir),
         Command::Owner(cmd) => owner::run(cmd),
         Command::Doctor(args) => doctor::run(args, data_dir).await,
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => man::run(args),
     }
 }

@@ -66,6 +66,13 @@ pub enum ProviderCommand {
     /// Stop accepting leases and signing adverts (running leases go on).
     Lock(AdminArgs),
     Unlock(AdminArgs),
+    /// Re-read the config file the provider started from, as SIGHUP does.
+    ///
+    /// Prices, advert fields, resources, lease limits and trusted block lists apply at
+    /// once and are re-advertised; running leases keep their terms. A change that needs a
+    /// restart (listen addresses, data dir, SSH ports, network, hypervisor, images) is
+    /// refused whole, naming those fields, and the running config stays.
+    Reload(AdminArgs),
 }
 
 #[derive(Args)]
@@ -85,11 +92,11 @@ pub async fn run(cmd: ProviderCommand, data_dir: &Path) -> anyhow::Result<ExitCo
     }
 }
 
-async fn run_daemon(config: &Path, key: Option<PathBuf>, json: bool, data_dir: &Path) -> anyhow::Result<ExitCode> {
+async fn run_daemon(config_path: &Path, key: Option<PathBuf>, json: bool, data_dir: &Path) -> anyhow::Result<ExitCode> {
     // Every file and directory this daemon creates is private to its user.
     // SAFETY: umask(2) only sets the process's file creation mask.
     unsafe { libc::umask(0o077) };
-    let config = ProviderConfig::load(config)?;
+    let config = ProviderConfig::load(config_path)?;
     let data_dir = config.data_dir.clone().unwrap_or_else(|| data_dir.to_path_buf());
     let key = load_or_init_key(&key.unwrap_or_else(|| peervm_node::paths::identity_key_path(&data_dir)))?;
     let metrics_addr = config.metrics;
@@ -100,6 +107,6 @@ async fn run_daemon(config: &Path, key: Option<PathBuf>, json: bool, data_dir: &
         eprintln!("metrics on http://{bound}/metrics");
     }
     announce::announce("provider", provider.node().peer_id, &provider.node().listen_addrs, json);
-    provider.run_until_signal().await?;
+    provider.run_until_signal(config_path.to_path_buf()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,5 @@
 //! `peervm provider status | leases | terminate | isolate | block | unblock | blocked |
-//! lock | unlock | publish-blocklist`: one request to the running provider's admin socket
+//! lock | unlock | publish-blocklist | reload`: one request to the running provider's admin socket
 //! and its reply, as a table or as JSON.
 
 use std::path::Path;
@@ -25,6 +25,7 @@ pub async fn run(cmd: ProviderCommand, data_dir: &Path) -> anyhow::Result<ExitCo
         ProviderCommand::Lock(a) => (AdminRequest::Lock, a),
         ProviderCommand::PublishBlocklist(a) => (AdminRequest::PublishBlocklist, a),
         ProviderCommand::Unlock(a) => (AdminRequest::Unlock, a),
+        ProviderCommand::Reload(a) => (AdminRequest::Reload, a),
     };
     let dir = match &args.config {
         Some(path) => ProviderConfig::load(path)?.data_dir.unwrap_or_else(|| data_dir.to_path_buf()),

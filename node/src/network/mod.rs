@@ -224,6 +224,9 @@ pub(crate) enum Command {
     UnblockPeer {
         peer: PeerId,
     },
+    SetTrustedBlockLists {
+        trusted: std::collections::HashSet<PeerId>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -307,6 +310,17 @@ impl NodeClient {
 
     pub async fn unblock_peer(&self, peer: PeerId) -> Result<(), NetworkError> {
         self.tx.send(Command::UnblockPeer { peer }).await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Applies the block lists of `trusted` signers from now on, instead of the ones the
+    /// node started with (a provider's config reload): the lists already held are
+    /// re-applied at once, so a newly trusted signer's list hides its entries without
+    /// waiting for its next publication.
+    pub async fn set_trusted_block_lists(
+        &self,
+        trusted: std::collections::HashSet<PeerId>,
+    ) -> Result<(), NetworkError> {
+        self.tx.send(Command::SetTrustedBlockLists { trusted }).await.map_err(|_| NetworkError::Stopped)
     }
 
     /// Stops the swarm task (after flushing what it was sending).

@@ -1,11 +1,13 @@
 //! `peervm provider run`: the provider daemon. Verifies its images, probes KVM, recovers
 //! the leases of a previous run, then publishes the signed advert, re-publishes it about
 //! every minute (with jitter) and at once when free capacity changes, serves leases, and
-//! publishes a withdrawn advert before it exits on SIGINT/SIGTERM. Running guests outlive
-//! a stop of the daemon; the next start re-adopts them (or fails and cleans them).
+//! publishes a withdrawn advert before it exits on SIGINT/SIGTERM. On SIGHUP (or the
+//! admin socket's `reload`) it re-reads its config and applies what can change at run
+//! time (reload.rs). Running guests outlive a stop of the daemon; the next start
+//! re-adopts them (or fails and cleans them).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ use crate::provider::config::ProviderConfig;
 use crate::provider::lease::db::ProviderDb;
 use crate::provider::lease::{LeaseManager, LeaseTerms};
 use crate::provider::reachability::{PortReport, SharedReachability, spawn_port_check};
+use crate::provider::reload::{ConfigDiff, ReloadError};
 
 /// Capacity changes are re-advertised at most this often (docs/architecture.md,
 /// "Provider daemon"): a burst of leases must not become a burst of adverts.
@@ -53,8 +56,9 @@ pub enum ProviderError {
     Fs(#[from] crate::secure_fs::SecureFsError),
     #[error(transparent)]
     Admin(#[from] crate::provider::admin::AdminError),
-    /// The daemon could not install its SIGTERM handler (it stops on SIGTERM).
-    #[error("cannot handle SIGTERM")]
+    /// The daemon could not install its SIGTERM or SIGHUP handler (it stops on SIGTERM,
+    /// reloads on SIGHUP).
+    #[error("cannot handle SIGTERM and SIGHUP")]
     Signal(#[source] std::io::Error),
     #[error(
         "[advert] delegation: {0}; ask the owner for a new one: peervm owner delegate --node <this node's peer id>"
@@ -101,6 +105,10 @@ pub struct Provider {
     reachability: SharedReachability,
     /// Told when a port verification finished: the advert then carries its result.
     reach_notify: Arc<tokio::sync::Notify>,
+    /// SIGHUP, installed at start: from then on a SIGHUP reloads instead of killing.
+    hangup: tokio::signal::unix::Signal,
+    /// `reload` calls from the admin socket.
+    reload_rx: mpsc::Receiver<admin::ReloadCall>,
 }
 
 impl Provider {
@@ -113,17 +121,11 @@ impl Provider {
         data_dir: &Path,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Provider, ProviderError> {
+        // Before anything else: a SIGHUP from here on reloads instead of killing the daemon.
+        let hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(ProviderError::Signal)?;
         crate::secure_fs::ensure_private_dir(data_dir)?;
-        if let Some(bytes) = &config.delegation {
-            let d = peervm_protocol::Delegation::open_for(
-                bytes,
-                &key.peer_id(),
-                config.beneficiary.as_deref(),
-                now_unix_ms(),
-            )
-            .map_err(ProviderError::Delegation)?;
-            tracing::info!(owner = %d.owner, until = d.not_after_unix_ms, "running for an owner");
-        }
+        check_delegation(&config, &key).map_err(ProviderError::Delegation)?;
         let images = open_images(&config)?;
         let vmm_accel = select_accel(&config, &images).await?;
         tracing::info!(accel = %vmm_accel, "guests run with this accelerator");
@@ -200,7 +202,9 @@ impl Provider {
         let reachability = Arc::new(std::sync::Mutex::new(None));
         let reach_notify = Arc::new(tokio::sync::Notify::new());
         let port_check = spawn_port_check(&config, &node, reachability.clone(), reach_notify.clone());
-        let admin_task = admin::serve(&admin_path, leases.clone(), info, Some(audit), reachability.clone())?;
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        let admin_task =
+            admin::serve(&admin_path, leases.clone(), info, Some(audit), reachability.clone(), Some(reload_tx))?;
         let mut provider = Provider {
             config,
             key,
@@ -215,6 +219,8 @@ impl Provider {
             port_check,
             reachability,
             reach_notify,
+            hangup,
+            reload_rx,
         };
         provider.publish(false).await?;
         Ok(provider)
@@ -245,19 +251,79 @@ impl Provider {
     }
 
     /// Signs and gossips the advert, unless the operator locked the provider: a locked
-    /// provider signs nothing new, and its last advert runs out at its expiry.
-    async fn publish(&mut self, withdrawn: bool) -> Result<(), ProviderError> {
+    /// provider signs nothing new, and its last advert runs out at its expiry. Returns
+    /// the seq of the advert sent.
+    async fn publish(&mut self, withdrawn: bool) -> Result<Option<u64>, ProviderError> {
         if self.leases.is_locked() {
             tracing::info!("locked: not signing a new advert");
-            return Ok(());
+            return Ok(None);
         }
         let advert = self.signed_advert(withdrawn)?;
+        let seq = advert.body().seq;
         self.node.client.publish(advert).await?;
-        Ok(())
+        Ok(Some(seq))
     }
 
-    /// Runs until SIGINT or SIGTERM, then withdraws the advert and stops.
-    pub async fn run_until_signal(mut self) -> Result<(), ProviderError> {
+    /// Re-reads `config_path` and applies it if every changed field can change at run
+    /// time (reload.rs decides); else nothing changes. The new terms hold for requests
+    /// decided from now on; running leases keep theirs. A change re-advertises at once.
+    pub async fn reload(&mut self, config_path: &Path) -> Result<admin::Reloaded, ReloadError> {
+        let new = ProviderConfig::load(config_path)?;
+        let changed = ConfigDiff::between(&self.config, &new).decide()?;
+        if changed.is_empty() {
+            return Ok(admin::Reloaded { changed: Vec::new(), advert_seq: None });
+        }
+        check_delegation(&new, &self.key).map_err(ReloadError::Delegation)?;
+        let current = self.leases.terms();
+        self.leases
+            .set_terms(LeaseTerms {
+                total: new.resources,
+                pricing: new.pricing.clone(),
+                max_leases: new.max_leases,
+                min_lease_secs: new.min_lease_secs,
+                max_lease_secs: new.max_lease_secs,
+                ..(*current).clone()
+            })
+            .map_err(ReloadError::Capacity)?;
+        if new.trusted_block_lists != self.config.trusted_block_lists {
+            self.node
+                .client
+                .set_trusted_block_lists(new.trusted_block_lists.clone())
+                .await
+                .map_err(ReloadError::Network)?;
+        }
+        self.config = new;
+        let advert_seq = self.publish(false).await.map_err(|e| ReloadError::Publish(Box::new(e)))?;
+        Ok(admin::Reloaded { changed: changed.iter().map(|f| f.to_string()).collect(), advert_seq })
+    }
+
+    /// [`Provider::reload`], logged: the operator of a SIGHUP reads the outcome in the log.
+    async fn reload_logged(&mut self, config_path: &Path) -> Result<admin::Reloaded, String> {
+        match self.reload(config_path).await {
+            Ok(done) if done.changed.is_empty() => {
+                tracing::info!(config = %config_path.display(), "config reloaded: nothing changed");
+                Ok(done)
+            }
+            Ok(done) => {
+                tracing::info!(
+                    config = %config_path.display(),
+                    changed = %done.changed.join(", "),
+                    seq = ?done.advert_seq,
+                    "config reloaded and re-advertised"
+                );
+                Ok(done)
+            }
+            Err(e) => {
+                let report = e.report();
+                tracing::warn!(config = %config_path.display(), "{report}");
+                Err(report)
+            }
+        }
+    }
+
+    /// Runs until SIGINT or SIGTERM, then withdraws the advert and stops. SIGHUP and the
+    /// admin socket's `reload` re-read `config_path` (the file the daemon started from).
+    pub async fn run_until_signal(mut self, config_path: PathBuf) -> Result<(), ProviderError> {
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ProviderError::Signal)?;
         let mut free_rx = self.free_tx.subscribe();
@@ -267,7 +333,7 @@ impl Provider {
             // ±10% jitter so providers started together do not publish in lockstep.
             let wait = Duration::from_secs_f64(base * rand::thread_rng().gen_range(0.9..1.1));
             tokio::select! {
-                _ = tokio::time::sleep(wait) => self.publish(false).await?,
+                _ = tokio::time::sleep(wait) => { self.publish(false).await?; }
                 changed = free_rx.changed() => {
                     if changed.is_err() { continue; }
                     let since = last_capacity_publish.elapsed();
@@ -277,7 +343,12 @@ impl Provider {
                     last_capacity_publish = tokio::time::Instant::now();
                     self.publish(false).await?;
                 }
-                _ = self.reach_notify.notified() => self.publish(false).await?,
+                _ = self.reach_notify.notified() => { self.publish(false).await?; }
+                _ = self.hangup.recv() => { let _ = self.reload_logged(&config_path).await; }
+                Some(call) = self.reload_rx.recv() => {
+                    let outcome = self.reload_logged(&config_path).await;
+                    let _ = call.send(outcome);
+                }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = sigterm.recv() => break,
             }
@@ -291,6 +362,17 @@ impl Provider {
         self.node.stop().await;
         Ok(())
     }
+}
+
+/// Checks the owner's delegation, if the config has one, against this node's key and
+/// the configured beneficiary (at start and at every reload).
+fn check_delegation(config: &ProviderConfig, key: &SigningKey) -> Result<(), peervm_protocol::DelegationError> {
+    if let Some(bytes) = &config.delegation {
+        let d =
+            peervm_protocol::Delegation::open_for(bytes, &key.peer_id(), config.beneficiary.as_deref(), now_unix_ms())?;
+        tracing::info!(owner = %d.owner, until = d.not_after_unix_ms, "running for an owner");
+    }
+    Ok(())
 }
 
 /// Opens and verifies every configured image (by config name); a directory's manifest

@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod image_config;
 pub mod lease;
 pub mod reachability;
+pub mod reload;
 
 pub use daemon::{Provider, ProviderError};
 

@@ -113,6 +113,13 @@ impl BlockLists {
         }
     }
 
+    /// The operator changed whom it trusts (config reload): the held lists are re-applied
+    /// under the new set, so a signer no longer trusted stops blocking anyone now.
+    pub fn set_trusted(&mut self, ctx: &Context, trusted: HashSet<PeerId>) {
+        self.trusted = trusted;
+        self.apply_trusted(ctx);
+    }
+
     /// The operator stops storing, showing and forwarding `peer`'s adverts.
     pub fn block_adverts(&mut self, ctx: &Context, peer: PeerId) {
         self.operator_blocks.insert(peer);

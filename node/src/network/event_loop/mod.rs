@@ -193,6 +193,7 @@ impl EventLoop {
                 self.connections.unblock(ctx, peer);
                 self.block_lists.unblock_peer_adverts(ctx, peer);
             }
+            Command::SetTrustedBlockLists { trusted } => self.block_lists.set_trusted(ctx, trusted),
             Command::Shutdown { .. } => unreachable!("handled in run"),
         }
     }

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 pub use client::call;
 pub use protocol::{
     AdminReply, AdminRequest, AdminResult, Blocked, BlockedPeer, Isolated, LeaseEntry, LockState, NodeInfo, Published,
-    StatusReport, Terminated, Transition, Unblocked,
+    Reloaded, StatusReport, Terminated, Transition, Unblocked,
 };
-pub use server::serve;
+pub use server::{ReloadCall, serve};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

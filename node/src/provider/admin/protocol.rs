@@ -18,14 +18,25 @@ use crate::sqlite::block_table::BlockEntry;
 pub enum AdminRequest {
     Status,
     Leases,
-    Terminate { lease: String },
-    Isolate { lease: String },
-    Block { peer: String, reason: String },
-    Unblock { peer: String },
+    Terminate {
+        lease: String,
+    },
+    Isolate {
+        lease: String,
+    },
+    Block {
+        peer: String,
+        reason: String,
+    },
+    Unblock {
+        peer: String,
+    },
     Blocked,
     Lock,
     Unlock,
     PublishBlocklist,
+    /// Re-read the provider's config file, as SIGHUP does.
+    Reload,
 }
 
 impl AdminRequest {
@@ -42,6 +53,7 @@ impl AdminRequest {
             AdminRequest::Lock => "lock",
             AdminRequest::Unlock => "unlock",
             AdminRequest::PublishBlocklist => "publish_blocklist",
+            AdminRequest::Reload => "reload",
         }
     }
 }
@@ -171,6 +183,14 @@ pub struct LockState {
     pub locked: bool,
 }
 
+/// `reload`: the config fields that changed and applied, and the seq of the advert that
+/// carries them (`null` when nothing changed, or the provider is locked and signs none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    pub changed: Vec<String>,
+    pub advert_seq: Option<u64>,
+}
+
 /// The `result` of a successful call, one variant per request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
@@ -184,6 +204,7 @@ pub enum AdminResult {
     BlockList(Vec<BlockedPeer>),
     Published(Published),
     Lock(LockState),
+    Reloaded(Reloaded),
 }
 
 impl AdminResult {
@@ -208,6 +229,7 @@ impl AdminResult {
             AdminRequest::Blocked => AdminResult::BlockList(from_value(result)?),
             AdminRequest::PublishBlocklist => AdminResult::Published(from_value(result)?),
             AdminRequest::Lock | AdminRequest::Unlock => AdminResult::Lock(from_value(result)?),
+            AdminRequest::Reload => AdminResult::Reloaded(from_value(result)?),
         })
     }
 }
@@ -315,6 +337,7 @@ mod tests {
             (AdminRequest::Lock, r#"{"cmd":"lock"}"#),
             (AdminRequest::Unlock, r#"{"cmd":"unlock"}"#),
             (AdminRequest::PublishBlocklist, r#"{"cmd":"publish_blocklist"}"#),
+            (AdminRequest::Reload, r#"{"cmd":"reload"}"#),
         ];
         for (request, json) in cases {
             assert_eq!(serde_json::to_string(&request).unwrap(), json);
@@ -442,6 +465,23 @@ mod tests {
         );
         assert_wire(AdminRequest::Lock, AdminResult::Lock(LockState { locked: true }), r#"{"locked":true}"#);
         assert_wire(AdminRequest::Unlock, AdminResult::Lock(LockState { locked: false }), r#"{"locked":false}"#);
+    }
+
+    #[test]
+    fn reload_reply() {
+        assert_wire(
+            AdminRequest::Reload,
+            AdminResult::Reloaded(Reloaded {
+                changed: vec!["pricing.per_vcpu_hour".into()],
+                advert_seq: Some(1_700_000_000_002),
+            }),
+            r#"{"advert_seq":1700000000002,"changed":["pricing.per_vcpu_hour"]}"#,
+        );
+        assert_wire(
+            AdminRequest::Reload,
+            AdminResult::Reloaded(Reloaded { changed: vec![], advert_seq: None }),
+            r#"{"advert_seq":null,"changed":[]}"#,
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use super::AdminError;
 use super::protocol::{
     AdminReply, AdminRequest, AdminResult, Blocked, BlockedPeer, Isolated, LeaseEntry, LockState, NodeInfo, Published,
-    StatusReport, Terminated, Transition, Unblocked,
+    Reloaded, StatusReport, Terminated, Transition, Unblocked,
 };
 use crate::network::rate_limit::{RateLimit, TokenBucket};
 use crate::provider::ProviderLeases;
@@ -26,14 +26,20 @@ const MAX_REQUEST: usize = 4096;
 const CALLS_PER_SEC: f64 = 10.0;
 const CALLS_BURST: f64 = 20.0;
 
+/// A `reload` handed to the daemon, which owns the config: it answers on this channel
+/// with what applied, or the refusal the operator reads.
+pub type ReloadCall = tokio::sync::oneshot::Sender<Result<Reloaded, String>>;
+
 /// Binds the socket (mode 0600 from creation: the umask is narrowed around `bind`) and
-/// serves it in the background.
+/// serves it in the background. `reload` reaches the daemon's loop (none: `reload` is
+/// refused).
 pub fn serve(
     path: &Path,
     leases: ProviderLeases,
     info: NodeInfo,
     audit: Option<Arc<AuditLog>>,
     reachability: SharedReachability,
+    reload: Option<tokio::sync::mpsc::Sender<ReloadCall>>,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     // A socket left by a killed provider is ours to replace (the directory is 0700).
     let _ = std::fs::remove_file(path);
@@ -45,7 +51,7 @@ pub fn serve(
     let listener = bound.map_err(|source| AdminError::Bind { path: path.to_path_buf(), source })?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let ctx = Arc::new(Ctx { leases, info, audit, me, bucket: std::sync::Mutex::new(None), reachability });
+    let ctx = Arc::new(Ctx { leases, info, audit, me, bucket: std::sync::Mutex::new(None), reachability, reload });
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
@@ -62,6 +68,7 @@ struct Ctx {
     me: u32,
     bucket: std::sync::Mutex<Option<TokenBucket>>,
     reachability: SharedReachability,
+    reload: Option<tokio::sync::mpsc::Sender<ReloadCall>>,
 }
 
 impl Ctx {
@@ -203,6 +210,12 @@ impl Ctx {
             AdminRequest::Unlock => {
                 leases.set_locked(false);
                 AdminResult::Lock(LockState { locked: false })
+            }
+            AdminRequest::Reload => {
+                let daemon = self.reload.as_ref().ok_or("this provider cannot reload its config")?;
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                daemon.send(reply).await.map_err(|_| "the provider is stopping")?;
+                AdminResult::Reloaded(answer.await.map_err(|_| "the provider is stopping")??)
             }
         })
     }

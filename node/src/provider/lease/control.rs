@@ -55,7 +55,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 Ok(ReplyOutcome::Status { state: record.state, ends_at_unix_ms: record.ends_at_unix_ms, usage })
             }
             ControlAction::Extend { additional_secs } => {
-                let ends_at = extended_end(&record, *additional_secs, inner.terms.max_lease_secs)?;
+                let ends_at = extended_end(&record, *additional_secs, self.terms().max_lease_secs)?;
                 inner.db.set_ends_at(&record.id, ends_at).map_err(internal)?;
                 tracing::info!(lease = %record.id, ends_at, "lease extended");
                 Ok(ReplyOutcome::Extended { ends_at_unix_ms: ends_at })

@@ -37,7 +37,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 .map_err(|e| deny(DenyReason::InvalidSpec, e.to_string()))?,
             host_key,
             network_slot: record.slot,
-            egress: inner.terms.egress,
+            egress: self.terms().egress,
             cpu_quota: None,
             progress: None,
         };
@@ -90,7 +90,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         tracing::info!(lease = %id, port = vm.ssh_addr.port(), boot_ms = vm.boot_time.map(|d| d.as_millis() as u64),
             "lease running");
         Ok(ReplyOutcome::Granted {
-            access: SshAccess { host: inner.terms.ssh_host.clone(), port: vm.ssh_addr.port(), user: record.ssh_user },
+            access: SshAccess { host: self.terms().ssh_host.clone(), port: vm.ssh_addr.port(), user: record.ssh_user },
             host_key: host_key_raw,
             started_at_unix_ms: started_at,
             ends_at_unix_ms: ends_at,

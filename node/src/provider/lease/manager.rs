@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -49,7 +49,10 @@ pub(super) struct Inner<H> {
     pub me: PeerId,
     pub db: ProviderDb,
     pub hv: H,
-    pub terms: LeaseTerms,
+    /// What the provider offers now: swapped whole by [`LeaseManager::set_terms`] when the
+    /// operator reloads the config (docs/architecture.md, "Reload"); a request is decided
+    /// by one snapshot, so it never mixes old and new terms.
+    pub terms: RwLock<Arc<LeaseTerms>>,
     pub capacity: watch::Sender<ResourceAmounts>,
     pub locked: AtomicBool,
     pub metrics: Arc<Metrics>,
@@ -85,7 +88,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 me,
                 db,
                 hv,
-                terms,
+                terms: RwLock::new(Arc::new(terms)),
                 capacity,
                 locked: AtomicBool::new(false),
                 metrics,
@@ -141,8 +144,17 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         &self.inner.db
     }
 
-    pub fn terms(&self) -> &LeaseTerms {
-        &self.inner.terms
+    /// The terms in force now (a snapshot: a reload swaps them, it never edits them).
+    pub fn terms(&self) -> Arc<LeaseTerms> {
+        self.inner.terms.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the terms for every request decided from now on; running leases keep the
+    /// terms they were granted under (their price and end are in their records). Free
+    /// capacity is recomputed against the new total, so the advert follows.
+    pub fn set_terms(&self, terms: LeaseTerms) -> Result<ResourceAmounts, DbError> {
+        *self.inner.terms.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(terms);
+        self.refresh_capacity()
     }
 
     pub fn network(&self) -> Option<&NodeClient> {
@@ -210,7 +222,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
 
     pub(super) fn free_capacity(&self) -> Result<ResourceAmounts, DbError> {
         let active = self.inner.db.active()?;
-        Ok(admission::free_capacity(self.inner.terms.total, active.iter().map(|r| &r.spec)))
+        Ok(admission::free_capacity(self.terms().total, active.iter().map(|r| &r.spec)))
     }
 }
 

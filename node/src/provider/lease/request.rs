@@ -61,7 +61,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         let now = self.now();
         admission::check_addressed(req, self.is_locked(), &inner.me, now)?;
         let standing = self.standing(req).map_err(internal)?;
-        let plan = admission::check_request(req, standing, &inner.terms)?;
+        // One snapshot decides the whole request, even if a reload swaps the terms meanwhile.
+        let terms = self.terms();
+        let plan = admission::check_request(req, standing, &terms)?;
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, seed.as_mut());
         let mut record = LeaseRecord {
@@ -74,7 +76,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             host_key_seed: *seed,
             slot: 0,
             price_per_hour_micros: plan.price_per_hour_micros,
-            currency: inner.terms.pricing.currency.clone(),
+            currency: terms.pricing.currency.clone(),
             requested_at_unix_ms: now,
             started_at_unix_ms: None,
             ends_at_unix_ms: now.saturating_add(req.duration_secs.saturating_mul(1000)),
@@ -88,7 +90,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             let free = self.free_capacity().map_err(internal)?;
             admission::check_capacity(&req.spec.resources(), &free)?;
             let nonce_until = admission::nonce_kept_until(req.valid_until_unix_ms);
-            record.slot = match inner.db.admit(&record, req.nonce, nonce_until, inner.terms.max_leases, now) {
+            record.slot = match inner.db.admit(&record, req.nonce, nonce_until, terms.max_leases, now) {
                 Ok(slot) => slot,
                 Err(DbError::Replay { what }) => {
                     return Err(deny(DenyReason::Replay, format!("this request's {what} was already used")));
@@ -203,6 +205,33 @@ mod tests {
         assert!(matches!(h.send_request(&req).await, ReplyOutcome::Granted { .. }));
         assert_eq!(denial(&h.send_request(&req).await).0, DenyReason::Replay);
         assert_eq!(h.hv.calls_of(Op::Start).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn new_terms_decide_new_requests_and_leave_granted_leases_alone() {
+        let h = Harness::new(); // 4 vCPU at 1000 micro-EUR per vCPU-hour
+        let first = h.grant().await;
+        let before = h.db().get(&first).unwrap().unwrap();
+        let mut terms = (*h.manager.terms()).clone();
+        terms.pricing.per_vcpu_hour_micros += 1000;
+        terms.total.vcpus = 2;
+        terms.max_lease_secs = 1800;
+        let free = h.manager.set_terms(terms).unwrap();
+        assert_eq!(free.vcpus, 1, "the free capacity follows the new total at once");
+        assert_eq!(*h.capacity.borrow(), free, "and the advert follows it");
+        let long = h.request(); // an hour: now beyond the longest term
+        assert_eq!(denial(&h.send_request(&long).await).0, DenyReason::InvalidSpec);
+        let second = LeaseRequest { duration_secs: 1800, ..h.request() };
+        assert!(matches!(h.send_request(&second).await, ReplyOutcome::Granted { .. }));
+        let second = h.db().get(&second.lease_id).unwrap().unwrap();
+        assert_eq!(second.price_per_hour_micros, before.price_per_hour_micros + 1000, "priced by the new terms");
+        let after = h.db().get(&first).unwrap().unwrap();
+        assert_eq!(
+            (after.state, after.price_per_hour_micros, after.ends_at_unix_ms),
+            (LeaseState::Running, before.price_per_hour_micros, before.ends_at_unix_ms),
+            "the running lease keeps what it was granted"
+        );
+        assert_eq!(h.manager.free_capacity_now().vcpus, 0);
     }
 
     #[tokio::test]
