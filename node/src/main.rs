@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("peervm: {e:#}");
+            eprintln!("peervm: {}", cli::render::error_line(&e));
             ExitCode::FAILURE
         }
     }

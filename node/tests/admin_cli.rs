@@ -190,3 +190,18 @@ fn isolate_cuts_a_guest_off_and_keeps_it_until_the_operator_ends_it_and_lock_ref
     admin(&data, &["unlock"]);
     assert_eq!(admin(&data, &["status"])["locked"], false);
 }
+
+/// An error names its cause once, however many layers carry it (issue: "cannot read
+/// config ...: No such file or directory (os error 2): No such file or directory").
+#[test]
+fn a_missing_config_or_admin_socket_is_reported_with_its_cause_said_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nonexistent.toml");
+    for args in [vec!["provider", "run", "--config", missing.to_str().unwrap()], vec!["provider", "status"]] {
+        let out = peervm(tmp.path(), &args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert!(err.starts_with("peervm: "), "{args:?}: {err}");
+        assert_eq!(err.matches("os error 2").count(), 1, "{args:?}: the cause said once: {err}");
+    }
+}

@@ -290,7 +290,7 @@ async fn create(args: CreateArgs, data_dir: &Path) -> anyhow::Result<()> {
         let target = r.ssh_target(&lease)?;
         let known_hosts = r.known_hosts_path(&lease.id);
         println!(
-            "lease {} is running until {}",
+            "lease {} is running; it ends {}",
             lease.id,
             format_time(lease.access.as_ref().map_or(0, |a| a.ends_at_unix_ms))
         );

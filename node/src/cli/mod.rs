@@ -15,7 +15,7 @@ mod offers;
 mod owner;
 mod provider;
 mod provider_admin;
-mod render;
+pub(crate) mod render;
 mod requestor;
 mod requestor_block;
 mod ssh;
