@@ -62,7 +62,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             }
             ControlAction::Terminate => {
                 if record.state.is_finished() {
-                    return Err(deny(DenyReason::LeaseEnded, format!("the lease already {:?}", record.state)));
+                    // for people: the typed reason travels in `reason` (issue 20: no Rust names)
+                    let what = if record.state == LeaseState::Failed { "failed" } else { "ended" };
+                    return Err(deny(DenyReason::LeaseEnded, format!("the lease has already {what}")));
                 }
                 self.end(record.id, "terminated by the requestor").await.map_err(internal)?;
                 Ok(ReplyOutcome::Terminated { at_unix_ms: self.now() })
@@ -171,7 +173,7 @@ mod tests {
         assert_eq!(h.manager.free_capacity_now(), h.terms.total);
         assert!(!h.hv.is_running(vmm_id(&id)));
         let again = h.send_control(&h.control(id, ControlAction::Terminate)).await;
-        assert_eq!(denial(&again).0, DenyReason::LeaseEnded);
+        assert_eq!(denial(&again), (DenyReason::LeaseEnded, "the lease has already ended"), "words for people");
         assert_eq!(h.hv.calls_of(Op::Stop).len(), 1);
     }
 

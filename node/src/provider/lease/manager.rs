@@ -30,7 +30,7 @@ pub enum LeaseError {
     Sign(#[from] peervm_protocol::SignError),
     #[error("unknown lease {0}")]
     UnknownLease(LeaseId),
-    #[error("lease {id} is {state:?}, not running")]
+    #[error("lease {id} is {state}, not running")]
     NotRunning { id: LeaseId, state: LeaseState },
 }
 
