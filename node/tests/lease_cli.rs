@@ -64,6 +64,9 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     // Status carries usage from the provider.
     let st = status_json(&req, &id);
     assert_eq!(st["state"], "running");
+    // the same access fields as the lease's `lease list --json` row
+    assert_eq!(st["ssh"], lease["ssh"], "status --json shows the SSH host, port, user and pinned key: {st}");
+    assert!(st["ssh"]["port"].as_u64().is_some() && st["ssh"]["host_key"].is_string(), "{st}");
     assert!(st["usage"]["memory_current_bytes"].as_u64().unwrap() > 0, "{st}");
     assert!(st["usage"]["cpu_usec"].as_u64().unwrap() > 0, "{st}");
     assert!(st["usage"]["net_rx_bytes"].as_u64().unwrap() > 0, "ssh bytes are counted: {st}");

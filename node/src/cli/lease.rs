@@ -135,16 +135,7 @@ async fn lease_cmd(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<()> {
             match r.control(&l, ControlAction::Status, &swarm.addrs()?).await? {
                 ReplyOutcome::Status { state, ends_at_unix_ms, usage } => {
                     if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({
-                                "lease": l.id.to_hex(),
-                                "provider": l.provider.to_string(),
-                                "state": state.as_str(),
-                                "ends_at_unix_ms": ends_at_unix_ms,
-                                "usage": usage,
-                            })
-                        );
+                        println!("{}", status_json(&l, state, ends_at_unix_ms, usage.as_ref()));
                     } else {
                         println!("lease     {}", l.id);
                         println!("provider  {}", l.provider);
@@ -206,6 +197,21 @@ fn lease_json(l: &StoredLease) -> serde_json::Value {
         "currency": l.access.as_ref().map(|a| a.currency.clone()),
         "detail": l.detail,
     })
+}
+
+/// `lease status --json`: the fields of a `lease list --json` row (SSH access, spec,
+/// price), with the provider's signed state, end and usage in place of what was stored.
+fn status_json(
+    l: &StoredLease,
+    state: LeaseState,
+    ends_at_unix_ms: u64,
+    usage: Option<&peervm_protocol::LeaseUsage>,
+) -> serde_json::Value {
+    let mut v = lease_json(l);
+    v["state"] = state.as_str().into();
+    v["ends_at_unix_ms"] = ends_at_unix_ms.into();
+    v["usage"] = serde_json::to_value(usage).unwrap_or(serde_json::Value::Null);
+    v
 }
 
 /// What the provider does in a state `lease create` waits through, from the lease
@@ -300,4 +306,56 @@ async fn create(args: CreateArgs, data_dir: &Path) -> anyhow::Result<()> {
         println!("or:            ssh {}", args.join(" "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use peervm_node::requestor::db::{Access, StoredLease};
+    use peervm_protocol::{GuestSpec, LeaseId, LeaseState, LeaseUsage};
+
+    use super::{lease_json, status_json};
+
+    fn granted() -> StoredLease {
+        StoredLease {
+            id: LeaseId([7; 16]),
+            provider: libp2p::PeerId::random(),
+            provider_addrs: Vec::new(),
+            spec: GuestSpec {
+                vcpus: 2,
+                memory_mib: 1024,
+                disk_gib: 4,
+                image_name: "debian-12".into(),
+                image_sha256: [1; 32],
+            },
+            key_path: "/tmp/k".into(),
+            created_at_unix_ms: 1,
+            state: LeaseState::Running,
+            access: Some(Access {
+                ssh_host: "127.0.0.1".into(),
+                ssh_port: 27400,
+                ssh_user: "peervm".into(),
+                host_key: [3; 32],
+                ends_at_unix_ms: 1_000,
+                price_per_hour_micros: 25_400,
+                currency: "USD".into(),
+                grant: Vec::new(),
+            }),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn status_json_has_every_field_of_a_list_row_with_the_providers_state_end_and_usage() {
+        let l = granted();
+        let usage = LeaseUsage { cpu_usec: 5, ..Default::default() };
+        let status = status_json(&l, LeaseState::Ended, 2_000, Some(&usage));
+        let row = lease_json(&l);
+        for key in row.as_object().unwrap().keys() {
+            assert!(status.get(key).is_some(), "status --json lacks `{key}`: {status}");
+        }
+        assert_eq!(status["ssh"], row["ssh"], "host, port, user and host key as in the list");
+        assert_eq!(status["state"], "ended", "the provider's state, not the stored one");
+        assert_eq!(status["ends_at_unix_ms"], 2_000);
+        assert_eq!(status["usage"]["cpu_usec"], 5);
+    }
 }
