@@ -167,6 +167,11 @@ impl DiskFormat {
             DiskFormat::Raw => "raw",
         }
     }
+
+    /// The format a manifest or provider.toml names (`"qcow2"`, `"raw"`); nothing else.
+    pub fn parse(name: &str) -> Option<Self> {
+        [DiskFormat::Qcow2, DiskFormat::Raw].into_iter().find(|f| f.as_str() == name)
+    }
 }
 
 /// Who reads the NoCloud seed in the guest, which decides what the provider writes
@@ -264,11 +269,11 @@ impl GuestImage {
         }
         let disk_format = match m.disk_format.as_deref() {
             // before the field existed every base was qcow2
-            None | Some("qcow2") => DiskFormat::Qcow2,
-            Some("raw") => DiskFormat::Raw,
-            Some(other) => {
-                return Err(ImageError::UnsupportedDiskFormat { path: manifest_path, format: other.to_string() });
-            }
+            None => DiskFormat::Qcow2,
+            Some(name) => DiskFormat::parse(name).ok_or_else(|| ImageError::UnsupportedDiskFormat {
+                path: manifest_path.clone(),
+                format: name.to_string(),
+            })?,
         };
         if m.disk_virtual_size == Some(0) {
             return Err(bad("disk_virtual_size is 0".into()));

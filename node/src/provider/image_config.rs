@@ -150,10 +150,8 @@ fn stock_image(img: &RawImage, file: PathBuf) -> Result<ImageConfig, String> {
     hex::decode_to_slice(hex_sha, &mut sha256)
         .map_err(|_| format!("image `{name}`: sha256 `{hex_sha}` is not 64 hex digits"))?;
     let format = match img.format.as_deref() {
-        Some("qcow2") => DiskFormat::Qcow2,
-        Some("raw") => DiskFormat::Raw,
-        Some(other) => {
-            return Err(format!("image `{name}`: format `{other}` is not \"qcow2\" or \"raw\""));
+        Some(f) => {
+            DiskFormat::parse(f).ok_or_else(|| format!("image `{name}`: format `{f}` is not \"qcow2\" or \"raw\""))?
         }
         None => {
             return Err(format!(

@@ -84,6 +84,15 @@ impl GuestProcess {
     }
 }
 
+/// A lease file QEMU writes through its fd set, opened read-write and read-only: QEMU
+/// asks the set for a read-only descriptor while it probes the image.
+fn open_rw_and_ro(path: &Path) -> Result<(OwnedFd, OwnedFd), VmmError> {
+    let err = |e| VmmError::io("cannot open", path, e);
+    let rw = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+    let ro = File::open(path).map_err(err)?;
+    Ok((rw.into(), ro.into()))
+}
+
 /// Starts QEMU for `spec`: opens every lease file in this (root) process and passes the
 /// descriptors, so QEMU, which runs unprivileged, opens none of them by path
 /// (docs/vmm.md "Per-lease files").
@@ -103,32 +112,13 @@ pub(super) fn spawn_qemu(
     let _ = fs::remove_file(&qmp_path);
     // the lease dir is root-only 0700: no other user reaches the socket
     let qmp = UnixListener::bind(&qmp_path).map_err(|e| VmmError::io("cannot listen on", &qmp_path, e))?;
-    let overlay = dir.join(OVERLAY_FILE);
-    let overlay_rw: OwnedFd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&overlay)
-        .map_err(|e| VmmError::io("cannot open", &overlay, e))?
-        .into();
-    // QEMU asks its fd set for a read-only descriptor while probing the image
-    let overlay_ro: OwnedFd = File::open(&overlay).map_err(|e| VmmError::io("cannot open", &overlay, e))?.into();
+    let (overlay_rw, overlay_ro) = open_rw_and_ro(&dir.join(OVERLAY_FILE))?;
     let seed_path = dir.join(SEED_FILE);
     let seed: OwnedFd = File::open(&seed_path).map_err(|e| VmmError::io("cannot open", &seed_path, e))?.into();
     // UEFI: the lease's variable store (provision.rs copied it), read-write and read-only
     // like the overlay
-    let uefi_vars: Option<(OwnedFd, OwnedFd)> = match spec.image.boot() {
-        Boot::Firmware(Firmware::Uefi) => {
-            let path = dir.join(UEFI_VARS_FILE);
-            let open = |write: bool| -> Result<OwnedFd, VmmError> {
-                Ok(OpenOptions::new()
-                    .read(true)
-                    .write(write)
-                    .open(&path)
-                    .map_err(|e| VmmError::io("cannot open", &path, e))?
-                    .into())
-            };
-            Some((open(true)?, open(false)?))
-        }
+    let uefi_vars = match spec.image.boot() {
+        Boot::Firmware(Firmware::Uefi) => Some(open_rw_and_ro(&dir.join(UEFI_VARS_FILE))?),
         _ => None,
     };
     let console_path = dir.join(CONSOLE_FILE);
