@@ -107,6 +107,8 @@ pub enum VmmError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Helper(#[from] crate::helper::HelperError),
     #[error(
         "KVM is unusable ({reason}) and the accel policy does not allow software emulation (TCG); \
          fix KVM or allow TCG in the provider config"

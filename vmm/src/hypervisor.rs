@@ -6,15 +6,23 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
+
 use crate::accel::Accel;
 use crate::error::VmmError;
 use crate::lease_id::LeaseId;
 use crate::spec::VmSpec;
 
-/// A guest that is up and whose sshd presented the provisioned host key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A guest that is up and whose sshd presented the provisioned host key. Serialisable:
+/// the VMM helper returns it to the daemon (docs/vmm.md "The VMM helper").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunningVm {
     pub lease_id: LeaseId,
+    /// What the guest holds of the host (the helper counts them against the host's
+    /// configured totals, also for a guest it re-adopted).
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_gib: u32,
     /// QEMU's pid on the host.
     pub pid: u32,
     pub accel: Accel,
@@ -30,7 +38,8 @@ pub struct RunningVm {
 }
 
 /// What QEMU says about its guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GuestState {
     Running,
     Paused,
@@ -40,7 +49,7 @@ pub enum GuestState {
     Other(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
     pub vm: RunningVm,
     pub state: GuestState,
@@ -48,7 +57,7 @@ pub struct VmStatus {
 }
 
 /// Resource use of one lease, for monitoring and billing.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmUsage {
     /// CPU time of every QEMU thread (vCPUs and device emulation).
     pub cpu_time: Duration,
@@ -66,7 +75,7 @@ pub struct VmUsage {
 }
 
 /// What `reconcile` did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
     /// Live guests of leases the caller says are active, now managed again.
     pub adopted: Vec<RunningVm>,
@@ -102,8 +111,9 @@ pub trait Hypervisor: Send + Sync {
 
     fn usage(&self, lease: LeaseId) -> impl Future<Output = Result<VmUsage, VmmError>> + Send;
 
-    /// At provider start: re-adopts live guests of `live` leases, cleans up every other
-    /// lease this host has state for, and removes everything with the project's name
-    /// prefix that no lease owns.
+    /// At provider start: re-adopts live guests of `live` leases (a backend that still
+    /// runs them, like a VMM helper that outlived its daemon, hands them back as
+    /// adopted), cleans up every other lease this host has state for, and removes
+    /// everything with the project's name prefix that no lease owns.
     fn reconcile(&self, live: &[LeaseId]) -> impl Future<Output = Result<ReconcileReport, VmmError>> + Send;
 }

@@ -5,11 +5,13 @@
 //! the design.
 
 pub mod accel;
+pub mod account;
 pub mod cgroup;
 pub mod disk_header;
 pub mod error;
 pub mod firmware;
 mod forward;
+pub mod helper;
 mod host_command;
 pub mod hypervisor;
 pub mod image;

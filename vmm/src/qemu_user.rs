@@ -24,22 +24,16 @@ impl QemuUser {
     /// Looks the user up in the system's user database.
     pub fn lookup(name: &str) -> Result<Self, VmmError> {
         let err = |reason: String| VmmError::QemuUser { user: name.to_string(), reason };
+        let account = crate::account::Account::lookup(name)
+            .map_err(|e| err(format!("user lookup failed: {e}")))?
+            .ok_or_else(|| {
+                err(format!(
+                    "no such user; create it with `useradd --system --no-create-home --home-dir /nonexistent \
+                     --shell /usr/sbin/nologin {name}` (and add it to group kvm for KVM), or call QemuUser::ensure"
+                ))
+            })?;
+        let (uid, gid) = (account.uid, account.gid);
         let cname = CString::new(name).map_err(|_| err("name contains NUL".into()))?;
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut buf = vec![0 as libc::c_char; 16 * 1024];
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: getpwnam_r with valid pointers and the buffer's real length
-        let rc = unsafe { libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
-        if rc != 0 {
-            return Err(err(format!("user lookup failed: {}", std::io::Error::from_raw_os_error(rc))));
-        }
-        if result.is_null() {
-            return Err(err(format!(
-                "no such user; create it with `useradd --system --no-create-home --home-dir /nonexistent \
-                 --shell /usr/sbin/nologin {name}` (and add it to group kvm for KVM), or call QemuUser::ensure"
-            )));
-        }
-        let (uid, gid) = (pwd.pw_uid, pwd.pw_gid);
         let mut groups = vec![0 as libc::gid_t; 256];
         let mut n = groups.len() as libc::c_int;
         // SAFETY: getgrouplist with a buffer of n entries; n is updated to the count

@@ -98,6 +98,12 @@ impl HostKeySeed {
         HostKeySeed(Zeroizing::new(rand::random()))
     }
 
+    /// The seed itself, for the VMM helper's request (docs/vmm.md "The VMM helper"),
+    /// which travels only over the helper's owner-only socket.
+    pub(crate) fn seed_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     fn private_key(&self) -> PrivateKey {
         PrivateKey::from(Ed25519Keypair::from_seed(&self.0))
     }

@@ -19,6 +19,7 @@ pub(crate) mod render;
 mod requestor;
 mod requestor_block;
 mod ssh;
+mod vmm_helper;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +74,9 @@ enum Command {
     Completions(completions::CompletionsArgs),
     /// Write the manual pages (peervm.1 and one per subcommand) into a directory.
     Man(man::ManArgs),
+    /// Run the privileged VMM helper (as root) for a provider daemon that runs as its own
+    /// user: it alone creates guests, cgroups, namespaces and firewall tables.
+    VmmHelper(vmm_helper::VmmHelperArgs),
 }
 
 /// Runs the command the user asked for; the exit code is the command's own (`exec`
@@ -96,5 +100,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor(args) => doctor::run(args, data_dir).await,
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => man::run(args),
+        Command::VmmHelper(args) => vmm_helper::run(args).await,
     }
 }

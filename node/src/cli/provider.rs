@@ -24,6 +24,11 @@ pub enum ProviderCommand {
         /// Identity key file, created if missing. Default: <data-dir>/identity.key.
         #[arg(long, value_name = "PATH")]
         key: Option<PathBuf>,
+        /// The VMM helper's socket (`peervm vmm-helper`): guests run there. Default when
+        /// not root: /run/peervm-vmm/vmm.sock. As root without it, guests run in this
+        /// process (development only).
+        #[arg(long, value_name = "PATH", env = "PEERVM_VMM_SOCKET")]
+        vmm_socket: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -87,12 +92,20 @@ pub struct AdminArgs {
 
 pub async fn run(cmd: ProviderCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
     match cmd {
-        ProviderCommand::Run { config, key, json } => run_daemon(&config, key, json, data_dir).await,
+        ProviderCommand::Run { config, key, vmm_socket, json } => {
+            run_daemon(&config, key, vmm_socket, json, data_dir).await
+        }
         admin => provider_admin::run(admin, data_dir).await,
     }
 }
 
-async fn run_daemon(config_path: &Path, key: Option<PathBuf>, json: bool, data_dir: &Path) -> anyhow::Result<ExitCode> {
+async fn run_daemon(
+    config_path: &Path,
+    key: Option<PathBuf>,
+    vmm_socket: Option<PathBuf>,
+    json: bool,
+    data_dir: &Path,
+) -> anyhow::Result<ExitCode> {
     // Every file and directory this daemon creates is private to its user.
     // SAFETY: umask(2) only sets the process's file creation mask.
     unsafe { libc::umask(0o077) };
@@ -101,7 +114,12 @@ async fn run_daemon(config_path: &Path, key: Option<PathBuf>, json: bool, data_d
     let key = load_or_init_key(&key.unwrap_or_else(|| peervm_node::paths::identity_key_path(&data_dir)))?;
     let metrics_addr = config.metrics;
     let metrics = Arc::new(Metrics::default());
-    let provider = Provider::start(config, key, &data_dir, Some(metrics.clone())).await?;
+    // Not root: the guests can only run in the VMM helper.
+    // SAFETY: geteuid(2) cannot fail
+    let vmm_socket = vmm_socket.or_else(|| {
+        (unsafe { libc::geteuid() } != 0).then(|| PathBuf::from(peervm_node::provider::vmm_helper::DEFAULT_SOCKET))
+    });
+    let provider = Provider::start(config, key, &data_dir, Some(metrics.clone()), vmm_socket.as_deref()).await?;
     if let Some(addr) = metrics_addr {
         let bound = peervm_node::metrics::serve(metrics, addr).await?;
         eprintln!("metrics on http://{bound}/metrics");

@@ -5,6 +5,10 @@
 //! admin socket's `reload`) it re-reads its config and applies what can change at run
 //! time (reload.rs). Running guests outlive a stop of the daemon; the next start
 //! re-adopts them (or fails and cleans them).
+//!
+//! Its guests run in the VMM helper (`peervm vmm-helper`, vmm_helper.rs) when it is given
+//! the helper's socket, or when it does not run as root; a daemon running as root without
+//! one runs them itself, for development (docs/architecture.md "Privilege separation").
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use peervm_protocol::{Accel, Advertisement, ResourceAmounts, Signed, SigningKey, Verified};
-use peervm_vmm::{AccelPolicy, GuestImage, ProbeOptions, QemuHypervisor, QemuUser, VmmConfig};
+use peervm_vmm::helper::HelperHypervisor;
+use peervm_vmm::{AccelPolicy, GuestImage, Hypervisor, ProbeOptions, QemuHypervisor, QemuUser, VmmConfig};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
@@ -27,6 +32,7 @@ use crate::provider::lease::db::ProviderDb;
 use crate::provider::lease::{LeaseManager, LeaseTerms};
 use crate::provider::reachability::{PortReport, SharedReachability, spawn_port_check};
 use crate::provider::reload::{ConfigDiff, ReloadError};
+use crate::provider::vmm_backend::VmmBackend;
 
 /// Capacity changes are re-advertised at most this often (docs/architecture.md,
 /// "Provider daemon"): a burst of leases must not become a burst of adverts.
@@ -60,6 +66,21 @@ pub enum ProviderError {
     /// reloads on SIGHUP).
     #[error("cannot handle SIGTERM and SIGHUP")]
     Signal(#[source] std::io::Error),
+    #[error(
+        "image `{name}` (sha256 {sha256}) is not one the VMM helper at {socket} offers: the helper reads another \
+         provider.toml, or its images changed; give both the same config and restart the helper"
+    )]
+    HelperImage { name: String, sha256: String, socket: PathBuf },
+    #[error("the VMM helper must run as root (it creates cgroups, network namespaces and nftables tables)")]
+    HelperNotRoot,
+    #[error("daemon user {user:?}: {reason}")]
+    DaemonUser { user: String, reason: String },
+    #[error("cannot listen on the VMM helper's socket {path}: {source}")]
+    HelperSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "[advert] delegation: {0}; ask the owner for a new one: peervm owner delegate --node <this node's peer id>"
     )]
@@ -120,6 +141,7 @@ impl Provider {
         key: SigningKey,
         data_dir: &Path,
         metrics: Option<Arc<Metrics>>,
+        vmm_socket: Option<&Path>,
     ) -> Result<Provider, ProviderError> {
         // Before anything else: a SIGHUP from here on reloads instead of killing the daemon.
         let hangup =
@@ -127,22 +149,43 @@ impl Provider {
         crate::secure_fs::ensure_private_dir(data_dir)?;
         check_delegation(&config, &key).map_err(ProviderError::Delegation)?;
         let images = open_images(&config)?;
-        let vmm_accel = select_accel(&config, &images).await?;
+        let hv = match vmm_socket {
+            Some(socket) => {
+                let helper = HelperHypervisor::connect(socket).await?;
+                for (name, image) in &images {
+                    if !helper.offers(&image.sha256_hex()) {
+                        return Err(ProviderError::HelperImage {
+                            name: name.clone(),
+                            sha256: image.sha256_hex(),
+                            socket: socket.to_path_buf(),
+                        });
+                    }
+                }
+                tracing::info!(socket = %socket.display(), "guests run in the VMM helper");
+                VmmBackend::Helper(helper)
+            }
+            None => {
+                // SAFETY: geteuid(2) cannot fail
+                if unsafe { libc::geteuid() } == 0 {
+                    tracing::warn!(
+                        "running guests in this process as root: for development only; in production run the \
+                         daemon as its own user beside `peervm vmm-helper` (docs/architecture.md, \
+                         \"Privilege separation\")"
+                    );
+                }
+                let accel = select_accel(&config, &images).await?;
+                let vmm = vmm_config(&config, data_dir.join("vmm"), accel);
+                QemuUser::ensure(&vmm.qemu_user)?;
+                VmmBackend::InProcess(QemuHypervisor::new(vmm)?)
+            }
+        };
+        let vmm_accel = hv.accel();
         tracing::info!(accel = %vmm_accel, "guests run with this accelerator");
         let accel = match vmm_accel {
             peervm_vmm::Accel::Kvm => Accel::Kvm,
             peervm_vmm::Accel::Tcg => Accel::Tcg,
         };
 
-        let mut vmm = VmmConfig::new(data_dir.join("vmm"), vmm_accel);
-        vmm.ssh_listen = config.ssh_listen;
-        vmm.ssh_port_base = config.ssh.port_min;
-        vmm.ssh_port_count = config.ssh.port_max - config.ssh.port_min + 1;
-        vmm.address_pool = config.address_pool;
-        vmm.guest_nameservers = config.guest_dns.clone();
-        vmm.names = config.names.clone();
-        QemuUser::ensure(&vmm.qemu_user)?;
-        let hv = QemuHypervisor::new(vmm)?;
         let db = ProviderDb::open(&data_dir.join("provider.db"))?;
 
         let metrics = metrics.unwrap_or_default();
@@ -378,7 +421,7 @@ fn check_delegation(config: &ProviderConfig, key: &SigningKey) -> Result<(), pee
 /// Opens and verifies every configured image (by config name); a directory's manifest
 /// must still be the one whose hash the config read (and that the advert names), a
 /// stock image's file must have the sha256 the config gives.
-fn open_images(config: &ProviderConfig) -> Result<Vec<(String, GuestImage)>, ProviderError> {
+pub(crate) fn open_images(config: &ProviderConfig) -> Result<Vec<(String, GuestImage)>, ProviderError> {
     let mut out = Vec::new();
     for img in &config.images {
         let opened = img.open().map_err(|source| ProviderError::Image { name: img.name.clone(), source })?;
@@ -390,8 +433,21 @@ fn open_images(config: &ProviderConfig) -> Result<Vec<(String, GuestImage)>, Pro
     Ok(out)
 }
 
+/// The hypervisor layer's settings from the provider's config; its state goes to
+/// `state_dir`.
+pub(crate) fn vmm_config(config: &ProviderConfig, state_dir: PathBuf, accel: peervm_vmm::Accel) -> VmmConfig {
+    let mut vmm = VmmConfig::new(state_dir, accel);
+    vmm.ssh_listen = config.ssh_listen;
+    vmm.ssh_port_base = config.ssh.port_min;
+    vmm.ssh_port_count = config.ssh.port_max - config.ssh.port_min + 1;
+    vmm.address_pool = config.address_pool;
+    vmm.guest_nameservers = config.guest_dns.clone();
+    vmm.names = config.names.clone();
+    vmm
+}
+
 /// KVM where a probe boot shows it works; TCG only when the config allows it.
-async fn select_accel(
+pub(crate) async fn select_accel(
     config: &ProviderConfig,
     images: &[(String, GuestImage)],
 ) -> Result<peervm_vmm::Accel, ProviderError> {

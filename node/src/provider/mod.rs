@@ -10,8 +10,10 @@ pub mod image_config;
 pub mod lease;
 pub mod reachability;
 pub mod reload;
+pub mod vmm_backend;
+pub mod vmm_helper;
 
 pub use daemon::{Provider, ProviderError};
 
 /// The provider's concrete lease manager: the daemon builds it, the admin API drives it.
-pub type ProviderLeases = lease::LeaseManager<peervm_vmm::QemuHypervisor>;
+pub type ProviderLeases = lease::LeaseManager<vmm_backend::VmmBackend>;

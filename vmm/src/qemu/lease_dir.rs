@@ -59,6 +59,10 @@ pub(super) struct LeaseRecord {
     pub host_key: String,
     pub image_sha256: String,
     pub started_at_unix: u64,
+    /// Cut off by `isolate`: a re-adoption (after a restart of the daemon or of the VMM
+    /// helper) must not re-open its SSH port (SECURITY.md "Incident response").
+    #[serde(default)]
+    pub isolated: bool,
 }
 
 impl LeaseRecord {
@@ -161,6 +165,7 @@ mod tests {
             host_key: "ssh-ed25519 AAAA".into(),
             image_sha256: "00".into(),
             started_at_unix: 1,
+            isolated: false,
         };
         write_record(&lease_dir, &r).unwrap();
         assert_eq!(fs::metadata(lease_dir.join(RECORD_FILE)).unwrap().permissions().mode() & 0o777, 0o600);

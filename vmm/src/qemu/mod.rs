@@ -108,6 +108,14 @@ impl QemuHypervisor {
         rt.cgroup.set_cpu_quota(cores.map(CgroupLimits::quota_for_cores), CPU_PERIOD_US)
     }
 
+    /// The leases this host has a directory for: what a VMM helper re-adopts at its
+    /// start (`reconcile` with all of them keeps every guest still alive).
+    pub fn recorded_leases(&self) -> Result<Vec<LeaseId>, VmmError> {
+        let dir = leases_dir(&self.inner.config.state_dir);
+        let entries = std::fs::read_dir(&dir).map_err(|e| VmmError::io("cannot list", &dir, e))?;
+        Ok(entries.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect())
+    }
+
     /// The lease's directory (state file, overlay, seed disk, console log).
     pub fn lease_dir(&self, lease: LeaseId) -> PathBuf {
         leases_dir(&self.inner.config.state_dir).join(lease.hex())

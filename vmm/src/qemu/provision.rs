@@ -99,6 +99,7 @@ impl QemuHypervisor {
             host_key: spec.host_key.public_openssh(),
             image_sha256: spec.image.sha256_hex(),
             started_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            isolated: false,
         };
         // the record exists before any other resource: reconcile finds every lease that
         // may have left something behind

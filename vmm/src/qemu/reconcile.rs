@@ -1,6 +1,6 @@
-//! At provider start: re-adopt the live guests of live leases, clean up every other
-//! lease this host has state for, then sweep every object with the name prefix that no
-//! lease owns (docs/vmm.md "Teardown and reconcile"). One failure does not stop the
+//! At provider start: re-adopt the live guests of live leases (or hand back the ones
+//! this backend still runs), clean up every other lease this host has state for, then
+//! sweep every object with the name prefix that no lease owns (docs/vmm.md "Teardown and reconcile"). One failure does not stop the
 //! rest: it is listed in the report.
 
 use std::fs;
@@ -25,6 +25,20 @@ impl QemuHypervisor {
     pub(super) async fn reconcile_leases(&self, live: &[LeaseId]) -> Result<ReconcileReport, VmmError> {
         let cfg = &self.inner.config;
         let mut report = ReconcileReport::default();
+        // Guests this backend already runs (a VMM helper that outlived its daemon): the
+        // live ones are the caller's again, the others are stopped. A lease still being
+        // started is left to its start (the helper stops it when nobody takes the reply).
+        for rt in self.inner.leases.all_running() {
+            let lease = rt.record.lease;
+            if live.contains(&lease) {
+                report.adopted.push(rt.running_vm());
+                continue;
+            }
+            match self.stop_lease(lease).await {
+                Ok(()) => report.removed_leases.push(lease),
+                Err(e) => report.failed.push(format!("lease {lease}: {e}")),
+            }
+        }
         let dir = leases_dir(&cfg.state_dir);
         let entries = fs::read_dir(&dir).map_err(|e| VmmError::io("cannot list", &dir, e))?;
         for e in entries.flatten() {
@@ -82,19 +96,28 @@ impl QemuHypervisor {
         }
         let counters = Arc::new(ForwardCounters::default());
         let listen = SocketAddr::new(record.listen, record.port);
-        let forwarder =
+        let forwarder = if record.isolated {
+            // an isolated guest stays cut off: no SSH port, its link down (isolate.rs)
+            let host_if = cfg.names.host_if(&lease);
+            if let Err(e) = run("ip", &["link", "set", &host_if, "down"], None).await {
+                tracing::warn!(%lease, error = %e, "cannot keep the isolated guest's link down: not adopting");
+                return None;
+            }
+            None
+        } else {
             match SshForwarder::start(listen, SocketAddr::new(IpAddr::V4(record.guest_ip), 22), counters.clone()).await
             {
-                Ok(f) => f,
+                Ok(f) => Some(f),
                 Err(e) => {
                     tracing::warn!(%lease, error = %e, "cannot re-open the SSH port: not adopting");
                     return None;
                 }
-            };
+            }
+        };
         let rt = Arc::new(LeaseRuntime {
             dir: self.lease_dir(lease),
             process: tokio::sync::Mutex::new(GuestProcess::Adopted { pid, start_ticks: ticks }),
-            forwarder: Mutex::new(Some(forwarder)),
+            forwarder: Mutex::new(forwarder),
             counters,
             cgroup,
             started: Instant::now(),

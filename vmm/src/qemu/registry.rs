@@ -51,6 +51,9 @@ impl LeaseRuntime {
     pub fn running_vm(&self) -> RunningVm {
         RunningVm {
             lease_id: self.record.lease,
+            vcpus: self.record.vcpus,
+            memory_mib: self.record.memory_mib,
+            disk_gib: self.record.disk_gib,
             pid: self.record.pid.unwrap_or_default() as u32,
             accel: self.record.accel,
             ssh_addr: SocketAddr::new(self.record.listen, self.record.port),

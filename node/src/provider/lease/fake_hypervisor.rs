@@ -166,6 +166,9 @@ fn told_to_fail(what: &str) -> VmmError {
 fn vm(lease: LeaseId, slot: u32, host_key: String, boot_time: Option<Duration>) -> RunningVm {
     RunningVm {
         lease_id: lease,
+        vcpus: 1,
+        memory_mib: 256,
+        disk_gib: 1,
         pid: 4242,
         accel: Accel::Tcg,
         ssh_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, FIRST_PORT + slot as u16)),

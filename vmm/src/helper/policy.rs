@@ -1,0 +1,252 @@
+//! The helper's checks on a start request, made as if the daemon were an attacker
+//! (docs/vmm.md "The VMM helper"; SECURITY.md "Privilege separation"): names are checked
+//! for path and line characters before anything else, the image is one the helper
+//! verified itself (by sha256), the amounts fit the host's configured totals, egress is
+//! at most what the host's config allows, the slot is within the host's pool. Nothing of
+//! the request becomes a path or an interface name.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::ledger::Amounts;
+use super::wire::{Refusal, StartRequest, WireError};
+use crate::image::GuestImage;
+use crate::spec::{AuthorizedKey, EgressPolicy, HostKeySeed, VmSpec, validate_user_name};
+
+/// What the host's configuration allows the daemon to ask for.
+#[derive(Debug)]
+pub struct HelperPolicy {
+    /// The only uid that may use the socket: the daemon's user.
+    pub daemon_uid: u32,
+    /// The images the helper verified, by sha256 (hex).
+    pub images: HashMap<String, Arc<GuestImage>>,
+    /// provider.toml's `[resources]`: every guest together stays within them.
+    pub totals: Amounts,
+    /// The most a guest may reach (provider.toml `egress`).
+    pub egress: EgressPolicy,
+    /// Network slots of the host's address pool and SSH port range.
+    pub slots: u32,
+}
+
+pub(super) fn refused(reason: Refusal, message: impl Into<String>) -> WireError {
+    WireError::Refused { reason, message: message.into() }
+}
+
+impl HelperPolicy {
+    pub fn new(
+        daemon_uid: u32,
+        images: impl IntoIterator<Item = Arc<GuestImage>>,
+        totals: Amounts,
+        egress: EgressPolicy,
+        slots: u32,
+    ) -> Self {
+        let images = images.into_iter().map(|i| (i.sha256_hex(), i)).collect();
+        HelperPolicy { daemon_uid, images, totals, egress, slots }
+    }
+
+    /// Only the daemon's user may talk to the helper (root included: a root process has
+    /// no business here, and the daemon never runs as root beside a helper).
+    pub fn check_peer(&self, uid: u32) -> Result<(), WireError> {
+        if uid == self.daemon_uid {
+            Ok(())
+        } else {
+            Err(refused(
+                Refusal::PeerUid,
+                format!("uid {uid} may not use the VMM helper: only the provider daemon's uid {}", self.daemon_uid),
+            ))
+        }
+    }
+
+    /// The start request as a spec the backend can run, or why not.
+    pub fn spec(&self, req: &StartRequest) -> Result<VmSpec, WireError> {
+        check_name("image", &req.image)?;
+        if req.image.len() != 64 || !req.image.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(refused(Refusal::BadName, "image must be an image's sha256, 64 lowercase hex digits"));
+        }
+        let image = self
+            .images
+            .get(&req.image)
+            .cloned()
+            .ok_or_else(|| refused(Refusal::UnknownImage, format!("no image with sha256 {} here", req.image)))?;
+        check_name("ssh user", &req.ssh_user)?;
+        validate_user_name(&req.ssh_user).map_err(|e| refused(Refusal::BadName, e.to_string()))?;
+        if req.authorized_key.chars().any(char::is_control) {
+            return Err(refused(Refusal::BadKey, "the authorized key holds a newline or another control character"));
+        }
+        let authorized_key =
+            AuthorizedKey::parse(&req.authorized_key).map_err(|e| refused(Refusal::BadKey, e.to_string()))?;
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(&req.host_key_seed.0, &mut seed)
+            .map_err(|_| refused(Refusal::BadKey, "the host key seed is not 64 hex digits"))?;
+        let host_key = HostKeySeed::from_bytes(seed);
+        seed.fill(0);
+        let amounts = Amounts::new(req.vcpus, req.memory_mib, req.disk_gib);
+        if let Some((what, v, l)) = amounts.first_over(&self.totals) {
+            return Err(refused(
+                Refusal::Resources,
+                format!("{v} {what} is more than the host's configured {l} (provider.toml [resources])"),
+            ));
+        }
+        if let Some(q) = req.cpu_quota
+            && !(q.is_finite() && q > 0.0 && q <= f64::from(req.vcpus))
+        {
+            return Err(refused(Refusal::Resources, format!("cpu quota {q} is not within 0..={} cores", req.vcpus)));
+        }
+        if req.slot >= self.slots {
+            return Err(refused(
+                Refusal::Slot,
+                format!("slot {} is outside the host's {} slots", req.slot, self.slots),
+            ));
+        }
+        if req.egress == EgressPolicy::PublicOnly && self.egress == EgressPolicy::Deny {
+            return Err(refused(Refusal::Egress, "egress public-only is not allowed by the host's config (deny)"));
+        }
+        let spec = VmSpec {
+            lease_id: req.lease,
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            disk_gib: req.disk_gib,
+            image,
+            ssh_user: req.ssh_user.clone(),
+            authorized_key,
+            host_key,
+            network_slot: req.slot,
+            egress: req.egress,
+            cpu_quota: req.cpu_quota,
+            progress: None,
+        };
+        spec.validate().map_err(|e| WireError::from(&e))?;
+        Ok(spec)
+    }
+}
+
+/// A name from the request must not be able to act as a path or a line: no `/`, no
+/// `..`, no control character (a newline would split a log line or a config line).
+fn check_name(field: &str, value: &str) -> Result<(), WireError> {
+    let why = if value.is_empty() {
+        "is empty"
+    } else if value.contains('/') {
+        "contains '/'"
+    } else if value.contains("..") {
+        "contains '..'"
+    } else if value.chars().any(char::is_control) {
+        "contains a newline or another control character"
+    } else if value.len() > 64 {
+        "is longer than 64 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(refused(Refusal::BadName, format!("{field} {value:?} {why}")))
+}
+
+/// A direct-boot image of one small file (kernel, initrd and disk are the same bytes):
+/// enough for the helper's checks, never booted.
+#[cfg(test)]
+pub(super) fn one_file_image(dir: &std::path::Path) -> Arc<GuestImage> {
+    use sha2::{Digest, Sha256};
+    let disk = crate::disk_header::qcow2_v3_header(1 << 30);
+    std::fs::write(dir.join("disk"), &disk).unwrap();
+    let m = serde_json::json!({
+        "name": "t", "kernel": "disk", "initrd": "disk", "disk": "disk",
+        "files": [{"path": "disk", "sha256": hex::encode(Sha256::digest(&disk)), "size": disk.len()}],
+    });
+    std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    Arc::new(GuestImage::open(dir).unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::helper::wire::SeedHex;
+    use crate::lease_id::LeaseId;
+
+    fn setup() -> (tempfile::TempDir, HelperPolicy, StartRequest) {
+        let dir = tempfile::tempdir().unwrap();
+        let img = one_file_image(dir.path());
+        let key = HostKeySeed::from_bytes([5; 32]).public_openssh();
+        let req = StartRequest {
+            lease: LeaseId::from_bytes([1; 16]),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_gib: 1,
+            image: img.sha256_hex(),
+            ssh_user: "peervm".into(),
+            authorized_key: key,
+            host_key_seed: SeedHex("07".repeat(32)),
+            slot: 3,
+            egress: EgressPolicy::Deny,
+            cpu_quota: None,
+        };
+        let policy = HelperPolicy::new(1000, [img], Amounts::new(2, 1024, 10), EgressPolicy::Deny, 4);
+        (dir, policy, req)
+    }
+
+    fn reason(r: Result<VmSpec, WireError>) -> Refusal {
+        match r {
+            Err(WireError::Refused { reason, .. }) => reason,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_within_the_policy_becomes_the_spec_it_describes() {
+        let (_d, policy, req) = setup();
+        let spec = policy.spec(&req).unwrap();
+        assert_eq!((spec.vcpus, spec.memory_mib, spec.disk_gib, spec.network_slot), (1, 256, 1, 3));
+        assert_eq!(spec.host_key.public_raw(), HostKeySeed::from_bytes([7; 32]).public_raw());
+        assert_eq!(spec.image.sha256_hex(), req.image);
+    }
+
+    #[test]
+    fn names_with_a_slash_dot_dot_or_newline_are_refused() {
+        let (_d, policy, req) = setup();
+        for bad in ["../etc/passwd", "a/b", "x..y", "abc\n", ""] {
+            let r = StartRequest { image: bad.into(), ..req.clone() };
+            assert_eq!(reason(policy.spec(&r)), Refusal::BadName, "image {bad:?}");
+            let r = StartRequest { ssh_user: bad.into(), ..req.clone() };
+            assert_eq!(reason(policy.spec(&r)), Refusal::BadName, "user {bad:?}");
+        }
+        let r = StartRequest { ssh_user: "Root".into(), ..req.clone() };
+        assert_eq!(reason(policy.spec(&r)), Refusal::BadName);
+        let r = StartRequest { authorized_key: format!("{}\nssh-ed25519 AAAA evil", req.authorized_key), ..req };
+        assert_eq!(reason(policy.spec(&r)), Refusal::BadKey);
+    }
+
+    #[test]
+    fn an_image_the_helper_did_not_verify_is_refused() {
+        let (_d, policy, req) = setup();
+        let r = StartRequest { image: "0".repeat(64), ..req.clone() };
+        assert_eq!(reason(policy.spec(&r)), Refusal::UnknownImage);
+        let r = StartRequest { image: "G".repeat(64), ..req };
+        assert_eq!(reason(policy.spec(&r)), Refusal::BadName);
+    }
+
+    #[test]
+    fn amounts_beyond_the_host_config_are_refused() {
+        let (_d, policy, req) = setup();
+        for r in [
+            StartRequest { vcpus: 3, ..req.clone() },
+            StartRequest { memory_mib: 2048, ..req.clone() },
+            StartRequest { disk_gib: 11, ..req.clone() },
+            StartRequest { cpu_quota: Some(1.5), ..req.clone() },
+            StartRequest { cpu_quota: Some(f64::NAN), ..req.clone() },
+        ] {
+            assert_eq!(reason(policy.spec(&r)), Refusal::Resources, "{r:?}");
+        }
+        let r = StartRequest { slot: 4, ..req.clone() };
+        assert_eq!(reason(policy.spec(&r)), Refusal::Slot);
+        let r = StartRequest { egress: EgressPolicy::PublicOnly, ..req.clone() };
+        assert_eq!(reason(policy.spec(&r)), Refusal::Egress);
+        let r = StartRequest { host_key_seed: SeedHex("zz".repeat(32)), ..req };
+        assert_eq!(reason(policy.spec(&r)), Refusal::BadKey);
+    }
+
+    #[test]
+    fn only_the_daemon_uid_may_connect() {
+        let (_d, policy, _) = setup();
+        assert!(policy.check_peer(1000).is_ok());
+        for uid in [0, 999, 1001] {
+            assert!(matches!(policy.check_peer(uid), Err(WireError::Refused { reason: Refusal::PeerUid, .. })));
+        }
+    }
+}
