@@ -178,7 +178,9 @@ fn the_daemon_runs_unprivileged_and_a_guest_survives_a_restart_of_either_half() 
     kill9(daemon);
     assert!(guest_runs(&site, root), "the guest outlives its daemon");
     let (daemon, _) = halves.daemon();
-    let st = peervm(&req, &["lease", "status", &id, "--json"]);
+    // the restarted daemon listens on a new port: the bootstrap tells where
+    let st = peervm(&req, &["lease", "status", &id, "--json", "--bootstrap", &boot]);
+    assert!(st.status.success(), "status after the daemon's restart: {}", stderr(&st));
     let st: serde_json::Value = serde_json::from_str(stdout(&st).trim()).expect("status JSON");
     assert_eq!(st["state"], "running", "{st}");
     exec("after the daemon's restart");
@@ -196,14 +198,19 @@ fn the_daemon_runs_unprivileged_and_a_guest_survives_a_restart_of_either_half() 
         let body = br#"{"version":1,"op":"hello"}"#;
         s.write_all(&(body.len() as u32).to_be_bytes())?;
         s.write_all(body)?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply)?;
-        Ok(reply)
+        // one frame back: its length, then its JSON (the helper closes without reading
+        // the refused request, so reading on to EOF would meet a reset)
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)?;
+        let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut reply)?;
+        Ok(String::from_utf8_lossy(&reply).into_owned())
     });
     let refused = refused.expect("the helper answers");
     assert!(refused.contains("peer_uid"), "{refused}");
 
-    assert!(peervm(&req, &["lease", "terminate", &id]).status.success());
+    let out = peervm(&req, &["lease", "terminate", &id, "--bootstrap", &boot]);
+    assert!(out.status.success(), "terminate: {}", stderr(&out));
     let left = site.wait_clean(root, HANG_GUARD);
     assert!(left.is_empty(), "left behind: {left:?}");
     assert_eq!(halves.lease_dirs(), 0, "the helper removed the lease's directory");

@@ -5,6 +5,7 @@
 //! daemon's user, and only it, on a Unix socket. Guests outlive the helper's stop, as they
 //! outlive the daemon's: the next start re-adopts them.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -143,8 +144,12 @@ fn listen(socket: &Path, group: u32) -> Result<tokio::net::UnixListener, Provide
     if let Some(dir) = socket.parent()
         && !dir.as_os_str().is_empty()
     {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(err)?;
+        if !dir.exists() {
+            // explicitly: the helper's umask (077) would make it 0700, and the daemon's
+            // user must traverse it
+            std::fs::create_dir_all(dir).map_err(err)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+        }
     }
     bind(socket, group).map_err(err)
 }

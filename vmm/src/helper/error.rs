@@ -7,10 +7,7 @@ use super::wire::Refusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
-    #[error(
-        "cannot reach the VMM helper at {path}: {source}; start it (as root): peervm vmm-helper --config <provider.toml>, \
-         or `systemctl start peervm-vmm`"
-    )]
+    #[error("cannot reach the VMM helper at {path}: {source}; {}", connect_hint(source))]
     Connect {
         path: PathBuf,
         #[source]
@@ -26,4 +23,14 @@ pub enum HelperError {
     Refused { reason: Refusal, message: String },
     #[error("the VMM helper: {0}")]
     Remote(String),
+}
+
+/// What to do about a socket that cannot be reached, by cause.
+fn connect_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => {
+            "this user may not use it: run the daemon as the helper's --daemon-user (default peervm)"
+        }
+        _ => "start it (as root): peervm vmm-helper --config <provider.toml>, or systemctl start peervm-vmm",
+    }
 }
