@@ -52,8 +52,11 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     assert!(stdout(&out).contains("Linux"), "{}", stdout(&out));
     let out = peervm(&req, &["exec", &id, "--", "nproc"]);
     assert_eq!(stdout(&out).trim(), "1", "the guest has the leased vCPU count");
-    let out = peervm(&req, &["exec", &id, "--", "exit 7"]);
+    let out = peervm(&req, &["exec", &id, "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "exit code passes through: {}", stderr(&out));
+    // the remote command is exactly the argv: quotes, spaces and `$` reach it unchanged
+    let out = peervm(&req, &["exec", &id, "--", "printf", "[%s]", "a b", "it's", "$HOME", ""]);
+    assert_eq!(stdout(&out), "[a b][it's][$HOME][]", "exec passes the argv unchanged: {}", stderr(&out));
 
     // OpenSSH with the pinned key and the lease key.
     let out = peervm(&req, &["ssh", &id, "--", "-o", "BatchMode=yes", "echo", "via-openssh"]);
