@@ -201,14 +201,12 @@ pub fn protection(path: &Path) -> Result<Protection, KeyStoreError> {
 /// Loads the identity key, checking file modes and that the secret matches the PeerId.
 /// An encrypted key takes its passphrase from the systemd credential, `PEERVM_PASSPHRASE`
 /// or a terminal prompt (module doc);
-/// a plaintext key loads with a one-line warning on stderr.
+/// a plaintext key loads silently: it was warned about when it was created, and `peervm
+/// doctor` and `key export` say so again (issue 20: not on every command).
 pub fn load(path: &Path) -> Result<SigningKey, KeyStoreError> {
     let file = read(path)?;
     match parse_protection(path, &file.protection)? {
-        Protection::Plaintext => {
-            warn_plaintext(path);
-            decode(path, file, None)
-        }
+        Protection::Plaintext => decode(path, file, None),
         Protection::AgeScrypt => {
             let pass = read_passphrase(
                 PASSPHRASE_ENV,
@@ -311,8 +309,9 @@ pub fn read_credential(path: &Path) -> Result<SecretString, KeyStoreError> {
     Ok(SecretString::from(text.to_string()))
 }
 
-fn warn_plaintext(path: &Path) {
-    eprintln!("warning: identity key {} is NOT encrypted; encrypt it with: peervm key change-password", path.display());
+/// The one-line warning about a plaintext key at `path`, for the commands that show it.
+pub fn plaintext_warning(path: &Path) -> String {
+    format!("warning: identity key {} is NOT encrypted; encrypt it with: peervm key change-password", path.display())
 }
 
 /// The key file's bytes for `seed`, encrypted when a passphrase is given.

@@ -30,9 +30,9 @@ const NEEDS_NETWORK: [&str; 5] = [
     "chrony.service",
 ];
 
-/// `peervm exec` of one shell command line; its output and exit code.
+/// `peervm exec -- sh -c CMD`: one shell command line in the guest; its output and exit code.
 fn exec(req: &Path, id: &str, cmd: &str) -> (Option<i32>, String) {
-    let out = peervm(req, &["exec", id, "--", cmd]);
+    let out = peervm(req, &["exec", id, "--", "sh", "-c", cmd]);
     let text = stdout(&out);
     eprintln!("$ {cmd}\n{text}{}", stderr(&out));
     (out.status.code(), text)

@@ -266,6 +266,32 @@ fn insecure_plaintext_warns_loudly_and_change_password_encrypts_it() {
     assert_eq!(stdout(&peervm(&data, &["key", "export"])), seed);
 }
 
+/// A plaintext key is warned about once, when a requestor command creates it; the
+/// commands after that say nothing about it (issue 20: `doctor` and `key export` still do).
+#[test]
+fn a_plaintext_requestor_key_is_warned_about_when_created_not_on_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let warned = |out: &Output| {
+        let e = String::from_utf8_lossy(&out.stderr).into_owned();
+        (e.contains("UNENCRYPTED") || e.contains("NOT encrypted"), e)
+    };
+    let out = peervm_env(&data, &["lease", "list"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(key_json(&data.join("identity.key"))["protection"], "plaintext");
+    let (first, text) = warned(&out);
+    assert!(first, "the key's creation is warned about: {text}");
+    for _ in 0..2 {
+        let out = peervm_env(&data, &["lease", "list"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "no leases");
+        let (again, text) = warned(&out);
+        assert!(!again, "a later command warns again: {text}");
+    }
+    let (export, text) = warned(&peervm_env(&data, &["key", "export"], &[]));
+    assert!(export, "key export still says the key is not encrypted: {text}");
+}
+
 /// A service's passphrase as a systemd credential (`$CREDENTIALS_DIRECTORY/peervm-passphrase`,
 /// e.g. from `LoadCredentialEncrypted=`): it unlocks the key without the variable, and
 /// it wins over the variable when both are set.

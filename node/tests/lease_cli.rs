@@ -52,8 +52,11 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
     assert!(stdout(&out).contains("Linux"), "{}", stdout(&out));
     let out = peervm(&req, &["exec", &id, "--", "nproc"]);
     assert_eq!(stdout(&out).trim(), "1", "the guest has the leased vCPU count");
-    let out = peervm(&req, &["exec", &id, "--", "exit 7"]);
+    let out = peervm(&req, &["exec", &id, "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "exit code passes through: {}", stderr(&out));
+    // the remote command is exactly the argv: quotes, spaces and `$` reach it unchanged
+    let out = peervm(&req, &["exec", &id, "--", "printf", "[%s]", "a b", "it's", "$HOME", ""]);
+    assert_eq!(stdout(&out), "[a b][it's][$HOME][]", "exec passes the argv unchanged: {}", stderr(&out));
 
     // OpenSSH with the pinned key and the lease key.
     let out = peervm(&req, &["ssh", &id, "--", "-o", "BatchMode=yes", "echo", "via-openssh"]);
@@ -88,6 +91,16 @@ fn lease_full_flow_exec_extend_terminate_leaves_nothing() {
         .expect("advert shows all vCPUs free again");
     let list = stdout(&peervm(&req, &["lease", "list"]));
     assert!(list.contains(&id[..12]) && list.contains("ended"), "{list}");
+    // An ended lease says when it ended and why, never when it "ends".
+    let row = list.lines().find(|l| l.starts_with(&id[..12])).unwrap_or_default();
+    assert!(row.contains(" ago") && row.ends_with("terminated by you") && !row.contains(" in "), "{list}");
+    let st = status_json(&req, &id);
+    assert_eq!(st["detail"], "terminated by you", "{st}");
+    assert!(st["ended_at_unix_ms"].as_u64().unwrap() <= peervm_node::clock::now_unix_ms(), "{st}");
+    let text = stdout(&peervm(&req, &["lease", "status", &id]));
+    assert!(text.contains("\nended     ") && text.contains("ago: terminated by you"), "{text}");
+    assert!(!text.contains("ends "), "{text}");
+    eprintln!("lease list, then lease status, of the terminated lease:\n{list}{text}");
 }
 
 #[ignore = "needs root: runs a provider that boots guests"]

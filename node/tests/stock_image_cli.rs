@@ -38,9 +38,10 @@ fn sha256_hex(path: &std::path::Path) -> String {
     }
 }
 
-/// `peervm exec` (the pinned host key, the lease's key): stdout, or a panic with stderr.
+/// `peervm exec -- sh -c COMMAND` (the pinned host key, the lease's key): stdout, or a panic
+/// with stderr.
 fn exec(req: &std::path::Path, id: &str, command: &str) -> String {
-    let out = peervm(req, &["exec", id, "--", command]);
+    let out = peervm(req, &["exec", id, "--", "sh", "-c", command]);
     assert!(out.status.success(), "`{command}` failed: {}{}", stdout(&out), stderr(&out));
     stdout(&out)
 }

@@ -90,12 +90,17 @@ fn an_unbootable_image_fails_its_lease_with_a_signed_boot_failed_and_leaves_noth
         let expected =
             format!("the provider denied the request: boot_failed: the guest of image `{image}` did not boot");
         assert!(err.contains(&expected) && err.contains(says), "{err}\nprovider log:\n{}", site.log(root));
-        let list = peervm(&req, &["lease", "list", "--json"]);
-        let stored: Vec<serde_json::Value> =
-            stdout(&list).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let rows = |args: &[&str]| -> Vec<serde_json::Value> {
+            stdout(&peervm(&req, args)).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        };
+        // a denied request is no lease: only `--all` lists it, with the signed denial
+        let stored = rows(&["lease", "list", "--json", "--all"]);
         let mine = stored.iter().find(|l| l["image"] == image).unwrap_or_else(|| panic!("{stored:?}"));
         assert_eq!(mine["state"], "failed", "{mine}");
         assert!(mine["detail"].as_str().unwrap_or("").starts_with("denied: boot_failed: "), "{mine}");
+        assert!(mine["denial"].as_str().is_some_and(|hex| !hex.is_empty()), "the signed denial is kept: {mine}");
+        let default = rows(&["lease", "list", "--json"]);
+        assert!(default.iter().all(|l| l["lease"] != mine["lease"]), "listed without --all: {default:?}");
         let left = site.wait_clean(root, HANG_GUARD);
         assert!(left.is_empty(), "a failed boot of `{image}` left: {left:?}");
     }

@@ -7,6 +7,8 @@ use clap::Args;
 use peervm_node::provider::config::ProviderConfig;
 use peervm_node::provider::doctor;
 
+use super::provider_data_dir::ProviderDataDir;
+
 #[derive(Args)]
 pub struct DoctorArgs {
     /// Provider config (TOML).
@@ -18,8 +20,9 @@ pub struct DoctorArgs {
 
 pub async fn run(args: DoctorArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let config = ProviderConfig::load(&args.config)?;
-    let dir = config.data_dir.clone().unwrap_or_else(|| data_dir.to_path_buf());
-    let checks = doctor::run(&config, &dir).await;
+    let dir = ProviderDataDir::choose(Some((&args.config, &config)), data_dir);
+    let mut checks = vec![data_dir_check(&dir)];
+    checks.extend(doctor::run(&config, &dir.path).await);
     if args.json {
         println!("{}", serde_json::to_string(&checks)?);
     } else {
@@ -29,4 +32,23 @@ pub async fn run(args: DoctorArgs, data_dir: &Path) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first line of the checklist: which data dir every other check looked in, and a
+/// warning when the config leaves it to the environment (issue 20: the config decides).
+fn data_dir_check(dir: &ProviderDataDir) -> doctor::Check {
+    let detail = format!("checked {}", dir.describe());
+    match &dir.config {
+        Some(_) => doctor::Check { name: "data dir", verdict: doctor::Verdict::Pass, detail, fix: None },
+        None => doctor::Check {
+            name: "data dir",
+            verdict: doctor::Verdict::Warn,
+            detail,
+            fix: Some(
+                "set [node] data_dir in the config, so `provider run`, `doctor` and `provider status` \
+                 all use the same directory whatever $PEERVM_DATA_DIR is"
+                    .into(),
+            ),
+        },
+    }
 }

@@ -94,6 +94,9 @@ pub fn run(cmd: KeyCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
         }
         KeyCommand::Export { key } => {
             let path = path_or_default(key);
+            if keystore::protection(&path)? == keystore::Protection::Plaintext {
+                eprintln!("{}", keystore::plaintext_warning(&path));
+            }
             let k = keystore::load(&path)?;
             eprintln!(
                 "warning: the line below is this node's secret key; anyone who sees it can impersonate {}",

@@ -14,7 +14,7 @@ use peervm_node::units;
 use peervm_protocol::{ControlAction, LeaseState, ReplyOutcome};
 
 use super::args::{SwarmArgs, TrustArgs};
-use super::render::{describe_outcome, format_time, shell_quote};
+use super::render::{describe_outcome, end_column, ended_line, format_time, shell_quote};
 use super::requestor;
 
 #[derive(Subcommand)]
@@ -22,10 +22,15 @@ pub enum LeaseCommand {
     /// Lease a VM: picks an offer, sends a signed request, waits for the guest, pins its
     /// host key and prints how to reach it.
     Create(CreateArgs),
-    /// The leases this requestor holds (from its local store).
+    /// The leases this requestor holds (from its local store). Requests that never got a
+    /// lease (denied, unanswered) are left out unless `--all`.
     List {
         #[arg(long)]
         json: bool,
+        /// Also the requests that failed before a grant; a denied one keeps the
+        /// provider's signed denial (`denial` in `--json`).
+        #[arg(long)]
+        all: bool,
     },
     /// Ask the provider for a lease's state and resource use.
     Status {
@@ -99,48 +104,25 @@ pub async fn run(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<ExitCode>
 async fn lease_cmd(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<()> {
     match cmd {
         LeaseCommand::Create(args) => create(args, data_dir).await,
-        LeaseCommand::List { json } => {
-            let r = requestor::open(data_dir)?;
-            let leases = r.db().list()?;
-            if json {
-                for l in &leases {
-                    println!("{}", lease_json(l));
-                }
-            } else if leases.is_empty() {
-                println!("no leases");
-            } else {
-                println!("{:<12}  {:<10}  {:<14}  {:<24}  PROVIDER", "LEASE", "STATE", "ENDS", "SSH");
-                for l in &leases {
-                    let (ends, ssh) = match &l.access {
-                        Some(a) => {
-                            (format_time(a.ends_at_unix_ms), format!("{}@{}:{}", a.ssh_user, a.ssh_host, a.ssh_port))
-                        }
-                        None => ("-".into(), "-".into()),
-                    };
-                    println!(
-                        "{:<12}  {:<10}  {:<14}  {:<24}  {}",
-                        &l.id.to_hex()[..12],
-                        l.state.as_str(),
-                        ends,
-                        ssh,
-                        l.provider
-                    );
-                }
-            }
-            Ok(())
-        }
+        LeaseCommand::List { json, all } => list(data_dir, json, all),
         LeaseCommand::Status { lease, json, swarm } => {
             let r = requestor::open(data_dir)?;
             let l = r.db().find(&lease)?;
             match r.control(&l, ControlAction::Status, &swarm.addrs()?).await? {
                 ReplyOutcome::Status { state, ends_at_unix_ms, usage } => {
+                    // the store now holds what the reply taught (when and why it ended)
+                    let l = r.db().get(&l.id)?.unwrap_or(l);
                     if json {
                         println!("{}", status_json(&l, state, ends_at_unix_ms, usage.as_ref()));
                     } else {
                         println!("lease     {}", l.id);
                         println!("provider  {}", l.provider);
                         println!("state     {}", state.as_str());
-                        println!("ends      {}", format_time(ends_at_unix_ms));
+                        match ended_line(&l, peervm_node::clock::now_unix_ms()) {
+                            Some(ended) if state.is_finished() => println!("ended     {ended}"),
+                            _ if state.is_finished() => println!("ended     {}", state.as_str()),
+                            _ => println!("ends      {}", format_time(ends_at_unix_ms)),
+                        }
                         if let Some(u) = usage {
                             println!("usage     {}", client::usage_line(&u));
                         }
@@ -176,6 +158,51 @@ async fn lease_cmd(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// `lease list`: the leases, newest first; requests that failed before a grant only with
+/// `--all` (issue 20: a denial is a receipt, not a lease).
+fn list(data_dir: &Path, json: bool, all: bool) -> anyhow::Result<()> {
+    let r = requestor::open(data_dir)?;
+    let leases = if all { r.db().list()? } else { r.db().list_leased()? };
+    if json {
+        for l in &leases {
+            println!("{}", lease_json(l));
+        }
+        return Ok(());
+    }
+    if leases.is_empty() {
+        println!("no leases");
+    } else {
+        // END: when a running lease ends, or when a finished one ended; why it ended
+        // follows the provider
+        let now = peervm_node::clock::now_unix_ms();
+        println!("{:<12}  {:<10}  {:<14}  {:<24}  PROVIDER", "LEASE", "STATE", "END", "SSH");
+        for l in &leases {
+            let ssh = match &l.access {
+                Some(a) => format!("{}@{}:{}", a.ssh_user, a.ssh_host, a.ssh_port),
+                None => "-".into(),
+            };
+            let why =
+                if l.state.is_finished() && !l.detail.is_empty() { format!("  {}", l.detail) } else { String::new() };
+            println!(
+                "{:<12}  {:<10}  {:<14}  {:<24}  {}{why}",
+                &l.id.to_hex()[..12],
+                l.state.as_str(),
+                end_column(l, now),
+                ssh,
+                l.provider
+            );
+        }
+    }
+    if !all {
+        let hidden = r.db().list()?.len().saturating_sub(leases.len());
+        if hidden > 0 {
+            let what = if hidden == 1 { "request" } else { "requests" };
+            println!("({hidden} {what} that failed before a grant not shown; `peervm lease list --all` shows them)");
+        }
+    }
+    Ok(())
+}
+
 fn lease_json(l: &StoredLease) -> serde_json::Value {
     serde_json::json!({
         "lease": l.id.to_hex(),
@@ -196,6 +223,8 @@ fn lease_json(l: &StoredLease) -> serde_json::Value {
         "price_per_hour_micros": l.access.as_ref().map(|a| a.price_per_hour_micros),
         "currency": l.access.as_ref().map(|a| a.currency.clone()),
         "detail": l.detail,
+        "ended_at_unix_ms": l.ended_at_unix_ms,
+        "denial": l.denial.as_ref().map(hex::encode),
     })
 }
 
@@ -341,6 +370,8 @@ mod tests {
                 grant: Vec::new(),
             }),
             detail: String::new(),
+            ended_at_unix_ms: None,
+            denial: None,
         }
     }
 

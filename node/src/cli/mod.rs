@@ -15,6 +15,8 @@ mod offers;
 mod owner;
 mod provider;
 mod provider_admin;
+mod provider_data_dir;
+mod provider_status;
 pub(crate) mod render;
 mod requestor;
 mod requestor_block;

@@ -10,6 +10,8 @@ use peervm_node::provider::admin::{self, AdminReply, AdminRequest, AdminResult};
 use peervm_node::provider::config::ProviderConfig;
 
 use super::provider::ProviderCommand;
+use super::provider_data_dir::ProviderDataDir;
+use super::provider_status;
 use super::render::format_time;
 
 pub async fn run(cmd: ProviderCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
@@ -27,16 +29,16 @@ pub async fn run(cmd: ProviderCommand, data_dir: &Path) -> anyhow::Result<ExitCo
         ProviderCommand::Unlock(a) => (AdminRequest::Unlock, a),
         ProviderCommand::Reload(a) => (AdminRequest::Reload, a),
     };
-    let dir = match &args.config {
-        Some(path) => ProviderConfig::load(path)?.data_dir.unwrap_or_else(|| data_dir.to_path_buf()),
-        None => data_dir.to_path_buf(),
-    };
-    let result = match admin::call(&admin::socket_path(&dir), &request).await? {
+    let config = args.config.as_ref().map(|path| ProviderConfig::load(path).map(|c| (path, c))).transpose()?;
+    let dir = ProviderDataDir::choose(config.as_ref().map(|(p, c)| (p.as_path(), c)), data_dir);
+    let result = match admin::call(&admin::socket_path(&dir.path), &request).await? {
         AdminReply::Ok(result) => result,
         AdminReply::Err(error) => bail!("{error}"),
     };
     if args.json {
         println!("{}", result.to_json());
+    } else if let AdminResult::Status(status) = &result {
+        print!("{}", provider_status::render(status, &dir.describe(), peervm_node::clock::now_unix_ms()));
     } else if let AdminResult::Leases(list) = &result {
         if list.is_empty() {
             println!("no leases");

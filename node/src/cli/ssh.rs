@@ -22,7 +22,8 @@ pub struct SshArgs {
 #[derive(Args)]
 pub struct ExecArgs {
     lease: String,
-    /// The command (after --).
+    /// The command and its arguments (after --), run exactly as given: each argument is
+    /// quoted for the guest's shell. For a shell command line: `-- sh -c 'a && b'`.
     #[arg(last = true, required = true)]
     command: Vec<String>,
 }
@@ -43,14 +44,15 @@ pub fn ssh(args: SshArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     bail!("cannot run ssh (install openssh-client, or use `peervm exec`): {err}")
 }
 
-/// Runs the command with the built-in client; the remote exit code becomes ours.
+/// Runs the command with the built-in client; the remote exit code becomes ours. The
+/// argv is quoted for the guest's `sh`, so the command run is exactly the argv given.
 pub async fn exec(args: ExecArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let r = requestor::open(data_dir)?;
     let l = r.db().find(&args.lease)?;
     let target = r.ssh_target(&l)?;
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
-    let code = guest_ssh::exec(&target, &args.command.join(" "), &mut stdout, &mut stderr).await?;
+    let code = guest_ssh::exec(&target, &guest_ssh::command_line(&args.command), &mut stdout, &mut stderr).await?;
     use tokio::io::AsyncWriteExt;
     let _ = stdout.flush().await;
     let _ = stderr.flush().await;

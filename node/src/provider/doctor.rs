@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::provider::admin::{AdminReply, AdminRequest, AdminResult};
 use crate::provider::config::ProviderConfig;
+use crate::provider::kvm_diagnosis::{KvmFacts, diagnose};
 use crate::provider::reachability::{PortReport, state_name};
 use crate::secure_fs;
 
@@ -155,17 +156,38 @@ async fn check_kvm(config: &ProviderConfig, image: Option<&peervm_vmm::GuestImag
         peervm_vmm::KvmProbe::Usable { boot_time } => {
             pass("kvm", format!("a probe guest booted under KVM in {} ms", boot_time.as_millis()))
         }
-        peervm_vmm::KvmProbe::Unusable { reason } if config.allow_tcg => warn(
-            "kvm",
-            format!("KVM does not work here ({reason}); guests run on slow software emulation, advertised as tcg"),
-            "use hardware with working KVM (not nested), or keep allow_tcg for a test provider",
-        ),
-        peervm_vmm::KvmProbe::Unusable { reason } => fail(
-            "kvm",
-            format!("KVM does not work here ({reason}) and allow_tcg is false: the provider will not start"),
-            "use hardware with working KVM, or set [hypervisor] allow_tcg = true",
-        ),
+        peervm_vmm::KvmProbe::Unusable { reason } => {
+            // the probe says that KVM failed; the host's facts say why (kvm_diagnosis.rs)
+            let facts = KvmFacts::gather(&opts.user.name, opts.user.uid, qemu_gids(&opts.user));
+            let why = diagnose(&facts, &reason);
+            if config.allow_tcg {
+                warn(
+                    "kvm",
+                    format!(
+                        "KVM does not work here: {}; guests run on slow software emulation, advertised as tcg",
+                        why.detail
+                    ),
+                    format!("{} (or keep allow_tcg for a test provider)", why.fix),
+                )
+            } else {
+                fail(
+                    "kvm",
+                    format!(
+                        "KVM does not work here: {}; allow_tcg is false, so the provider will not start",
+                        why.detail
+                    ),
+                    format!("{} (or set [hypervisor] allow_tcg = true)", why.fix),
+                )
+            }
+        }
     }
+}
+
+/// The QEMU user's primary and supplementary groups.
+fn qemu_gids(user: &peervm_vmm::QemuUser) -> Vec<u32> {
+    let mut gids = user.groups.clone();
+    gids.push(user.gid);
+    gids
 }
 
 fn check_files(data_dir: &Path) -> Vec<Check> {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod image_config;
+pub mod kvm_diagnosis;
 pub mod lease;
 pub mod reachability;
 pub mod reload;

@@ -14,6 +14,7 @@ use peervm_protocol::{
 };
 
 use super::db::{Access, RequestorDb, RequestorDbError, StoredLease};
+use super::lease_end;
 use super::ssh::{self, SshError};
 use super::wait_updates;
 use crate::advert_store::OfferFilter;
@@ -248,6 +249,8 @@ impl Requestor {
             state: LeaseState::Requested,
             access: None,
             detail: String::new(),
+            ended_at_unix_ms: None,
+            denial: None,
         })?;
 
         let call = node.client.lease_call(
@@ -290,14 +293,14 @@ impl Requestor {
         let bytes = match bytes {
             Ok(b) => b,
             Err(e) => {
-                self.db.set_state(&id, LeaseState::Failed, &e.to_string())?;
+                self.db.set_finished(&id, LeaseState::Failed, &e.to_string(), Some(now_unix_ms()))?;
                 return Err(e.into());
             }
         };
         let reply = match open_reply(&bytes, a.provider, self.key.peer_id(), id, digest) {
             Ok(r) => r,
             Err(e) => {
-                self.db.set_state(&id, LeaseState::Failed, &with_causes(&e))?;
+                self.db.set_finished(&id, LeaseState::Failed, &with_causes(&e), Some(now_unix_ms()))?;
                 return Err(e);
             }
         };
@@ -320,12 +323,15 @@ impl Requestor {
                 Ok(stored)
             }
             ReplyOutcome::Denied { reason, detail } => {
-                self.db.set_state(&id, LeaseState::Failed, &format!("denied: {reason}: {detail}"))?;
+                // the signed denial is kept as the receipt of the refusal
+                let detail_line = format!("denied: {reason}: {detail}");
+                self.db.set_denied(&id, &detail_line, reply.issued_at_unix_ms, &bytes)?;
                 Err(RequestorError::Denied { reason, detail })
             }
             other => {
                 let what = outcome_name(&other);
-                self.db.set_state(&id, LeaseState::Failed, &format!("unexpected reply {what}"))?;
+                let detail_line = format!("unexpected reply {what}");
+                self.db.set_finished(&id, LeaseState::Failed, &detail_line, Some(now_unix_ms()))?;
                 Err(RequestorError::UnexpectedReply(what.into()))
             }
         }
@@ -358,13 +364,22 @@ impl Requestor {
         let outcome = result?;
         match &outcome {
             ReplyOutcome::Status { state, ends_at_unix_ms, .. } => {
-                self.db.set_state(&lease.id, *state, "")?;
-                self.db.set_ends_at(&lease.id, *ends_at_unix_ms)?;
+                match lease_end::from_status(lease, *state, *ends_at_unix_ms, now_unix_ms()) {
+                    Some(f) => self.db.set_finished(&lease.id, f.state, &f.detail, f.at_unix_ms)?,
+                    // a finished lease keeps how it finished
+                    None if state.is_finished() => {}
+                    None => self.db.set_state(&lease.id, *state, "")?,
+                }
+                if lease.access.is_some() {
+                    self.db.set_ends_at(&lease.id, *ends_at_unix_ms)?;
+                }
             }
             ReplyOutcome::Extended { ends_at_unix_ms } => self.db.set_ends_at(&lease.id, *ends_at_unix_ms)?,
-            ReplyOutcome::Terminated { .. } => self.db.set_state(&lease.id, LeaseState::Ended, "terminated")?,
-            ReplyOutcome::Denied { reason: DenyReason::LeaseEnded, detail } => {
-                self.db.set_state(&lease.id, LeaseState::Ended, detail)?
+            ReplyOutcome::Terminated { at_unix_ms } => {
+                self.db.set_finished(&lease.id, LeaseState::Ended, lease_end::TERMINATED, Some(*at_unix_ms))?
+            }
+            ReplyOutcome::Denied { reason: DenyReason::LeaseEnded, detail } if !lease.state.is_finished() => {
+                self.db.set_finished(&lease.id, LeaseState::Ended, detail, None)?
             }
             _ => {}
         }

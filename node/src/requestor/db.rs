@@ -67,7 +67,13 @@ pub struct StoredLease {
     pub state: LeaseState,
     /// None until granted.
     pub access: Option<Access>,
+    /// Why the lease is in its state, for people: a failure's cause, or why it ended.
     pub detail: String,
+    /// When the lease ended or failed, when the requestor knows it (README "Requestor").
+    pub ended_at_unix_ms: Option<u64>,
+    /// The provider's signed reply that denied the request: the receipt of a refusal, as
+    /// `access.grant` is of a lease.
+    pub denial: Option<Vec<u8>>,
 }
 
 /// How to reach a granted guest, and the signed grant that proves it.
@@ -124,6 +130,8 @@ const REQUESTOR_MIGRATIONS: &[&str] = &[
         at_unix_ms INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;
 ",
+    "ALTER TABLE leases ADD COLUMN ended_at_unix_ms INTEGER;",
+    "ALTER TABLE leases ADD COLUMN denial_reply BLOB;",
 ];
 
 /// The providers this requestor blocked.
@@ -131,7 +139,7 @@ const BLOCKED: BlockTable = BlockTable { table: "blocked_providers", at_column: 
 
 const COLUMNS: &str = "id, provider, vcpus, memory_mib, disk_gib, image_name, image_sha256, key_path, \
      created_at_unix_ms, state, detail, ssh_host, ssh_port, ssh_user, host_key, ends_at_unix_ms, \
-     price_per_hour_micros, currency, grant_reply";
+     price_per_hour_micros, currency, grant_reply, ended_at_unix_ms, denial_reply";
 
 /// The requestor's lease store. One connection behind a mutex: `Send + Sync`.
 pub struct RequestorDb {
@@ -251,6 +259,49 @@ impl RequestorDb {
         })
     }
 
+    /// Records that the lease ended or failed: its state, why, and when (if known).
+    pub fn set_finished(
+        &self,
+        id: &LeaseId,
+        state: LeaseState,
+        detail: &str,
+        at_unix_ms: Option<u64>,
+    ) -> Result<(), RequestorDbError> {
+        let at = at_unix_ms.map(|at| to_i64("ended_at_unix_ms", at)).transpose()?;
+        self.db.run(|conn| {
+            let changed = conn.execute(
+                "UPDATE leases SET state = ?2, detail = ?3, ended_at_unix_ms = ?4 WHERE id = ?1",
+                params![id.0, LeaseState::as_str(state), detail, at],
+            )?;
+            if changed == 0 {
+                return Err(RequestorDbError::NotFound(id.to_hex()).into());
+            }
+            Ok(())
+        })
+    }
+
+    /// Records the provider's signed denial of the request: state `Failed`, why, when,
+    /// and the signed reply bytes as the receipt.
+    pub fn set_denied(
+        &self,
+        id: &LeaseId,
+        detail: &str,
+        at_unix_ms: u64,
+        reply: &[u8],
+    ) -> Result<(), RequestorDbError> {
+        let at = to_i64("ended_at_unix_ms", at_unix_ms)?;
+        self.db.run(|conn| {
+            let changed = conn.execute(
+                "UPDATE leases SET state = ?2, detail = ?3, ended_at_unix_ms = ?4, denial_reply = ?5 WHERE id = ?1",
+                params![id.0, LeaseState::as_str(LeaseState::Failed), detail, at, reply],
+            )?;
+            if changed == 0 {
+                return Err(RequestorDbError::NotFound(id.to_hex()).into());
+            }
+            Ok(())
+        })
+    }
+
     /// The new end of a granted lease (after an extension); `NotGranted` before the grant.
     pub fn set_ends_at(&self, id: &LeaseId, ends_at_unix_ms: u64) -> Result<(), RequestorDbError> {
         let ends_at = to_i64("ends_at_unix_ms", ends_at_unix_ms)?;
@@ -360,6 +411,19 @@ impl RequestorDb {
         self.query(&format!("SELECT {COLUMNS} FROM leases ORDER BY created_at_unix_ms DESC, rowid DESC"), [])
     }
 
+    /// The leases that were granted or may still be, newest first: requests that failed
+    /// before a grant (denied, unanswered) are left out; [`Self::list`] has them, and a
+    /// denied one keeps its signed denial.
+    pub fn list_leased(&self) -> Result<Vec<StoredLease>, RequestorDbError> {
+        self.query(
+            &format!(
+                "SELECT {COLUMNS} FROM leases WHERE NOT (state = 'failed' AND grant_reply IS NULL) \
+                 ORDER BY created_at_unix_ms DESC, rowid DESC"
+            ),
+            [],
+        )
+    }
+
     fn query(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredLease>, RequestorDbError> {
         self.db.run(|conn| {
             let mut stmt = conn.prepare(sql)?;
@@ -407,6 +471,10 @@ fn decode_lease(conn: &Connection, row: &Row<'_>) -> Result<StoredLease, TxError
             state: column_state(row, "state")?,
             access: decode_access(row)?,
             detail: column(row, "detail")?,
+            ended_at_unix_ms: column::<Option<i64>>(row, "ended_at_unix_ms")?
+                .map(|at| u64::try_from(at).map_err(|_| format!("column ended_at_unix_ms: negative value {at}")))
+                .transpose()?,
+            denial: column(row, "denial_reply")?,
         })
     })();
     Ok(decoded.map_err(corrupt)?)
@@ -474,6 +542,8 @@ mod tests {
             state: LeaseState::Requested,
             access: None,
             detail: String::new(),
+            ended_at_unix_ms: None,
+            denial: None,
         }
     }
 
@@ -570,10 +640,13 @@ mod tests {
         assert_eq!((got.ends_at_unix_ms, got.host_key), (10_800_000, [0xee; 32]));
         assert_eq!(got.grant, access().grant);
 
-        db.set_state(&l.id, LeaseState::Ended, "terminated").unwrap();
+        db.set_finished(&l.id, LeaseState::Ended, "terminated by you", Some(5_000)).unwrap();
         let got = db.get(&l.id).unwrap().unwrap();
-        assert_eq!((got.state, got.detail.as_str()), (LeaseState::Ended, "terminated"));
+        assert_eq!((got.state, got.detail.as_str()), (LeaseState::Ended, "terminated by you"));
+        assert_eq!(got.ended_at_unix_ms, Some(5_000), "when it ended is kept");
         assert!(got.access.is_some(), "the receipt outlives the lease");
+        db.set_finished(&l.id, LeaseState::Failed, "gone", None).unwrap();
+        assert_eq!(db.get(&l.id).unwrap().unwrap().ended_at_unix_ms, None);
     }
 
     #[test]
@@ -584,6 +657,7 @@ mod tests {
             |r: Result<(), RequestorDbError>| matches!(r, Err(RequestorDbError::NotFound(s)) if s == id.to_hex());
         assert!(not_found(db.set_granted(&id, &access())));
         assert!(not_found(db.set_state(&id, LeaseState::Failed, "")));
+        assert!(not_found(db.set_finished(&id, LeaseState::Failed, "", Some(1))));
         assert!(not_found(db.set_ends_at(&id, 1)));
         assert!(not_found(db.set_host_key(&id, [1; 32])));
     }
@@ -638,6 +712,33 @@ mod tests {
         }
         let ids: Vec<u8> = db.list().unwrap().into_iter().map(|l| l.id.0[0]).collect();
         assert_eq!(ids, vec![2, 1, 3]);
+    }
+
+    #[test]
+    fn denied_requests_keep_their_signed_denial_and_stay_out_of_the_leased_list() {
+        let (_dir, db) = fresh();
+        let denied = lease([1; 16], 1_000);
+        let unanswered = lease([2; 16], 2_000);
+        let granted = lease([3; 16], 3_000);
+        let failed_after_grant = lease([4; 16], 4_000);
+        let pending = lease([5; 16], 5_000);
+        for l in [&denied, &unanswered, &granted, &failed_after_grant, &pending] {
+            db.insert_pending(l).unwrap();
+        }
+        db.set_denied(&denied.id, "denied: no_capacity: 1 vCPU free", 1_500, &[0xd1, 0xe2]).unwrap();
+        db.set_finished(&unanswered.id, LeaseState::Failed, "cannot reach the provider", Some(2_500)).unwrap();
+        db.set_granted(&granted.id, &access()).unwrap();
+        db.set_granted(&failed_after_grant.id, &access()).unwrap();
+        db.set_finished(&failed_after_grant.id, LeaseState::Failed, "gone", None).unwrap();
+
+        let ids = |v: Vec<StoredLease>| v.into_iter().map(|l| l.id.0[0]).collect::<Vec<u8>>();
+        assert_eq!(ids(db.list_leased().unwrap()), vec![5, 4, 3], "requests that never got a lease are left out");
+        assert_eq!(ids(db.list().unwrap()), vec![5, 4, 3, 2, 1], "--all shows them");
+        let got = db.get(&denied.id).unwrap().unwrap();
+        assert_eq!(got.state, LeaseState::Failed);
+        assert_eq!(got.denial.as_deref(), Some(&[0xd1, 0xe2][..]), "the signed denial is the receipt");
+        assert_eq!((got.detail.as_str(), got.ended_at_unix_ms), ("denied: no_capacity: 1 vCPU free", Some(1_500)));
+        assert_eq!(db.get(&granted.id).unwrap().unwrap().denial, None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod db;
+pub mod lease_end;
 pub mod offers;
 pub mod ssh;
 pub mod wait_updates;

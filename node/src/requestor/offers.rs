@@ -143,12 +143,34 @@ pub fn current(node: &Node, filter: &OfferFilter, limit: usize) -> Vec<Offer> {
     store.query(filter, now_unix_ms(), limit)
 }
 
+/// What the PRICE/HOUR column is the price of: the size asked for, where a size not asked
+/// for counts nothing (`OfferFilter::price_spec`: 1 vCPU, no memory, no disk), said so
+/// instead of "0 MiB, 0 GiB" (issue 20).
+pub fn price_heading(filter: &OfferFilter) -> String {
+    let spec = filter.price_spec();
+    let memory = match filter.min_memory_mib {
+        Some(_) => format!("{} MiB", spec.memory_mib),
+        None => "no memory".into(),
+    };
+    let disk = match filter.min_disk_gib {
+        Some(_) => format!("{} GiB", spec.disk_gib),
+        None => "no disk".into(),
+    };
+    format!("price for {} vCPU, {memory}, {disk}", spec.vcpus)
+}
+
+/// The line under the table when the price leaves part of a lease out.
+pub fn price_note(filter: &OfferFilter) -> Option<&'static str> {
+    (filter.min_vcpus.is_none() || filter.min_memory_mib.is_none() || filter.min_disk_gib.is_none()).then_some(
+        "PRICE/HOUR counts only the size asked for; give --vcpus, --memory and --disk for the price of a whole lease",
+    )
+}
+
 /// Renders offers as an aligned table.
 pub fn table(offers: &[Offer], filter: &OfferFilter) -> String {
-    let spec = filter.price_spec();
     let mut out = format!(
         "{:<52}  {:>12}  {:>5}  {:>9}  {:>8}  {:<12}  {:<5}  {}\n",
-        format!("PROVIDER (price for {} vCPU, {} MiB, {} GiB)", spec.vcpus, spec.memory_mib, spec.disk_gib),
+        format!("PROVIDER ({})", price_heading(filter)),
         "PRICE/HOUR",
         "VCPUS",
         "MEMORY",
@@ -172,5 +194,37 @@ pub fn table(offers: &[Offer], filter: &OfferFilter) -> String {
             l.images.join(",")
         ));
     }
+    if let Some(note) = price_note(filter) {
+        out.push_str(note);
+        out.push('\n');
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{price_heading, price_note};
+    use crate::advert_store::OfferFilter;
+
+    #[test]
+    fn without_a_size_the_heading_says_the_price_is_of_one_vcpu_alone() {
+        let none = OfferFilter::default();
+        assert_eq!(price_heading(&none), "price for 1 vCPU, no memory, no disk");
+        assert!(price_note(&none).unwrap().contains("--vcpus, --memory and --disk"));
+        let some = OfferFilter { min_vcpus: Some(2), min_memory_mib: Some(4096), ..Default::default() };
+        assert_eq!(price_heading(&some), "price for 2 vCPU, 4096 MiB, no disk");
+        assert!(price_note(&some).is_some());
+    }
+
+    #[test]
+    fn a_whole_size_is_priced_as_asked_with_no_note() {
+        let all = OfferFilter {
+            min_vcpus: Some(2),
+            min_memory_mib: Some(4096),
+            min_disk_gib: Some(20),
+            ..Default::default()
+        };
+        assert_eq!(price_heading(&all), "price for 2 vCPU, 4096 MiB, 20 GiB");
+        assert_eq!(price_note(&all), None);
+    }
 }

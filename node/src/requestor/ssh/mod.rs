@@ -10,13 +10,15 @@
 //!
 //! `keys.rs`: the lease key pair; `target.rs`: where the guest is and its checks;
 //! `openssh.rs`: what OpenSSH is given (known_hosts, a config block, arguments);
-//! `exec.rs`: the built-in client.
+//! `exec.rs`: the built-in client; `shell_quote.rs`: `peervm exec`'s argv as one remote
+//! command line.
 
 mod exec;
 #[cfg(test)]
 mod fixtures;
 mod keys;
 mod openssh;
+mod shell_quote;
 mod target;
 #[cfg(test)]
 mod test_sshd;
@@ -26,6 +28,7 @@ use std::path::{Path, PathBuf};
 pub use exec::{CONNECT_TIMEOUT, ExecOptions, exec, exec_with};
 pub use keys::{LeaseKey, generate_key, host_key_line, load_key};
 pub use openssh::{openssh_args, ssh_config_block, write_known_hosts};
+pub use shell_quote::command_line;
 pub use target::{SshTarget, check_target, host_alias};
 
 #[derive(Debug, thiserror::Error)]
