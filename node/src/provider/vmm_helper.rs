@@ -143,13 +143,12 @@ fn listen(socket: &Path, group: u32) -> Result<tokio::net::UnixListener, Provide
     let err = |source| ProviderError::HelperSocket { path: socket.to_path_buf(), source };
     if let Some(dir) = socket.parent()
         && !dir.as_os_str().is_empty()
+        && !dir.exists()
     {
-        if !dir.exists() {
-            // explicitly: the helper's umask (077) would make it 0700, and the daemon's
-            // user must traverse it
-            std::fs::create_dir_all(dir).map_err(err)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
-        }
+        // explicitly: the helper's umask (077) would make it 0700, and the daemon's user
+        // must traverse it
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
     }
     bind(socket, group).map_err(err)
 }
