@@ -42,6 +42,7 @@ impl Client {
             provider: self.provider,
             advert_seq: 1,
             spec: GuestSpec {
+                expose: Vec::new(),
                 vcpus,
                 memory_mib: 256,
                 disk_gib: 1,

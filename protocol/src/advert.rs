@@ -57,6 +57,19 @@ pub struct Advertisement {
     /// `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reachability: Option<Reachability>,
+    /// What a lease's guest gets of the network beyond SSH (docs/protocol.md, "Exposed
+    /// ports"). Absent from the encoding when `None` (no port exposed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkOffer>,
+}
+
+/// A provider's network terms for a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkOffer {
+    /// TCP ports of the guest a lease may expose (each on a port of the SSH host).
+    pub max_exposed_ports: u16,
+    /// Whether guest ports below 1024 may be exposed.
+    pub privileged_ports: bool,
 }
 
 /// The outcome of a provider's dial-back port verification.
@@ -321,7 +334,21 @@ impl Advertisement {
         for image in &self.images {
             check_text("image name", &image.name, false)?;
         }
+        if let Some(n) = &self.network
+            && usize::from(n.max_exposed_ports) > crate::lease::MAX_EXPOSED_PORTS
+        {
+            return bad(format!(
+                "network.max_exposed_ports {} is more than {}",
+                n.max_exposed_ports,
+                crate::lease::MAX_EXPOSED_PORTS
+            ));
+        }
         Ok(())
+    }
+
+    /// How many guest ports a lease of this provider may expose.
+    pub fn max_exposed_ports(&self) -> u16 {
+        self.network.map_or(0, |n| n.max_exposed_ports)
     }
 
     /// Price per hour in micro-units for a guest of `spec`.

@@ -60,6 +60,21 @@ pub struct GuestSpec {
     pub image_name: String,
     #[serde(with = "encoding::fixed_bytes")]
     pub image_sha256: [u8; 32],
+    /// TCP ports of the guest to reach from outside, each mapped to a port of the
+    /// provider (docs/protocol.md, "Exposed ports"). Absent from the encoding when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose: Vec<u16>,
+}
+
+/// Most guest ports one lease may ask to expose (a provider may allow fewer: its advert's
+/// `network.max_exposed_ports`).
+pub const MAX_EXPOSED_PORTS: usize = 16;
+
+/// A guest port reachable at a port of the provider's SSH host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ExposedPort {
+    pub guest_port: u16,
+    pub host_port: u16,
 }
 
 impl GuestSpec {
@@ -306,6 +321,10 @@ pub enum ReplyOutcome {
         ends_at_unix_ms: u64,
         price_per_hour_micros: u64,
         currency: String,
+        /// Where each exposed guest port is reached (on `access.host`), in the order the
+        /// request named them. Absent from the encoding when empty.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exposed: Vec<ExposedPort>,
     },
     Denied {
         reason: DenyReason,
@@ -424,6 +443,19 @@ impl LeaseRequest {
         }
         if s.image_name.is_empty() || s.image_name.len() > MAX_TEXT_LEN {
             return Err(SpecError("image name must be 1-128 bytes".into()));
+        }
+        if s.expose.len() > MAX_EXPOSED_PORTS {
+            return Err(SpecError(format!("{} exposed ports asked; at most {MAX_EXPOSED_PORTS}", s.expose.len())));
+        }
+        for (i, p) in s.expose.iter().enumerate() {
+            if *p == 0 || *p == 22 {
+                return Err(SpecError(format!(
+                    "guest port {p} cannot be exposed (22 is the lease's SSH endpoint; 0 is no port)"
+                )));
+            }
+            if s.expose[..i].contains(p) {
+                return Err(SpecError(format!("guest port {p} is asked twice")));
+            }
         }
         if !is_valid_unix_user(&self.ssh_user) {
             return Err(SpecError(format!(

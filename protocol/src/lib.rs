@@ -17,8 +17,8 @@ pub mod samples;
 pub mod signed;
 
 pub use advert::{
-    Accel, AdvertError, Advertisement, Disposition, HypervisorInfo, ImageOffer, Pricing, Reachability, ResourceAmounts,
-    Resources, SshEndpoint,
+    Accel, AdvertError, Advertisement, Disposition, HypervisorInfo, ImageOffer, NetworkOffer, Pricing, Reachability,
+    ResourceAmounts, Resources, SshEndpoint,
 };
 pub use batch::verify_batch;
 pub use blocklist::{BlockEntry, BlockList, BlockListError};
@@ -26,8 +26,8 @@ pub use delegation::{Delegation, DelegationError};
 pub use error::{DecodeError, IdentityError, SignError, VerifyError};
 pub use identity::SigningKey;
 pub use lease::{
-    ControlAction, DenyReason, FreshnessError, GuestSpec, LeaseControl, LeaseId, LeaseReply, LeaseRequest, LeaseState,
-    LeaseUsage, ReplyOutcome, SshAccess,
+    ControlAction, DenyReason, ExposedPort, FreshnessError, GuestSpec, LeaseControl, LeaseId, LeaseReply, LeaseRequest,
+    LeaseState, LeaseUsage, MAX_EXPOSED_PORTS, ReplyOutcome, SshAccess,
 };
 pub use libp2p_identity::PeerId;
 pub use multiaddr::Multiaddr;

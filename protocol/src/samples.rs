@@ -45,6 +45,7 @@ pub fn minimal_image_sha256() -> [u8; 32] {
 /// A typical advert from `key`, issued at `now`, living 300 s.
 pub fn advert(key: &SigningKey, seq: u64, now_unix_ms: u64) -> Advertisement {
     Advertisement {
+        network: None,
         version: ADVERT_VERSION,
         provider: key.peer_id(),
         seq,
@@ -82,6 +83,7 @@ pub fn lease_request(requestor: &SigningKey, provider: &SigningKey, now_unix_ms:
         provider: provider.peer_id(),
         advert_seq: 7,
         spec: GuestSpec {
+            expose: Vec::new(),
             vcpus: 1,
             memory_mib: 512,
             disk_gib: 2,
@@ -136,6 +138,7 @@ pub fn lease_reply(
 
 pub fn granted(now_unix_ms: u64) -> ReplyOutcome {
     ReplyOutcome::Granted {
+        exposed: Vec::new(),
         access: SshAccess { host: "127.0.0.1".into(), port: 42000, user: "peervm".into() },
         host_key: [0x66; 32],
         started_at_unix_ms: now_unix_ms,

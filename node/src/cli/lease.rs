@@ -350,6 +350,7 @@ mod tests {
             provider: libp2p::PeerId::random(),
             provider_addrs: Vec::new(),
             spec: GuestSpec {
+                expose: Vec::new(),
                 vcpus: 2,
                 memory_mib: 1024,
                 disk_gib: 4,

@@ -376,6 +376,7 @@ impl ProviderConfig {
         listen_addrs: &[Multiaddr],
     ) -> peervm_protocol::Advertisement {
         peervm_protocol::Advertisement {
+            network: None,
             version: peervm_protocol::advert::ADVERT_VERSION,
             provider: key.peer_id(),
             seq,

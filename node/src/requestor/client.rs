@@ -214,6 +214,7 @@ impl Requestor {
             None => ssh::generate_key(&dir.join("id_ed25519"), &format!("peervm-lease-{}", &id.to_hex()[..12]))?,
         };
         let spec = GuestSpec {
+            expose: Vec::new(),
             vcpus: opts.vcpus,
             memory_mib: opts.memory_mib,
             disk_gib: opts.disk_gib,

@@ -460,6 +460,7 @@ fn decode_lease(conn: &Connection, row: &Row<'_>) -> Result<StoredLease, TxError
             provider: column_peer(row, "provider")?,
             provider_addrs: addrs,
             spec: GuestSpec {
+                expose: Vec::new(),
                 vcpus: column(row, "vcpus")?,
                 memory_mib: column_u64(row, "memory_mib")?,
                 disk_gib: column_u64(row, "disk_gib")?,
@@ -531,6 +532,7 @@ mod tests {
                 "/ip6/2001:db8::1/udp/4001/quic-v1".parse().unwrap(),
             ],
             spec: GuestSpec {
+                expose: Vec::new(),
                 vcpus: 1,
                 memory_mib: 1024,
                 disk_gib: 10,

@@ -58,6 +58,7 @@ mod tests {
             provider: libp2p::PeerId::random(),
             provider_addrs: Vec::new(),
             spec: GuestSpec {
+                expose: Vec::new(),
                 vcpus: 1,
                 memory_mib: 256,
                 disk_gib: 1,

@@ -420,6 +420,7 @@ mod tests {
     #[test]
     fn free_capacity_is_the_total_minus_what_live_leases_hold_never_below_zero() {
         let spec = |vcpus, memory_mib, disk_gib| GuestSpec {
+            expose: Vec::new(),
             vcpus,
             memory_mib,
             disk_gib,

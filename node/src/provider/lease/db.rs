@@ -474,6 +474,7 @@ fn decode_lease(row: &Row<'_>) -> Result<LeaseRecord, DbError> {
             requestor: column_peer(row, "requestor")?,
             state: column_state(row, "state")?,
             spec: GuestSpec {
+                expose: Vec::new(),
                 vcpus: column(row, "vcpus")?,
                 memory_mib: column_u64(row, "memory_mib")?,
                 disk_gib: column_u64(row, "disk_gib")?,
@@ -517,6 +518,7 @@ mod tests {
             requestor,
             state: LeaseState::Running,
             spec: GuestSpec {
+                expose: Vec::new(),
                 vcpus: 2,
                 memory_mib: 2048,
                 disk_gib: 20,

@@ -90,6 +90,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         tracing::info!(lease = %id, port = vm.ssh_addr.port(), boot_ms = vm.boot_time.map(|d| d.as_millis() as u64),
             "lease running");
         Ok(ReplyOutcome::Granted {
+            exposed: Vec::new(),
             access: SshAccess { host: self.terms().ssh_host.clone(), port: vm.ssh_addr.port(), user: record.ssh_user },
             host_key: host_key_raw,
             started_at_unix_ms: started_at,
@@ -143,7 +144,9 @@ mod tests {
                 ends_at_unix_ms,
                 price_per_hour_micros,
                 currency,
+                exposed,
             } => {
+                assert!(exposed.is_empty(), "nothing asked, nothing exposed: {exposed:?}");
                 assert_eq!(
                     (access.host.as_str(), access.port, access.user.as_str()),
                     ("provider.example", 22_000, "alice")

@@ -168,6 +168,7 @@ impl Harness {
             provider: self.provider,
             advert_seq: 1,
             spec: GuestSpec {
+                expose: Vec::new(),
                 vcpus: 1,
                 memory_mib: 256,
                 disk_gib: 1,
