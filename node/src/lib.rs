@@ -6,7 +6,7 @@
 //!   admin socket, the audit log and `peervm doctor`.
 //! - [`requestor`]: offers, leases from the requestor's side, SSH to a leased guest.
 //! - shared: [`advert_store`], [`clock`], [`keystore`], [`metrics`], [`paths`],
-//!   [`secure_fs`], [`sqlite`], [`units`].
+//!   [`secure_fs`], [`service_notify`], [`sqlite`], [`units`].
 
 pub mod advert_store;
 pub mod clock;
@@ -17,5 +17,6 @@ pub mod paths;
 pub mod provider;
 pub mod requestor;
 pub mod secure_fs;
+pub mod service_notify;
 pub mod sqlite;
 pub mod units;

@@ -209,6 +209,23 @@ fn example_provider_config_is_valid() {
 }
 
 #[test]
+fn packaged_provider_config_is_valid_and_keeps_state_in_the_service_directory() {
+    // packaging/debian/provider.toml, the Debian package's conffile
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/debian/provider.toml")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image_dir(tmp.path());
+    let text = text.replace("/var/cache/peervm/images/minimal", img.to_str().unwrap());
+    let cfg =
+        peervm_node::provider::config::ProviderConfig::parse(&text, Path::new("/etc/peervm/provider.toml")).unwrap();
+    // StateDirectory=peervm of peervm-provider.service
+    assert_eq!(cfg.data_dir.as_deref(), Some(Path::new("/var/lib/peervm")));
+    assert!(!cfg.allow_tcg, "a packaged host offers KVM guests unless the operator allows TCG");
+    let ssh = (cfg.ssh.port_min, cfg.ssh.port_max);
+    assert_eq!(peervm_node::provider::doctor::ephemeral_overlap(ssh, (32768, 60999)), None, "{ssh:?}");
+}
+
+#[test]
 fn metrics_are_served_on_loopback_only() {
     use std::io::{Read, Write};
     let tmp = tempfile::tempdir().unwrap();

@@ -125,6 +125,8 @@ async fn run_daemon(
         eprintln!("metrics on http://{bound}/metrics");
     }
     announce::announce("provider", provider.node().peer_id, &provider.node().listen_addrs, json);
+    // Type=notify: started once it listens and its images verified (service_notify.rs)
+    peervm_node::service_notify::ready(&format!("serving as {}", provider.node().peer_id));
     provider.run_until_signal(config_path.to_path_buf()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -342,7 +342,8 @@ impl Provider {
 
     /// [`Provider::reload`], logged: the operator of a SIGHUP reads the outcome in the log.
     async fn reload_logged(&mut self, config_path: &Path) -> Result<admin::Reloaded, String> {
-        match self.reload(config_path).await {
+        crate::service_notify::reloading();
+        let outcome = match self.reload(config_path).await {
             Ok(done) if done.changed.is_empty() => {
                 tracing::info!(config = %config_path.display(), "config reloaded: nothing changed");
                 Ok(done)
@@ -361,7 +362,10 @@ impl Provider {
                 tracing::warn!(config = %config_path.display(), "{report}");
                 Err(report)
             }
-        }
+        };
+        // a refused reload ends too: the running config stays and serves
+        crate::service_notify::ready(if outcome.is_ok() { "config reloaded" } else { "reload refused, see the log" });
+        outcome
     }
 
     /// Runs until SIGINT or SIGTERM, then withdraws the advert and stops. SIGHUP and the
@@ -396,6 +400,7 @@ impl Provider {
                 _ = sigterm.recv() => break,
             }
         }
+        crate::service_notify::stopping("withdrawing the advert");
         tracing::info!("withdrawing advert before exit");
         self.publish(true).await?;
         self.lease_task.abort();
