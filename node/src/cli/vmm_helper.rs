@@ -62,6 +62,11 @@ pub async fn run(args: VmmHelperArgs) -> anyhow::Result<ExitCode> {
             helper.accel
         );
     }
+    peervm_node::service_notify::ready(&format!(
+        "serving {} ({} guests re-adopted)",
+        helper.socket.display(),
+        helper.adopted
+    ));
     helper.run_until_signal(&args.config).await?;
     Ok(ExitCode::SUCCESS)
 }
