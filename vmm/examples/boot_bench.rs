@@ -158,6 +158,7 @@ async fn vmm_boot(hv: &QemuHypervisor, image: &Arc<GuestImage>, memory_mib: u32)
         host_key: HostKeySeed::random(),
         network_slot: 0,
         egress: EgressPolicy::Deny,
+        expose: Vec::new(),
         cpu_quota: None,
         progress: None,
     };

@@ -30,6 +30,9 @@ pub struct RunningVm {
     pub ssh_addr: SocketAddr,
     /// The guest's address on its private link.
     pub guest_ip: Ipv4Addr,
+    /// Exposed guest ports: `(guest port, host port)`, reached on `ssh_addr`'s address.
+    #[serde(default)]
+    pub exposed: Vec<(u16, u16)>,
     /// The guest's host key, `ssh-ed25519 AAAA...` (goes into the signed grant).
     pub host_key: String,
     pub started_at: SystemTime,

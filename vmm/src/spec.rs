@@ -190,6 +190,9 @@ pub struct VmSpec {
     /// and port from it.
     pub network_slot: u32,
     pub egress: EgressPolicy,
+    /// Guest TCP ports reached from outside, each on a host port of the slot's block
+    /// (docs/vmm.md "Exposed ports").
+    pub expose: Vec<u16>,
     /// CPU quota as a fraction of one core, overriding `vcpus` cores (tests, or a
     /// provider that sells fractional cores). `None`: the quota is `vcpus` cores.
     pub cpu_quota: Option<f64>,
@@ -309,6 +312,7 @@ mod tests {
             host_key: HostKeySeed::from_bytes([3; 32]),
             network_slot: 0,
             egress: EgressPolicy::Deny,
+            expose: Vec::new(),
             cpu_quota: None,
             progress: None,
         }

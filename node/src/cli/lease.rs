@@ -21,7 +21,7 @@ use super::requestor;
 pub enum LeaseCommand {
     /// Lease a VM: picks an offer, sends a signed request, waits for the guest, pins its
     /// host key and prints how to reach it.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// The leases this requestor holds (from its local store). Requests that never got a
     /// lease (denied, unanswered) are left out unless `--all`.
     List {
@@ -85,6 +85,10 @@ pub struct CreateArgs {
     /// Login name in the guest.
     #[arg(long, default_value = "peervm")]
     user: String,
+    /// A TCP port of the guest to reach from outside (repeatable); the grant says on
+    /// which port of the provider's host.
+    #[arg(long = "expose", value_name = "PORT")]
+    expose: Vec<u16>,
     /// Most to pay per hour, in currency units (default: the advertised price).
     #[arg(long)]
     max_price: Option<String>,
@@ -103,7 +107,7 @@ pub async fn run(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<ExitCode>
 
 async fn lease_cmd(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<()> {
     match cmd {
-        LeaseCommand::Create(args) => create(args, data_dir).await,
+        LeaseCommand::Create(args) => create(*args, data_dir).await,
         LeaseCommand::List { json, all } => list(data_dir, json, all),
         LeaseCommand::Status { lease, json, swarm } => {
             let r = requestor::open(data_dir)?;
@@ -125,6 +129,11 @@ async fn lease_cmd(cmd: LeaseCommand, data_dir: &Path) -> anyhow::Result<()> {
                         }
                         if let Some(u) = usage {
                             println!("usage     {}", client::usage_line(&u));
+                        }
+                        if let Some(a) = &l.access {
+                            for p in &a.exposed {
+                                println!("exposed   guest port {} at {}:{}", p.guest_port, a.ssh_host, p.host_port);
+                            }
                         }
                     }
                     Ok(())
@@ -219,6 +228,11 @@ fn lease_json(l: &StoredLease) -> serde_json::Value {
             "user": a.ssh_user,
             "host_key": guest_ssh::host_key_line(&a.host_key),
         })),
+        "exposed": l.access.as_ref().map(|a| a.exposed.iter().map(|p| serde_json::json!({
+            "guest_port": p.guest_port,
+            "host": a.ssh_host,
+            "host_port": p.host_port,
+        })).collect::<Vec<_>>()).unwrap_or_default(),
         "ends_at_unix_ms": l.access.as_ref().map(|a| a.ends_at_unix_ms),
         "price_per_hour_micros": l.access.as_ref().map(|a| a.price_per_hour_micros),
         "currency": l.access.as_ref().map(|a| a.currency.clone()),
@@ -288,6 +302,7 @@ async fn create(args: CreateArgs, data_dir: &Path) -> anyhow::Result<()> {
         duration_secs,
         ssh_key: args.ssh_key.clone(),
         ssh_user: args.user.clone(),
+        expose: args.expose.clone(),
         max_price_micros: args.max_price.as_deref().map(units::parse_micros).transpose()?,
         join_timeout: Duration::from_secs(args.timeout),
         trusted_block_lists: args.trust.peers()?,
@@ -333,6 +348,9 @@ async fn create(args: CreateArgs, data_dir: &Path) -> anyhow::Result<()> {
         let args: Vec<String> =
             guest_ssh::openssh_args(&target, &known_hosts, &[]).iter().map(|a| shell_quote(a)).collect();
         println!("or:            ssh {}", args.join(" "));
+        for p in lease.access.iter().flat_map(|a| a.exposed.iter().map(move |p| (a, p))) {
+            println!("guest port {} is reached at {}:{}", p.1.guest_port, p.0.ssh_host, p.1.host_port);
+        }
     }
     Ok(())
 }
@@ -369,6 +387,7 @@ mod tests {
                 price_per_hour_micros: 25_400,
                 currency: "USD".into(),
                 grant: Vec::new(),
+                exposed: Vec::new(),
             }),
             detail: String::new(),
             ended_at_unix_ms: None,

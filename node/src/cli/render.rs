@@ -111,6 +111,7 @@ mod tests {
                 price_per_hour_micros: 1,
                 currency: "USD".into(),
                 grant: Vec::new(),
+                exposed: Vec::new(),
             }),
             detail: detail.into(),
             ended_at_unix_ms: ended_at,

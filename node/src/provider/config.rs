@@ -64,6 +64,15 @@ struct RawNetwork {
     /// Public IPv4 resolvers given to guests allowed out (cloud-init images' network-config).
     #[serde(default)]
     guest_dns: Vec<String>,
+    /// Guest TCP ports one lease may expose (0: none), each on a port of
+    /// `expose_port_min..=expose_port_max`, a block of `max_exposed_ports` per lease slot.
+    #[serde(default)]
+    max_exposed_ports: u16,
+    expose_port_min: Option<u16>,
+    expose_port_max: Option<u16>,
+    /// Whether guest ports below 1024 may be exposed.
+    #[serde(default)]
+    expose_privileged: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +181,11 @@ pub struct ProviderConfig {
     pub egress: peervm_vmm::EgressPolicy,
     /// Resolvers for guests under `egress = "public-only"` (none under "deny").
     pub guest_dns: Vec<std::net::Ipv4Addr>,
+    /// Exposed ports (docs/architecture.md "Exposed ports"): how many per lease, whether
+    /// privileged ones, and the host port range (`None` when none is exposed).
+    pub max_exposed_ports: u16,
+    pub expose_privileged: bool,
+    pub expose_ports: Option<std::ops::RangeInclusive<u16>>,
     /// Most concurrent leases: the smallest of the config's limit, the SSH port range
     /// and the address pool.
     pub max_leases: u32,
@@ -286,6 +300,41 @@ impl ProviderConfig {
             }
             max_leases = max_leases.min(m);
         }
+        let n = &raw.network;
+        let expose_ports = match (n.max_exposed_ports, n.expose_port_min, n.expose_port_max) {
+            (0, _, _) => None,
+            (max, Some(lo), Some(hi)) => {
+                if max as usize > peervm_protocol::MAX_EXPOSED_PORTS {
+                    return Err(invalid(
+                        "network.max_exposed_ports",
+                        format!("{max} is more than {}", peervm_protocol::MAX_EXPOSED_PORTS),
+                    ));
+                }
+                let needed = u64::from(max) * u64::from(max_leases);
+                if lo < 1024 || lo > hi || u64::from(hi - lo) + 1 < needed {
+                    return Err(invalid(
+                        "network.expose_port_min",
+                        format!(
+                            "the range {lo}-{hi} must lie above 1023 and hold max_exposed_ports ({max}) x                              leases.max_leases ({max_leases}) = {needed} ports: a block per lease, so that it                              never runs out"
+                        ),
+                    ));
+                }
+                let ssh_range = ssh.port_min..=ssh.port_max;
+                if ssh_range.contains(&lo) || ssh_range.contains(&hi) || (lo < ssh.port_min && hi > ssh.port_max) {
+                    return Err(invalid(
+                        "network.expose_port_min",
+                        format!("the range {lo}-{hi} overlaps ssh's ports"),
+                    ));
+                }
+                Some(lo..=hi)
+            }
+            (_, _, _) => {
+                return Err(invalid(
+                    "network.max_exposed_ports",
+                    "needs network.expose_port_min and network.expose_port_max".into(),
+                ));
+            }
+        };
         let min_lease_secs = raw.leases.min_secs.unwrap_or(60);
         let max_lease_secs = raw.leases.max_secs.unwrap_or(peervm_protocol::lease::MAX_LEASE_SECS);
         if min_lease_secs == 0
@@ -344,6 +393,9 @@ impl ProviderConfig {
             address_pool,
             egress,
             guest_dns,
+            max_exposed_ports: if expose_ports.is_some() { raw.network.max_exposed_ports } else { 0 },
+            expose_privileged: raw.network.expose_privileged,
+            expose_ports,
             max_leases,
             min_lease_secs,
             max_lease_secs,
@@ -376,7 +428,10 @@ impl ProviderConfig {
         listen_addrs: &[Multiaddr],
     ) -> peervm_protocol::Advertisement {
         peervm_protocol::Advertisement {
-            network: None,
+            network: (self.max_exposed_ports > 0).then_some(peervm_protocol::NetworkOffer {
+                max_exposed_ports: self.max_exposed_ports,
+                privileged_ports: self.expose_privileged,
+            }),
             version: peervm_protocol::advert::ADVERT_VERSION,
             provider: key.peer_id(),
             seq,

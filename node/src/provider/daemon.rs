@@ -197,6 +197,8 @@ impl Provider {
             ssh_host: config.ssh.host.clone(),
             max_leases: config.max_leases,
             egress: config.egress,
+            max_exposed_ports: config.max_exposed_ports,
+            expose_privileged: config.expose_privileged,
             min_lease_secs: config.min_lease_secs,
             max_lease_secs: config.max_lease_secs,
         };
@@ -448,6 +450,11 @@ pub(crate) fn vmm_config(config: &ProviderConfig, state_dir: PathBuf, accel: pee
     vmm.address_pool = config.address_pool;
     vmm.guest_nameservers = config.guest_dns.clone();
     vmm.names = config.names.clone();
+    if let Some(range) = &config.expose_ports {
+        vmm.expose_port_base = *range.start();
+        vmm.expose_port_count = range.end() - range.start() + 1;
+        vmm.expose_ports_per_slot = config.max_exposed_ports;
+    }
     vmm
 }
 

@@ -83,6 +83,9 @@ impl ConfigDiff {
             address_pool,
             egress,
             guest_dns,
+            max_exposed_ports,
+            expose_privileged,
+            expose_ports,
             max_leases,
             min_lease_secs,
             max_lease_secs,
@@ -138,6 +141,10 @@ impl ConfigDiff {
         restart("network.pool", *address_pool != old.address_pool);
         restart("network.egress", *egress != old.egress);
         restart("network.guest_dns", *guest_dns != old.guest_dns);
+        // running leases hold host ports of the range; the helper holds the rule
+        restart("network.max_exposed_ports", *max_exposed_ports != old.max_exposed_ports);
+        restart("network.expose_privileged", *expose_privileged != old.expose_privileged);
+        restart("network.expose_port_min", expose_ports != &old.expose_ports);
         restart("hypervisor.allow_tcg", *allow_tcg != old.allow_tcg);
         restart("hypervisor.probe_kvm", *probe_kvm != old.probe_kvm);
         restart("hypervisor.name_prefix", names.long() != old.names.long());

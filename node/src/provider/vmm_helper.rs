@@ -64,8 +64,10 @@ pub async fn prepare(opts: HelperOptions) -> Result<ReadyHelper, ProviderError> 
     }
     let totals = totals(config);
     let image_count = images.len();
-    let policy =
+    let mut policy =
         HelperPolicy::new(daemon.uid, images.into_iter().map(|(_, i)| Arc::new(i)), totals, config.egress, slots);
+    policy.max_exposed_ports = config.max_exposed_ports;
+    policy.privileged_ports = config.expose_privileged;
     let server = HelperServer::new(hv, policy, &report.adopted);
     let listener = listen(&opts.socket, daemon.gid)?;
     Ok(ReadyHelper {

@@ -74,6 +74,8 @@ pub struct CreateOptions {
     /// Use this private key instead of a fresh per-lease one.
     pub ssh_key: Option<PathBuf>,
     pub ssh_user: String,
+    /// Guest TCP ports to reach from outside (only providers that expose as many qualify).
+    pub expose: Vec<u16>,
     /// Most the requestor pays per hour (micro-units); default: the advertised price.
     pub max_price_micros: Option<u64>,
     pub join_timeout: Duration,
@@ -214,7 +216,7 @@ impl Requestor {
             None => ssh::generate_key(&dir.join("id_ed25519"), &format!("peervm-lease-{}", &id.to_hex()[..12]))?,
         };
         let spec = GuestSpec {
-            expose: Vec::new(),
+            expose: opts.expose.clone(),
             vcpus: opts.vcpus,
             memory_mib: opts.memory_mib,
             disk_gib: opts.disk_gib,
@@ -306,7 +308,15 @@ impl Requestor {
             }
         };
         match reply.outcome {
-            ReplyOutcome::Granted { access, host_key, ends_at_unix_ms, price_per_hour_micros, currency, .. } => {
+            ReplyOutcome::Granted {
+                access,
+                host_key,
+                ends_at_unix_ms,
+                price_per_hour_micros,
+                currency,
+                exposed,
+                ..
+            } => {
                 let access = Access {
                     ssh_host: access.host,
                     ssh_port: access.port,
@@ -316,6 +326,7 @@ impl Requestor {
                     price_per_hour_micros,
                     currency,
                     grant: bytes,
+                    exposed,
                 };
                 self.db.set_granted(&id, &access)?;
                 let stored = self.db.get(&id)?.ok_or_else(|| RequestorDbError::NotFound(id.to_hex()))?;
@@ -438,7 +449,9 @@ fn choose_offer(
         ..Default::default()
     };
     let store = node.store.lock().unwrap_or_else(|p| p.into_inner());
-    let matching = store.query(&filter, now_unix_ms(), usize::MAX);
+    let mut matching = store.query(&filter, now_unix_ms(), usize::MAX);
+    // exposed ports: only providers whose advert allows as many
+    matching.retain(|o| usize::from(o.advert.body().max_exposed_ports()) >= opts.expose.len());
     match &opts.provider {
         ProviderChoice::Cheapest => {
             let offer = matching.first().ok_or_else(|| {

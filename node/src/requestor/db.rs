@@ -89,6 +89,24 @@ pub struct Access {
     pub currency: String,
     /// The provider's signed reply bytes.
     pub grant: Vec<u8>,
+    /// Exposed guest ports and where they are reached (on `ssh_host`), from the grant.
+    pub exposed: Vec<peervm_protocol::ExposedPort>,
+}
+
+/// `guest:host,guest:host` as stored.
+fn encode_exposed(ports: &[peervm_protocol::ExposedPort]) -> String {
+    ports.iter().map(|p| format!("{}:{}", p.guest_port, p.host_port)).collect::<Vec<_>>().join(",")
+}
+
+fn decode_exposed(text: &str) -> Result<Vec<peervm_protocol::ExposedPort>, String> {
+    text.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (g, h) = pair.split_once(':').ok_or_else(|| format!("exposed port `{pair}` is not guest:host"))?;
+            let port = |s: &str| s.parse::<u16>().map_err(|_| format!("exposed port `{pair}` is not guest:host"));
+            Ok(peervm_protocol::ExposedPort { guest_port: port(g)?, host_port: port(h)? })
+        })
+        .collect()
 }
 
 const REQUESTOR_MIGRATIONS: &[&str] = &[
@@ -132,6 +150,7 @@ const REQUESTOR_MIGRATIONS: &[&str] = &[
 ",
     "ALTER TABLE leases ADD COLUMN ended_at_unix_ms INTEGER;",
     "ALTER TABLE leases ADD COLUMN denial_reply BLOB;",
+    "ALTER TABLE leases ADD COLUMN exposed TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The providers this requestor blocked.
@@ -139,7 +158,7 @@ const BLOCKED: BlockTable = BlockTable { table: "blocked_providers", at_column: 
 
 const COLUMNS: &str = "id, provider, vcpus, memory_mib, disk_gib, image_name, image_sha256, key_path, \
      created_at_unix_ms, state, detail, ssh_host, ssh_port, ssh_user, host_key, ends_at_unix_ms, \
-     price_per_hour_micros, currency, grant_reply, ended_at_unix_ms, denial_reply";
+     price_per_hour_micros, currency, grant_reply, ended_at_unix_ms, denial_reply, exposed";
 
 /// The requestor's lease store. One connection behind a mutex: `Send + Sync`.
 pub struct RequestorDb {
@@ -164,13 +183,24 @@ impl<'a> AccessParams<'a> {
 }
 
 const SET_ACCESS: &str = "UPDATE leases SET ssh_host = ?2, ssh_port = ?3, ssh_user = ?4, host_key = ?5, \
-     ends_at_unix_ms = ?6, price_per_hour_micros = ?7, currency = ?8, grant_reply = ?9 WHERE id = ?1";
+     ends_at_unix_ms = ?6, price_per_hour_micros = ?7, currency = ?8, grant_reply = ?9, exposed = ?10 WHERE id = ?1";
 
 fn write_access(conn: &Connection, id: &LeaseId, p: &AccessParams<'_>) -> rusqlite::Result<usize> {
     let a = p.access;
     conn.execute(
         SET_ACCESS,
-        params![id.0, a.ssh_host, a.ssh_port, a.ssh_user, a.host_key, p.ends_at, p.price, a.currency, a.grant],
+        params![
+            id.0,
+            a.ssh_host,
+            a.ssh_port,
+            a.ssh_user,
+            a.host_key,
+            p.ends_at,
+            p.price,
+            a.currency,
+            a.grant,
+            encode_exposed(&a.exposed)
+        ],
     )
 }
 
@@ -511,6 +541,7 @@ fn decode_access(row: &Row<'_>) -> Result<Option<Access>, String> {
             price_per_hour_micros: column_u64(row, "price_per_hour_micros")?,
             currency,
             grant,
+            exposed: decode_exposed(&column::<String>(row, "exposed")?)?,
         })),
         _ => Err("access columns are partly set".to_string()),
     }
@@ -559,6 +590,7 @@ mod tests {
             price_per_hour_micros: 30_000,
             currency: "EUR".into(),
             grant: vec![0xa1, 0xb2, 0xc3],
+            exposed: vec![peervm_protocol::ExposedPort { guest_port: 8080, host_port: 30_001 }],
         }
     }
 

@@ -76,6 +76,7 @@ impl HelperHypervisor {
             slot: spec.network_slot,
             egress: spec.egress,
             cpu_quota: spec.cpu_quota,
+            expose: spec.expose.clone(),
         };
         let mut conn = open(socket).await?;
         write_frame(&mut conn, &Request { version: VERSION, op: Op::Start(req) })

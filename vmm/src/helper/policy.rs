@@ -26,6 +26,10 @@ pub struct HelperPolicy {
     pub egress: EgressPolicy,
     /// Network slots of the host's address pool and SSH port range.
     pub slots: u32,
+    /// Guest ports a lease may expose (provider.toml `[network] max_exposed_ports`), and
+    /// whether ports below 1024 may be among them.
+    pub max_exposed_ports: u16,
+    pub privileged_ports: bool,
 }
 
 pub(super) fn refused(reason: Refusal, message: impl Into<String>) -> WireError {
@@ -41,7 +45,7 @@ impl HelperPolicy {
         slots: u32,
     ) -> Self {
         let images = images.into_iter().map(|i| (i.sha256_hex(), i)).collect();
-        HelperPolicy { daemon_uid, images, totals, egress, slots }
+        HelperPolicy { daemon_uid, images, totals, egress, slots, max_exposed_ports: 0, privileged_ports: false }
     }
 
     /// Only the daemon's user may talk to the helper (root included: a root process has
@@ -98,6 +102,7 @@ impl HelperPolicy {
                 format!("slot {} is outside the host's {} slots", req.slot, self.slots),
             ));
         }
+        self.check_expose(&req.expose)?;
         if req.egress == EgressPolicy::PublicOnly && self.egress == EgressPolicy::Deny {
             return Err(refused(Refusal::Egress, "egress public-only is not allowed by the host's config (deny)"));
         }
@@ -112,11 +117,34 @@ impl HelperPolicy {
             host_key,
             network_slot: req.slot,
             egress: req.egress,
+            expose: req.expose.clone(),
             cpu_quota: req.cpu_quota,
             progress: None,
         };
         spec.validate().map_err(|e| WireError::from(&e))?;
         Ok(spec)
+    }
+}
+
+impl HelperPolicy {
+    /// At most the configured count of distinct guest ports, none 0 or 22 (SSH has its
+    /// own), none below 1024 unless the config allows them.
+    fn check_expose(&self, ports: &[u16]) -> Result<(), WireError> {
+        if ports.len() > usize::from(self.max_exposed_ports) {
+            return Err(refused(
+                Refusal::Resources,
+                format!("{} exposed ports asked; the host's config allows {}", ports.len(), self.max_exposed_ports),
+            ));
+        }
+        for (i, p) in ports.iter().enumerate() {
+            if *p == 0 || *p == 22 || ports[..i].contains(p) || (*p < 1024 && !self.privileged_ports) {
+                return Err(refused(
+                    Refusal::Resources,
+                    format!("guest port {p} may not be exposed (0, 22, a repeat, or below 1024 when not allowed)"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -176,8 +204,10 @@ mod tests {
             slot: 3,
             egress: EgressPolicy::Deny,
             cpu_quota: None,
+            expose: vec![8080],
         };
-        let policy = HelperPolicy::new(1000, [img], Amounts::new(2, 1024, 10), EgressPolicy::Deny, 4);
+        let mut policy = HelperPolicy::new(1000, [img], Amounts::new(2, 1024, 10), EgressPolicy::Deny, 4);
+        policy.max_exposed_ports = 2;
         (dir, policy, req)
     }
 
@@ -232,6 +262,10 @@ mod tests {
             StartRequest { cpu_quota: Some(f64::NAN), ..req.clone() },
         ] {
             assert_eq!(reason(policy.spec(&r)), Refusal::Resources, "{r:?}");
+        }
+        for expose in [vec![8080, 8081, 8082], vec![80], vec![22], vec![8080, 8080], vec![0]] {
+            let r = StartRequest { expose: expose.clone(), ..req.clone() };
+            assert_eq!(reason(policy.spec(&r)), Refusal::Resources, "expose {expose:?}");
         }
         let r = StartRequest { slot: 4, ..req.clone() };
         assert_eq!(reason(policy.spec(&r)), Refusal::Slot);

@@ -338,6 +338,7 @@ mod tests {
                 accel: Accel::Tcg,
                 ssh_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 2222)),
                 guest_ip: Ipv4Addr::new(10, 0, 0, 2),
+                exposed: Vec::new(),
                 host_key: spec.host_key.public_openssh(),
                 started_at: SystemTime::UNIX_EPOCH,
                 boot_time: Some(Duration::from_secs(1)),
@@ -404,6 +405,7 @@ mod tests {
             slot: u32::from(lease),
             egress: EgressPolicy::Deny,
             cpu_quota: None,
+            expose: Vec::new(),
         }
     }
 
@@ -520,6 +522,7 @@ mod tests {
             host_key: HostKeySeed::from_bytes([4; 32]),
             network_slot: u32::from(lease),
             egress: EgressPolicy::Deny,
+            expose: Vec::new(),
             cpu_quota: None,
             progress: None,
         }

@@ -77,6 +77,9 @@ pub struct StartRequest {
     pub slot: u32,
     pub egress: EgressPolicy,
     pub cpu_quota: Option<f64>,
+    /// Guest TCP ports to expose (host ports are the helper's to pick).
+    #[serde(default)]
+    pub expose: Vec<u16>,
 }
 
 /// The guest's host key seed as 64 hex digits: never printed, zeroised on drop.
@@ -328,6 +331,7 @@ mod tests {
             slot: 0,
             egress: EgressPolicy::Deny,
             cpu_quota: None,
+            expose: vec![8080],
         }
     }
 

@@ -30,6 +30,12 @@ pub struct VmmConfig {
     pub address_pool: AddressPool,
     /// The address the SSH forwarders listen on.
     pub ssh_listen: IpAddr,
+    /// Exposed guest ports (docs/vmm.md "Exposed ports"): slot `n`'s block starts at
+    /// `expose_port_base + n * expose_ports_per_slot`; `expose_port_count` ports in all.
+    /// 0 ports per slot: no port is exposed.
+    pub expose_port_base: u16,
+    pub expose_port_count: u16,
+    pub expose_ports_per_slot: u16,
     /// Slot `n` is reached on port `ssh_port_base + n`; `ssh_port_count` ports in all.
     pub ssh_port_base: u16,
     pub ssh_port_count: u16,
@@ -69,6 +75,9 @@ impl VmmConfig {
             ssh_listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
             ssh_port_base: 22000,
             ssh_port_count: 1000,
+            expose_port_base: 0,
+            expose_port_count: 0,
+            expose_ports_per_slot: 0,
             ready_timeout: Duration::from_secs(120),
             stop_timeout: Duration::from_secs(20),
             memory_overhead_mib: 256,
@@ -113,6 +122,27 @@ impl VmmConfig {
         Ok(port as u16)
     }
 
+    /// The host ports of the `count` exposed guest ports of network slot `slot`.
+    pub(super) fn exposed_ports_for(&self, slot: u32, count: usize) -> Result<Vec<u16>, VmmError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let per_slot = u32::from(self.expose_ports_per_slot);
+        let first = u64::from(slot) * u64::from(per_slot);
+        if count as u32 > per_slot || first + count as u64 > u64::from(self.expose_port_count) {
+            return Err(VmmError::InvalidSpec(format!(
+                "{count} exposed ports for slot {slot} do not fit the exposed port range {}+{} ({per_slot} per slot)",
+                self.expose_port_base, self.expose_port_count
+            )));
+        }
+        (0..count as u64)
+            .map(|i| {
+                u16::try_from(u64::from(self.expose_port_base) + first + i)
+                    .map_err(|_| VmmError::InvalidSpec("the exposed port range passes 65535".into()))
+            })
+            .collect()
+    }
+
     /// The cgroup limits of a guest with `vcpus`, `memory_mib` of RAM and `cores` of CPU
     /// quota (docs/vmm.md "Cgroups").
     pub(super) fn limits_for(&self, vcpus: u32, memory_mib: u32, cores: f64) -> CgroupLimits {
@@ -137,6 +167,19 @@ mod tests {
         assert_eq!(c.port_for(0).unwrap(), 40000);
         assert_eq!(c.port_for(9).unwrap(), 40009);
         assert!(c.port_for(10).is_err());
+    }
+
+    #[test]
+    fn exposed_ports_take_a_block_per_slot_within_the_range() {
+        let mut c = VmmConfig::new("/tmp/x", Accel::Tcg);
+        assert!(c.exposed_ports_for(0, 0).unwrap().is_empty());
+        assert!(c.exposed_ports_for(0, 1).is_err(), "nothing is exposed by default");
+        (c.expose_port_base, c.expose_port_count, c.expose_ports_per_slot) = (30000, 5, 2);
+        assert_eq!(c.exposed_ports_for(0, 2).unwrap(), [30000, 30001]);
+        assert_eq!(c.exposed_ports_for(1, 1).unwrap(), [30002]);
+        assert_eq!(c.exposed_ports_for(2, 1).unwrap(), [30004]);
+        assert!(c.exposed_ports_for(2, 2).is_err(), "the range ends at 30004");
+        assert!(c.exposed_ports_for(0, 3).is_err(), "more than a slot's block");
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub(super) struct LeaseRecord {
     /// helper) must not re-open its SSH port (SECURITY.md "Incident response").
     #[serde(default)]
     pub isolated: bool,
+    /// Exposed guest ports: `(guest port, host port)`.
+    #[serde(default)]
+    pub exposed: Vec<(u16, u16)>,
 }
 
 impl LeaseRecord {
@@ -166,6 +169,7 @@ mod tests {
             image_sha256: "00".into(),
             started_at_unix: 1,
             isolated: false,
+            exposed: vec![(80, 30000)],
         };
         write_record(&lease_dir, &r).unwrap();
         assert_eq!(fs::metadata(lease_dir.join(RECORD_FILE)).unwrap().permissions().mode() & 0o777, 0o600);

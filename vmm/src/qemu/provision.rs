@@ -71,6 +71,7 @@ impl QemuHypervisor {
             .slot(spec.network_slot)
             .ok_or_else(|| VmmError::InvalidSpec(format!("network slot {} is outside the pool", spec.network_slot)))?;
         let port = cfg.port_for(spec.network_slot)?;
+        let host_ports = cfg.exposed_ports_for(spec.network_slot, spec.expose.len())?;
         let image = spec.image.clone();
         // hashes again only when a file changed since it last verified
         tokio::task::spawn_blocking(move || image.verify())
@@ -100,6 +101,7 @@ impl QemuHypervisor {
             image_sha256: spec.image.sha256_hex(),
             started_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             isolated: false,
+            exposed: spec.expose.iter().copied().zip(host_ports).collect(),
         };
         // the record exists before any other resource: reconcile finds every lease that
         // may have left something behind
@@ -166,6 +168,7 @@ impl QemuHypervisor {
         let listen = SocketAddr::new(cfg.ssh_listen, port);
         let forwarder =
             SshForwarder::start(listen, SocketAddr::new(IpAddr::V4(addrs.guest), 22), counters.clone()).await?;
+        let exposed = start_exposed(cfg.ssh_listen, addrs.guest, &record.exposed).await?;
         let t_provisioned = t0.elapsed();
 
         let child = spawn_qemu(cfg, &self.inner.user, spec, &dir, &network, &cgroup, mac)?;
@@ -186,6 +189,7 @@ impl QemuHypervisor {
             dir: dir.clone(),
             process: tokio::sync::Mutex::new(GuestProcess::Child(child)),
             forwarder: Mutex::new(Some(forwarder)),
+            exposed: Mutex::new(exposed),
             counters,
             cgroup,
             started: t0,
@@ -253,6 +257,23 @@ async fn wait_ready(rt: &LeaseRuntime, spec: &VmSpec, deadline: Instant) -> Resu
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The relays of a lease's exposed ports, each from its host port on `listen` to its
+/// guest port (the same relay as SSH's, with counters of their own).
+pub(super) async fn start_exposed(
+    listen: IpAddr,
+    guest: Ipv4Addr,
+    ports: &[(u16, u16)],
+) -> Result<Vec<SshForwarder>, VmmError> {
+    let counters = Arc::new(ForwardCounters::default());
+    let mut relays = Vec::with_capacity(ports.len());
+    for (guest_port, host_port) in ports {
+        let from = SocketAddr::new(listen, *host_port);
+        relays
+            .push(SshForwarder::start(from, SocketAddr::new(IpAddr::V4(guest), *guest_port), counters.clone()).await?);
+    }
+    Ok(relays)
 }
 
 /// The forwarder relays to an sshd: its port must greet with an SSH banner.

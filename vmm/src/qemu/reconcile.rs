@@ -114,10 +114,22 @@ impl QemuHypervisor {
                 }
             }
         };
+        let exposed = if record.isolated {
+            Vec::new()
+        } else {
+            match super::provision::start_exposed(record.listen, record.guest_ip, &record.exposed).await {
+                Ok(relays) => relays,
+                Err(e) => {
+                    tracing::warn!(%lease, error = %e, "cannot re-open the exposed ports: not adopting");
+                    return None;
+                }
+            }
+        };
         let rt = Arc::new(LeaseRuntime {
             dir: self.lease_dir(lease),
             process: tokio::sync::Mutex::new(GuestProcess::Adopted { pid, start_ticks: ticks }),
             forwarder: Mutex::new(forwarder),
+            exposed: Mutex::new(exposed),
             counters,
             cgroup,
             started: Instant::now(),

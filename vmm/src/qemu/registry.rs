@@ -41,6 +41,8 @@ pub(super) struct LeaseRuntime {
     pub process: tokio::sync::Mutex<GuestProcess>,
     /// `None` once the port is closed (isolated, or being stopped).
     pub forwarder: Mutex<Option<SshForwarder>>,
+    /// The exposed ports' relays; emptied with the SSH port.
+    pub exposed: Mutex<Vec<SshForwarder>>,
     pub counters: Arc<ForwardCounters>,
     pub cgroup: LeaseCgroup,
     pub started: Instant,
@@ -58,6 +60,7 @@ impl LeaseRuntime {
             accel: self.record.accel,
             ssh_addr: SocketAddr::new(self.record.listen, self.record.port),
             guest_ip: self.record.guest_ip,
+            exposed: self.record.exposed.clone(),
             host_key: self.record.host_key.clone(),
             started_at: UNIX_EPOCH + Duration::from_secs(self.record.started_at_unix),
             boot_time: self.boot_time.get().copied(),
@@ -67,6 +70,7 @@ impl LeaseRuntime {
     /// Closes the SSH port and every connection through it.
     pub fn close_port(&self) {
         drop(self.forwarder.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.exposed.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 

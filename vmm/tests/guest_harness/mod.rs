@@ -77,6 +77,7 @@ pub fn spec(slot: u32, vcpus: u32, memory_mib: u32, egress: EgressPolicy) -> (Vm
         disk_gib: 1,
         image: image(),
         ssh_user: "lessee".into(),
+        expose: Vec::new(),
         authorized_key: authorized,
         host_key: HostKeySeed::random(),
         network_slot: slot,

@@ -105,6 +105,26 @@ pub(super) fn check_request(req: &LeaseRequest, standing: Standing, terms: &Leas
     image
         .check_lease(&req.ssh_user, u32::try_from(req.spec.disk_gib).unwrap_or(u32::MAX))
         .map_err(|e| deny(DenyReason::InvalidSpec, e.to_string()))?;
+    // Exposed ports within this provider's terms (their count and form were checked by
+    // check_well_formed; the host port range holds a block per lease: config.rs).
+    if req.spec.expose.len() > usize::from(terms.max_exposed_ports) {
+        return Err(deny(
+            DenyReason::InvalidSpec,
+            format!(
+                "{} exposed ports asked; this provider exposes at most {}",
+                req.spec.expose.len(),
+                terms.max_exposed_ports
+            ),
+        ));
+    }
+    if let Some(p) = req.spec.expose.iter().find(|p| **p < 1024)
+        && !terms.expose_privileged
+    {
+        return Err(deny(
+            DenyReason::InvalidSpec,
+            format!("guest port {p} is below 1024: this provider exposes ports from 1024 up only"),
+        ));
+    }
     // The hypervisor takes memory as u32 MiB, and 64 MiB is the smallest guest offered.
     if u32::try_from(req.spec.memory_mib).is_err() || req.spec.memory_mib < 64 {
         return Err(deny(DenyReason::InvalidSpec, "memory must be at least 64 MiB"));

@@ -104,7 +104,8 @@ pub struct ProviderDb {
 }
 
 /// Version `i + 1` of the provider schema is reached by running `PROVIDER_MIGRATIONS[i]`.
-const PROVIDER_MIGRATIONS: &[&str] = &["
+const PROVIDER_MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE leases (
         id BLOB PRIMARY KEY NOT NULL CHECK (length(id) = 16),
         requestor BLOB NOT NULL,
@@ -151,11 +152,16 @@ const PROVIDER_MIGRATIONS: &[&str] = &["
         reason TEXT NOT NULL,
         blocked_at_unix_ms INTEGER NOT NULL
     ) STRICT;
-"];
+",
+    "
+    -- the guest ports a lease exposes, comma-separated (docs/architecture.md, \"Exposed ports\")
+    ALTER TABLE leases ADD COLUMN expose TEXT NOT NULL DEFAULT '';
+",
+];
 
 const LEASE_COLUMNS: &str = "id, requestor, state, vcpus, memory_mib, disk_gib, image_name, image_sha256, ssh_user, \
      ssh_public_key, host_key_seed, slot, price_per_hour_micros, currency, requested_at_unix_ms, started_at_unix_ms, \
-     ends_at_unix_ms, request_digest, request, detail, isolated";
+     ends_at_unix_ms, request_digest, request, detail, isolated, expose";
 
 /// The operator's blocked requestors.
 const BLOCKED: BlockTable = BlockTable { table: "blocked_peers", at_column: "blocked_at_unix_ms" };
@@ -225,7 +231,7 @@ impl ProviderDb {
             tx.execute(
                 &format!(
                     "INSERT INTO leases ({LEASE_COLUMNS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
                 ),
                 params![
                     record.id.0,
@@ -249,6 +255,7 @@ impl ProviderDb {
                     record.request,
                     record.detail,
                     record.isolated,
+                    record.spec.expose.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
                 ],
             )?;
             append_transition(&tx, &record.id, now, state, "")?;
@@ -474,7 +481,11 @@ fn decode_lease(row: &Row<'_>) -> Result<LeaseRecord, DbError> {
             requestor: column_peer(row, "requestor")?,
             state: column_state(row, "state")?,
             spec: GuestSpec {
-                expose: Vec::new(),
+                expose: column::<String>(row, "expose")?
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| p.parse::<u16>().map_err(|_| format!("expose holds `{p}`, not a port")))
+                    .collect::<Result<_, _>>()?,
                 vcpus: column(row, "vcpus")?,
                 memory_mib: column_u64(row, "memory_mib")?,
                 disk_gib: column_u64(row, "disk_gib")?,

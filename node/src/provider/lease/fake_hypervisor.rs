@@ -173,6 +173,7 @@ fn vm(lease: LeaseId, slot: u32, host_key: String, boot_time: Option<Duration>) 
         accel: Accel::Tcg,
         ssh_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, FIRST_PORT + slot as u16)),
         guest_ip: Ipv4Addr::new(10, 77, 0, 2),
+        exposed: Vec::new(),
         host_key,
         started_at: SystemTime::UNIX_EPOCH,
         boot_time,
@@ -206,7 +207,14 @@ impl Hypervisor for FakeHypervisor {
         if state.guests.contains_key(&lease) {
             return Err(VmmError::LeaseExists(lease));
         }
-        let running = vm(lease, spec.network_slot, spec.host_key.public_openssh(), Some(Duration::from_millis(5)));
+        let mut running = vm(lease, spec.network_slot, spec.host_key.public_openssh(), Some(Duration::from_millis(5)));
+        // a block of 2 host ports per slot from 30000, as the QEMU backend derives them
+        running.exposed = spec
+            .expose
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (*g, 30_000 + spec.network_slot as u16 * 2 + i as u16))
+            .collect();
         state.guests.insert(lease, running.clone());
         Ok(running)
     }

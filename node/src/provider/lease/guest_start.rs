@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use peervm_protocol::{DenyReason, LeaseState, ReplyOutcome, SshAccess};
+use peervm_protocol::{DenyReason, ExposedPort, LeaseState, ReplyOutcome, SshAccess};
 use peervm_vmm::{AuthorizedKey, GuestImage, HostKeySeed, Hypervisor, StartStage, VmSpec, VmmError};
 use tokio::sync::watch;
 
@@ -38,6 +38,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             host_key,
             network_slot: record.slot,
             egress: self.terms().egress,
+            expose: record.spec.expose.clone(),
             cpu_quota: None,
             progress: None,
         };
@@ -90,13 +91,17 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         tracing::info!(lease = %id, port = vm.ssh_addr.port(), boot_ms = vm.boot_time.map(|d| d.as_millis() as u64),
             "lease running");
         Ok(ReplyOutcome::Granted {
-            exposed: Vec::new(),
             access: SshAccess { host: self.terms().ssh_host.clone(), port: vm.ssh_addr.port(), user: record.ssh_user },
             host_key: host_key_raw,
             started_at_unix_ms: started_at,
             ends_at_unix_ms: ends_at,
             price_per_hour_micros: record.price_per_hour_micros,
             currency: record.currency,
+            exposed: vm
+                .exposed
+                .iter()
+                .map(|(guest_port, host_port)| ExposedPort { guest_port: *guest_port, host_port: *host_port })
+                .collect(),
         })
     }
 }

@@ -18,6 +18,9 @@ pub struct LeaseTerms {
     /// Most leases at once (network slots).
     pub max_leases: u32,
     pub egress: EgressPolicy,
+    /// Guest ports a lease may expose, and whether ports below 1024 may be among them.
+    pub max_exposed_ports: u16,
+    pub expose_privileged: bool,
     pub min_lease_secs: u64,
     pub max_lease_secs: u64,
 }

@@ -65,6 +65,8 @@ pub(super) fn terms(image: Arc<GuestImage>) -> LeaseTerms {
         ssh_host: "provider.example".into(),
         max_leases: 3,
         egress: EgressPolicy::Deny,
+        max_exposed_ports: 2,
+        expose_privileged: false,
         min_lease_secs: 60,
         max_lease_secs: 7200,
     }
