@@ -885,11 +885,11 @@ mod tests {
         drop(ProviderDb::open(&path).unwrap());
         let raw = Connection::open(&path).unwrap();
         let version: i64 = raw.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-        assert_eq!(version, 1);
+        assert_eq!(version, PROVIDER_MIGRATIONS.len() as i64);
         raw.pragma_update(None, "user_version", 7).unwrap();
         drop(raw);
         let err = ProviderDb::open(&path).err().unwrap();
-        assert!(matches!(err, DbError::Unusable(UnusableDb::UnknownSchema { found: 7, supported: 1, .. })), "{err}");
+        assert!(matches!(err, DbError::Unusable(UnusableDb::UnknownSchema { found: 7, supported: 2, .. })), "{err}");
     }
 
     #[test]
