@@ -31,6 +31,17 @@ pub struct LeaseLabel {
     pub lease: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortKindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AbuseLabel {
+    pub rule: String,
+    pub action: String,
+}
+
 /// The node's counters and gauges. Cheap to clone (all handles are shared).
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -52,6 +63,21 @@ pub struct Metrics {
     pub lease_net_rx_bytes: Family<LeaseLabel, Gauge>,
     pub lease_net_tx_bytes: Family<LeaseLabel, Gauge>,
     pub lease_uptime_secs: Family<LeaseLabel, Gauge>,
+    /// The memory a lease was granted: `lease_memory_bytes` at this value is a guest using
+    /// all of it (packaging/prometheus/peervm-alerts.yml, `PeervmLeaseAtMemoryLimit`).
+    pub lease_memory_limit_bytes: Family<LeaseLabel, Gauge>,
+    /// The host's `MemAvailable` and the memory the provider advertises as free, side by
+    /// side so that an alert can compare them (the lease monitor's 10 s tick sets both).
+    pub host_memory_available_bytes: Gauge,
+    pub advertised_free_memory_bytes: Gauge,
+    /// The last port verification, per kind of port (`libp2p`, `ssh`): 1 when every port
+    /// of that kind was reachable from outside, else 0; no series before the first check.
+    pub port_verification_reachable: Family<PortKindLabel, Gauge>,
+    /// When the last port verification answered (Unix seconds); 0 before the first.
+    pub port_verification_last_check_timestamp_seconds: Gauge,
+    /// Abuse detection's triggers, by rule and the action taken (`warn`, `throttle`,
+    /// `isolate`).
+    pub abuse_triggers: Family<AbuseLabel, Counter>,
 }
 
 impl Metrics {
@@ -81,6 +107,36 @@ impl Metrics {
         r.register("lease_net_rx_bytes", "Bytes from requestors to a lease's guest", self.lease_net_rx_bytes.clone());
         r.register("lease_net_tx_bytes", "Bytes from a lease's guest to requestors", self.lease_net_tx_bytes.clone());
         r.register("lease_uptime_secs", "Seconds since a lease's guest started", self.lease_uptime_secs.clone());
+        r.register(
+            "lease_memory_limit_bytes",
+            "Memory a lease's guest was granted",
+            self.lease_memory_limit_bytes.clone(),
+        );
+        r.register(
+            "host_memory_available_bytes",
+            "Memory the host has available (MemAvailable of /proc/meminfo)",
+            self.host_memory_available_bytes.clone(),
+        );
+        r.register(
+            "advertised_free_memory_bytes",
+            "Memory this provider advertises as free",
+            self.advertised_free_memory_bytes.clone(),
+        );
+        r.register(
+            "port_verification_reachable",
+            "Whether the last port verification reached every port of a kind from outside (1) or not (0)",
+            self.port_verification_reachable.clone(),
+        );
+        r.register(
+            "port_verification_last_check_timestamp_seconds",
+            "When the last port verification answered (Unix time; 0: none yet)",
+            self.port_verification_last_check_timestamp_seconds.clone(),
+        );
+        r.register(
+            "abuse_triggers",
+            "Abuse detection triggers, by rule and the action taken",
+            self.abuse_triggers.clone(),
+        );
         r
     }
 
@@ -101,6 +157,38 @@ impl Metrics {
     /// Counts a lease message by its outcome (`granted`, `ok`, or a denial reason).
     pub fn lease_message(&self, outcome: &str) {
         self.lease_messages.get_or_create(&OutcomeLabel { outcome: outcome.to_string() }).inc();
+    }
+
+    /// Counts one trigger of abuse detection's `rule`, which took `action`.
+    pub fn abuse_trigger(&self, rule: &str, action: &str) {
+        self.abuse_triggers.get_or_create(&AbuseLabel { rule: rule.to_string(), action: action.to_string() }).inc();
+    }
+
+    /// Sets the port verification gauges from the advert's summary of a port report.
+    pub fn record_port_verification(&self, r: &peervm_protocol::Reachability) {
+        for (kind, ok) in [("libp2p", r.libp2p_open), ("ssh", r.ssh_reachable)] {
+            self.port_verification_reachable
+                .get_or_create(&PortKindLabel { kind: kind.to_string() })
+                .set(i64::from(ok));
+        }
+        let secs = r.checked_at_unix_ms / 1000;
+        self.port_verification_last_check_timestamp_seconds.set(i64::try_from(secs).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the host-against-advert memory gauges. `available_mib` is `None` when the host's
+    /// figure cannot be read: the gauge then keeps its last value.
+    pub fn record_host_memory(&self, available_mib: Option<u64>, advertised_free_mib: u64) {
+        let bytes = |mib: u64| i64::try_from(mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX);
+        if let Some(avail) = available_mib {
+            self.host_memory_available_bytes.set(bytes(avail));
+        }
+        self.advertised_free_memory_bytes.set(bytes(advertised_free_mib));
+    }
+
+    /// Sets a lease's memory limit gauge.
+    pub fn record_lease_memory_limit(&self, lease: &str, bytes: u64) {
+        let label = LeaseLabel { lease: lease.to_string() };
+        self.lease_memory_limit_bytes.get_or_create(&label).set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Sets the per-lease usage gauges.
@@ -127,6 +215,7 @@ impl Metrics {
             &self.lease_net_rx_bytes,
             &self.lease_net_tx_bytes,
             &self.lease_uptime_secs,
+            &self.lease_memory_limit_bytes,
         ] {
             f.remove(&label);
         }
@@ -174,4 +263,49 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> Result<SocketAddr
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_alerting_families_render_with_their_labels() {
+        let m = Metrics::default();
+        m.abuse_trigger("smtp", "warn");
+        m.abuse_trigger("smtp", "warn");
+        m.abuse_trigger("scan", "isolate");
+        m.record_port_verification(&peervm_protocol::Reachability {
+            checked_at_unix_ms: 1_700_000_000_999,
+            libp2p_open: true,
+            ssh_reachable: false,
+        });
+        m.record_host_memory(Some(512), 1024);
+        m.record_lease_memory_limit("ab12", 256 << 20);
+        let out = m.render();
+        for line in [
+            r#"peervm_abuse_triggers_total{rule="smtp",action="warn"} 2"#,
+            r#"peervm_abuse_triggers_total{rule="scan",action="isolate"} 1"#,
+            r#"peervm_port_verification_reachable{kind="libp2p"} 1"#,
+            r#"peervm_port_verification_reachable{kind="ssh"} 0"#,
+            "peervm_port_verification_last_check_timestamp_seconds 1700000000",
+            "peervm_host_memory_available_bytes 536870912",
+            "peervm_advertised_free_memory_bytes 1073741824",
+            r#"peervm_lease_memory_limit_bytes{lease="ab12"} 268435456"#,
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_host_figure_keeps_the_last_one_and_a_forgotten_lease_loses_its_limit() {
+        let m = Metrics::default();
+        m.record_host_memory(Some(512), 1024);
+        m.record_host_memory(None, 2048);
+        assert_eq!(m.host_memory_available_bytes.get(), 512 << 20);
+        assert_eq!(m.advertised_free_memory_bytes.get(), 2048 << 20);
+        m.record_lease_memory_limit("ab12", 256 << 20);
+        m.forget_lease("ab12");
+        assert!(!m.render().contains(r#"lease="ab12""#));
+    }
 }

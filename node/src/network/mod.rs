@@ -338,6 +338,9 @@ pub struct Node {
     pub peer_id: PeerId,
     /// Full dialable addresses, each ending in `/p2p/<peer id>`.
     pub listen_addrs: Vec<Multiaddr>,
+    /// The metrics the swarm task updates (`NodeConfig::metrics`, or its own set), for the
+    /// node's other tasks to report into (port verification).
+    pub metrics: Arc<Metrics>,
     events: broadcast::Sender<NodeEvent>,
     task: tokio::task::JoinHandle<()>,
 }

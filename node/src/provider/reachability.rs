@@ -106,7 +106,8 @@ impl PortReport {
 
 /// Port verification: shortly after start and every 10 minutes, asks up to two connected
 /// peers to dial this provider back on its libp2p TCP port and the ends of its SSH port
-/// range, records the first answer in `out`, logs it and tells `done`.
+/// range, records the first answer in `out` and in the node's metrics (for the alerts of
+/// packaging/prometheus/peervm-alerts.yml), logs it and tells `done`.
 pub fn spawn_port_check(
     config: &ProviderConfig,
     node: &Node,
@@ -114,6 +115,7 @@ pub fn spawn_port_check(
     done: Arc<tokio::sync::Notify>,
 ) -> tokio::task::JoinHandle<()> {
     let client = node.client.clone();
+    let metrics = node.metrics.clone();
     let mut ports: Vec<(u16, PortKind)> = node
         .listen_addrs
         .iter()
@@ -159,6 +161,7 @@ pub fn spawn_port_check(
                                     "port not reachable from outside");
                             }
                         }
+                        metrics.record_port_verification(&report.summary());
                         *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
                         done.notify_one();
                         break;

@@ -58,12 +58,13 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
     let (events, _) = broadcast::channel(EVENT_QUEUE);
     let store: SharedStore = Arc::new(Mutex::new(AdvertStore::new()));
     let list_blocked: ListBlocked = Default::default();
+    let metrics = config.metrics.clone().unwrap_or_default();
     let mut event_loop = EventLoop {
         ctx: Context {
             swarm,
             store: store.clone(),
             events: events.clone(),
-            metrics: config.metrics.clone().unwrap_or_default(),
+            metrics: metrics.clone(),
             audit: config.audit.clone(),
             self_tx: tx.clone(),
             guard: PeerGuard::new(config.rate_limits.clone()),
@@ -80,7 +81,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
     };
     event_loop.connections.dial_bootstraps(&mut event_loop.ctx);
     let task = tokio::spawn(event_loop.run());
-    Ok(Node { client: NodeClient { tx }, store, list_blocked, peer_id, listen_addrs, events, task })
+    Ok(Node { client: NodeClient { tx }, store, list_blocked, peer_id, listen_addrs, metrics, events, task })
 }
 
 struct EventLoop {

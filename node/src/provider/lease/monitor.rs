@@ -1,7 +1,8 @@
 //! The manager's timers (docs/architecture.md, "Leases", "Timers"): every second, leases
 //! past their end are ended (isolated ones wait for the operator) and expired nonces are
 //! pruned; every 10 s, per-lease usage goes to metrics with warnings for a lease at its
-//! memory limit and for a host short of the memory it advertises.
+//! memory limit and for a host short of the memory it advertises (both also as gauges, for
+//! the alerts of packaging/prometheus/peervm-alerts.yml).
 
 use peervm_protocol::{LeaseId, LeaseState, LeaseUsage};
 use peervm_vmm::Hypervisor;
@@ -60,8 +61,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         for record in active.iter().filter(|r| r.state == LeaseState::Running) {
             running += 1;
             let Some(u) = self.usage(&record.id).await else { continue };
-            inner.metrics.record_lease_usage(&record.id.to_hex(), &u);
             let ram = record.spec.memory_mib << 20;
+            inner.metrics.record_lease_usage(&record.id.to_hex(), &u);
+            inner.metrics.record_lease_memory_limit(&record.id.to_hex(), ram);
             if u.memory_current_bytes >= ram {
                 let first = inner.memory_warned.lock().unwrap_or_else(|p| p.into_inner()).insert(record.id);
                 if first {
@@ -72,7 +74,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         }
         inner.metrics.leases_running.set(running);
         let free = *inner.capacity.borrow();
-        if let Some(avail) = peervm_vmm::procfs::mem_available_mib()
+        let available = peervm_vmm::procfs::mem_available_mib();
+        inner.metrics.record_host_memory(available, free.memory_mib);
+        if let Some(avail) = available
             && avail < free.memory_mib
         {
             tracing::warn!(
@@ -180,5 +184,22 @@ mod tests {
         assert!(h.manager.inner.memory_warned.lock().unwrap().is_empty(), "forgotten when the lease ends");
         h.manager.monitor().await;
         assert_eq!(h.manager.inner.metrics.leases_running.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn monitoring_exports_each_lease_limit_and_the_host_against_its_advert() {
+        let h = Harness::new();
+        let id = h.grant().await; // 256 MiB
+        h.hv.set_usage(vmm_id(&id), VmUsage { memory_current_bytes: 1 << 20, ..Default::default() });
+        h.manager.monitor().await;
+        let metrics = &h.manager.inner.metrics;
+        let label = crate::metrics::LeaseLabel { lease: id.to_hex() };
+        assert_eq!(metrics.lease_memory_limit_bytes.get_or_create(&label).get(), 256 << 20);
+        let free = h.manager.free_capacity_now().memory_mib;
+        assert_eq!(metrics.advertised_free_memory_bytes.get(), i64::try_from(free << 20).unwrap());
+        // The test host's own MemAvailable: present on Linux, so some memory.
+        assert!(metrics.host_memory_available_bytes.get() > 0);
+        h.manager.end(id, "test").await.unwrap();
+        assert!(!metrics.render().contains(&id.to_hex()), "the lease's series are forgotten when it ends");
     }
 }
