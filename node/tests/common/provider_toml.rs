@@ -39,6 +39,8 @@ pub struct ProviderToml {
     /// Further `[[images]]` tables, rendered as given after those (e.g. an operator's
     /// stock image: `file`, `sha256`, `format`...).
     pub extra_image_tables: Vec<String>,
+    /// More `[network]` lines, e.g. `max_exposed_ports = 2`.
+    pub extra_network: Vec<String>,
 }
 
 impl ProviderToml {
@@ -68,6 +70,7 @@ impl ProviderToml {
             image_dir: image_dir.into(),
             extra_images: Vec::new(),
             extra_image_tables: Vec::new(),
+            extra_network: Vec::new(),
         }
     }
 
@@ -101,6 +104,10 @@ impl ProviderToml {
         t += &format!("[network]\npool = \"{}\"\n", self.pool);
         if let Some(e) = &self.egress {
             t += &format!("egress = \"{e}\"\n");
+        }
+        for line in &self.extra_network {
+            t += line;
+            t += "\n";
         }
         if let Some(s) = self.lease_min_secs {
             t += &format!("[leases]\nmin_secs = {s}\n");
