@@ -304,6 +304,31 @@ mod tests {
         assert!(check_request(&h.request(), CLEAR, &h.terms).is_ok(), "alice on the tiny image");
     }
 
+    /// The harness's terms expose 2 ports per lease, from 1024 up.
+    #[test]
+    fn more_exposed_ports_than_offered_or_a_privileged_one_is_invalid_spec() {
+        let h = Harness::new();
+        let expose = |ports: &[u16]| LeaseRequest {
+            spec: GuestSpec { expose: ports.to_vec(), ..h.request().spec },
+            ..h.request()
+        };
+        assert!(check_request(&expose(&[8000, 8443]), CLEAR, &h.terms).is_ok());
+        let d = check_request(&expose(&[8000, 8001, 8002]), CLEAR, &h.terms).unwrap_err();
+        assert_eq!(
+            (d.reason, d.detail.as_str()),
+            (DenyReason::InvalidSpec, "3 exposed ports asked; this provider exposes at most 2")
+        );
+        let d = check_request(&expose(&[443]), CLEAR, &h.terms).unwrap_err();
+        assert_eq!(d.reason, DenyReason::InvalidSpec);
+        assert!(d.detail.contains("below 1024"), "{}", d.detail);
+        for bad in [&[22][..], &[0], &[8000, 8000]] {
+            assert_eq!(reason(check_request(&expose(bad), CLEAR, &h.terms)), DenyReason::InvalidSpec, "{bad:?}");
+        }
+        let mut open = h.terms.clone();
+        open.expose_privileged = true;
+        assert!(check_request(&expose(&[443]), CLEAR, &open).is_ok());
+    }
+
     /// A disk larger than the lease is refused whatever the manifest says (here nothing,
     /// as in `minimal`): the size is the disk header's, and the detail gives both sizes.
     #[test]
