@@ -50,8 +50,9 @@ impl Context {
         allowed
     }
 
-    /// Counts an invalid signature or malformed message from `peer` on `api`: three ban it
-    /// (an honest relay validates before forwarding, so it never sends one).
+    /// Counts an invalid signature or malformed message from `peer` on `api`: three within
+    /// an hour ban it (`offences.rs`; an honest relay validates before forwarding, so it
+    /// never sends one).
     pub fn invalid(&mut self, peer: PeerId, api: Api) {
         self.audit("signature_failure", serde_json::json!({"peer": peer.to_string(), "api": api.label()}));
         let verdict = self.guard.invalid(peer, Instant::now());
