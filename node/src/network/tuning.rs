@@ -135,6 +135,16 @@ pub const SCORE_HALF_LIFE: Duration = Duration::from_secs(60);
 /// How long a ban lasts: long enough to stop a flood, short enough that a peer banned by
 /// mistake (a buggy but honest client) comes back on its own.
 pub const BAN_DURATION: Duration = Duration::from_secs(600);
+/// A banned peer's connections close once the lease replies it is owed have been written
+/// (`event_loop/closing.rs`), so the request that crossed the threshold gets its signed
+/// denial first (README.md: "every reply, denials too, is signed"); but at most this long
+/// after the ban: a grant still being prepared is not waited for.
+pub const BAN_REPLY_GRACE: Duration = Duration::from_secs(5);
+/// ...and this long after the last of those replies was written: a close sent right
+/// behind a reply can reach the peer with it, and the peer's connection then ends before
+/// the reply is read (seen on loopback, one time in two). Both are checked on the
+/// maintenance tick too, so a close may come up to 2 s later.
+pub const BAN_REPLY_LINGER: Duration = Duration::from_secs(1);
 
 // ---- Sync: `/peervm/sync/1` (docs/architecture.md, "Sync") ------------------------------
 
