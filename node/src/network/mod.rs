@@ -7,6 +7,7 @@ pub mod dialback;
 mod event_loop;
 pub mod gossip_params;
 pub mod lease_wire;
+pub mod offences;
 pub mod rate_limit;
 pub mod sync;
 pub mod tuning;

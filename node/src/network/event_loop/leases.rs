@@ -2,8 +2,12 @@
 //! inbound messages go to the lease manager with their rate-limit verdict, and its signed
 //! reply goes back over the stream; outbound messages wait for the provider's reply. The
 //! swarm only routes and rate limits; the manager verifies.
+//!
+//! A peer banned while it waits for replies is owed them (`owes_reply`): the request that
+//! got it banned still gets its signed denial, and its connections close a moment after
+//! that is written (`closing.rs`). New requests from a banned peer are not read.
 
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{self, InboundRequestId, OutboundRequestId, ResponseChannel};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
 
@@ -17,7 +21,11 @@ pub(super) struct Leases {
     /// Where inbound messages go (providers); `None`: the node only sends.
     inbox: Option<mpsc::Sender<InboundLease>>,
     /// Open inbound streams waiting for the manager's reply, by local id.
-    streams: Pending<u64, ResponseChannel<Envelope>>,
+    streams: Pending<u64, (InboundRequestId, ResponseChannel<Envelope>)>,
+    /// Replies handed to libp2p, until it reports them written (`ResponseSent`) or failed
+    /// (`InboundFailure`; one of the two always follows): a banned peer's connections
+    /// close after that.
+    flushing: Pending<InboundRequestId, ()>,
     next_stream: u64,
     /// Outbound messages waiting for their reply.
     calls: Pending<OutboundRequestId, Reply<Vec<u8>>>,
@@ -25,7 +33,13 @@ pub(super) struct Leases {
 
 impl Leases {
     pub fn new(inbox: Option<mpsc::Sender<InboundLease>>) -> Self {
-        Self { inbox, streams: Pending::default(), next_stream: 0, calls: Pending::default() }
+        Self {
+            inbox,
+            streams: Pending::default(),
+            flushing: Pending::default(),
+            next_stream: 0,
+            calls: Pending::default(),
+        }
     }
 
     /// Sends `message` to `peer` (dialing it at `addrs` if need be); the reply comes as an
@@ -44,14 +58,22 @@ impl Leases {
 
     /// The manager's signed reply to inbound stream `id`.
     pub fn respond(&mut self, ctx: &mut Context, id: u64, reply: Vec<u8>) {
-        if let Some((_, channel)) = self.streams.take(&id) {
-            let _ = ctx.swarm.behaviour_mut().lease.send_response(channel, Envelope(reply));
+        if let Some((peer, (request_id, channel))) = self.streams.take(&id) {
+            if ctx.swarm.behaviour_mut().lease.send_response(channel, Envelope(reply)).is_ok() {
+                self.flushing.insert(request_id, peer, ());
+            }
         }
+    }
+
+    /// True while `peer` waits for a reply from the manager, or one is still being
+    /// written to it.
+    pub fn owes_reply(&self, peer: &PeerId) -> bool {
+        self.streams.has_peer(peer) || self.flushing.has_peer(peer)
     }
 
     /// Forgets streams whose requestor gave up (or whose reply was never sent).
     pub fn forget_closed_streams(&mut self) {
-        self.streams.retain(|channel| channel.is_open());
+        self.streams.retain(|(_, channel)| channel.is_open());
     }
 
     /// Peers with a lease message in flight either way (not to be trimmed).
@@ -62,8 +84,8 @@ impl Leases {
     pub fn on_event(&mut self, ctx: &mut Context, event: request_response::Event<LeaseMessage, Envelope>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
-                    self.on_request(ctx, peer, request, channel)
+                request_response::Message::Request { request_id, request, channel } => {
+                    self.on_request(ctx, peer, request_id, request, channel)
                 }
                 request_response::Message::Response { request_id, response } => {
                     self.calls.answer(&request_id, Ok(response.0));
@@ -72,29 +94,37 @@ impl Leases {
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
                 self.calls.answer(&request_id, Err(NetworkError::Lease { peer, reason: error.to_string() }));
             }
-            _ => {}
+            request_response::Event::ResponseSent { request_id, .. }
+            | request_response::Event::InboundFailure { request_id, .. } => {
+                self.flushing.take(&request_id);
+            }
         }
     }
 
     /// Hands an inbound lease message to the manager. The rate limit is applied here,
     /// where the peer is known: a throttled message still goes to the manager, which
     /// answers it with a signed denial. A full inbox (the manager is behind) drops the
-    /// stream rather than queueing without bound.
+    /// stream rather than queueing without bound. A banned peer's request, sent in the
+    /// moment before its connection closes, is not read: the stream is dropped unanswered.
     fn on_request(
         &mut self,
         ctx: &mut Context,
         peer: PeerId,
+        request_id: InboundRequestId,
         message: LeaseMessage,
         channel: ResponseChannel<Envelope>,
     ) {
         let Some(inbox) = self.inbox.clone() else { return };
+        if ctx.guard.is_banned(&peer) {
+            return;
+        }
         let allowed = ctx.admit(peer, Api::Lease);
         let id = self.next_stream;
         self.next_stream += 1;
         let inbound =
             InboundLease { peer, message, throttled: !allowed, reply: LeaseResponder { id, tx: ctx.self_tx.clone() } };
         match inbox.try_send(inbound) {
-            Ok(()) => self.streams.insert(id, peer, channel),
+            Ok(()) => self.streams.insert(id, peer, (request_id, channel)),
             Err(_) => {
                 ctx.metrics.throttled("lease_queue");
                 tracing::debug!(%peer, "lease inbox full; dropping the request");

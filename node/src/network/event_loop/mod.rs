@@ -8,13 +8,15 @@
 //! - `block_lists`: signed block lists, held, relayed and applied;
 //! - `sync`: the sync client (sessions) and server (pages);
 //! - `leases`: lease messages in both directions;
-//! - `dial_back`: port verification in both directions.
+//! - `dial_back`: port verification in both directions;
+//! - `closing`: when a banned peer's connections close (after the replies it is owed).
 //!
 //! They share a `Context` (the swarm, the store, events, metrics, audit, per-peer rate
 //! limits and bans) and the `Pending` map of requests in flight; `setup` builds the swarm.
 //! Timings and limits are in `tuning.rs`.
 
 mod block_lists;
+mod closing;
 mod connections;
 mod context;
 mod dial_back;
@@ -35,6 +37,7 @@ use libp2p::{PeerId, identify, kad, ping};
 use tokio::sync::{broadcast, mpsc};
 
 use self::block_lists::BlockLists;
+use self::closing::Closing;
 use self::connections::Connections;
 use self::context::Context;
 use self::dial_back::DialBacks;
@@ -43,7 +46,9 @@ use self::leases::Leases;
 use self::sync::Syncs;
 use super::behaviour::PeervmBehaviourEvent;
 use super::rate_limit::{Api, PeerGuard};
-use super::tuning::{COMMAND_QUEUE, EVENT_QUEUE, MAINTAIN_TICK, SHUTDOWN_FLUSH, SLOW_EVERY};
+use super::tuning::{
+    BAN_REPLY_GRACE, BAN_REPLY_LINGER, COMMAND_QUEUE, EVENT_QUEUE, MAINTAIN_TICK, SHUTDOWN_FLUSH, SLOW_EVERY,
+};
 use super::{Command, ListBlocked, NetworkError, Node, NodeClient, NodeConfig, NodeEvent, SharedStore};
 use crate::advert_store::AdvertStore;
 use crate::clock::now_unix_ms;
@@ -68,6 +73,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
             audit: config.audit.clone(),
             self_tx: tx.clone(),
             guard: PeerGuard::new(config.rate_limits.clone()),
+            closing: Closing::new(BAN_REPLY_GRACE, BAN_REPLY_LINGER),
         },
         commands: rx,
         sweep_interval: config.sweep_interval,
@@ -126,7 +132,17 @@ impl EventLoop {
                 _ = sweep.tick() => self.sweep(),
                 _ = maintenance.tick() => self.maintain(),
             }
+            self.close_banned();
         }
+    }
+
+    /// Closes the connections of banned peers that are owed no lease reply any more (the
+    /// denial that got them banned was written a moment ago), or whose grace ran out
+    /// (`closing.rs`). Checked on every turn of the loop, so at least on the maintenance
+    /// tick.
+    fn close_banned(&mut self) {
+        let leases = &self.leases;
+        self.ctx.close_banned(|peer| leases.owes_reply(peer));
     }
 
     /// Drops expired adverts (and tombstones that can no longer matter) from the store.
