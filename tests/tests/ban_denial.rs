@@ -90,6 +90,8 @@ async fn start_provider(dir: &std::path::Path) -> (Node, SigningKey) {
         ssh_host: "127.0.0.1".into(),
         max_leases: 1,
         egress: EgressPolicy::Deny,
+        max_exposed_ports: 0,
+        expose_privileged: false,
         min_lease_secs: 60,
         max_lease_secs: 7200,
     };

@@ -58,10 +58,10 @@ impl Leases {
 
     /// The manager's signed reply to inbound stream `id`.
     pub fn respond(&mut self, ctx: &mut Context, id: u64, reply: Vec<u8>) {
-        if let Some((peer, (request_id, channel))) = self.streams.take(&id) {
-            if ctx.swarm.behaviour_mut().lease.send_response(channel, Envelope(reply)).is_ok() {
-                self.flushing.insert(request_id, peer, ());
-            }
+        if let Some((peer, (request_id, channel))) = self.streams.take(&id)
+            && ctx.swarm.behaviour_mut().lease.send_response(channel, Envelope(reply)).is_ok()
+        {
+            self.flushing.insert(request_id, peer, ());
         }
     }
 
