@@ -50,7 +50,7 @@ pub enum RequestorError {
     BadReplyEnvelope(#[source] peervm_protocol::VerifyError),
     #[error("the provider answered with {0}, which does not answer this message")]
     UnexpectedReply(String),
-    #[error("lease {id} is {state:?}; {what}")]
+    #[error("lease {id} is {}; {what}", state.as_str())]
     NotUsable { id: LeaseId, state: LeaseState, what: &'static str },
 }
 

@@ -77,7 +77,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
 /// than nothing, and its whole length from its start within `max_lease_secs`.
 fn extended_end(record: &LeaseRecord, additional_secs: u64, max_lease_secs: u64) -> Result<u64, Denial> {
     if record.state != LeaseState::Running {
-        return Err(deny(DenyReason::LeaseEnded, format!("the lease is {:?}, not running", record.state)));
+        return Err(deny(DenyReason::LeaseEnded, format!("the lease is {}, not running", record.state.as_str())));
     }
     let started = record.started_at_unix_ms.unwrap_or(record.requested_at_unix_ms);
     let ends_at = record.ends_at_unix_ms.saturating_add(additional_secs.saturating_mul(1000));
@@ -154,7 +154,7 @@ mod tests {
         assert_eq!(outcome, ReplyOutcome::Extended { ends_at_unix_ms: T0 + 2 * HOUR_MS }, "exactly the longest term");
         h.manager.end(id, "test").await.unwrap();
         let outcome = h.send_control(&h.control(id, ControlAction::Extend { additional_secs: 60 })).await;
-        assert_eq!(denial(&outcome).0, DenyReason::LeaseEnded);
+        assert_eq!(denial(&outcome), (DenyReason::LeaseEnded, "the lease is ended, not running"), "words for people");
         assert_eq!(h.record(id).ends_at_unix_ms, T0 + 2 * HOUR_MS);
     }
 
