@@ -34,8 +34,7 @@ fn reply_payload(outcome: ReplyOutcome) -> Vec<u8> {
 }
 
 fn open_reply(payload: &[u8]) -> Result<LeaseReply, VerifyError> {
-    Signed::<LeaseReply>::open(&envelope(&samples::provider_key(), Kind::LeaseReply, payload))
-        .map(|v| v.body().clone())
+    Signed::<LeaseReply>::open(&envelope(&samples::provider_key(), Kind::LeaseReply, payload)).map(|v| v.body().clone())
 }
 
 fn value(bytes: &[u8]) -> Value {
@@ -205,28 +204,43 @@ fn tags_are_skipped_undefined_is_null_and_byte_string_keys_are_accepted() {
     assert!(open_advert(&encode(&v)).is_err());
 }
 
+/// An edit of a payload's CBOR value.
+type Change = Box<dyn Fn(&mut Value)>;
+
 #[test]
 fn wrong_types_missing_fields_and_out_of_range_integers_are_refused() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let cases: Vec<(&str, Change)> = vec![
         ("seq as text", Box::new(|v| *field(v, "seq") = Value::Text("1".into()))),
         ("seq negative", Box::new(|v| *field(v, "seq") = Value::Integer((-1).into()))),
         ("seq as a float", Box::new(|v| *field(v, "seq") = Value::Float(1.0))),
-        ("vcpus over uint32", Box::new(|v| *field(field(field(v, "resources"), "free"), "vcpus") = Value::Integer((1u64 << 32).into()))),
+        (
+            "vcpus over uint32",
+            Box::new(|v| *field(field(field(v, "resources"), "free"), "vcpus") = Value::Integer((1u64 << 32).into())),
+        ),
         ("port over uint16", Box::new(|v| *field(field(v, "ssh"), "port_min") = Value::Integer(65536.into()))),
         ("withdrawn as 0", Box::new(|v| *field(v, "withdrawn") = Value::Integer(0.into()))),
         ("region null", Box::new(|v| *field(v, "region") = Value::Null)),
         ("seq missing", Box::new(|v| remove(v, "seq"))),
-        ("sha256 of 31 bytes", Box::new(|v| {
-            if let Value::Array(images) = field(v, "images") {
-                *field(&mut images[0], "sha256") = Value::Bytes(vec![0; 31]);
-            }
-        })),
-        ("sha256 as an array of ints", Box::new(|v| {
-            if let Value::Array(images) = field(v, "images") {
-                *field(&mut images[0], "sha256") = Value::Array(vec![Value::Integer(0.into()); 32]);
-            }
-        })),
-        ("a multiaddr that does not parse", Box::new(|v| *field(v, "listen_addrs") = Value::Array(vec![Value::Bytes(vec![0xff, 0xff])]))),
+        (
+            "sha256 of 31 bytes",
+            Box::new(|v| {
+                if let Value::Array(images) = field(v, "images") {
+                    *field(&mut images[0], "sha256") = Value::Bytes(vec![0; 31]);
+                }
+            }),
+        ),
+        (
+            "sha256 as an array of ints",
+            Box::new(|v| {
+                if let Value::Array(images) = field(v, "images") {
+                    *field(&mut images[0], "sha256") = Value::Array(vec![Value::Integer(0.into()); 32]);
+                }
+            }),
+        ),
+        (
+            "a multiaddr that does not parse",
+            Box::new(|v| *field(v, "listen_addrs") = Value::Array(vec![Value::Bytes(vec![0xff, 0xff])])),
+        ),
     ];
     for (what, change) in cases {
         let mut v = value(&advert_payload());
