@@ -18,6 +18,12 @@ pub fn requestor_key() -> SigningKey {
     SigningKey::from_seed(&std::array::from_fn(|i| 0x20 + i as u8))
 }
 
+/// The requestor's SSH key of the test vectors: the ed25519 public key of seed bytes
+/// 0x40, 0x41, ..., 0x5f (a valid curve point, as a real `ssh-ed25519` key is).
+pub fn requestor_ssh_public_key() -> [u8; 32] {
+    SigningKey::from_seed(&std::array::from_fn(|i| 0x40 + i as u8)).public_key_bytes()
+}
+
 /// A key made from `n` (for tests that need many distinct providers).
 pub fn numbered_key(n: u64) -> SigningKey {
     let mut seed = [0x5au8; 32];
@@ -74,14 +80,15 @@ pub fn advert(key: &SigningKey, seq: u64, now_unix_ms: u64) -> Advertisement {
     }
 }
 
-/// A lease request from `requestor` to `provider`, issued at `now`, valid 60 s.
+/// A lease request from `requestor` to `provider`, issued at `now`, valid 60 s, for the
+/// terms of `advert(provider, 1, ...)`.
 pub fn lease_request(requestor: &SigningKey, provider: &SigningKey, now_unix_ms: u64) -> LeaseRequest {
     LeaseRequest {
         version: LEASE_VERSION,
         lease_id: LeaseId([0x11; 16]),
         requestor: requestor.peer_id(),
         provider: provider.peer_id(),
-        advert_seq: 7,
+        advert_seq: 1,
         spec: GuestSpec {
             expose: Vec::new(),
             vcpus: 1,
@@ -94,7 +101,7 @@ pub fn lease_request(requestor: &SigningKey, provider: &SigningKey, now_unix_ms:
         max_price_per_hour_micros: 20_000,
         currency: "USD".into(),
         ssh_user: "peervm".into(),
-        ssh_public_key: [0x42; 32],
+        ssh_public_key: requestor_ssh_public_key(),
         nonce: [0x33; 16],
         issued_at_unix_ms: now_unix_ms,
         valid_until_unix_ms: now_unix_ms + MAX_REQUEST_VALIDITY_MS,

@@ -6,18 +6,24 @@ use peervm_protocol::*;
 
 const DOC: &str = include_str!("../../docs/protocol.md");
 
+/// The grant of the vectors: it answers the request vector (`in_reply_to` is the SHA-256
+/// of its payload), so the four vectors are one exchange.
+fn grant() -> LeaseReply {
+    let p = samples::provider_key();
+    let r = samples::requestor_key();
+    let request = Signed::sign(&r, &samples::lease_request(&r, &p, T0_UNIX_MS)).unwrap();
+    let mut reply = samples::lease_reply(&p, &r, samples::granted(T0_UNIX_MS), T0_UNIX_MS);
+    reply.in_reply_to = lease::payload_digest(request.signed());
+    reply
+}
+
 fn vectors() -> Vec<(&'static str, Vec<u8>)> {
     let p = samples::provider_key();
     let r = samples::requestor_key();
     vec![
         ("advert", Signed::sign(&p, &samples::advert(&p, 1, T0_UNIX_MS)).unwrap().to_bytes()),
         ("lease-request", Signed::sign(&r, &samples::lease_request(&r, &p, T0_UNIX_MS)).unwrap().to_bytes()),
-        (
-            "lease-reply",
-            Signed::sign(&p, &samples::lease_reply(&p, &r, samples::granted(T0_UNIX_MS), T0_UNIX_MS))
-                .unwrap()
-                .to_bytes(),
-        ),
+        ("lease-reply", Signed::sign(&p, &grant()).unwrap().to_bytes()),
         (
             "lease-control",
             Signed::sign(
@@ -65,6 +71,7 @@ fn code_produces_and_accepts_exactly_the_documented_vectors() {
     assert_eq!(request.body(), &samples::lease_request(&r, &p, T0_UNIX_MS));
     let reply = Signed::<LeaseReply>::open(&doc_vector("lease-reply")).expect("documented reply verifies");
     assert_eq!(reply.signer(), p.peer_id());
+    assert_eq!(reply.body(), &grant());
     let control = Signed::<LeaseControl>::open(&doc_vector("lease-control")).expect("documented control verifies");
     assert_eq!(control.body().action, ControlAction::Extend { additional_secs: 1800 });
 }
@@ -82,5 +89,35 @@ fn print_peer_ids() {
     if std::env::var("PEERVM_PRINT_VECTORS").is_ok() {
         println!("provider PeerId: `{}`", samples::provider_key().peer_id());
         println!("requestor PeerId: `{}`", samples::requestor_key().peer_id());
+    }
+}
+
+#[test]
+fn the_vectors_are_one_consistent_exchange() {
+    let p = samples::provider_key();
+    let r = samples::requestor_key();
+    let advert = samples::advert(&p, 1, T0_UNIX_MS);
+    let request = samples::lease_request(&r, &p, T0_UNIX_MS);
+    assert_eq!(request.advert_seq, advert.seq, "the request answers the advert vector");
+    assert!(advert.offers_image(&request.spec.image_name, &request.spec.image_sha256));
+    let price = advert.price_for(&request.spec.resources()).unwrap();
+    assert!(price <= request.max_price_per_hour_micros && request.currency == advert.pricing.currency);
+    let signed_request = Signed::sign(&r, &request).unwrap();
+    match grant().outcome {
+        ReplyOutcome::Granted { price_per_hour_micros, ref access, .. } => {
+            assert_eq!(price_per_hour_micros, price, "the grant charges the advert's price");
+            assert_eq!(
+                (access.host.as_str(), access.user.as_str()),
+                (advert.ssh.host.as_str(), request.ssh_user.as_str())
+            );
+            assert!((advert.ssh.port_min..=advert.ssh.port_max).contains(&access.port));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(grant().in_reply_to, lease::payload_digest(signed_request.signed()));
+    // The SSH keys are real ed25519 points, as OpenSSH would require.
+    assert!(ed25519_dalek::VerifyingKey::from_bytes(&request.ssh_public_key).is_ok());
+    if let ReplyOutcome::Granted { host_key, .. } = grant().outcome {
+        assert!(ed25519_dalek::VerifyingKey::from_bytes(&host_key).is_ok());
     }
 }
