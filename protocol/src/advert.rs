@@ -58,7 +58,8 @@ pub struct Advertisement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reachability: Option<Reachability>,
     /// What a lease's guest gets of the network beyond SSH (docs/protocol.md, "Exposed
-    /// ports"). Absent from the encoding when `None` (no port exposed).
+    /// ports") and its bandwidth limits. Absent from the encoding when `None` (no port
+    /// exposed, no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkOffer>,
 }
@@ -70,6 +71,14 @@ pub struct NetworkOffer {
     pub max_exposed_ports: u16,
     /// Whether guest ports below 1024 may be exposed.
     pub privileged_ports: bool,
+    /// A lease's guest sends at most this many megabits (10^6 bits) per second, held by
+    /// the provider's kernel. Absent from the encoding when `None` (no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_mbit: Option<u32>,
+    /// A lease's guest receives at most this many megabits per second. Absent from the
+    /// encoding when `None` (no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_mbit: Option<u32>,
 }
 
 /// The outcome of a provider's dial-back port verification.
@@ -342,6 +351,11 @@ impl Advertisement {
                 n.max_exposed_ports,
                 crate::lease::MAX_EXPOSED_PORTS
             ));
+        }
+        if let Some(n) = &self.network
+            && (n.egress_mbit == Some(0) || n.ingress_mbit == Some(0))
+        {
+            return bad("a network bandwidth limit of 0 Mbit/s (no limit is written as an absent field)".into());
         }
         Ok(())
     }

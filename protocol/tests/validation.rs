@@ -79,6 +79,22 @@ fn malformed_adverts_rejected() {
         ("host", |a| a.ssh.host = String::new()),
         ("control char", |a| a.region = "eu\n".into()),
         ("long text", |a| a.region = "x".repeat(200)),
+        ("egress limit 0", |a| {
+            a.network = Some(NetworkOffer {
+                max_exposed_ports: 0,
+                privileged_ports: false,
+                egress_mbit: Some(0),
+                ingress_mbit: None,
+            })
+        }),
+        ("ingress limit 0", |a| {
+            a.network = Some(NetworkOffer {
+                max_exposed_ports: 0,
+                privileged_ports: false,
+                egress_mbit: None,
+                ingress_mbit: Some(0),
+            })
+        }),
     ];
     for (name, mutate) in cases {
         let mut a = base.clone();
@@ -87,6 +103,22 @@ fn malformed_adverts_rejected() {
         assert!(matches!(err, AdvertError::Malformed(_)), "{name}: {err:?}");
         assert_eq!(err.disposition(), Disposition::Reject, "{name}");
     }
+}
+
+#[test]
+fn bandwidth_limits_are_absent_from_the_encoding_unless_set() {
+    let mut a = advert_at(NOW, 1000);
+    let ports_only =
+        NetworkOffer { max_exposed_ports: 2, privileged_ports: false, egress_mbit: None, ingress_mbit: None };
+    a.network = Some(ports_only);
+    let bytes = to_cbor(&a);
+    for key in ["egress_mbit", "ingress_mbit"] {
+        assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "{key} encoded while unset");
+    }
+    a.network = Some(NetworkOffer { egress_mbit: Some(100), ingress_mbit: Some(20), ..ports_only });
+    assert_eq!(a.check_acceptable(NOW, None), Ok(()));
+    let back: Advertisement = encoding::from_cbor(&to_cbor(&a), "advert").unwrap();
+    assert_eq!(back.network, a.network);
 }
 
 #[test]

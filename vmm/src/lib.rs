@@ -24,6 +24,7 @@ mod qemu_user;
 mod qmp;
 pub mod readiness;
 pub mod seed;
+mod shaping;
 pub mod spec;
 mod user_name;
 
@@ -38,4 +39,5 @@ pub use lease_id::{LeaseId, LeaseIdError};
 pub use network::{AddressPool, NamePrefix};
 pub use qemu::{QemuHypervisor, VmmConfig};
 pub use qemu_user::{DEFAULT_QEMU_USER, QemuUser};
+pub use shaping::BandwidthLimits;
 pub use spec::{AuthorizedKey, EgressPolicy, HostKeySeed, StartStage, VmSpec};

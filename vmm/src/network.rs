@@ -22,6 +22,7 @@ use crate::error::VmmError;
 use crate::host_command::run;
 use crate::lease_id::LeaseId;
 use crate::procfs;
+use crate::shaping::{self, BandwidthLimits};
 use crate::spec::EgressPolicy;
 
 /// Destinations a guest never reaches, under either egress policy: "this network",
@@ -59,7 +60,7 @@ pub fn is_blocked_destination(addr: Ipv4Addr, pool: &AddressPool) -> bool {
 }
 
 /// Interfaces inside the lease namespace; private to it, so fixed names.
-const NS_UPLINK: &str = "uplink";
+pub(crate) const NS_UPLINK: &str = "uplink";
 const NS_BRIDGE: &str = "br0";
 pub(crate) const NS_TAP: &str = "tap0";
 
@@ -196,6 +197,7 @@ pub(crate) struct LeaseNetwork {
     pub egress: EgressPolicy,
     pub pool: AddressPool,
     pub short_prefix: String,
+    pub limits: BandwidthLimits,
 }
 
 impl LeaseNetwork {
@@ -208,11 +210,17 @@ impl LeaseNetwork {
             egress,
             pool,
             short_prefix: names.short().to_string(),
+            limits: BandwidthLimits::default(),
         }
     }
 
-    /// Creates namespace, veth pair, bridge, tap and nft table. On error the caller
-    /// tears down (every step is undone by `teardown`).
+    /// The same network with the bandwidth limits `limits` (docs/vmm.md "Bandwidth limits").
+    pub fn with_limits(self, limits: BandwidthLimits) -> Self {
+        LeaseNetwork { limits, ..self }
+    }
+
+    /// Creates namespace, veth pair, bridge, tap, bandwidth limits and nft table. On
+    /// error the caller tears down (every step is undone by `teardown`).
     pub async fn setup(&self) -> Result<(), VmmError> {
         let ns = self.netns.as_str();
         let hif = self.host_if.as_str();
@@ -240,6 +248,8 @@ impl LeaseNetwork {
              link set {NS_BRIDGE} up\n"
         );
         run("ip", &["-n", ns, "-batch", "-"], Some(batch.as_bytes())).await?;
+        // on the veth pair: gone with it (docs/vmm.md "Bandwidth limits")
+        shaping::apply(self.limits, ns, NS_UPLINK, hif).await?;
         run("nft", &["-f", "-"], Some(self.nft_ruleset().as_bytes())).await?;
         Ok(())
     }

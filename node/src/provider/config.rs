@@ -73,6 +73,11 @@ struct RawNetwork {
     /// Whether guest ports below 1024 may be exposed.
     #[serde(default)]
     expose_privileged: bool,
+    /// Bandwidth limits of each lease's guest, out and in, in Mbit/s (0 or absent: none).
+    #[serde(default)]
+    egress_mbit: u32,
+    #[serde(default)]
+    ingress_mbit: u32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +160,9 @@ struct RawHypervisor {
 pub use super::image_config::{ImageConfig, ImageSource};
 use super::image_config::{RawImage, parse_images};
 
+/// The highest bandwidth limit accepted (100 Gbit/s): beyond it a limit is a typo.
+const MAX_LIMIT_MBIT: u32 = 100_000;
+
 /// A validated provider configuration.
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
@@ -186,6 +194,10 @@ pub struct ProviderConfig {
     pub max_exposed_ports: u16,
     pub expose_privileged: bool,
     pub expose_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// Bandwidth limits of each lease's guest in Mbit/s, enforced by the host's kernel
+    /// (docs/vmm.md "Bandwidth limits"); `None`: no limit.
+    pub egress_mbit: Option<u32>,
+    pub ingress_mbit: Option<u32>,
     /// Most concurrent leases: the smallest of the config's limit, the SSH port range
     /// and the address pool.
     pub max_leases: u32,
@@ -335,6 +347,13 @@ impl ProviderConfig {
                 ));
             }
         };
+        let limit = |field: &'static str, mbit: u32| match mbit {
+            0 => Ok(None),
+            m if m > MAX_LIMIT_MBIT => Err(invalid(field, format!("{m} Mbit/s is more than {MAX_LIMIT_MBIT}"))),
+            m => Ok(Some(m)),
+        };
+        let egress_mbit = limit("network.egress_mbit", n.egress_mbit)?;
+        let ingress_mbit = limit("network.ingress_mbit", n.ingress_mbit)?;
         let min_lease_secs = raw.leases.min_secs.unwrap_or(60);
         let max_lease_secs = raw.leases.max_secs.unwrap_or(peervm_protocol::lease::MAX_LEASE_SECS);
         if min_lease_secs == 0
@@ -396,6 +415,8 @@ impl ProviderConfig {
             max_exposed_ports: if expose_ports.is_some() { raw.network.max_exposed_ports } else { 0 },
             expose_privileged: raw.network.expose_privileged,
             expose_ports,
+            egress_mbit,
+            ingress_mbit,
             max_leases,
             min_lease_secs,
             max_lease_secs,
@@ -428,10 +449,13 @@ impl ProviderConfig {
         listen_addrs: &[Multiaddr],
     ) -> peervm_protocol::Advertisement {
         peervm_protocol::Advertisement {
-            network: (self.max_exposed_ports > 0).then_some(peervm_protocol::NetworkOffer {
-                max_exposed_ports: self.max_exposed_ports,
-                privileged_ports: self.expose_privileged,
-            }),
+            network: (self.max_exposed_ports > 0 || self.egress_mbit.is_some() || self.ingress_mbit.is_some())
+                .then_some(peervm_protocol::NetworkOffer {
+                    max_exposed_ports: self.max_exposed_ports,
+                    privileged_ports: self.expose_privileged,
+                    egress_mbit: self.egress_mbit,
+                    ingress_mbit: self.ingress_mbit,
+                }),
             version: peervm_protocol::advert::ADVERT_VERSION,
             provider: key.peer_id(),
             seq,
@@ -495,5 +519,26 @@ mod tests {
         assert!(config_with_network("").unwrap().guest_dns.is_empty());
         let err = config_with_network("guest_dns = [\"dns.example\"]").unwrap_err().to_string();
         assert!(err.contains("network.guest_dns") && err.contains("dns.example"), "{err}");
+    }
+
+    #[test]
+    fn bandwidth_limits_are_mbit_per_second_zero_or_absent_for_none_and_advertised() {
+        let key = peervm_protocol::samples::numbered_key(0);
+        let none = config_with_network("").unwrap();
+        assert_eq!((none.egress_mbit, none.ingress_mbit), (None, None));
+        assert_eq!(none.advert(&key, 1, 0, Accel::Tcg, none.resources, &[]).network, None);
+        let zero = config_with_network("egress_mbit = 0\ningress_mbit = 0").unwrap();
+        assert_eq!((zero.egress_mbit, zero.ingress_mbit), (None, None));
+        let cfg = config_with_network("egress_mbit = 100\ningress_mbit = 20").unwrap();
+        assert_eq!((cfg.egress_mbit, cfg.ingress_mbit), (Some(100), Some(20)));
+        let offer = cfg.advert(&key, 1, 0, Accel::Tcg, cfg.resources, &[]).network.unwrap();
+        assert_eq!((offer.egress_mbit, offer.ingress_mbit, offer.max_exposed_ports), (Some(100), Some(20), 0));
+        let only_out = config_with_network("egress_mbit = 5").unwrap();
+        let offer = only_out.advert(&key, 1, 0, Accel::Tcg, only_out.resources, &[]).network.unwrap();
+        assert_eq!((offer.egress_mbit, offer.ingress_mbit), (Some(5), None));
+        let err = config_with_network("egress_mbit = 100001").unwrap_err().to_string();
+        assert!(err.contains("network.egress_mbit") && err.contains("100001"), "{err}");
+        let err = config_with_network("ingress_mbit = -1").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 }

@@ -86,6 +86,8 @@ impl ConfigDiff {
             max_exposed_ports,
             expose_privileged,
             expose_ports,
+            egress_mbit,
+            ingress_mbit,
             max_leases,
             min_lease_secs,
             max_lease_secs,
@@ -145,6 +147,9 @@ impl ConfigDiff {
         restart("network.max_exposed_ports", *max_exposed_ports != old.max_exposed_ports);
         restart("network.expose_privileged", *expose_privileged != old.expose_privileged);
         restart("network.expose_port_min", expose_ports != &old.expose_ports);
+        // the helper reads the limits at its start and sets them up with each lease
+        restart("network.egress_mbit", *egress_mbit != old.egress_mbit);
+        restart("network.ingress_mbit", *ingress_mbit != old.ingress_mbit);
         restart("hypervisor.allow_tcg", *allow_tcg != old.allow_tcg);
         restart("hypervisor.probe_kvm", *probe_kvm != old.probe_kvm);
         restart("hypervisor.name_prefix", names.long() != old.names.long());
@@ -309,6 +314,8 @@ mod tests {
             ("network.pool", b.replaced("pool", "pool = \"10.78.0.0/24\"")),
             ("network.egress", b.with("network", "egress = \"public-only\"")),
             ("network.guest_dns", b.with("network", "guest_dns = [\"9.9.9.9\"]")),
+            ("network.egress_mbit", b.with("network", "egress_mbit = 50")),
+            ("network.ingress_mbit", b.with("network", "ingress_mbit = 50")),
             ("hypervisor.name_prefix", b.with("hypervisor", "name_prefix = \"other\"")),
             ("hypervisor.iface_prefix", b.with("hypervisor", "iface_prefix = \"zz\"")),
             ("images", b.replaced("dir", &format!("dir = \"{}\"", other_image.display()))),

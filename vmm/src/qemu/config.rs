@@ -11,6 +11,7 @@ use crate::cgroup::{CPU_PERIOD_US, CgroupLayout, CgroupLimits};
 use crate::error::VmmError;
 use crate::network::{AddressPool, NamePrefix, is_blocked_destination};
 use crate::qemu_user::DEFAULT_QEMU_USER;
+use crate::shaping::BandwidthLimits;
 use crate::spec::EgressPolicy;
 
 /// Configuration of the QEMU backend. `VmmConfig::new` gives the defaults documented in
@@ -60,6 +61,9 @@ pub struct VmmConfig {
     /// "nftables"). A guest whose egress is denied reaches none, so gets none. Empty
     /// (the default): no resolver, as the minimal image's seed never had one.
     pub guest_nameservers: Vec<Ipv4Addr>,
+    /// Each guest's bandwidth out and in, held by tc on its link (docs/vmm.md "Bandwidth
+    /// limits"); none by default.
+    pub limits: BandwidthLimits,
 }
 
 impl VmmConfig {
@@ -85,6 +89,7 @@ impl VmmConfig {
             tcg_tb_size_mib: 128,
             cgroups: None,
             guest_nameservers: Vec::new(),
+            limits: BandwidthLimits::default(),
         }
     }
 

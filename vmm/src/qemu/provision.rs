@@ -157,7 +157,8 @@ impl QemuHypervisor {
         let cgroup = self.lease_cgroup(&lease);
         cgroup.create(&cfg.limits_for(spec.vcpus, spec.memory_mib, spec.cpu_cores()))?;
 
-        let network = LeaseNetwork::new(&cfg.names, &lease, addrs, spec.egress, cfg.address_pool);
+        let network =
+            LeaseNetwork::new(&cfg.names, &lease, addrs, spec.egress, cfg.address_pool).with_limits(cfg.limits);
         network.setup().await?;
         // ARP retries every 100 ms instead of 1 s: the readiness check reaches the
         // guest sooner once its interface is up
