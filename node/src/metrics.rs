@@ -1,7 +1,8 @@
 //! Prometheus metrics, served as text on a loopback address only when enabled.
 
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -29,6 +30,19 @@ pub struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LeaseLabel {
     pub lease: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseRuleLabel {
+    pub lease: String,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseDirectionLabel {
+    pub lease: String,
+    /// `in` (to the guest) or `out` (from it).
+    pub direction: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,9 +74,24 @@ pub struct Metrics {
     pub lease_cpu_usec: Family<LeaseLabel, Gauge>,
     pub lease_memory_bytes: Family<LeaseLabel, Gauge>,
     pub lease_memory_peak_bytes: Family<LeaseLabel, Gauge>,
+    /// SSH bytes through a lease's forwarder (the signed status's `net_rx/tx_bytes`).
     pub lease_net_rx_bytes: Family<LeaseLabel, Gauge>,
     pub lease_net_tx_bytes: Family<LeaseLabel, Gauge>,
     pub lease_uptime_secs: Family<LeaseLabel, Gauge>,
+    /// A lease's guest's whole traffic on its link (docs/vmm.md "Traffic accounting"), SSH
+    /// included; cumulative, set from the hypervisor's counters.
+    pub lease_guest_rx_bytes: Family<LeaseLabel, Gauge>,
+    pub lease_guest_tx_bytes: Family<LeaseLabel, Gauge>,
+    pub lease_guest_rx_packets: Family<LeaseLabel, Gauge>,
+    pub lease_guest_tx_packets: Family<LeaseLabel, Gauge>,
+    pub lease_guest_new_connections: Family<LeaseLabel, Gauge>,
+    /// Packets each isolation rule dropped, by the rule's comment in the lease's table.
+    pub lease_guest_dropped_packets: Family<LeaseRuleLabel, Gauge>,
+    /// Packets the bandwidth limits dropped (their queue full), by direction.
+    pub lease_guest_limit_dropped_packets: Family<LeaseDirectionLabel, Gauge>,
+    /// The rules each lease has a `lease_guest_dropped_packets` series of, so that
+    /// `forget_lease` removes them all.
+    drop_rules_seen: Arc<Mutex<HashMap<String, BTreeSet<String>>>>,
     /// The memory a lease was granted: `lease_memory_bytes` at this value is a guest using
     /// all of it (packaging/prometheus/peervm-alerts.yml, `PeervmLeaseAtMemoryLimit`).
     pub lease_memory_limit_bytes: Family<LeaseLabel, Gauge>,
@@ -107,6 +136,41 @@ impl Metrics {
         r.register("lease_net_rx_bytes", "Bytes from requestors to a lease's guest", self.lease_net_rx_bytes.clone());
         r.register("lease_net_tx_bytes", "Bytes from a lease's guest to requestors", self.lease_net_tx_bytes.clone());
         r.register("lease_uptime_secs", "Seconds since a lease's guest started", self.lease_uptime_secs.clone());
+        r.register(
+            "lease_guest_rx_bytes",
+            "Bytes a lease's guest received on its link (all traffic, SSH included)",
+            self.lease_guest_rx_bytes.clone(),
+        );
+        r.register(
+            "lease_guest_tx_bytes",
+            "Bytes a lease's guest sent on its link (all traffic, SSH included)",
+            self.lease_guest_tx_bytes.clone(),
+        );
+        r.register(
+            "lease_guest_rx_packets",
+            "Packets a lease's guest received on its link",
+            self.lease_guest_rx_packets.clone(),
+        );
+        r.register(
+            "lease_guest_tx_packets",
+            "Packets a lease's guest sent on its link",
+            self.lease_guest_tx_packets.clone(),
+        );
+        r.register(
+            "lease_guest_new_connections",
+            "New connections (flows) a lease's guest opened to the outside, allowed or dropped",
+            self.lease_guest_new_connections.clone(),
+        );
+        r.register(
+            "lease_guest_dropped_packets",
+            "Packets of a lease's guest an isolation rule dropped, by rule",
+            self.lease_guest_dropped_packets.clone(),
+        );
+        r.register(
+            "lease_guest_limit_dropped_packets",
+            "Packets of a lease's guest its bandwidth limit dropped, by direction (in: to the guest)",
+            self.lease_guest_limit_dropped_packets.clone(),
+        );
         r.register(
             "lease_memory_limit_bytes",
             "Memory a lease's guest was granted",
@@ -203,6 +267,32 @@ impl Metrics {
         set(&self.lease_net_rx_bytes, u.net_rx_bytes);
         set(&self.lease_net_tx_bytes, u.net_tx_bytes);
         set(&self.lease_uptime_secs, u.uptime_secs);
+        if let Some(n) = &u.guest_net {
+            set(&self.lease_guest_rx_bytes, n.rx_bytes);
+            set(&self.lease_guest_tx_bytes, n.tx_bytes);
+            set(&self.lease_guest_rx_packets, n.rx_packets);
+            set(&self.lease_guest_tx_packets, n.tx_packets);
+            set(&self.lease_guest_new_connections, n.new_connections);
+        }
+    }
+
+    /// Sets a lease's drop gauges: per isolation rule and per bandwidth limit direction.
+    pub fn record_lease_drops(&self, lease: &str, n: &peervm_vmm::NetUsage) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (rule, packets) in &n.dropped {
+            let label = LeaseRuleLabel { lease: lease.to_string(), rule: rule.clone() };
+            self.lease_guest_dropped_packets.get_or_create(&label).set(gauge(*packets));
+        }
+        self.drop_rules_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(lease.to_string())
+            .or_default()
+            .extend(n.dropped.keys().cloned());
+        for (direction, packets) in [("in", n.limit_dropped_in), ("out", n.limit_dropped_out)] {
+            let label = LeaseDirectionLabel { lease: lease.to_string(), direction: direction.to_string() };
+            self.lease_guest_limit_dropped_packets.get_or_create(&label).set(gauge(packets));
+        }
     }
 
     /// Drops an ended lease's series.
@@ -216,8 +306,21 @@ impl Metrics {
             &self.lease_net_tx_bytes,
             &self.lease_uptime_secs,
             &self.lease_memory_limit_bytes,
+            &self.lease_guest_rx_bytes,
+            &self.lease_guest_tx_bytes,
+            &self.lease_guest_rx_packets,
+            &self.lease_guest_tx_packets,
+            &self.lease_guest_new_connections,
         ] {
             f.remove(&label);
+        }
+        let rules = self.drop_rules_seen.lock().unwrap_or_else(|p| p.into_inner()).remove(lease).unwrap_or_default();
+        for rule in rules {
+            self.lease_guest_dropped_packets.remove(&LeaseRuleLabel { lease: lease.to_string(), rule });
+        }
+        for direction in ["in", "out"] {
+            self.lease_guest_limit_dropped_packets
+                .remove(&LeaseDirectionLabel { lease: lease.to_string(), direction: direction.to_string() });
         }
     }
 
@@ -307,5 +410,48 @@ mod tests {
         m.record_lease_memory_limit("ab12", 256 << 20);
         m.forget_lease("ab12");
         assert!(!m.render().contains(r#"lease="ab12""#));
+    }
+
+    #[test]
+    fn a_lease_s_traffic_renders_per_rule_and_direction_and_is_forgotten_with_it() {
+        let m = Metrics::default();
+        let usage = peervm_protocol::LeaseUsage {
+            guest_net: Some(peervm_protocol::GuestTraffic {
+                rx_bytes: 1000,
+                rx_packets: 10,
+                tx_bytes: 2000,
+                tx_packets: 20,
+                new_connections: 3,
+                dropped_packets: 7,
+            }),
+            ..Default::default()
+        };
+        let net = peervm_vmm::NetUsage {
+            dropped: [("spoofed source".to_string(), 2), ("no guest to guest".to_string(), 5)].into(),
+            limit_dropped_out: 4,
+            ..Default::default()
+        };
+        for lease in ["ab12", "cd34"] {
+            m.record_lease_usage(lease, &usage);
+            m.record_lease_drops(lease, &net);
+        }
+        let out = m.render();
+        for line in [
+            r#"peervm_lease_guest_rx_bytes{lease="ab12"} 1000"#,
+            r#"peervm_lease_guest_tx_bytes{lease="ab12"} 2000"#,
+            r#"peervm_lease_guest_rx_packets{lease="ab12"} 10"#,
+            r#"peervm_lease_guest_tx_packets{lease="ab12"} 20"#,
+            r#"peervm_lease_guest_new_connections{lease="ab12"} 3"#,
+            r#"peervm_lease_guest_dropped_packets{lease="ab12",rule="spoofed source"} 2"#,
+            r#"peervm_lease_guest_dropped_packets{lease="ab12",rule="no guest to guest"} 5"#,
+            r#"peervm_lease_guest_limit_dropped_packets{lease="ab12",direction="out"} 4"#,
+            r#"peervm_lease_guest_limit_dropped_packets{lease="ab12",direction="in"} 0"#,
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
+        }
+        m.forget_lease("ab12");
+        let out = m.render();
+        assert!(!out.contains(r#"lease="ab12""#), "{out}");
+        assert!(out.contains(r#"peervm_lease_guest_dropped_packets{lease="cd34",rule="spoofed source"} 2"#));
     }
 }

@@ -136,6 +136,7 @@ async fn scrape_a_node() -> String {
         net_rx_bytes: 1,
         net_tx_bytes: 1,
         uptime_secs: 1,
+        guest_net: Some(peervm_protocol::GuestTraffic { rx_bytes: 1, tx_bytes: 1, ..Default::default() }),
     };
     metrics.record_lease_usage("ab12", &usage);
     metrics.record_lease_memory_limit("ab12", 256 << 20);

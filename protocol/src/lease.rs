@@ -303,9 +303,30 @@ pub struct LeaseUsage {
     pub cpu_usec: u64,
     pub memory_current_bytes: u64,
     pub memory_peak_bytes: u64,
+    /// SSH bytes from the requestor to the guest and back (the provider's forwarder).
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
     pub uptime_secs: u64,
+    /// The guest's whole traffic on its link, SSH included. Absent from the encoding when
+    /// `None` (a provider that does not count it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_net: Option<GuestTraffic>,
+}
+
+/// Everything a lease's guest received and sent, from the provider's counters of its link
+/// (docs/protocol.md section 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GuestTraffic {
+    /// To the guest.
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    /// From the guest.
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    /// Connections (new flows) the guest opened to the outside, allowed or not.
+    pub new_connections: u64,
+    /// Packets to or from the guest that the provider's isolation rules dropped.
+    pub dropped_packets: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

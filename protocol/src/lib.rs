@@ -26,8 +26,8 @@ pub use delegation::{Delegation, DelegationError};
 pub use error::{DecodeError, IdentityError, SignError, VerifyError};
 pub use identity::SigningKey;
 pub use lease::{
-    ControlAction, DenyReason, ExposedPort, FreshnessError, GuestSpec, LeaseControl, LeaseId, LeaseReply, LeaseRequest,
-    LeaseState, LeaseUsage, MAX_EXPOSED_PORTS, ReplyOutcome, SshAccess,
+    ControlAction, DenyReason, ExposedPort, FreshnessError, GuestSpec, GuestTraffic, LeaseControl, LeaseId, LeaseReply,
+    LeaseRequest, LeaseState, LeaseUsage, MAX_EXPOSED_PORTS, ReplyOutcome, SshAccess,
 };
 pub use libp2p_identity::PeerId;
 pub use multiaddr::Multiaddr;

@@ -122,6 +122,28 @@ fn bandwidth_limits_are_absent_from_the_encoding_unless_set() {
 }
 
 #[test]
+fn guest_traffic_is_absent_from_a_status_unless_counted() {
+    let ssh_only = LeaseUsage { cpu_usec: 1, net_rx_bytes: 2, net_tx_bytes: 3, ..Default::default() };
+    let bytes = to_cbor(&ssh_only);
+    assert!(!bytes.windows(9).any(|w| w == b"guest_net"), "guest_net encoded while None");
+    let back: LeaseUsage = encoding::from_cbor(&bytes, "usage").unwrap();
+    assert_eq!(back, ssh_only);
+    let counted = LeaseUsage {
+        guest_net: Some(GuestTraffic {
+            rx_bytes: 10,
+            rx_packets: 1,
+            tx_bytes: 20,
+            tx_packets: 2,
+            new_connections: 3,
+            dropped_packets: 4,
+        }),
+        ..ssh_only
+    };
+    let back: LeaseUsage = encoding::from_cbor(&to_cbor(&counted), "usage").unwrap();
+    assert_eq!(back, counted);
+}
+
+#[test]
 fn price_is_integer_and_rounds_up() {
     let p = samples::provider_key();
     let a = samples::advert(&p, 1, NOW);

@@ -2,6 +2,7 @@
 //! returns. The QEMU backend (`QemuHypervisor`) implements it; another backend (libvirt)
 //! could follow behind the same trait (docs/vmm.md "Decisions").
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
@@ -75,6 +76,40 @@ pub struct VmUsage {
     pub ssh_bytes_out: u64,
     pub ssh_connections: u64,
     pub uptime: Duration,
+    /// The guest's whole traffic on its link, SSH included (docs/vmm.md "Traffic
+    /// accounting"); `None` when its counters could not be read. Absent from a helper's
+    /// reply that predates it.
+    #[serde(default)]
+    pub net: Option<NetUsage>,
+}
+
+/// A guest's traffic since its network was set up: every counter only grows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetUsage {
+    /// To the guest (what the host end of its link sent).
+    pub bytes_in: u64,
+    pub packets_in: u64,
+    /// From the guest (what the host end received, including what the rules then drop).
+    pub bytes_out: u64,
+    pub packets_out: u64,
+    /// New flows the guest started through the host (conntrack state `new`), allowed or
+    /// dropped by its egress rules: its outbound connection attempts.
+    pub new_connections: u64,
+    /// Packets each isolation rule of the lease's nft table dropped, by the rule's comment
+    /// (SECURITY.md invariant 7; docs/vmm.md "nftables").
+    pub dropped: BTreeMap<String, u64>,
+    /// Packets the bandwidth limits dropped because their queue was full, from and to
+    /// the guest (0 without a limit).
+    pub limit_dropped_out: u64,
+    pub limit_dropped_in: u64,
+}
+
+impl NetUsage {
+    /// Packets of every isolation rule together.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().fold(0u64, |a, b| a.saturating_add(*b))
+    }
 }
 
 /// What `reconcile` did.

@@ -26,6 +26,7 @@ pub mod readiness;
 pub mod seed;
 mod shaping;
 pub mod spec;
+mod traffic;
 mod user_name;
 
 pub use accel::{Accel, AccelPolicy, KvmProbe, ProbeOptions, probe_kvm, select_accel};
@@ -33,7 +34,7 @@ pub use cgroup::{CgroupLayout, CgroupLimits, CgroupUsage, LeaseCgroup};
 pub use error::{ImageError, VmmError};
 pub use firmware::Firmware;
 pub use forward::ForwardCounters;
-pub use hypervisor::{GuestState, Hypervisor, ReconcileReport, RunningVm, VmStatus, VmUsage};
+pub use hypervisor::{GuestState, Hypervisor, NetUsage, ReconcileReport, RunningVm, VmStatus, VmUsage};
 pub use image::{Boot, DiskFormat, DiskRole, GuestImage, MAX_BOOT_DEADLINE_SECS, MachineKind, SeedKind, StockImage};
 pub use lease_id::{LeaseId, LeaseIdError};
 pub use network::{AddressPool, NamePrefix};

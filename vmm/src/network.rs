@@ -59,6 +59,10 @@ pub fn is_blocked_destination(addr: Ipv4Addr, pool: &AddressPool) -> bool {
         })
 }
 
+/// The comment of the lease table's counter of new flows the guest starts (read back by
+/// `traffic.rs`; docs/vmm.md "Traffic accounting").
+pub(crate) const NEW_FLOWS_COMMENT: &str = "new connections from the guest";
+
 /// Interfaces inside the lease namespace; private to it, so fixed names.
 pub(crate) const NS_UPLINK: &str = "uplink";
 const NS_BRIDGE: &str = "br0";
@@ -299,7 +303,8 @@ impl LeaseNetwork {
              \x20   }}\n\
              \x20   chain from_guest {{\n\
              \x20       ip saddr != {guest} counter drop comment \"spoofed source\"\n\
-             \x20       meta nfproto ipv6 counter drop\n\
+             \x20       meta nfproto ipv6 counter drop comment \"IPv6\"\n\
+             \x20       ct state new counter comment \"{NEW_FLOWS_COMMENT}\"\n\
              {egress_rules}\
              \x20   }}\n\
              {nat}\
@@ -423,6 +428,8 @@ mod tests {
             "ip saddr != 10.213.0.22 counter drop",
             "oifname \"pv*\" counter drop",
             "masquerade",
+            "meta nfproto ipv6 counter drop comment \"IPv6\"",
+            "ct state new counter comment \"new connections from the guest\"",
         ] {
             assert!(rules.contains(must), "missing {must:?} in\n{rules}");
         }

@@ -544,9 +544,9 @@ fn outcome_name(o: &ReplyOutcome) -> &'static str {
     }
 }
 
-/// Usage as one line for humans.
+/// Usage as one line for humans (the guest's whole traffic when the provider counts it).
 pub fn usage_line(u: &LeaseUsage) -> String {
-    format!(
+    let mut line = format!(
         "cpu {:.1} s, memory {} MiB (peak {} MiB), ssh in {} B / out {} B, up {} s",
         u.cpu_usec as f64 / 1e6,
         u.memory_current_bytes >> 20,
@@ -554,5 +554,37 @@ pub fn usage_line(u: &LeaseUsage) -> String {
         u.net_rx_bytes,
         u.net_tx_bytes,
         u.uptime_secs
-    )
+    );
+    if let Some(n) = &u.guest_net {
+        line.push_str(&format!(
+            ", guest net in {} B / out {} B, {} new connections, {} packets dropped",
+            n.rx_bytes, n.tx_bytes, n.new_connections, n.dropped_packets
+        ));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use peervm_protocol::{GuestTraffic, LeaseUsage};
+
+    use super::usage_line;
+
+    #[test]
+    fn the_usage_line_adds_the_guest_s_traffic_only_when_counted() {
+        let u = LeaseUsage {
+            cpu_usec: 1_500_000,
+            net_rx_bytes: 10,
+            net_tx_bytes: 20,
+            uptime_secs: 5,
+            ..Default::default()
+        };
+        assert_eq!(usage_line(&u), "cpu 1.5 s, memory 0 MiB (peak 0 MiB), ssh in 10 B / out 20 B, up 5 s");
+        let g =
+            GuestTraffic { rx_bytes: 300, tx_bytes: 400, new_connections: 2, dropped_packets: 1, ..Default::default() };
+        assert!(
+            usage_line(&LeaseUsage { guest_net: Some(g), ..u })
+                .ends_with("up 5 s, guest net in 300 B / out 400 B, 2 new connections, 1 packets dropped")
+        );
+    }
 }

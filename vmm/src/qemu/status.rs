@@ -1,5 +1,5 @@
 //! What a running lease looks like: QEMU's run state (over QMP) and the lease's resource
-//! use (its cgroup's counters and its SSH forwarder's).
+//! use (its cgroup's counters, its SSH forwarder's, and its link's traffic).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,6 +10,7 @@ use crate::error::VmmError;
 use crate::hypervisor::{GuestState, VmStatus, VmUsage};
 use crate::lease_id::LeaseId;
 use crate::qmp;
+use crate::traffic::{self, LeaseLink};
 
 impl QemuHypervisor {
     pub(super) async fn lease_status(&self, lease: LeaseId) -> Result<VmStatus, VmmError> {
@@ -34,6 +35,19 @@ impl QemuHypervisor {
     pub(super) async fn lease_usage(&self, lease: LeaseId) -> Result<VmUsage, VmmError> {
         let rt = self.inner.leases.running(lease)?;
         let u = rt.cgroup.usage()?;
+        let cfg = &self.inner.config;
+        let (name, host_if) = (cfg.names.lease_name(&lease), cfg.names.host_if(&lease));
+        let link = LeaseLink { netns: &name, host_if: &host_if, table: &name };
+        // the config's limits say which directions to ask tc about; a guest re-adopted
+        // after they changed keeps its own qdiscs (docs/vmm.md "Bandwidth limits"), whose
+        // drops then read as 0
+        let net = match traffic::read(&link, cfg.limits).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(%lease, error = %e, "cannot read the guest's traffic counters");
+                None
+            }
+        };
         Ok(VmUsage {
             cpu_time: Duration::from_nanos(u.cpu_usage_ns),
             cpu_throttled: Duration::from_nanos(u.throttled_ns),
@@ -45,6 +59,7 @@ impl QemuHypervisor {
             ssh_bytes_out: rt.counters.bytes_out.load(Relaxed),
             ssh_connections: rt.counters.connections.load(Relaxed),
             uptime: uptime_of(&rt.record),
+            net,
         })
     }
 }

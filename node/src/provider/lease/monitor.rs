@@ -1,11 +1,12 @@
 //! The manager's timers (docs/architecture.md, "Leases", "Timers"): every second, leases
 //! past their end are ended (isolated ones wait for the operator) and expired nonces are
-//! pruned; every 10 s, per-lease usage goes to metrics with warnings for a lease at its
-//! memory limit and for a host short of the memory it advertises (both also as gauges, for
-//! the alerts of packaging/prometheus/peervm-alerts.yml).
+//! pruned; every 10 s, per-lease usage (its traffic and drops by rule included) goes to
+//! metrics with warnings for a lease at its memory limit and for a host short of the
+//! memory it advertises (both also as gauges, for the alerts of
+//! packaging/prometheus/peervm-alerts.yml).
 
-use peervm_protocol::{LeaseId, LeaseState, LeaseUsage};
-use peervm_vmm::Hypervisor;
+use peervm_protocol::{GuestTraffic, LeaseId, LeaseState, LeaseUsage};
+use peervm_vmm::{Hypervisor, VmUsage};
 use tokio::task::JoinHandle;
 
 use super::db::LeaseRecord;
@@ -14,15 +15,7 @@ use super::manager::{LeaseManager, vmm_id};
 impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     /// A lease's resource use, as the hypervisor reports it; `None` if it cannot.
     pub(super) async fn usage(&self, id: &LeaseId) -> Option<LeaseUsage> {
-        let u = self.inner.hv.usage(vmm_id(id)).await.ok()?;
-        Some(LeaseUsage {
-            cpu_usec: u.cpu_time.as_micros().min(u128::from(u64::MAX)) as u64,
-            memory_current_bytes: u.memory_current_bytes,
-            memory_peak_bytes: u.memory_peak_bytes.unwrap_or(u.memory_current_bytes),
-            net_rx_bytes: u.ssh_bytes_in,
-            net_tx_bytes: u.ssh_bytes_out,
-            uptime_secs: u.uptime.as_secs(),
-        })
+        self.inner.hv.usage(vmm_id(id)).await.ok().map(|u| lease_usage(&u))
     }
 
     /// Ends every lease past its end, each on its own task (returned, for a caller that
@@ -60,9 +53,13 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         let mut running = 0;
         for record in active.iter().filter(|r| r.state == LeaseState::Running) {
             running += 1;
-            let Some(u) = self.usage(&record.id).await else { continue };
+            let Ok(vm_usage) = inner.hv.usage(vmm_id(&record.id)).await else { continue };
+            let u = lease_usage(&vm_usage);
             let ram = record.spec.memory_mib << 20;
             inner.metrics.record_lease_usage(&record.id.to_hex(), &u);
+            if let Some(net) = &vm_usage.net {
+                inner.metrics.record_lease_drops(&record.id.to_hex(), net);
+            }
             inner.metrics.record_lease_memory_limit(&record.id.to_hex(), ram);
             if u.memory_current_bytes >= ram {
                 let first = inner.memory_warned.lock().unwrap_or_else(|p| p.into_inner()).insert(record.id);
@@ -85,6 +82,28 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 "the host has less memory available than this provider advertises as free"
             );
         }
+    }
+}
+
+/// What the signed status says of a guest's use: its SSH bytes as `net_rx/tx_bytes`, and
+/// its link's whole traffic as `guest_net` when the hypervisor counted it
+/// (docs/protocol.md section 7).
+fn lease_usage(u: &VmUsage) -> LeaseUsage {
+    LeaseUsage {
+        cpu_usec: u.cpu_time.as_micros().min(u128::from(u64::MAX)) as u64,
+        memory_current_bytes: u.memory_current_bytes,
+        memory_peak_bytes: u.memory_peak_bytes.unwrap_or(u.memory_current_bytes),
+        net_rx_bytes: u.ssh_bytes_in,
+        net_tx_bytes: u.ssh_bytes_out,
+        uptime_secs: u.uptime.as_secs(),
+        guest_net: u.net.as_ref().map(|n| GuestTraffic {
+            rx_bytes: n.bytes_in,
+            rx_packets: n.packets_in,
+            tx_bytes: n.bytes_out,
+            tx_packets: n.packets_out,
+            new_connections: n.new_connections,
+            dropped_packets: n.dropped_total(),
+        }),
     }
 }
 
@@ -201,5 +220,55 @@ mod tests {
         assert!(metrics.host_memory_available_bytes.get() > 0);
         h.manager.end(id, "test").await.unwrap();
         assert!(!metrics.render().contains(&id.to_hex()), "the lease's series are forgotten when it ends");
+    }
+
+    #[tokio::test]
+    async fn a_guest_s_traffic_goes_to_metrics_and_the_signed_status_beside_its_ssh_bytes() {
+        use peervm_protocol::{ControlAction, GuestTraffic, ReplyOutcome};
+        let h = Harness::new();
+        let id = h.grant().await;
+        let net = peervm_vmm::NetUsage {
+            bytes_in: 5_000,
+            packets_in: 50,
+            bytes_out: 9_000,
+            packets_out: 90,
+            new_connections: 4,
+            dropped: [("egress deny".to_string(), 6), ("spoofed source".to_string(), 1)].into(),
+            limit_dropped_out: 2,
+            limit_dropped_in: 0,
+        };
+        h.hv.set_usage(
+            vmm_id(&id),
+            VmUsage { ssh_bytes_in: 7, ssh_bytes_out: 8, net: Some(net), ..Default::default() },
+        );
+        h.manager.monitor().await;
+        let out = h.manager.inner.metrics.render();
+        let hex = id.to_hex();
+        for line in [
+            format!(r#"peervm_lease_net_rx_bytes{{lease="{hex}"}} 7"#),
+            format!(r#"peervm_lease_guest_rx_bytes{{lease="{hex}"}} 5000"#),
+            format!(r#"peervm_lease_guest_tx_bytes{{lease="{hex}"}} 9000"#),
+            format!(r#"peervm_lease_guest_new_connections{{lease="{hex}"}} 4"#),
+            format!(r#"peervm_lease_guest_dropped_packets{{lease="{hex}",rule="egress deny"}} 6"#),
+            format!(r#"peervm_lease_guest_limit_dropped_packets{{lease="{hex}",direction="out"}} 2"#),
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
+        }
+        let ReplyOutcome::Status { usage: Some(u), .. } = h.send_control(&h.control(id, ControlAction::Status)).await
+        else {
+            panic!("no usage in the status");
+        };
+        assert_eq!((u.net_rx_bytes, u.net_tx_bytes), (7, 8), "the SSH bytes keep their meaning");
+        let want = GuestTraffic {
+            rx_bytes: 5_000,
+            rx_packets: 50,
+            tx_bytes: 9_000,
+            tx_packets: 90,
+            new_connections: 4,
+            dropped_packets: 7,
+        };
+        assert_eq!(u.guest_net, Some(want));
+        h.manager.end(id, "test").await.unwrap();
+        assert!(!h.manager.inner.metrics.render().contains(&hex), "forgotten with the lease");
     }
 }
