@@ -8,7 +8,9 @@
 //!
 //! Everything the tests create is named with the prefixes `pvtest`/`pt`, so a reconcile
 //! in a test never touches a developer's `peervm` guests, and uses the address pool
-//! 10.214.0.0/24 and SSH ports 47100-47163.
+//! 10.214.0.0/24 and SSH ports 47100-47163 (`DEFAULT_SITE`). A test binary that may run
+//! beside these (its teardown's reconcile sweeps its whole prefix) takes a `Site` of its
+//! own.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpStream};
@@ -28,6 +30,19 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCerti
 pub const PREFIX_LONG: &str = "pvtest";
 pub const PREFIX_SHORT: &str = "pt";
 pub const PORT_BASE: u16 = 47100;
+
+/// The names, address pool and SSH ports of a test binary's guests.
+#[derive(Clone, Copy, Debug)]
+pub struct Site {
+    pub long: &'static str,
+    pub short: &'static str,
+    pub pool: &'static str,
+    pub port_base: u16,
+    pub port_count: u16,
+}
+
+pub const DEFAULT_SITE: Site =
+    Site { long: PREFIX_LONG, short: PREFIX_SHORT, pool: "10.214.0.0/24", port_base: PORT_BASE, port_count: 64 };
 
 /// Guest tests of one binary run one at a time: a 2-core box runs TCG guests slowly
 /// enough without them competing, and the CPU test needs a quiet host.
@@ -56,11 +71,16 @@ pub fn guest_env() {
 
 /// The backend configuration of the tests.
 pub fn config(state_dir: &Path) -> VmmConfig {
+    config_at(DEFAULT_SITE, state_dir)
+}
+
+/// The backend configuration of the tests of `site`.
+pub fn config_at(site: Site, state_dir: &Path) -> VmmConfig {
     let mut c = VmmConfig::new(state_dir, Accel::Tcg);
-    c.names = NamePrefix::new(PREFIX_LONG, PREFIX_SHORT).unwrap();
-    c.address_pool = "10.214.0.0/24".parse().unwrap();
-    c.ssh_port_base = PORT_BASE;
-    c.ssh_port_count = 64;
+    c.names = NamePrefix::new(site.long, site.short).unwrap();
+    c.address_pool = site.pool.parse().unwrap();
+    c.ssh_port_base = site.port_base;
+    c.ssh_port_count = site.port_count;
     c.ready_timeout = Duration::from_secs(180);
     c.stop_timeout = Duration::from_secs(15);
     c
@@ -177,15 +197,21 @@ fn command_out(cmd: &str, args: &[&str]) -> String {
 /// still on the host: processes, cgroups, namespaces, interfaces, nft tables, lease
 /// files, and a listening SSH port. Inspected with the host's own tools, not vmm's.
 pub fn leftovers(lease: Option<&LeaseId>, state_dir: &Path, port: Option<u16>) -> Vec<String> {
+    leftovers_at(DEFAULT_SITE, lease, state_dir, port)
+}
+
+/// `leftovers` for the guests of `site`.
+pub fn leftovers_at(site: Site, lease: Option<&LeaseId>, state_dir: &Path, port: Option<u16>) -> Vec<String> {
+    let (prefix_long, prefix_short) = (site.long, site.short);
     let long = match lease {
-        Some(l) => format!("{PREFIX_LONG}-{}", l.hex()),
-        None => format!("{PREFIX_LONG}-"),
+        Some(l) => format!("{prefix_long}-{}", l.hex()),
+        None => format!("{prefix_long}-"),
     };
     let short = match lease {
-        Some(l) => format!("{PREFIX_SHORT}{}", l.short_hex(12)),
-        None => PREFIX_SHORT.to_string(),
+        Some(l) => format!("{prefix_short}{}", l.short_hex(12)),
+        None => prefix_short.to_string(),
     };
-    let is_ours_long = |n: &str| n.starts_with(&long) && n.len() == PREFIX_LONG.len() + 33;
+    let is_ours_long = |n: &str| n.starts_with(&long) && n.len() == prefix_long.len() + 33;
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
@@ -204,7 +230,7 @@ pub fn leftovers(lease: Option<&LeaseId>, state_dir: &Path, port: Option<u16>) -
     }
     for line in command_out("ip", &["-o", "link", "show"]).lines() {
         let name = line.split(": ").nth(1).unwrap_or("").split('@').next().unwrap_or("");
-        let rest = name.strip_prefix(PREFIX_SHORT).unwrap_or("");
+        let rest = name.strip_prefix(prefix_short).unwrap_or("");
         if name.starts_with(&short) && rest.len() == 12 && rest.bytes().all(|b| b.is_ascii_hexdigit()) {
             found.push(format!("link {name}"));
         }
@@ -216,8 +242,8 @@ pub fn leftovers(lease: Option<&LeaseId>, state_dir: &Path, port: Option<u16>) -
         }
     }
     for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-        let mut dirs = vec![hierarchy.path().join(PREFIX_LONG)];
-        if hierarchy.file_name() == PREFIX_LONG {
+        let mut dirs = vec![hierarchy.path().join(prefix_long)];
+        if hierarchy.file_name() == prefix_long {
             dirs.push(hierarchy.path());
         }
         for d in dirs {
@@ -256,11 +282,17 @@ pub fn leftovers(lease: Option<&LeaseId>, state_dir: &Path, port: Option<u16>) -
 /// declares it before its backend, so the backend (and its SSH ports) goes first.
 pub struct TestState {
     dir: tempfile::TempDir,
+    site: Site,
 }
 
 impl TestState {
     pub fn new() -> Self {
-        TestState { dir: tempfile::tempdir().expect("cannot create a state directory") }
+        Self::at(DEFAULT_SITE)
+    }
+
+    /// A state directory for the guests of `site`; its drop sweeps `site`'s prefix only.
+    pub fn at(site: Site) -> Self {
+        TestState { dir: tempfile::tempdir().expect("cannot create a state directory"), site }
     }
 
     pub fn path(&self) -> &Path {
@@ -269,7 +301,7 @@ impl TestState {
 
     /// The backend configuration of the tests, on this directory.
     pub fn config(&self) -> VmmConfig {
-        config(self.path())
+        config_at(self.site, self.path())
     }
 }
 
@@ -278,6 +310,7 @@ impl Drop for TestState {
         let failing = std::thread::panicking();
         let config = self.config();
         let dir = self.path().to_path_buf();
+        let site = self.site;
         let outcome = std::thread::spawn(move || -> Result<(ReconcileReport, Vec<String>), String> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -286,7 +319,7 @@ impl Drop for TestState {
             let hv = QemuHypervisor::new(config).map_err(|e| format!("no backend: {e}"))?;
             let report = rt.block_on(hv.reconcile(&[])).map_err(|e| format!("reconcile: {e}"))?;
             drop(hv);
-            Ok((report, leftovers(None, &dir, None)))
+            Ok((report, leftovers_at(site, None, &dir, None)))
         })
         .join();
         match outcome {
