@@ -24,6 +24,12 @@ pub fn requestor_ssh_public_key() -> [u8; 32] {
     SigningKey::from_seed(&std::array::from_fn(|i| 0x40 + i as u8)).public_key_bytes()
 }
 
+/// The owner key of the conformance vectors' delegations (docs/protocol.md section 7b):
+/// seed bytes 0x60, 0x61, ..., 0x7f.
+pub fn owner_key() -> SigningKey {
+    SigningKey::from_seed(&std::array::from_fn(|i| 0x60 + i as u8))
+}
+
 /// A key made from `n` (for tests that need many distinct providers).
 pub fn numbered_key(n: u64) -> SigningKey {
     let mut seed = [0x5au8; 32];
