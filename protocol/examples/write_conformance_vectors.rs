@@ -193,7 +193,12 @@ fn main() {
             &a(&|a| {
                 a.reachability =
                     Some(Reachability { checked_at_unix_ms: T0 - 60_000, libp2p_open: true, ssh_reachable: true });
-                a.network = Some(NetworkOffer { max_exposed_ports: 4, privileged_ports: false });
+                a.network = Some(NetworkOffer {
+                    max_exposed_ports: 4,
+                    privileged_ports: false,
+                    egress_mbit: None,
+                    ingress_mbit: None,
+                });
             }),
         ),
         T0,
@@ -735,7 +740,17 @@ fn main() {
     add(
         "advert-17-exposed-ports-offered",
         AD,
-        signed(&p, &a(&|a| a.network = Some(NetworkOffer { max_exposed_ports: 17, privileged_ports: false }))),
+        signed(
+            &p,
+            &a(&|a| {
+                a.network = Some(NetworkOffer {
+                    max_exposed_ports: 17,
+                    privileged_ports: false,
+                    egress_mbit: None,
+                    ingress_mbit: None,
+                })
+            }),
+        ),
         T0,
         none.clone(),
         reject("AdvertError::Malformed"),
@@ -1201,6 +1216,7 @@ fn main() {
         net_rx_bytes: 1_048_576,
         net_tx_bytes: 65_536,
         uptime_secs: 600,
+        guest_net: None,
     };
     add(
         "lease-reply-status-running",
