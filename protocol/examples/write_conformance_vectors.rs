@@ -13,9 +13,12 @@
 //!
 //! `tests/conformance_vectors.rs` then checks the committed files on every test run.
 
+#[path = "../tests/cbor_edit/mod.rs"]
+mod cbor_edit;
 #[path = "../tests/conformance/mod.rs"]
 mod conformance;
 
+use cbor_edit::{encode, entries, field};
 use ciborium::Value as Cbor;
 use peervm_protocol::blocklist::BlockEntry;
 use peervm_protocol::encoding::to_cbor;
@@ -69,23 +72,6 @@ fn signed<T: Payload>(key: &SigningKey, body: &T) -> Vec<u8> {
 
 fn value<T: Serialize>(body: &T) -> Cbor {
     ciborium::from_reader(to_cbor(body).as_slice()).expect("own CBOR decodes")
-}
-
-fn encode(v: &Cbor) -> Vec<u8> {
-    let mut out = Vec::new();
-    ciborium::into_writer(v, &mut out).expect("CBOR into a Vec");
-    out
-}
-
-fn entries(v: &mut Cbor) -> &mut Vec<(Cbor, Cbor)> {
-    match v {
-        Cbor::Map(m) => m,
-        other => panic!("not a map: {other:?}"),
-    }
-}
-
-fn field<'a>(v: &'a mut Cbor, key: &str) -> &'a mut Cbor {
-    entries(v).iter_mut().find(|(k, _)| k.as_text() == Some(key)).map(|(_, v)| v).expect("key present")
 }
 
 /// The payload of `body` after `edit`, signed by `key` as `T`.

@@ -4,6 +4,9 @@
 //! these tests pin the spec: a change of the decoder that changes what is accepted fails
 //! here and must change the spec with it.
 
+mod cbor_edit;
+
+use cbor_edit::{encode, entries, field};
 use ciborium::Value;
 use peervm_protocol::samples::{self, T0_UNIX_MS};
 use peervm_protocol::signed::signing_input;
@@ -39,23 +42,6 @@ fn open_reply(payload: &[u8]) -> Result<LeaseReply, VerifyError> {
 
 fn value(bytes: &[u8]) -> Value {
     ciborium::from_reader(bytes).expect("valid CBOR")
-}
-
-fn encode(v: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    ciborium::into_writer(v, &mut out).expect("encodes");
-    out
-}
-
-fn entries(v: &mut Value) -> &mut Vec<(Value, Value)> {
-    match v {
-        Value::Map(m) => m,
-        other => panic!("not a map: {other:?}"),
-    }
-}
-
-fn field<'a>(v: &'a mut Value, key: &str) -> &'a mut Value {
-    entries(v).iter_mut().find(|(k, _)| k.as_text() == Some(key)).map(|(_, v)| v).expect("key present")
 }
 
 fn remove(v: &mut Value, key: &str) {
