@@ -59,11 +59,12 @@ fn verifies_and_exposure_stays(name: &str, max: f64, accepted: &[&str]) {
     let unit = tmp.path().join(name);
 
     let verify = Command::new("systemd-analyze").arg("verify").arg(&unit).env("MANPATH", &man).output().unwrap();
+    let stderr = text(&verify.stderr);
+    let complaints: Vec<&str> = stderr.lines().filter(|l| !predates_delegate_subgroup(l)).collect();
     assert!(
-        verify.status.success() && verify.stdout.is_empty() && verify.stderr.is_empty(),
-        "systemd-analyze verify {name}: {} {}",
+        verify.status.success() && verify.stdout.is_empty() && complaints.is_empty(),
+        "systemd-analyze verify {name}: {} {stderr}",
         text(&verify.stdout),
-        text(&verify.stderr)
     );
 
     let security = Command::new("systemd-analyze").args(["security", "--offline=yes"]).arg(&unit).output().unwrap();
@@ -81,6 +82,23 @@ fn verifies_and_exposure_stays(name: &str, max: f64, accepted: &[&str]) {
     let failed: Vec<&str> =
         report.lines().filter(|l| l.starts_with('✗')).filter_map(|l| l.split_whitespace().nth(1)).collect();
     assert_eq!(failed, accepted, "{report}");
+}
+
+/// The version of the installed systemd (`systemd-analyze --version`: "systemd 252 (...)").
+fn systemd_version() -> u32 {
+    let out = Command::new("systemd-analyze").arg("--version").output().expect("run systemd-analyze --version");
+    text(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no version in {:?}", text(&out.stdout)))
+}
+
+/// `DelegateSubgroup=` (peervm-vmm.service) is systemd 254's: an older systemd-analyze
+/// warns that it does not know the key, which the unit accepts (vmm/src/cgroup_placement.rs
+/// keeps the older layout there). Every other line of verify's output is a complaint.
+fn predates_delegate_subgroup(line: &str) -> bool {
+    line.contains("Unknown key 'DelegateSubgroup'") && line.contains("peervm-vmm.service") && systemd_version() < 254
 }
 
 #[ignore = "needs systemd-analyze and man (scripts/install-deps); runs under scripts/test"]
@@ -117,6 +135,7 @@ fn vmm_unit_verifies_and_its_exposure_stays_as_recorded() {
         "DeviceAllow=/dev/kvm rw",
         "DeviceAllow=/dev/net/tun rw",
         "Delegate=yes",
+        "DelegateSubgroup=supervisor",
         "RuntimeDirectory=peervm-vmm",
         "StateDirectory=peervm-vmm",
         "--socket /run/peervm-vmm/vmm.sock --daemon-user peervm",

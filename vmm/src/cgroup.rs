@@ -14,6 +14,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::cgroup_placement::Placement;
 use crate::error::VmmError;
 use crate::procfs;
 
@@ -37,10 +38,14 @@ pub enum CgroupLayout {
 impl CgroupLayout {
     /// Reads /proc/self/mountinfo. v1 wins when the memory controller is bound to a v1
     /// hierarchy (a controller bound to v1 is absent from v2, e.g. hybrid hosts with an
-    /// empty /sys/fs/cgroup/unified); otherwise the cgroup2 mount is used.
+    /// empty /sys/fs/cgroup/unified); otherwise the cgroup2 mount is used, and in it the
+    /// subtree systemd delegated to this process if there is one (cgroup_placement.rs).
     pub fn detect() -> Result<Self, VmmError> {
         let text = procfs::self_mountinfo().map_err(|e| VmmError::io("cannot read", procfs::SELF_MOUNTINFO, e))?;
-        Self::from_mountinfo(&text)
+        Ok(match Self::from_mountinfo(&text)? {
+            CgroupLayout::V2 { root: mount } => CgroupLayout::V2 { root: v2_root(&mount) },
+            v1 => v1,
+        })
     }
 
     pub(crate) fn from_mountinfo(text: &str) -> Result<Self, VmmError> {
@@ -122,6 +127,18 @@ impl CgroupLayout {
         }
         names
     }
+}
+
+/// Where lease cgroups go in the unified hierarchy mounted at `mount`: the subtree systemd
+/// delegated to this process, or the mount itself (cgroup_placement.rs).
+fn v2_root(mount: &Path) -> PathBuf {
+    let placement = Placement::of_self(mount);
+    match &placement {
+        Placement::Delegated { subtree } => tracing::debug!(subtree, "lease cgroups go in the delegated subtree"),
+        Placement::HierarchyRoot { reason: Some(reason) } => tracing::warn!("{reason}"),
+        Placement::HierarchyRoot { reason: None } => {}
+    }
+    placement.root(mount)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -559,6 +576,34 @@ mod tests {
         cg.destroy().await.unwrap();
         assert!(!dir.exists());
         cg.destroy().await.unwrap();
+    }
+
+    /// Under a delegated subtree (cgroup_placement.rs) the controllers are enabled from the
+    /// subtree down, and nothing above it (the hierarchy's root, systemd's slices) is
+    /// written: systemd owns those.
+    #[test]
+    fn v2_under_a_delegated_subtree_writes_nothing_above_it() {
+        let mount = tempfile::tempdir().unwrap();
+        let m = mount.path();
+        let svc = m.join("system.slice/peervm-vmm.service");
+        fs::create_dir_all(svc.join(crate::cgroup_placement::SUPERVISOR_LEAF)).unwrap();
+        fs::write(m.join("cgroup.controllers"), "cpu io memory pids\n").unwrap();
+        fs::write(svc.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let placement = Placement::decide(Some("/system.slice/peervm-vmm.service/supervisor"), |c| {
+            c == "system.slice/peervm-vmm.service"
+        });
+        let layout = CgroupLayout::V2 { root: placement.root(m) };
+        fs::create_dir(svc.join("peervm")).unwrap();
+        fs::write(svc.join("peervm/cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let cg = LeaseCgroup::new(layout, "peervm", "peervm-abc");
+        let limits =
+            CgroupLimits { cpu_quota_us: None, cpu_period_us: CPU_PERIOD_US, memory_max_bytes: 1 << 30, pids_max: 64 };
+        cg.create(&limits).unwrap();
+        assert_eq!(cg.dirs(), vec![svc.join("peervm/peervm-abc")]);
+        assert_eq!(fs::read_to_string(svc.join("cgroup.subtree_control")).unwrap(), "+cpu +memory +pids");
+        assert!(!m.join("cgroup.subtree_control").exists(), "the hierarchy's root was written");
+        assert!(!m.join("system.slice/cgroup.subtree_control").exists(), "systemd's slice was written");
+        assert_eq!(fs::read_to_string(svc.join("peervm/peervm-abc/memory.max")).unwrap(), (1u64 << 30).to_string());
     }
 
     /// A directory that never goes away is reported after the bounded number of

@@ -7,6 +7,7 @@
 pub mod accel;
 pub mod account;
 pub mod cgroup;
+pub mod cgroup_placement;
 pub mod disk_header;
 pub mod error;
 pub mod firmware;
