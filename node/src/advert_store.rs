@@ -78,6 +78,9 @@ pub struct OfferFilter {
     pub exclude: HashSet<PeerId>,
     /// Only providers delegated by this owner.
     pub owner: Option<PeerId>,
+    /// Only providers that let a lease expose at least this many guest ports (their
+    /// advert's `network.max_exposed_ports`).
+    pub min_exposed_ports: Option<u16>,
 }
 
 impl OfferFilter {
@@ -110,6 +113,7 @@ struct Summary {
     per_memory_gib: u64,
     per_disk_gib: u64,
     free_vcpus: u32,
+    max_exposed_ports: u16,
     region: u32,
     currency: u32,
     accel: Accel,
@@ -301,6 +305,7 @@ impl AdvertStore {
         let min_memory = filter.min_memory_mib.unwrap_or(0);
         let min_disk = filter.min_disk_gib.unwrap_or(0);
         let max_price = filter.max_price_micros.unwrap_or(u64::MAX);
+        let min_exposed = filter.min_exposed_ports.unwrap_or(0);
 
         // A bounded max-heap keeps the `limit` cheapest without sorting everything.
         // Entries are (price, table index): the provider id is only read for the winners.
@@ -310,6 +315,7 @@ impl AdvertStore {
                 || s.free_vcpus < min_vcpus
                 || s.free_memory_mib < min_memory
                 || s.free_disk_gib < min_disk
+                || s.max_exposed_ports < min_exposed
                 || region.is_some_and(|r| s.region != r)
                 || currency.is_some_and(|c| s.currency != c)
                 || filter.accel.is_some_and(|a| s.accel != a)
@@ -414,6 +420,7 @@ impl AdvertStore {
             per_memory_gib: b.pricing.per_memory_gib_hour_micros,
             per_disk_gib: b.pricing.per_disk_gib_hour_micros,
             free_vcpus: b.resources.free.vcpus,
+            max_exposed_ports: b.max_exposed_ports(),
             region: self.regions.intern(&b.region),
             currency: self.currencies.intern(&b.pricing.currency),
             accel: b.hypervisor.accel,
@@ -478,6 +485,30 @@ mod tests {
         assert_eq!(ids(s.query(&OfferFilter::default(), NOW, 0)), vec![b, a]);
         assert_eq!(s.sweep(NOW + 400_000).len(), 2);
         assert!(s.is_empty() && s.table.is_empty());
+    }
+
+    /// `offers --exposed-ports N`: only providers whose advert lets a lease expose N
+    /// ports; an advert without network terms exposes none.
+    #[test]
+    fn query_filters_on_the_ports_a_lease_may_expose() {
+        let mut s = AdvertStore::new();
+        let none = put(&mut s, 1, 2, 100, "eu", "minimal");
+        let key = samples::numbered_key(2);
+        let mut a = samples::advert(&key, 1, NOW);
+        a.network = Some(peervm_protocol::advert::NetworkOffer {
+            max_exposed_ports: 4,
+            privileged_ports: false,
+            egress_mbit: None,
+            ingress_mbit: None,
+        });
+        s.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW).unwrap();
+        let four = key.peer_id();
+        let ids = |v: Vec<Offer>| v.into_iter().map(|o| o.advert.body().provider).collect::<Vec<_>>();
+        let at_least = |n| OfferFilter { min_exposed_ports: Some(n), ..Default::default() };
+        assert_eq!(ids(s.query(&at_least(0), NOW, 0)), vec![none, four]);
+        assert_eq!(ids(s.query(&at_least(1), NOW, 0)), vec![four]);
+        assert_eq!(ids(s.query(&at_least(4), NOW, 0)), vec![four]);
+        assert!(s.query(&at_least(5), NOW, 0).is_empty());
     }
 
     #[test]

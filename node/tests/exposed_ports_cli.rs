@@ -63,6 +63,15 @@ fn an_exposed_guest_port_answers_on_its_mapped_host_port_and_nothing_else_does()
         spawn_json(&["provider", "run", "--config", config.to_str().expect("utf8")], &site.data(root));
     let provider = line["peer_id"].as_str().expect("peer id").to_string();
     wait_for(HANG_GUARD, || free_vcpus(&boot, &provider)).expect("the provider's offer is visible");
+    // `offers --exposed-ports 2` finds it and shows what it allows (the filter's
+    // refusals are unit-tested: advert_store::tests::query_filters_on_the_ports_a_lease_may_expose)
+    let allows_two = wait_for(HANG_GUARD, || {
+        offers_with(&boot, &["--exposed-ports", "2"])
+            .into_iter()
+            .find(|o| o["provider"] == provider.as_str())
+            .and_then(|o| o["max_exposed_ports"].as_u64())
+    });
+    assert_eq!(allows_two, Some(2), "offers --exposed-ports 2 does not list the provider");
     let req = root.join("requestor");
     let small = |extra: &[&str]| {
         let mut args = vec!["--provider", provider.as_str()];

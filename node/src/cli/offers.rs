@@ -47,6 +47,10 @@ pub struct OffersArgs {
     /// Only providers run for this owner (its peer id, from their delegation).
     #[arg(long, value_name = "PEER_ID")]
     owner: Option<String>,
+    /// Only providers that let a lease expose at least this many guest TCP ports
+    /// (`lease create --expose`).
+    #[arg(long, value_name = "N")]
+    exposed_ports: Option<u16>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -77,6 +81,7 @@ fn offer_filter(args: &OffersArgs) -> anyhow::Result<OfferFilter> {
             .as_deref()
             .map(|o| o.parse().map_err(|_| anyhow::anyhow!("--owner `{o}` is not a peer id")))
             .transpose()?,
+        min_exposed_ports: args.exposed_ports,
     })
 }
 

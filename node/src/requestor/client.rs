@@ -446,21 +446,25 @@ fn choose_offer(
         min_disk_gib: Some(want.disk_gib),
         max_price_micros: opts.max_price_micros,
         image: Some(opts.image.clone()),
+        // exposed ports: only providers whose advert allows as many
+        min_exposed_ports: Some(u16::try_from(opts.expose.len()).unwrap_or(u16::MAX)),
         ..Default::default()
     };
     let store = node.store.lock().unwrap_or_else(|p| p.into_inner());
-    let mut matching = store.query(&filter, now_unix_ms(), usize::MAX);
-    // exposed ports: only providers whose advert allows as many
-    matching.retain(|o| usize::from(o.advert.body().max_exposed_ports()) >= opts.expose.len());
+    let matching = store.query(&filter, now_unix_ms(), usize::MAX);
     match &opts.provider {
         ProviderChoice::Cheapest => {
             let offer = matching.first().ok_or_else(|| {
                 RequestorError::NoOffer(format!(
-                    "nobody offers {} vCPU, {} MiB, {} GiB with image `{}`{} right now ({} adverts seen)",
+                    "nobody offers {} vCPU, {} MiB, {} GiB with image `{}`{}{} right now ({} adverts seen)",
                     want.vcpus,
                     want.memory_mib,
                     want.disk_gib,
                     opts.image,
+                    match opts.expose.len() {
+                        0 => String::new(),
+                        n => format!(" and {n} exposed port{}", if n == 1 { "" } else { "s" }),
+                    },
                     if opts.max_price_micros.is_some() { " within the price limit" } else { "" },
                     store.len()
                 ))

@@ -111,6 +111,8 @@ pub struct OfferLine {
     pub owner: Option<String>,
     /// The provider's last port verification, as it reports it.
     pub reachability: Option<peervm_protocol::Reachability>,
+    /// Guest TCP ports a lease may expose (`lease create --expose`).
+    pub max_exposed_ports: u16,
 }
 
 impl From<&Offer> for OfferLine {
@@ -133,6 +135,7 @@ impl From<&Offer> for OfferLine {
             seq: a.seq,
             owner: a.delegation_at(now_unix_ms()).ok().flatten().map(|d| d.owner.to_string()),
             reachability: a.reachability,
+            max_exposed_ports: a.max_exposed_ports(),
         }
     }
 }

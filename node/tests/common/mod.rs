@@ -250,8 +250,14 @@ pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option
 
 /// `peervm offers --json` through `bootstrap`.
 pub fn offers(bootstrap: &str) -> Vec<serde_json::Value> {
+    offers_with(bootstrap, &[])
+}
+
+/// `peervm offers --json` with `extra` filter arguments.
+pub fn offers_with(bootstrap: &str, extra: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(PEERVM)
         .args(["offers", "--bootstrap", bootstrap, "--json", "--timeout", "5"])
+        .args(extra)
         .env_remove("PEERVM_BOOTSTRAP")
         .output()
         .expect("run offers");
