@@ -107,6 +107,9 @@ pub struct Metrics {
     /// Abuse detection's triggers, by rule and the action taken (`warn`, `throttle`,
     /// `isolate`).
     pub abuse_triggers: Family<AbuseLabel, Counter>,
+    /// Samples of a lease's traffic abuse detection compared with the one before (each
+    /// running, not isolated lease once per monitor round, its first sample excepted).
+    pub abuse_checks: Counter,
 }
 
 impl Metrics {
@@ -200,6 +203,11 @@ impl Metrics {
             "abuse_triggers",
             "Abuse detection triggers, by rule and the action taken",
             self.abuse_triggers.clone(),
+        );
+        r.register(
+            "abuse_checks",
+            "Lease traffic samples abuse detection checked against its rules",
+            self.abuse_checks.clone(),
         );
         r
     }

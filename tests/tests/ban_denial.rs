@@ -47,6 +47,9 @@ impl Hypervisor for NoGuests {
     async fn isolate(&self, _: peervm_vmm::LeaseId) -> Result<(), VmmError> {
         Err(no_guests())
     }
+    async fn throttle(&self, _: peervm_vmm::LeaseId, _: u32) -> Result<(), VmmError> {
+        Err(no_guests())
+    }
     async fn status(&self, _: peervm_vmm::LeaseId) -> Result<VmStatus, VmmError> {
         Err(no_guests())
     }

@@ -83,7 +83,8 @@ pub struct VmUsage {
     pub net: Option<NetUsage>,
 }
 
-/// A guest's traffic since its network was set up: every counter only grows.
+/// A guest's traffic since its network was set up: every counter only grows
+/// (`recent_destinations` is a count of now).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct NetUsage {
@@ -96,6 +97,12 @@ pub struct NetUsage {
     /// New flows the guest started through the host (conntrack state `new`), allowed or
     /// dropped by its egress rules: its outbound connection attempts.
     pub new_connections: u64,
+    /// Of those, new TCP connections to port 25 (SMTP).
+    pub smtp_connections: u64,
+    /// Distinct addresses the guest started connections to in the last minute
+    /// (`network::DESTINATIONS_WINDOW_SECS`), at most `network::DESTINATIONS_MAX`: a count
+    /// now, the one field here that also shrinks.
+    pub recent_destinations: u64,
     /// Packets each isolation rule of the lease's nft table dropped, by the rule's comment
     /// (SECURITY.md invariant 7; docs/vmm.md "nftables").
     pub dropped: BTreeMap<String, u64>,
@@ -144,6 +151,11 @@ pub trait Hypervisor: Send + Sync {
     /// its link is down) but keeps it running, with its disk and console log, for
     /// inspection until `stop`.
     fn isolate(&self, lease: LeaseId) -> impl Future<Output = Result<(), VmmError>> + Send;
+
+    /// Abuse response (docs/vmm.md "Abuse detection"): holds what the guest sends to
+    /// `egress_mbit` Mbit/s from now until it stops, in place of any egress limit it had.
+    /// Its network, SSH port and disk are otherwise untouched.
+    fn throttle(&self, lease: LeaseId, egress_mbit: u32) -> impl Future<Output = Result<(), VmmError>> + Send;
 
     fn status(&self, lease: LeaseId) -> impl Future<Output = Result<VmStatus, VmmError>> + Send;
 

@@ -63,6 +63,23 @@ pub fn is_blocked_destination(addr: Ipv4Addr, pool: &AddressPool) -> bool {
 /// `traffic.rs`; docs/vmm.md "Traffic accounting").
 pub(crate) const NEW_FLOWS_COMMENT: &str = "new connections from the guest";
 
+/// The comment of the counter of new connections the guest starts to TCP port 25 (SMTP),
+/// for abuse detection (docs/vmm.md "Traffic accounting").
+pub(crate) const SMTP_COMMENT: &str = "new SMTP connections from the guest";
+
+/// The comment of the rule that drops what comes into the guest unasked: its drops are
+/// others' packets, not the guest's doing (abuse detection leaves them out).
+pub const INBOUND_DROP_COMMENT: &str = "nothing new into the guest";
+
+/// The lease table's set of the addresses the guest started a connection to in the last
+/// [`DESTINATIONS_WINDOW_SECS`]: each new connection (re)starts its address's timeout, so
+/// the set's size is the distinct destinations of the last minute.
+pub(crate) const DESTINATIONS_SET: &str = "recent_destinations";
+pub const DESTINATIONS_WINDOW_SECS: u32 = 60;
+/// The most addresses the set holds: a guest past it is counted as this many (the
+/// kernel adds no more until some time out). Abuse thresholds stay below it.
+pub const DESTINATIONS_MAX: u32 = 4096;
+
 /// Interfaces inside the lease namespace; private to it, so fixed names.
 pub(crate) const NS_UPLINK: &str = "uplink";
 const NS_BRIDGE: &str = "br0";
@@ -290,6 +307,9 @@ impl LeaseNetwork {
              \x20       type ipv4_addr; flags interval; auto-merge;\n\
              \x20       elements = {{ {blocked} }}\n\
              \x20   }}\n\
+             \x20   set {DESTINATIONS_SET} {{\n\
+             \x20       type ipv4_addr; flags dynamic, timeout; timeout {DESTINATIONS_WINDOW_SECS}s; size {DESTINATIONS_MAX};\n\
+             \x20   }}\n\
              \x20   chain input {{\n\
              \x20       type filter hook input priority -10; policy accept;\n\
              \x20       iifname \"{hif}\" ct state established,related accept comment \"replies to the SSH forwarder\"\n\
@@ -299,12 +319,14 @@ impl LeaseNetwork {
              \x20       type filter hook forward priority -10; policy accept;\n\
              \x20       iifname \"{hif}\" jump from_guest\n\
              \x20       oifname \"{hif}\" ct state established,related accept\n\
-             \x20       oifname \"{hif}\" counter drop comment \"nothing new into the guest\"\n\
+             \x20       oifname \"{hif}\" counter drop comment \"{INBOUND_DROP_COMMENT}\"\n\
              \x20   }}\n\
              \x20   chain from_guest {{\n\
              \x20       ip saddr != {guest} counter drop comment \"spoofed source\"\n\
              \x20       meta nfproto ipv6 counter drop comment \"IPv6\"\n\
              \x20       ct state new counter comment \"{NEW_FLOWS_COMMENT}\"\n\
+             \x20       ct state new update @{DESTINATIONS_SET} {{ ip daddr }}\n\
+             \x20       tcp dport 25 ct state new counter comment \"{SMTP_COMMENT}\"\n\
              {egress_rules}\
              \x20   }}\n\
              {nat}\
@@ -430,6 +452,9 @@ mod tests {
             "masquerade",
             "meta nfproto ipv6 counter drop comment \"IPv6\"",
             "ct state new counter comment \"new connections from the guest\"",
+            "ct state new update @recent_destinations { ip daddr }",
+            "tcp dport 25 ct state new counter comment \"new SMTP connections from the guest\"",
+            "flags dynamic, timeout; timeout 60s; size 4096;",
         ] {
             assert!(rules.contains(must), "missing {must:?} in\n{rules}");
         }

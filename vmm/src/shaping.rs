@@ -76,6 +76,16 @@ pub(crate) async fn apply(
     Ok(())
 }
 
+/// Replaces the egress limit of a lease's link (or sets one where it had none): what
+/// the guest sends is held to `mbit` from now on (abuse detection's throttle).
+pub(crate) async fn replace_egress(netns: &str, ns_uplink: &str, mbit: u32) -> Result<(), VmmError> {
+    let mut args = vec!["-n", netns, "qdisc", "replace", "dev", ns_uplink];
+    let tbf = tbf_args(mbit);
+    args.extend(tbf.iter().map(String::as_str));
+    run("tc", &args, None).await?;
+    Ok(())
+}
+
 /// Packets a limit dropped on `dev` (in `netns`, or the host's with `None`): its queue
 /// was full. 0 when the link has no limit of ours.
 pub(crate) async fn dropped(netns: Option<&str>, dev: &str) -> Result<u64, VmmError> {

@@ -1,6 +1,7 @@
 //! Traffic accounting of a lease's guest (docs/vmm.md "Traffic accounting"): bytes and
-//! packets from the host end of its link, new flows and each isolation rule's drops from
-//! the counters of its nft table, and the bandwidth limits' drops from tc.
+//! packets from the host end of its link, new flows (all, and to SMTP), the distinct
+//! destinations of the last minute and each isolation rule's drops from the counters and
+//! the set of its nft table, and the bandwidth limits' drops from tc.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,7 @@ use serde::Deserialize;
 use crate::error::VmmError;
 use crate::host_command::run;
 use crate::hypervisor::NetUsage;
-use crate::network::{NEW_FLOWS_COMMENT, NS_UPLINK};
+use crate::network::{DESTINATIONS_SET, NEW_FLOWS_COMMENT, NS_UPLINK, SMTP_COMMENT};
 use crate::shaping::{self, BandwidthLimits};
 
 /// The names of a lease's network objects, as `network.rs` made them.
@@ -41,6 +42,8 @@ pub(crate) async fn read(link: &LeaseLink<'_>, limits: BandwidthLimits) -> Resul
         bytes_out: counters.rx_bytes,
         packets_out: counters.rx_packets,
         new_connections: rules.new_connections,
+        smtp_connections: rules.smtp_connections,
+        recent_destinations: rules.recent_destinations,
         dropped: rules.dropped,
         limit_dropped_out,
         limit_dropped_in,
@@ -81,6 +84,9 @@ pub(crate) fn parse_counter(text: &str) -> Option<u64> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct RuleCounters {
     pub new_connections: u64,
+    pub smtp_connections: u64,
+    /// Elements of the set of recent destinations (a count now, not a counter).
+    pub recent_destinations: u64,
     /// Packets of each rule that counts and drops, by its comment.
     pub dropped: BTreeMap<String, u64>,
 }
@@ -88,6 +94,13 @@ pub(crate) struct RuleCounters {
 #[derive(Deserialize)]
 struct NftList {
     nftables: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct NftSet {
+    name: String,
+    #[serde(default)]
+    elem: Vec<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -99,15 +112,22 @@ struct NftRule {
     expr: Vec<serde_json::Value>,
 }
 
-/// The counters of `nft -j list table inet <table>`: the new-flows counter (by its
-/// comment) and every counting rule that drops (by its comment, or its chain's name and
-/// position when it has none).
+/// The counters of `nft -j list table inet <table>`: the new-flows and SMTP counters (by
+/// their comments), the size of the recent destinations' set, and every counting rule
+/// that drops (by its comment, or its chain's name and position when it has none).
 pub(crate) fn parse_nft_counters(json: &str) -> Result<RuleCounters, String> {
     let list: NftList = serde_json::from_str(json)
         .map_err(|e| format!("unexpected output {:?}: {e}", json.get(..json.len().min(120)).unwrap_or(json)))?;
     let mut out = RuleCounters::default();
     let mut unnamed = 0;
     for item in list.nftables {
+        if let Some(set) = item.get("set") {
+            let set: NftSet = serde_json::from_value(set.clone()).map_err(|e| format!("a set: {e}"))?;
+            if set.name == DESTINATIONS_SET {
+                out.recent_destinations = set.elem.len() as u64;
+            }
+            continue;
+        }
         let Some(rule) = item.get("rule") else { continue };
         let rule: NftRule = serde_json::from_value(rule.clone()).map_err(|e| format!("a rule: {e}"))?;
         let Some(packets) = rule.expr.iter().find_map(|e| e.get("counter")?.get("packets")?.as_u64()) else {
@@ -116,6 +136,7 @@ pub(crate) fn parse_nft_counters(json: &str) -> Result<RuleCounters, String> {
         let drops = rule.expr.iter().any(|e| e.get("drop").is_some());
         match rule.comment {
             Some(c) if c == NEW_FLOWS_COMMENT => out.new_connections = packets,
+            Some(c) if c == SMTP_COMMENT => out.smtp_connections = packets,
             Some(c) if drops => *out.dropped.entry(c).or_default() += packets,
             None if drops => {
                 unnamed += 1;
@@ -136,6 +157,7 @@ mod tests {
     const LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
  {"table": {"family": "inet", "name": "peervm-01", "handle": 28}},
  {"set": {"family": "inet", "name": "blocked", "table": "peervm-01", "type": "ipv4_addr", "handle": 1, "flags": ["interval"], "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}]}},
+ {"set": {"family": "inet", "name": "recent_destinations", "table": "peervm-01", "type": "ipv4_addr", "handle": 3, "size": 4096, "flags": ["timeout"], "timeout": 60, "elem": [{"elem": {"val": "198.51.100.7", "timeout": 60, "expires": 41}}, {"elem": {"val": "203.0.113.9", "timeout": 60, "expires": 59}}]}},
  {"chain": {"family": "inet", "table": "peervm-01", "name": "input", "handle": 2, "type": "filter", "hook": "input", "prio": -10, "policy": "accept"}},
  {"rule": {"family": "inet", "table": "peervm-01", "chain": "input", "handle": 6, "comment": "replies to the SSH forwarder", "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "pv010101010101"}}, {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}, {"accept": null}]}},
  {"rule": {"family": "inet", "table": "peervm-01", "chain": "input", "handle": 7, "comment": "nothing from the guest to the host itself", "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "pv010101010101"}}, {"counter": {"packets": 3, "bytes": 180}}, {"drop": null}]}},
@@ -143,13 +165,15 @@ mod tests {
  {"rule": {"family": "inet", "table": "peervm-01", "chain": "from_guest", "handle": 11, "comment": "spoofed source", "expr": [{"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "10.213.0.22"}}, {"counter": {"packets": 1, "bytes": 60}}, {"drop": null}]}},
  {"rule": {"family": "inet", "table": "peervm-01", "chain": "from_guest", "handle": 12, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}}, {"counter": {"packets": 2, "bytes": 152}}, {"drop": null}]}},
  {"rule": {"family": "inet", "table": "peervm-01", "chain": "from_guest", "handle": 13, "comment": "new connections from the guest", "expr": [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"counter": {"packets": 41, "bytes": 2460}}]}},
+ {"rule": {"family": "inet", "table": "peervm-01", "chain": "from_guest", "handle": 16, "expr": [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "daddr"}}, "set": "@recent_destinations"}}]}},
+ {"rule": {"family": "inet", "table": "peervm-01", "chain": "from_guest", "handle": 17, "comment": "new SMTP connections from the guest", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 25}}, {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"counter": {"packets": 5, "bytes": 300}}]}},
  {"rule": {"family": "inet", "table": "peervm-01", "chain": "from_guest", "handle": 14, "comment": "private, local and special ranges", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@blocked"}}, {"counter": {"packets": 12, "bytes": 720}}, {"drop": null}]}},
  {"rule": {"family": "inet", "table": "peervm-01", "chain": "from_guest", "handle": 15, "expr": [{"accept": null}]}}]}"#;
 
     #[test]
-    fn nft_counters_give_new_flows_and_each_rule_s_drops_by_comment() {
+    fn nft_counters_give_new_flows_smtp_recent_destinations_and_each_rule_s_drops_by_comment() {
         let c = parse_nft_counters(LISTING).unwrap();
-        assert_eq!(c.new_connections, 41);
+        assert_eq!((c.new_connections, c.smtp_connections, c.recent_destinations), (41, 5, 2));
         let want: BTreeMap<String, u64> = [
             ("nothing from the guest to the host itself", 3),
             ("nothing new into the guest", 0),

@@ -44,6 +44,8 @@ struct RawConfig {
     leases: RawLeases,
     #[serde(default)]
     blocklists: RawBlockLists,
+    #[serde(default)]
+    abuse: RawAbuse,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +159,7 @@ struct RawHypervisor {
     iface_prefix: Option<String>,
 }
 
+use super::abuse_config::{RawAbuse, parse_abuse};
 pub use super::image_config::{ImageConfig, ImageSource};
 use super::image_config::{RawImage, parse_images};
 
@@ -205,6 +208,8 @@ pub struct ProviderConfig {
     pub max_lease_secs: u64,
     /// Signers whose block lists are applied.
     pub trusted_block_lists: std::collections::HashSet<libp2p::PeerId>,
+    /// Abuse detection (`[abuse]`; docs/architecture.md "Abuse detection").
+    pub abuse: super::lease::abuse::AbuseConfig,
 }
 
 impl ProviderConfig {
@@ -354,6 +359,7 @@ impl ProviderConfig {
         };
         let egress_mbit = limit("network.egress_mbit", n.egress_mbit)?;
         let ingress_mbit = limit("network.ingress_mbit", n.ingress_mbit)?;
+        let abuse = parse_abuse(raw.abuse, egress_mbit).map_err(|(field, m)| invalid(field, m))?;
         let min_lease_secs = raw.leases.min_secs.unwrap_or(60);
         let max_lease_secs = raw.leases.max_secs.unwrap_or(peervm_protocol::lease::MAX_LEASE_SECS);
         if min_lease_secs == 0
@@ -421,6 +427,7 @@ impl ProviderConfig {
             min_lease_secs,
             max_lease_secs,
             trusted_block_lists,
+            abuse,
         };
         if !config.allow_tcg && !config.probe_kvm {
             return Err(invalid(
@@ -519,6 +526,20 @@ mod tests {
         assert!(config_with_network("").unwrap().guest_dns.is_empty());
         let err = config_with_network("guest_dns = [\"dns.example\"]").unwrap_err().to_string();
         assert!(err.contains("network.guest_dns") && err.contains("dns.example"), "{err}");
+    }
+
+    #[test]
+    fn the_abuse_section_is_optional_and_its_errors_name_the_field() {
+        use crate::provider::lease::abuse::{AbuseConfig, Action, Rule};
+        assert_eq!(config_with_network("").unwrap().abuse, AbuseConfig::default());
+        let text = "[abuse]\ninterval_secs = 3\n[abuse.new_connections]\nthreshold = 5\naction = \"isolate\"";
+        let cfg = config_with_network(text).unwrap();
+        assert_eq!(cfg.abuse.interval, std::time::Duration::from_secs(3));
+        assert_eq!(cfg.abuse.rule(Rule::NewConnections).action, Action::Isolate);
+        let err = config_with_network("egress_mbit = 1\n[abuse.smtp]\naction = \"throttle\"").unwrap_err().to_string();
+        assert!(err.contains("abuse.throttle_mbit") && err.contains("network.egress_mbit"), "{err}");
+        let err = config_with_network("[abuse]\nnew_connection = 5").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 
     #[test]

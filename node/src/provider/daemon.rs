@@ -226,6 +226,7 @@ impl Provider {
         )
         .with_audit(audit.clone())
         .with_list_blocked(node.list_blocked.clone());
+        leases.set_abuse_config(config.abuse.clone());
         leases.apply_block_list().await?;
         let report = leases.recover().await?;
         if !(report.adopted.is_empty() && report.failed.is_empty() && report.ended.is_empty()) {
@@ -330,6 +331,7 @@ impl Provider {
                 ..(*current).clone()
             })
             .map_err(ReloadError::Capacity)?;
+        self.leases.set_abuse_config(new.abuse.clone());
         if new.trusted_block_lists != self.config.trusted_block_lists {
             self.node
                 .client

@@ -1,6 +1,7 @@
 //! The provider: `peervm provider run` and everything it runs (docs/architecture.md,
 //! "Provider daemon").
 
+pub mod abuse_config;
 pub mod admin;
 pub mod audit;
 pub mod config;

@@ -4,6 +4,7 @@
 //! any changed field needs a restart, nothing applies and the running config stays.
 
 use crate::provider::config::{ConfigError, ProviderConfig};
+use crate::provider::lease::abuse::Rule;
 
 /// What changed between the running config and the file, by the field names of
 /// provider.toml.
@@ -92,6 +93,7 @@ impl ConfigDiff {
             min_lease_secs,
             max_lease_secs,
             trusted_block_lists,
+            abuse,
         } = new;
         let mut diff = ConfigDiff::default();
         let mut live = |field: &'static str, changed: bool| {
@@ -124,6 +126,18 @@ impl ConfigDiff {
         live("leases.max_secs", *max_lease_secs != old.max_lease_secs);
         // Whose block lists apply: the swarm re-applies the lists it holds.
         live("blocklists.trust", *trusted_block_lists != old.trusted_block_lists);
+        // Abuse detection: the next check applies the new settings to every lease.
+        live("abuse.interval_secs", abuse.interval != old.abuse.interval);
+        live("abuse.throttle_mbit", abuse.throttle_mbit != old.abuse.throttle_mbit);
+        for rule in Rule::ALL {
+            let field = match rule {
+                Rule::NewConnections => "abuse.new_connections",
+                Rule::Destinations => "abuse.destinations",
+                Rule::Smtp => "abuse.smtp",
+                Rule::Dropped => "abuse.dropped",
+            };
+            live(field, abuse.rule(rule) != old.abuse.rule(rule));
+        }
 
         let mut restart = |field: &'static str, changed: bool| {
             if changed {
@@ -289,6 +303,12 @@ mod tests {
             ("leases.min_secs", b.replaced("min_secs", "min_secs = 120")),
             ("leases.max_secs", b.with("leases", "max_secs = 7200")),
             ("blocklists.trust", b.replaced("trust", &format!("trust = [\"{signer}\"]"))),
+            ("abuse.interval_secs", b.with("abuse", "interval_secs = 3")),
+            ("abuse.throttle_mbit", b.with("abuse", "throttle_mbit = 4")),
+            ("abuse.new_connections", b.with("abuse.new_connections", "action = \"isolate\"")),
+            ("abuse.destinations", b.with("abuse.destinations", "threshold = 30")),
+            ("abuse.smtp", b.with("abuse.smtp", "threshold = 1")),
+            ("abuse.dropped", b.with("abuse.dropped", "action = \"throttle\"")),
         ];
         for (field, new) in cases {
             let diff = ConfigDiff::between(&old, &new);

@@ -42,6 +42,13 @@ impl Hypervisor for VmmBackend {
         }
     }
 
+    async fn throttle(&self, lease: LeaseId, egress_mbit: u32) -> Result<(), VmmError> {
+        match self {
+            VmmBackend::InProcess(h) => h.throttle(lease, egress_mbit).await,
+            VmmBackend::Helper(h) => h.throttle(lease, egress_mbit).await,
+        }
+    }
+
     async fn status(&self, lease: LeaseId) -> Result<VmStatus, VmmError> {
         match self {
             VmmBackend::InProcess(h) => h.status(lease).await,

@@ -68,6 +68,7 @@ pub async fn prepare(opts: HelperOptions) -> Result<ReadyHelper, ProviderError> 
         HelperPolicy::new(daemon.uid, images.into_iter().map(|(_, i)| Arc::new(i)), totals, config.egress, slots);
     policy.max_exposed_ports = config.max_exposed_ports;
     policy.privileged_ports = config.expose_privileged;
+    policy.egress_mbit = config.egress_mbit;
     let server = HelperServer::new(hv, policy, &report.adopted);
     let listener = listen(&opts.socket, daemon.gid)?;
     Ok(ReadyHelper {

@@ -41,6 +41,8 @@ pub struct ProviderToml {
     pub extra_image_tables: Vec<String>,
     /// More `[network]` lines, e.g. `max_exposed_ports = 2`.
     pub extra_network: Vec<String>,
+    /// Further tables, rendered as given at the end (e.g. `[abuse]`).
+    pub extra_tables: Vec<String>,
 }
 
 impl ProviderToml {
@@ -71,6 +73,7 @@ impl ProviderToml {
             extra_images: Vec::new(),
             extra_image_tables: Vec::new(),
             extra_network: Vec::new(),
+            extra_tables: Vec::new(),
         }
     }
 
@@ -117,6 +120,9 @@ impl ProviderToml {
             t += &format!("[[images]]\nname = \"{name}\"\ndir = \"{}\"\n", dir.display());
         }
         for table in &self.extra_image_tables {
+            t += table;
+        }
+        for table in &self.extra_tables {
             t += table;
         }
         t

@@ -172,6 +172,13 @@ impl Hypervisor for HelperHypervisor {
         }
     }
 
+    async fn throttle(&self, lease: LeaseId, egress_mbit: u32) -> Result<(), VmmError> {
+        match self.request(Op::Throttle { lease, egress_mbit }).await? {
+            ReplyBody::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn status(&self, lease: LeaseId) -> Result<VmStatus, VmmError> {
         match self.request(Op::Status { lease }).await? {
             ReplyBody::Status(s) => Ok(s),

@@ -2,8 +2,9 @@
 //! (docs/vmm.md "The VMM helper"; SECURITY.md "Privilege separation"): names are checked
 //! for path and line characters before anything else, the image is one the helper
 //! verified itself (by sha256), the amounts fit the host's configured totals, egress is
-//! at most what the host's config allows, the slot is within the host's pool. Nothing of
-//! the request becomes a path or an interface name.
+//! at most what the host's config allows, the slot is within the host's pool; a throttle
+//! only ever lowers a guest's egress. Nothing of the request becomes a path or an
+//! interface name.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +31,14 @@ pub struct HelperPolicy {
     /// whether ports below 1024 may be among them.
     pub max_exposed_ports: u16,
     pub privileged_ports: bool,
+    /// The host's egress limit per guest (provider.toml `[network] egress_mbit`): a
+    /// throttle may not go above it.
+    pub egress_mbit: Option<u32>,
 }
+
+/// The highest throttle without a configured egress limit (as `[network] egress_mbit`'s
+/// own cap): beyond it a throttle is a typo or a trick.
+pub const MAX_THROTTLE_MBIT: u32 = 100_000;
 
 pub(super) fn refused(reason: Refusal, message: impl Into<String>) -> WireError {
     WireError::Refused { reason, message: message.into() }
@@ -45,7 +53,16 @@ impl HelperPolicy {
         slots: u32,
     ) -> Self {
         let images = images.into_iter().map(|i| (i.sha256_hex(), i)).collect();
-        HelperPolicy { daemon_uid, images, totals, egress, slots, max_exposed_ports: 0, privileged_ports: false }
+        HelperPolicy {
+            daemon_uid,
+            images,
+            totals,
+            egress,
+            slots,
+            max_exposed_ports: 0,
+            privileged_ports: false,
+            egress_mbit: None,
+        }
     }
 
     /// Only the daemon's user may talk to the helper (root included: a root process has
@@ -127,6 +144,19 @@ impl HelperPolicy {
 }
 
 impl HelperPolicy {
+    /// A throttle slows a guest down: at least 1 Mbit/s (0 would be an isolate, which has
+    /// its own request) and at most the host's egress limit.
+    pub fn check_throttle(&self, egress_mbit: u32) -> Result<(), WireError> {
+        let ceiling = self.egress_mbit.unwrap_or(MAX_THROTTLE_MBIT);
+        if egress_mbit == 0 || egress_mbit > ceiling {
+            return Err(refused(
+                Refusal::Throttle,
+                format!("a throttle to {egress_mbit} Mbit/s is not within 1..={ceiling} (the host's egress limit)"),
+            ));
+        }
+        Ok(())
+    }
+
     /// At most the configured count of distinct guest ports, none 0 or 22 (SSH has its
     /// own), none below 1024 unless the config allows them.
     fn check_expose(&self, ports: &[u16]) -> Result<(), WireError> {
@@ -273,6 +303,22 @@ mod tests {
         assert_eq!(reason(policy.spec(&r)), Refusal::Egress);
         let r = StartRequest { host_key_seed: SeedHex("zz".repeat(32)), ..req };
         assert_eq!(reason(policy.spec(&r)), Refusal::BadKey);
+    }
+
+    #[test]
+    fn a_throttle_only_ever_lowers_a_guest_s_egress() {
+        let (_d, mut policy, _) = setup();
+        let refusal = |r: Result<(), WireError>| match r {
+            Err(WireError::Refused { reason, .. }) => reason,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert!(policy.check_throttle(1).is_ok());
+        assert!(policy.check_throttle(MAX_THROTTLE_MBIT).is_ok());
+        assert_eq!(refusal(policy.check_throttle(0)), Refusal::Throttle);
+        assert_eq!(refusal(policy.check_throttle(MAX_THROTTLE_MBIT + 1)), Refusal::Throttle);
+        policy.egress_mbit = Some(10);
+        assert!(policy.check_throttle(10).is_ok());
+        assert_eq!(refusal(policy.check_throttle(11)), Refusal::Throttle, "above the host's limit");
     }
 
     #[test]

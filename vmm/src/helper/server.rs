@@ -181,6 +181,18 @@ impl<H: Hypervisor + Clone + 'static> HelperServer<H> {
                 Some(r) => r,
                 None => hv.isolate(lease).await.map_or_else(|e| ReplyBody::Error((&e).into()), |()| ReplyBody::Done),
             },
+            Op::Throttle { lease, egress_mbit } => {
+                if let Some(r) = unknown(&lease) {
+                    return r;
+                }
+                let checked = self.policy().check_throttle(egress_mbit);
+                if let Err(e) = checked {
+                    return ReplyBody::Error(e);
+                }
+                hv.throttle(lease, egress_mbit)
+                    .await
+                    .map_or_else(|e| ReplyBody::Error((&e).into()), |()| ReplyBody::Done)
+            }
             Op::Status { lease } => match unknown(&lease) {
                 Some(r) => r,
                 None => hv.status(lease).await.map_or_else(|e| ReplyBody::Error((&e).into()), ReplyBody::Status),
@@ -352,6 +364,10 @@ mod tests {
             self.note(format!("isolate {lease}"));
             Ok(())
         }
+        async fn throttle(&self, lease: LeaseId, egress_mbit: u32) -> Result<(), VmmError> {
+            self.note(format!("throttle {lease} {egress_mbit}"));
+            Ok(())
+        }
         async fn status(&self, lease: LeaseId) -> Result<VmStatus, VmmError> {
             self.note(format!("status {lease}"));
             Err(VmmError::UnknownLease(lease))
@@ -479,10 +495,32 @@ mod tests {
         assert_eq!(refusal(request(&h.socket, Op::Start(unknown)).await), Refusal::UnknownImage);
         assert_eq!(refusal(request(&h.socket, Op::Start(start_req(1, 3, &h.image))).await), Refusal::Resources);
         let lease = LeaseId::from_bytes([7; 16]);
-        for op in [Op::Stop { lease }, Op::Isolate { lease }, Op::Status { lease }, Op::Usage { lease }] {
+        for op in [
+            Op::Stop { lease },
+            Op::Isolate { lease },
+            Op::Throttle { lease, egress_mbit: 1 },
+            Op::Status { lease },
+            Op::Usage { lease },
+        ] {
             assert_eq!(refusal(request(&h.socket, op).await), Refusal::UnknownLease);
         }
         assert!(h.hv.calls().is_empty(), "{:?}", h.hv.calls());
+    }
+
+    #[tokio::test]
+    async fn a_throttle_that_would_not_slow_a_guest_down_reaches_nothing() {
+        let h = helper(my_ids().0, None).await;
+        let client = HelperHypervisor::connect(&h.socket).await.unwrap();
+        let lease = LeaseId::from_bytes([1; 16]);
+        assert!(matches!(request(&h.socket, Op::Start(start_req(1, 1, &h.image))).await, ReplyBody::Started(_)));
+        for egress_mbit in [0, crate::helper::policy::MAX_THROTTLE_MBIT + 1] {
+            assert_eq!(refusal(request(&h.socket, Op::Throttle { lease, egress_mbit }).await), Refusal::Throttle);
+        }
+        let e = client.throttle(lease, 0).await.unwrap_err().to_string();
+        assert!(e.contains("throttle") && e.contains("0 Mbit/s"), "{e}");
+        assert!(!h.hv.calls().iter().any(|c| c.starts_with("throttle")), "{:?}", h.hv.calls());
+        client.throttle(lease, 2).await.unwrap();
+        assert!(h.hv.calls().contains(&format!("throttle {lease} 2")), "{:?}", h.hv.calls());
     }
 
     #[tokio::test]

@@ -47,6 +47,12 @@ pub enum Op {
     Isolate {
         lease: LeaseId,
     },
+    /// Abuse response: the guest's egress held to `egress_mbit` (policy.rs checks it only
+    /// lowers what the host's config allows).
+    Throttle {
+        lease: LeaseId,
+        egress_mbit: u32,
+    },
     Status {
         lease: LeaseId,
     },
@@ -119,7 +125,7 @@ pub enum ReplyBody {
     /// A start moved from provisioning to booting (QEMU runs).
     Booting,
     Started(RunningVm),
-    /// A stop or isolate is done.
+    /// A stop, isolate or throttle is done.
     Done,
     Status(VmStatus),
     Usage(VmUsage),
@@ -147,6 +153,9 @@ pub enum Refusal {
     /// Egress the host's config does not allow.
     Egress,
     Slot,
+    /// A throttle of 0, or above the host's configured egress limit: it would not slow
+    /// the guest down.
+    Throttle,
 }
 
 impl Refusal {
@@ -163,6 +172,7 @@ impl Refusal {
             Refusal::BadKey => "bad_key",
             Refusal::Egress => "egress",
             Refusal::Slot => "slot",
+            Refusal::Throttle => "throttle",
         }
     }
 }

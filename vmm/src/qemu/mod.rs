@@ -14,6 +14,7 @@
 //! - `process`: the QEMU process: spawned with its descriptors, watched, killed
 //! - `status`: QEMU's run state and the lease's resource use
 //! - `isolate`: cutting a running guest off every network
+//! - `throttle`: holding a running guest's outbound traffic to a low rate
 //! - `teardown`: stop, and removal of everything a lease has
 //! - `reconcile`: after a restart: re-adopt or clean up, then sweep strays
 
@@ -27,6 +28,7 @@ mod reconcile;
 mod registry;
 mod status;
 mod teardown;
+mod throttle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -144,6 +146,10 @@ impl Hypervisor for QemuHypervisor {
 
     async fn isolate(&self, lease: LeaseId) -> Result<(), VmmError> {
         self.isolate_lease(lease).await
+    }
+
+    async fn throttle(&self, lease: LeaseId, egress_mbit: u32) -> Result<(), VmmError> {
+        self.throttle_lease(lease, egress_mbit).await
     }
 
     /// Runs in a task of its own, like `start`.

@@ -195,6 +195,7 @@ impl QemuHypervisor {
             cgroup,
             started: t0,
             boot_time: OnceLock::new(),
+            throttled_mbit: Default::default(),
         });
 
         // a systemd guest under TCG needs minutes where minimal needs seconds: the image

@@ -134,6 +134,7 @@ impl QemuHypervisor {
             cgroup,
             started: Instant::now(),
             boot_time: OnceLock::new(),
+            throttled_mbit: Default::default(),
             record,
         });
         let vm = rt.running_vm();

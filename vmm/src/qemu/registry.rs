@@ -47,6 +47,10 @@ pub(super) struct LeaseRuntime {
     pub cgroup: LeaseCgroup,
     pub started: Instant,
     pub boot_time: OnceLock<Duration>,
+    /// The egress rate abuse detection holds the guest to (0: none), in Mbit/s. Not in the
+    /// record: a guest re-adopted by a restarted backend keeps its qdisc, only the drops
+    /// of it then read as 0 (like a limit changed since, `status.rs`).
+    pub throttled_mbit: std::sync::atomic::AtomicU32,
 }
 
 impl LeaseRuntime {

@@ -38,10 +38,15 @@ impl QemuHypervisor {
         let cfg = &self.inner.config;
         let (name, host_if) = (cfg.names.lease_name(&lease), cfg.names.host_if(&lease));
         let link = LeaseLink { netns: &name, host_if: &host_if, table: &name };
-        // the config's limits say which directions to ask tc about; a guest re-adopted
-        // after they changed keeps its own qdiscs (docs/vmm.md "Bandwidth limits"), whose
-        // drops then read as 0
-        let net = match traffic::read(&link, cfg.limits).await {
+        // the config's limits and a throttle say which directions to ask tc about; a
+        // guest re-adopted after they changed keeps its own qdiscs (docs/vmm.md
+        // "Bandwidth limits"), whose drops then read as 0
+        let mut limits = cfg.limits;
+        match rt.throttled_mbit.load(Relaxed) {
+            0 => {}
+            mbit => limits.egress_mbit = Some(mbit),
+        }
+        let net = match traffic::read(&link, limits).await {
             Ok(n) => Some(n),
             Err(e) => {
                 tracing::warn!(%lease, error = %e, "cannot read the guest's traffic counters");

@@ -26,6 +26,7 @@ pub(super) enum Op {
     Start,
     Stop,
     Isolate,
+    Throttle,
     Reconcile,
 }
 
@@ -59,6 +60,8 @@ struct State {
     fail_isolate: bool,
     usage: BTreeMap<LeaseId, VmUsage>,
     isolated: BTreeSet<LeaseId>,
+    /// Each throttled guest's egress rate.
+    throttled: BTreeMap<LeaseId, u32>,
 }
 
 /// Holds every start after it reported `booting` until `release`.
@@ -121,6 +124,11 @@ impl FakeHypervisor {
 
     pub fn is_isolated(&self, lease: LeaseId) -> bool {
         self.state().isolated.contains(&lease)
+    }
+
+    /// The egress rate `lease`'s guest was throttled to, if it was.
+    pub fn throttled(&self, lease: LeaseId) -> Option<u32> {
+        self.state().throttled.get(&lease).copied()
     }
 
     /// A guest that survived a provider restart: `reconcile` finds it.
@@ -227,6 +235,7 @@ impl Hypervisor for FakeHypervisor {
         }
         state.guests.remove(&lease);
         state.isolated.remove(&lease);
+        state.throttled.remove(&lease);
         Ok(())
     }
 
@@ -240,6 +249,16 @@ impl Hypervisor for FakeHypervisor {
             return Err(VmmError::UnknownLease(lease));
         }
         state.isolated.insert(lease);
+        Ok(())
+    }
+
+    async fn throttle(&self, lease: LeaseId, egress_mbit: u32) -> Result<(), VmmError> {
+        self.record(Op::Throttle, Some(lease), &[]);
+        let mut state = self.state();
+        if !state.guests.contains_key(&lease) {
+            return Err(VmmError::UnknownLease(lease));
+        }
+        state.throttled.insert(lease, egress_mbit);
         Ok(())
     }
 

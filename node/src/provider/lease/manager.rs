@@ -2,7 +2,7 @@
 //! its hypervisor and its terms. What it decides lives beside it, one module per idea
 //! (see `mod.rs`); this file wires them: construction, the run loop and the shared state.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use peervm_protocol::{LeaseId, LeaseState, ResourceAmounts, SigningKey};
 use peervm_vmm::Hypervisor;
 use tokio::sync::{mpsc, watch};
 
+use super::abuse::{AbuseConfig, LeaseWatch};
 use super::admission;
 use super::db::{DbError, LeaseRecord, ProviderDb};
 use super::terms::LeaseTerms;
@@ -64,6 +65,13 @@ pub(super) struct Inner<H> {
     pub ending: Mutex<HashSet<LeaseId>>,
     /// Leases already warned about for sitting at their memory limit.
     pub memory_warned: Mutex<HashSet<LeaseId>>,
+    /// Abuse detection's settings (swapped whole by a reload) and what it remembers of
+    /// each running lease (`abuse.rs`).
+    pub abuse: RwLock<Arc<AbuseConfig>>,
+    pub abuse_watch: Mutex<HashMap<LeaseId, LeaseWatch>>,
+    /// Held while the usage monitor runs: a tick that finds it still running skips, so
+    /// two rounds never interleave their samples.
+    pub monitoring: tokio::sync::Mutex<()>,
     pub audit: Option<Arc<AuditLog>>,
     /// Requestors named by block lists this provider trusts.
     pub list_blocked: Option<crate::network::ListBlocked>,
@@ -96,6 +104,9 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 admission: tokio::sync::Mutex::new(()),
                 ending: Mutex::new(HashSet::new()),
                 memory_warned: Mutex::new(HashSet::new()),
+                abuse: RwLock::new(Arc::new(AbuseConfig::default())),
+                abuse_watch: Mutex::new(HashMap::new()),
+                monitoring: tokio::sync::Mutex::new(()),
                 audit: None,
                 list_blocked: None,
                 clock: Arc::new(SystemClock),
@@ -175,12 +186,18 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
     }
 
     /// Serves inbound lease messages and runs the timers (expiry, nonce pruning, usage
-    /// monitoring) until the inbox closes.
+    /// monitoring and abuse detection, every `[abuse] interval_secs`) until the inbox
+    /// closes.
     pub async fn run(self, mut inbox: mpsc::Receiver<InboundLease>) {
         let mut expiry = tokio::time::interval(Duration::from_secs(1));
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut monitor = tokio::time::interval(Duration::from_secs(10));
-        monitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let monitor_timer = |period: Duration| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        };
+        let mut period = self.abuse_config().interval;
+        let mut monitor = monitor_timer(period);
         loop {
             tokio::select! {
                 inbound = inbox.recv() => {
@@ -199,6 +216,12 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
                 _ = monitor.tick() => {
                     let this = self.clone();
                     tokio::spawn(async move { this.monitor().await });
+                    // a reload may have changed the interval
+                    let now = self.abuse_config().interval;
+                    if now != period {
+                        period = now;
+                        monitor = monitor_timer(period);
+                    }
                 }
             }
         }

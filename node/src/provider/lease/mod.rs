@@ -8,8 +8,12 @@
 //! - `control`: the requestor's status, extend and terminate;
 //! - `teardown`: ending a lease; `incident`: the operator's block and isolate;
 //! - `monitor`: expiry and usage timers; `recovery`: the start after a restart;
+//! - `abuse`: abuse detection's decision, as a pure function; `abuse_response`: acting
+//!   on it (audit, metrics, throttle, isolate);
 //! - `db`: the SQLite store every state change is committed to first.
 
+pub mod abuse;
+mod abuse_response;
 mod admission;
 mod control;
 pub mod db;

@@ -1,8 +1,9 @@
 //! The manager's timers (docs/architecture.md, "Leases", "Timers"): every second, leases
 //! past their end are ended (isolated ones wait for the operator) and expired nonces are
-//! pruned; every 10 s, per-lease usage (its traffic and drops by rule included) goes to
-//! metrics with warnings for a lease at its memory limit and for a host short of the
-//! memory it advertises (both also as gauges, for the alerts of
+//! pruned; every `[abuse] interval_secs` (10 s by default), per-lease usage (its traffic
+//! and drops by rule included) goes to metrics and through abuse detection
+//! (`abuse_response.rs`), with warnings for a lease at its memory limit and for a host
+//! short of the memory it advertises (both also as gauges, for the alerts of
 //! packaging/prometheus/peervm-alerts.yml).
 
 use peervm_protocol::{GuestTraffic, LeaseId, LeaseState, LeaseUsage};
@@ -45,10 +46,12 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         ending
     }
 
-    /// Per-lease usage into metrics; warnings for a lease at its memory limit and for a
-    /// host short of what it advertises.
+    /// Per-lease usage into metrics and through abuse detection; warnings for a lease at
+    /// its memory limit and for a host short of what it advertises. A round that finds
+    /// the previous one still running skips.
     pub(super) async fn monitor(&self) {
         let inner = &self.inner;
+        let Ok(_round) = inner.monitoring.try_lock() else { return };
         let Ok(active) = inner.db.active() else { return };
         let mut running = 0;
         for record in active.iter().filter(|r| r.state == LeaseState::Running) {
@@ -59,6 +62,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
             inner.metrics.record_lease_usage(&record.id.to_hex(), &u);
             if let Some(net) = &vm_usage.net {
                 inner.metrics.record_lease_drops(&record.id.to_hex(), net);
+                self.check_abuse(record, net).await;
             }
             inner.metrics.record_lease_memory_limit(&record.id.to_hex(), ram);
             if u.memory_current_bytes >= ram {
@@ -233,6 +237,8 @@ mod tests {
             bytes_out: 9_000,
             packets_out: 90,
             new_connections: 4,
+            smtp_connections: 0,
+            recent_destinations: 1,
             dropped: [("egress deny".to_string(), 6), ("spoofed source".to_string(), 1)].into(),
             limit_dropped_out: 2,
             limit_dropped_in: 0,

@@ -44,6 +44,7 @@ impl<H: Hypervisor + Clone + 'static> LeaseManager<H> {
         }
         inner.metrics.forget_lease(&id.to_hex());
         inner.memory_warned.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        inner.abuse_watch.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         if let Err(e) = self.refresh_capacity() {
             tracing::error!(error = %e, "cannot recompute capacity");
         }
