@@ -1,13 +1,18 @@
-//! Boot benchmark (issue 4): time from `start(VmSpec)` to SSH-ready, side by side with a
-//! bare `qemu-system-x86_64` boot of the same image (same kernel, initrd, overlay, seed
-//! disk and machine options) with user-mode networking and a host port forward, timed to
-//! the same readiness check (SSH key exchange with the provisioned host key). Also the
-//! host memory per guest beyond its RAM: QEMU's RSS minus the RSS of the guest-RAM
-//! mapping.
+//! Boot benchmark (issues 4 and 18): time from `start(VmSpec)` to SSH-ready, side by side
+//! with a bare `qemu-system-x86_64` boot of the same image (same kernel, initrd, overlay,
+//! seed disk, machine options and TCG translation-buffer size) with user-mode networking
+//! and a host port forward, timed to the same readiness check (SSH key exchange with the
+//! provisioned host key). Also the host memory per guest beyond its RAM, from QEMU's
+//! smaps: resident (RSS) and private (what one more guest adds: QEMU's shared binary and
+//! library pages are paid once per host), and the private part that is TCG's translation
+//! buffer (what a KVM guest would not have).
 //!
 //! Run as root, after scripts/install-deps and scripts/build-guest-image:
-//!     cargo run -p peervm-vmm --example boot_bench -- [runs] [memory_mib]
-//! Runs alternate (bare, vmm, bare, vmm...) so that both see the same host load.
+//!     cargo run -p peervm-vmm --example boot_bench -- [runs] [memory_mib] [tb,tb...]
+//! Runs alternate (bare, vmm, bare, vmm...) so that both see the same host load; each
+//! translation-buffer size given as the third argument boots in every run too, on a
+//! backend of its own. PEERVM_BENCH_IMAGE picks another image of PEERVM_IMAGE_DIR (default:
+//! minimal, in /var/cache/peervm/images).
 //! Progress and a summary go to stderr; stdout gets one JSON object per figure (name,
 //! value, unit), which `scripts/bench` collects.
 
@@ -27,51 +32,92 @@ use peervm_vmm::{
 const BARE_PORT: u16 = 47390;
 
 fn image_dir() -> PathBuf {
-    std::env::var_os("PEERVM_IMAGE_DIR").map(PathBuf::from).unwrap_or("/var/cache/peervm/images".into()).join("minimal")
+    let name = std::env::var("PEERVM_BENCH_IMAGE").unwrap_or_else(|_| "minimal".into());
+    std::env::var_os("PEERVM_IMAGE_DIR").map(PathBuf::from).unwrap_or("/var/cache/peervm/images".into()).join(name)
 }
 
 fn authorized_key() -> AuthorizedKey {
     AuthorizedKey::from_ed25519(&HostKeySeed::random().public_raw(), "bench").expect("key")
 }
 
-/// RSS of the whole process and of its guest-RAM mapping, in KiB.
-fn rss_split(pid: u32, memory_mib: u32) -> (u64, u64) {
+/// A QEMU process's memory, in KiB, from /proc/PID/smaps.
+#[derive(Clone, Copy, Default)]
+struct Mem {
+    /// Resident, whole process (shared library pages included).
+    rss: u64,
+    /// Resident in the guest-RAM mapping.
+    guest_rss: u64,
+    /// Private to this process (Private_Clean + Private_Dirty): what one more guest adds to
+    /// the host; shared pages (QEMU's binary and libraries) are paid once per host.
+    private: u64,
+    guest_private: u64,
+    /// Private memory of TCG's translation buffer (the anonymous executable mappings):
+    /// what a KVM guest would not have.
+    tcg_private: u64,
+}
+
+impl Mem {
+    fn rss_beyond_ram(&self) -> f64 {
+        (self.rss - self.guest_rss) as f64 / 1024.0
+    }
+    fn private_beyond_ram(&self) -> f64 {
+        (self.private - self.guest_private) as f64 / 1024.0
+    }
+    fn private_beyond_ram_without_tcg(&self) -> f64 {
+        (self.private - self.guest_private - self.tcg_private) as f64 / 1024.0
+    }
+}
+
+fn memory_split(pid: u32, memory_mib: u32) -> Mem {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut total, mut guest) = (0, 0);
-    let mut size = 0;
+    let mut m = Mem::default();
+    // one mapping at a time: its header line, then its fields, VmFlags last
+    let (mut size, mut rss, mut private, mut anon) = (0, 0, 0, false);
     for line in smaps.lines() {
         let mut f = line.split_whitespace();
-        match (f.next(), f.next()) {
-            (Some("Size:"), Some(v)) => size = v.parse().unwrap_or(0),
-            (Some("Rss:"), Some(v)) => {
-                let rss: u64 = v.parse().unwrap_or(0);
-                total += rss;
+        let (Some(key), value) = (f.next(), f.next()) else { continue };
+        let v: u64 = value.and_then(|v| v.parse().ok()).unwrap_or(0);
+        match key {
+            "Size:" => size = v,
+            "Rss:" => rss = v,
+            "Private_Clean:" => private = v,
+            "Private_Dirty:" => private += v,
+            "VmFlags:" => {
+                m.rss += rss;
+                m.private += private;
                 // the guest's RAM is one anonymous mapping of exactly its size
                 if size == u64::from(memory_mib) * 1024 {
-                    guest += rss;
+                    m.guest_rss += rss;
+                    m.guest_private += private;
+                } else if anon && line.split_whitespace().any(|fl| fl == "ex") {
+                    m.tcg_private += private;
                 }
+            }
+            // a mapping's header: address range, perms, offset, dev, inode, [path]
+            k if k.contains('-') && k.chars().all(|c| c.is_ascii_hexdigit() || c == '-') => {
+                anon = line.split_whitespace().nth(5).is_none();
             }
             _ => {}
         }
     }
-    (total, guest)
+    m
 }
 
 struct Sample {
     ready: Duration,
-    rss_kib: u64,
-    guest_rss_kib: u64,
+    mem: Mem,
 }
 
-async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32) -> Sample {
+async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32, tb_size_mib: u32) -> Sample {
     let host_key = HostKeySeed::random();
     let overlay = dir.join("bare-overlay.qcow2");
     let seed = dir.join("bare-seed.img");
     let _ = std::fs::remove_file(&overlay);
     let _ = std::fs::remove_file(&seed);
     let base = image.base_disk().display().to_string();
+    let size = format!("{}G", image.min_disk_bytes().div_ceil(1 << 30).max(1));
     let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &overlay.display().to_string(), "1G"])
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &overlay.display().to_string(), &size])
         .status()
         .expect("qemu-img");
     assert!(ok.success());
@@ -82,7 +128,7 @@ async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32) -> Sample {
         &SeedConfig {
             lease: LeaseId::random(),
             kind: image.seed_kind(),
-            user: "bench",
+            user: image.login_user().unwrap_or("bench"),
             authorized_key: &key,
             host_key: &host_key,
             mac,
@@ -106,7 +152,8 @@ async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32) -> Sample {
     let t = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .args(["-accel", "tcg,tb-size=128", "-M", machine, "-smp", "1", "-m", &memory_mib.to_string()])
+        .args(["-accel", &format!("tcg,tb-size={tb_size_mib}"), "-M", machine, "-smp", "1"])
+        .args(["-m", &memory_mib.to_string()])
         .args(["-kernel", &kernel.display().to_string(), "-initrd", &initrd.display().to_string()])
         .args(["-append", cmdline])
         .args(["-drive", &format!("file={},if=none,id=disk0,format=qcow2,discard=unmap", overlay.display())])
@@ -140,10 +187,10 @@ async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32) -> Sample {
     }
     let ready = t.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_kib, guest_rss_kib) = rss_split(child.id(), memory_mib);
+    let mem = memory_split(child.id(), memory_mib);
     let _ = child.kill();
     let _ = child.wait();
-    Sample { ready, rss_kib, guest_rss_kib }
+    Sample { ready, mem }
 }
 
 async fn vmm_boot(hv: &QemuHypervisor, image: &Arc<GuestImage>, memory_mib: u32) -> Sample {
@@ -151,9 +198,10 @@ async fn vmm_boot(hv: &QemuHypervisor, image: &Arc<GuestImage>, memory_mib: u32)
         lease_id: LeaseId::random(),
         vcpus: 1,
         memory_mib,
-        disk_gib: 1,
+        // the image's root file system needs at least its own size (debian-12)
+        disk_gib: image.min_disk_bytes().div_ceil(1 << 30).max(1) as u32,
         image: image.clone(),
-        ssh_user: "bench".into(),
+        ssh_user: image.login_user().unwrap_or("bench").into(),
         authorized_key: authorized_key(),
         host_key: HostKeySeed::random(),
         network_slot: 0,
@@ -166,11 +214,11 @@ async fn vmm_boot(hv: &QemuHypervisor, image: &Arc<GuestImage>, memory_mib: u32)
     let vm = hv.start(spec.clone()).await.expect("start");
     let ready = t.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_kib, guest_rss_kib) = rss_split(vm.pid, memory_mib);
+    let mem = memory_split(vm.pid, memory_mib);
     let cg = hv.usage(spec.lease_id).await.expect("usage");
     eprintln!("  vmm cgroup memory.current {} MiB", cg.memory_current_bytes >> 20);
     hv.stop(spec.lease_id).await.expect("stop");
-    Sample { ready, rss_kib, guest_rss_kib }
+    Sample { ready, mem }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -179,46 +227,83 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+/// A backend of its own (names, pool and ports apart from the others') whose TCG
+/// translation buffer is `tb_size_mib`.
+async fn backend(state: &Path, index: u16, tb_size_mib: Option<u32>) -> QemuHypervisor {
+    let mut config = VmmConfig::new(state.join(format!("vmm{index}")), Accel::Tcg);
+    let short = format!("b{}", char::from(b'a' + index as u8));
+    config.names = NamePrefix::new(&format!("pvbench{index}"), &short).expect("names");
+    config.address_pool = format!("10.216.{index}.0/24").parse().expect("pool");
+    config.ssh_port_base = 47400 + 16 * index;
+    config.ssh_port_count = 16;
+    if let Some(tb) = tb_size_mib {
+        config.tcg_tb_size_mib = tb;
+    }
+    let hv = QemuHypervisor::new(config).expect("backend");
+    let _ = hv.reconcile(&[]).await;
+    hv
+}
+
+fn figure(name: &str, value: f64, unit: &str) {
+    println!("{{\"name\":\"{name}\",\"value\":{value:.3},\"unit\":\"{unit}\"}}");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
     let runs: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(5);
     let memory_mib: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(256);
+    // other translation-buffer sizes to boot side by side with the default, e.g. "128,16"
+    let candidates: Vec<u32> =
+        args.next().map(|s| s.split(',').filter_map(|t| t.parse().ok()).collect()).unwrap_or_default();
     QemuUser::ensure(peervm_vmm::DEFAULT_QEMU_USER).expect("QEMU user");
     let image = Arc::new(GuestImage::open(image_dir()).expect("image (run scripts/build-guest-image)"));
     let state = std::env::temp_dir().join(format!("peervm-bench-{}", std::process::id()));
-    let mut config = VmmConfig::new(&state, Accel::Tcg);
-    config.names = NamePrefix::new("pvbench", "pb").expect("names");
-    config.address_pool = "10.215.0.0/24".parse().expect("pool");
-    config.ssh_port_base = 47400;
-    config.ssh_port_count = 16;
-    let hv = QemuHypervisor::new(config).expect("backend");
-    let _ = hv.reconcile(&[]).await;
+    let hv = backend(&state, 0, None).await;
+    let tb = hv.config().tcg_tb_size_mib;
+    let mut others = Vec::new();
+    for (i, c) in candidates.iter().enumerate() {
+        others.push((*c, backend(&state, 1 + i as u16, Some(*c)).await, Vec::new()));
+    }
     let scratch = state.join("bare");
     std::fs::create_dir_all(&scratch).expect("scratch dir");
 
-    eprintln!("boot_bench: {runs} runs each, 1 vCPU, {memory_mib} MiB, TCG, image {}", image.name());
+    eprintln!(
+        "boot_bench: {runs} runs each, 1 vCPU, {memory_mib} MiB, TCG (tb-size {tb} MiB; also {candidates:?}), image {}",
+        image.name()
+    );
     let (mut bare, mut ours) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        let b = bare_boot(&image, &scratch, memory_mib).await;
+        let b = bare_boot(&image, &scratch, memory_mib, tb).await;
         let v = vmm_boot(&hv, &image, memory_mib).await;
         eprintln!(
-            "run {i}: bare {:>6.0} ms  vmm {:>6.0} ms | RSS beyond guest RAM: bare {:>4} MiB, vmm {:>4} MiB \
-             (guest RAM touched: {} / {} MiB)",
+            "run {i}: bare {:>6.0} ms  vmm {:>6.0} ms | beyond guest RAM: RSS bare {:.0} MiB, vmm {:.0} MiB; \
+             private vmm {:.0} MiB, of which TCG buffer {:.0} MiB (guest RAM touched: {} / {} MiB)",
             b.ready.as_secs_f64() * 1e3,
             v.ready.as_secs_f64() * 1e3,
-            (b.rss_kib - b.guest_rss_kib) / 1024,
-            (v.rss_kib - v.guest_rss_kib) / 1024,
-            b.guest_rss_kib / 1024,
-            v.guest_rss_kib / 1024,
+            b.mem.rss_beyond_ram(),
+            v.mem.rss_beyond_ram(),
+            v.mem.private_beyond_ram(),
+            v.mem.tcg_private as f64 / 1024.0,
+            b.mem.guest_rss / 1024,
+            v.mem.guest_rss / 1024,
         );
+        for (c, backend, samples) in &mut others {
+            let s = vmm_boot(backend, &image, memory_mib).await;
+            eprintln!(
+                "       vmm tb-size {c}: {:>6.0} ms | private beyond guest RAM {:.0} MiB, of which TCG buffer {:.0} MiB",
+                s.ready.as_secs_f64() * 1e3,
+                s.mem.private_beyond_ram(),
+                s.mem.tcg_private as f64 / 1024.0,
+            );
+            samples.push(s);
+        }
         bare.push(b);
         ours.push(v);
     }
-    let mb = median(bare.iter().map(|s| s.ready.as_secs_f64() * 1e3).collect());
-    let mv = median(ours.iter().map(|s| s.ready.as_secs_f64() * 1e3).collect());
-    let over_b = median(bare.iter().map(|s| (s.rss_kib - s.guest_rss_kib) as f64 / 1024.0).collect());
-    let over_v = median(ours.iter().map(|s| (s.rss_kib - s.guest_rss_kib) as f64 / 1024.0).collect());
+    let ready = |v: &[Sample]| median(v.iter().map(|s| s.ready.as_secs_f64() * 1e3).collect());
+    let mem = |v: &[Sample], f: fn(&Mem) -> f64| median(v.iter().map(|s| f(&s.mem)).collect());
+    let (mb, mv) = (ready(&bare), ready(&ours));
     let overhead = mv - mb;
     let budget = (mb * 0.15).max(500.0);
     eprintln!("median ready: bare {mb:.0} ms, vmm start() {mv:.0} ms, ratio {:.3}", mv / mb);
@@ -226,18 +311,42 @@ async fn main() {
         "overhead {overhead:.0} ms against a budget of {budget:.0} ms (max of 15% and 500 ms): {}",
         if overhead <= budget { "within target" } else { "OVER target" }
     );
-    eprintln!("median QEMU RSS beyond guest RAM: bare {over_b:.0} MiB, vmm {over_v:.0} MiB");
-    let figures = [
-        ("boot_bare_qemu_to_ssh_ready_median", mb, "ms"),
-        ("boot_vmm_start_to_ssh_ready_median", mv, "ms"),
-        ("boot_vmm_overhead_ratio", mv / mb, "ratio"),
-        ("boot_vmm_overhead", overhead, "ms"),
-        ("boot_qemu_rss_beyond_guest_ram_bare_median", over_b, "MiB"),
-        ("boot_qemu_rss_beyond_guest_ram_vmm_median", over_v, "MiB"),
-        ("boot_runs", runs as f64, "runs"),
-    ];
-    for (name, value, unit) in figures {
-        println!("{{\"name\":\"{name}\",\"value\":{value:.3},\"unit\":\"{unit}\"}}");
+    eprintln!(
+        "median beyond guest RAM: RSS bare {:.0} MiB, vmm {:.0} MiB; private vmm {:.0} MiB ({:.0} MiB without the TCG buffer)",
+        mem(&bare, Mem::rss_beyond_ram),
+        mem(&ours, Mem::rss_beyond_ram),
+        mem(&ours, Mem::private_beyond_ram),
+        mem(&ours, Mem::private_beyond_ram_without_tcg),
+    );
+    figure("boot_bare_qemu_to_ssh_ready_median", mb, "ms");
+    figure("boot_vmm_start_to_ssh_ready_median", mv, "ms");
+    figure("boot_vmm_overhead_ratio", mv / mb, "ratio");
+    figure("boot_vmm_overhead", overhead, "ms");
+    figure("boot_tcg_tb_size", f64::from(tb), "MiB");
+    figure("boot_qemu_rss_beyond_guest_ram_bare_median", mem(&bare, Mem::rss_beyond_ram), "MiB");
+    figure("boot_qemu_rss_beyond_guest_ram_vmm_median", mem(&ours, Mem::rss_beyond_ram), "MiB");
+    figure("boot_qemu_private_beyond_guest_ram_vmm_median", mem(&ours, Mem::private_beyond_ram), "MiB");
+    figure("boot_qemu_tcg_buffer_private_vmm_median", mem(&ours, |m| m.tcg_private as f64 / 1024.0), "MiB");
+    figure(
+        "boot_qemu_private_beyond_guest_ram_without_tcg_vmm_median",
+        mem(&ours, Mem::private_beyond_ram_without_tcg),
+        "MiB",
+    );
+    for (c, _, samples) in &others {
+        let r = ready(samples);
+        eprintln!(
+            "tb-size {c}: median ready {r:.0} ms ({:.3} of tb-size {tb}), private beyond guest RAM {:.0} MiB",
+            r / mv,
+            mem(samples, Mem::private_beyond_ram)
+        );
+        figure(&format!("boot_vmm_tb{c}_start_to_ssh_ready_median"), r, "ms");
+        figure(&format!("boot_vmm_tb{c}_ready_ratio_to_default"), r / mv, "ratio");
+        figure(
+            &format!("boot_vmm_tb{c}_private_beyond_guest_ram_median"),
+            mem(samples, Mem::private_beyond_ram),
+            "MiB",
+        );
     }
+    figure("boot_runs", runs as f64, "runs");
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -157,11 +157,20 @@ struct RawHypervisor {
     /// one host need different prefixes: each cleans up what carries its own at start.
     name_prefix: Option<String>,
     iface_prefix: Option<String>,
+    /// MiB of TCG's translation buffer per guest (QEMU `-accel tcg,tb-size=`), when guests
+    /// run under software emulation; default 128. The buffer is most of the host memory a
+    /// TCG guest takes beyond its RAM, and a smaller one slows a large guest down
+    /// (BENCHMARKS.md, "Guests").
+    tcg_tb_size_mib: Option<u32>,
 }
 
 use super::abuse_config::{RawAbuse, parse_abuse};
 pub use super::image_config::{ImageConfig, ImageSource};
 use super::image_config::{RawImage, parse_images};
+
+/// TCG's translation buffer per guest that is accepted (below 8 MiB TCG mostly
+/// retranslates; beyond 4 GiB it is a typo).
+const TCG_TB_SIZE_MIB: std::ops::RangeInclusive<u32> = 8..=4096;
 
 /// The highest bandwidth limit accepted (100 Gbit/s): beyond it a limit is a typo.
 const MAX_LIMIT_MBIT: u32 = 100_000;
@@ -185,6 +194,8 @@ pub struct ProviderConfig {
     pub pricing: Pricing,
     pub allow_tcg: bool,
     pub probe_kvm: bool,
+    /// `None`: the VMM's default (`VmmConfig::tcg_tb_size_mib`).
+    pub tcg_tb_size_mib: Option<u32>,
     pub names: peervm_vmm::NamePrefix,
     pub images: Vec<ImageConfig>,
     pub ssh_listen: std::net::IpAddr,
@@ -412,6 +423,7 @@ impl ProviderConfig {
             pricing,
             allow_tcg: raw.hypervisor.allow_tcg,
             probe_kvm: raw.hypervisor.probe_kvm.unwrap_or(true),
+            tcg_tb_size_mib: raw.hypervisor.tcg_tb_size_mib,
             names,
             images,
             ssh_listen,
@@ -429,6 +441,14 @@ impl ProviderConfig {
             trusted_block_lists,
             abuse,
         };
+        if let Some(tb) = config.tcg_tb_size_mib
+            && !TCG_TB_SIZE_MIB.contains(&tb)
+        {
+            return Err(invalid(
+                "hypervisor.tcg_tb_size_mib",
+                format!("{tb} MiB is outside {}..={} MiB", TCG_TB_SIZE_MIB.start(), TCG_TB_SIZE_MIB.end()),
+            ));
+        }
         if !config.allow_tcg && !config.probe_kvm {
             return Err(invalid(
                 "hypervisor",
@@ -540,6 +560,25 @@ mod tests {
         assert!(err.contains("abuse.throttle_mbit") && err.contains("network.egress_mbit"), "{err}");
         let err = config_with_network("[abuse]\nnew_connection = 5").unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    /// `[hypervisor] tcg_tb_size_mib` reaches the VMM's QEMU options; absent, the VMM's
+    /// default stays; out of range, the error names the field.
+    #[test]
+    fn the_tcg_translation_buffer_size_is_optional_bounded_and_reaches_the_vmm() {
+        let state = std::path::PathBuf::from("/nonexistent");
+        let default = config_with_network("").unwrap();
+        assert_eq!(default.tcg_tb_size_mib, None);
+        let vmm_default = peervm_vmm::VmmConfig::new(&state, peervm_vmm::Accel::Tcg).tcg_tb_size_mib;
+        let vmm = crate::provider::daemon::vmm_config(&default, state.clone(), peervm_vmm::Accel::Tcg);
+        assert_eq!(vmm.tcg_tb_size_mib, vmm_default);
+        let small = config_with_network("[hypervisor]\ntcg_tb_size_mib = 32").unwrap();
+        assert_eq!(small.tcg_tb_size_mib, Some(32));
+        assert_eq!(crate::provider::daemon::vmm_config(&small, state, peervm_vmm::Accel::Tcg).tcg_tb_size_mib, 32);
+        for bad in ["4", "5000"] {
+            let err = config_with_network(&format!("[hypervisor]\ntcg_tb_size_mib = {bad}")).unwrap_err().to_string();
+            assert!(err.contains("hypervisor.tcg_tb_size_mib") && err.contains(bad), "{err}");
+        }
     }
 
     #[test]

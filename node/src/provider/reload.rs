@@ -78,6 +78,7 @@ impl ConfigDiff {
             pricing,
             allow_tcg,
             probe_kvm,
+            tcg_tb_size_mib,
             names,
             images,
             ssh_listen,
@@ -166,6 +167,8 @@ impl ConfigDiff {
         restart("network.ingress_mbit", *ingress_mbit != old.ingress_mbit);
         restart("hypervisor.allow_tcg", *allow_tcg != old.allow_tcg);
         restart("hypervisor.probe_kvm", *probe_kvm != old.probe_kvm);
+        // the helper builds its QEMU command lines from the config it read at start
+        restart("hypervisor.tcg_tb_size_mib", *tcg_tb_size_mib != old.tcg_tb_size_mib);
         restart("hypervisor.name_prefix", names.long() != old.names.long());
         restart("hypervisor.iface_prefix", names.short() != old.names.short());
         // Images are opened and verified at start; a changed manifest or file is a changed
