@@ -198,6 +198,9 @@ pub struct AdvertStore {
     table: Vec<Summary>,
     /// Row for row with `table`: the advert and its seq.
     held: Vec<Held>,
+    /// No live advert expires before this (it may be earlier than the earliest: rows
+    /// removed since the last sweep are not accounted for).
+    next_expiry_unix_ms: u64,
     /// Seq and expiry of withdrawn providers, so stale adverts cannot resurrect them.
     tombstones: HashMap<Key, (u64, u64)>,
     regions: Interner,
@@ -326,14 +329,20 @@ impl AdvertStore {
     /// Removes adverts that expired by `now` and tombstones that no longer matter.
     /// Returns the providers removed.
     pub fn sweep(&mut self, now_unix_ms: u64) -> Vec<PeerId> {
-        // A scan of the summaries (a few MB, as a query) instead of an expiry index.
-        let expired: Vec<Key> = self
-            .table
-            .iter()
-            .zip(&self.held)
-            .filter(|(s, _)| s.expires_at_unix_ms <= now_unix_ms)
-            .map(|(_, h)| h.advert.signer_public_key())
-            .collect();
+        // A scan of the summaries (a few MB, as a query) instead of an expiry index, and
+        // only when the earliest expiry has come (adverts are usually replaced first).
+        let mut expired: Vec<Key> = Vec::new();
+        if self.next_expiry_unix_ms <= now_unix_ms {
+            let mut next = u64::MAX;
+            for (s, h) in self.table.iter().zip(&self.held) {
+                if s.expires_at_unix_ms <= now_unix_ms {
+                    expired.push(h.advert.signer_public_key());
+                } else {
+                    next = next.min(s.expires_at_unix_ms);
+                }
+            }
+            self.next_expiry_unix_ms = next;
+        }
         for key in &expired {
             self.remove_live(key);
         }
@@ -530,6 +539,7 @@ impl AdvertStore {
         if !more.is_empty() {
             self.more_images.insert(key, more);
         }
+        self.next_expiry_unix_ms = self.next_expiry_unix_ms.min(b.expires_at_unix_ms);
         self.index.insert(key, self.table.len() as u32);
         self.table.push(summary);
         self.held.push(Held { advert: StoredAdvert::new(advert), seq: b.seq });
@@ -689,6 +699,16 @@ mod tests {
         assert_eq!(removed, expected);
         assert_consistent(&s, &live);
         assert!(s.sweep(NOW + 100_001).is_empty());
+        // An advert that expires before the others, added after a sweep, is swept on time.
+        let key = samples::numbered_key(20);
+        let mut a = samples::advert(&key, 1, NOW + 100_000);
+        a.expires_at_unix_ms = NOW + 150_000;
+        s.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW + 100_000).unwrap();
+        assert!(s.sweep(NOW + 149_999).is_empty());
+        assert_eq!(s.sweep(NOW + 150_000), vec![key.peer_id()]);
+        assert_consistent(&s, &live);
+        assert_eq!(s.sweep(NOW + 300_000).len(), live.len());
+        assert!(s.is_empty());
     }
 
     /// Sync pages walk every live provider once, in PeerId order, resuming after the
