@@ -10,16 +10,37 @@
 //! rates, interned region / currency / image ids, expiry): a filter is a handful of
 //! integer comparisons per advert over a few MB of memory, with no pointer chasing, and
 //! the cheapest `limit` offers are kept in a bounded heap (BENCHMARKS.md has the figures).
+//!
+//! Memory (issue 18: 100,000 adverts in under 128 MiB for the whole process): an advert
+//! is kept as its exact wire bytes only ([`VerifiedBytes`]), decoded again when a caller
+//! reads one (a query's winners, not its scan); providers are keyed by their 32-byte
+//! ed25519 key, not the 80-byte `PeerId`, in one ordered index that serves lookups and
+//! sync paging; the sweep scans the summaries instead of keeping an expiry index.
+//! docs/architecture.md ("The advert store") has the bytes per advert.
 
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::ops::Bound;
 
 use peervm_protocol::advert::hourly_price_micros;
-use peervm_protocol::{Accel, AdvertError, Advertisement, PeerId, ResourceAmounts, Verified};
+use peervm_protocol::identity::{ed25519_public_key_bytes, peer_id_from_public_key};
+use peervm_protocol::{
+    Accel, AdvertError, Advertisement, PeerId, ResourceAmounts, Verified, VerifiedBytes, VerifyError,
+};
 
-/// One advert as the store keeps it: the verified message (exact wire bytes and the
-/// decoded body), shared so queries and sync pages do not copy it.
-pub type StoredAdvert = Arc<Verified<Advertisement>>;
+/// One advert as the store keeps it: the verified envelope's exact wire bytes (what sync
+/// serves), shared so queries do not copy them; `decode()` gives the advert.
+pub type StoredAdvert = VerifiedBytes<Advertisement>;
+
+/// A provider as the store's indexes key it: its raw ed25519 public key (every signer is
+/// one, `peervm_protocol::identity`). Ordered like the providers' `PeerId`s, whose bytes
+/// are a fixed prefix followed by this key.
+type Key = [u8; 32];
+
+/// The store's key of `peer`, or `None` for a PeerId that is not an inlined ed25519 key
+/// (no advert can come from one).
+fn key_of(peer: &PeerId) -> Option<Key> {
+    ed25519_public_key_bytes(peer).ok()
+}
 
 /// Why the store did not take an advert.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,14 +119,21 @@ impl OfferFilter {
 #[derive(Debug, Clone)]
 pub struct Offer {
     pub price_per_hour_micros: u64,
+    pub provider: PeerId,
+    /// The advert's envelope; [`Offer::decode`] gives the advert.
     pub advert: StoredAdvert,
+}
+
+impl Offer {
+    /// The advert, decoded (its signature was checked when it was stored).
+    pub fn decode(&self) -> Result<Verified<Advertisement>, VerifyError> {
+        self.advert.decode()
+    }
 }
 
 /// What a query needs of an advert, packed for a cache-friendly scan.
 #[derive(Debug, Clone)]
 struct Summary {
-    /// The advert itself: read only for the few that match.
-    advert: StoredAdvert,
     expires_at_unix_ms: u64,
     free_memory_mib: u64,
     free_disk_gib: u64,
@@ -119,8 +147,16 @@ struct Summary {
     accel: Accel,
     /// Bit i set: offers the image interned as id i (ids below 64).
     images: u64,
-    /// Offers an image whose id is 64 or more: checked on the advert itself.
+    /// Offers an image whose id is 64 or more: its ids are in `AdvertStore::more_images`.
     images_overflow: bool,
+}
+
+/// What the store keeps of an advert besides its summary (same row, a separate table so
+/// the query scan does not read it).
+#[derive(Debug, Clone)]
+struct Held {
+    advert: StoredAdvert,
+    seq: u64,
 }
 
 /// Strings seen in adverts, each given a small integer id.
@@ -144,25 +180,38 @@ impl Interner {
     }
 }
 
+/// The store's flat tables, in bytes (capacity times element size; the envelopes, the
+/// ordered index and the small maps are not counted). For the `store_bytes` benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableBytes {
+    /// The summary rows the query scans.
+    pub summaries: usize,
+    /// The envelope handle and seq of each row.
+    pub held: usize,
+}
+
 #[derive(Default)]
 pub struct AdvertStore {
-    /// Provider -> (index in `table`, the advert).
-    live: HashMap<PeerId, (usize, StoredAdvert)>,
+    /// Provider -> its row in `table` and `held`, ordered for stable sync paging.
+    index: BTreeMap<Key, u32>,
     /// Dense summaries of the live adverts, in no particular order.
     table: Vec<Summary>,
+    /// Row for row with `table`: the advert and its seq.
+    held: Vec<Held>,
+    /// No live advert expires before this (it may be earlier than the earliest: rows
+    /// removed since the last sweep are not accounted for).
+    next_expiry_unix_ms: u64,
     /// Seq and expiry of withdrawn providers, so stale adverts cannot resurrect them.
-    tombstones: HashMap<PeerId, (u64, u64)>,
-    /// (expires_at, provider) of live adverts, for the sweep.
-    expiry: BTreeSet<(u64, PeerId)>,
-    /// Ordered provider ids, for stable sync paging.
-    order: BTreeSet<PeerId>,
+    tombstones: HashMap<Key, (u64, u64)>,
     regions: Interner,
     currencies: Interner,
     images: Interner,
+    /// Image ids of 64 and more offered by a live advert (rare: only past 64 image names).
+    more_images: HashMap<Key, Vec<u32>>,
     /// Providers this node refuses to store, show or forward (incident response).
     blocked: HashSet<PeerId>,
     /// The owner of each live advert that carries a delegation.
-    owners: HashMap<PeerId, PeerId>,
+    owners: HashMap<Key, Key>,
     /// (owner, node key) pairs an owner retired, until the retiring delegation ends.
     revoked: HashMap<(PeerId, PeerId), u64>,
 }
@@ -173,31 +222,46 @@ impl AdvertStore {
     }
 
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.index.is_empty()
+    }
+
+    fn row(&self, provider: &PeerId) -> Option<usize> {
+        self.index.get(&key_of(provider)?).map(|row| *row as usize)
     }
 
     /// The seq this store holds for `provider` (live or withdrawn).
     pub fn held_seq(&self, provider: &PeerId) -> Option<u64> {
-        self.live
-            .get(provider)
-            .map(|(_, a)| a.body().seq)
-            .or_else(|| self.tombstones.get(provider).map(|(seq, _)| *seq))
+        let key = key_of(provider)?;
+        match self.index.get(&key) {
+            Some(row) => Some(self.held[*row as usize].seq),
+            None => self.tombstones.get(&key).map(|(seq, _)| *seq),
+        }
     }
 
+    /// The live advert of `provider`, as its envelope (`decode()` gives the advert).
     pub fn get(&self, provider: &PeerId) -> Option<&StoredAdvert> {
-        self.live.get(provider).map(|(_, a)| a)
+        self.row(provider).map(|row| &self.held[row].advert)
     }
 
     pub fn contains(&self, provider: &PeerId) -> bool {
-        self.live.contains_key(provider)
+        self.row(provider).is_some()
     }
 
-    pub fn providers(&self) -> impl Iterator<Item = &PeerId> {
-        self.order.iter()
+    /// The live providers, in id order.
+    pub fn providers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.index.keys().map(peer_id_from_public_key)
+    }
+
+    /// The store's flat tables, in bytes (for the `store_bytes` benchmark).
+    pub fn table_bytes(&self) -> TableBytes {
+        TableBytes {
+            summaries: self.table.capacity() * size_of::<Summary>(),
+            held: self.held.capacity() * size_of::<Held>(),
+        }
     }
 
     /// Checks `advert` against the accept rule and, if it passes, stores it (or removes
@@ -205,29 +269,37 @@ impl AdvertStore {
     pub fn insert(&mut self, advert: Verified<Advertisement>, now_unix_ms: u64) -> Result<InsertOutcome, InsertError> {
         let provider = advert.body().provider;
         let delegation = self.check(advert.body(), now_unix_ms)?;
-        let existed = self.remove_live(&provider).is_some();
+        // A verified advert's provider is its signer, an ed25519 key (`check` read it too).
+        let key = key_of(&provider).ok_or_else(|| AdvertError::Malformed("provider is not an ed25519 key".into()))?;
+        let existed = self.remove_live(&key).is_some();
         if advert.body().withdrawn {
-            self.tombstones.insert(provider, (advert.body().seq, advert.body().expires_at_unix_ms));
+            self.tombstones.insert(key, (advert.body().seq, advert.body().expires_at_unix_ms));
             return Ok(InsertOutcome::Withdrawn);
         }
-        self.tombstones.remove(&provider);
+        self.tombstones.remove(&key);
         if let Some(d) = delegation {
+            let owner = key_of(&d.owner);
             // Key rotation: the owner's node keys this delegation replaces are gone.
             for old in &d.replaces {
-                if self.owners.get(old) == Some(&d.owner) {
-                    self.remove_live(old);
+                if let Some(old_key) = key_of(old)
+                    && owner.is_some()
+                    && self.owners.get(&old_key) == owner.as_ref()
+                {
+                    self.remove_live(&old_key);
                 }
                 self.revoked.insert((d.owner, *old), d.not_after_unix_ms);
             }
-            self.owners.insert(provider, d.owner);
+            if let Some(owner) = owner {
+                self.owners.insert(key, owner);
+            }
         }
-        self.add_live(Arc::new(advert));
+        self.add_live(key, &advert);
         Ok(if existed { InsertOutcome::Replaced } else { InsertOutcome::Added })
     }
 
     /// The owner that delegated to `provider`, if its live advert carries a delegation.
     pub fn owner_of(&self, provider: &PeerId) -> Option<PeerId> {
-        self.owners.get(provider).copied()
+        self.owners.get(&key_of(provider)?).map(peer_id_from_public_key)
     }
 
     /// Checks the accept rule without storing (gossip validation uses it to decide
@@ -257,22 +329,36 @@ impl AdvertStore {
     /// Removes adverts that expired by `now` and tombstones that no longer matter.
     /// Returns the providers removed.
     pub fn sweep(&mut self, now_unix_ms: u64) -> Vec<PeerId> {
-        let expired: Vec<PeerId> =
-            self.expiry.iter().take_while(|(at, _)| *at <= now_unix_ms).map(|(_, p)| *p).collect();
-        for p in &expired {
-            self.remove_live(p);
+        // A scan of the summaries (a few MB, as a query) instead of an expiry index, and
+        // only when the earliest expiry has come (adverts are usually replaced first).
+        let mut expired: Vec<Key> = Vec::new();
+        if self.next_expiry_unix_ms <= now_unix_ms {
+            let mut next = u64::MAX;
+            for (s, h) in self.table.iter().zip(&self.held) {
+                if s.expires_at_unix_ms <= now_unix_ms {
+                    expired.push(h.advert.signer_public_key());
+                } else {
+                    next = next.min(s.expires_at_unix_ms);
+                }
+            }
+            self.next_expiry_unix_ms = next;
+        }
+        for key in &expired {
+            self.remove_live(key);
         }
         // Any advert older than a tombstone expired no later than the tombstone's own
         // expiry plus the maximum lifetime; after that the tombstone is dead weight.
         let horizon = peervm_protocol::advert::MAX_ADVERT_LIFETIME_MS;
         self.tombstones.retain(|_, (_, exp)| exp.saturating_add(horizon) > now_unix_ms);
         self.revoked.retain(|_, until| *until > now_unix_ms);
-        expired
+        expired.iter().map(peer_id_from_public_key).collect()
     }
 
     /// Blocks a provider: its advert is removed and no later one is accepted.
     pub fn block(&mut self, provider: PeerId) -> bool {
-        self.remove_live(&provider);
+        if let Some(key) = key_of(&provider) {
+            self.remove_live(&key);
+        }
         self.blocked.insert(provider)
     }
 
@@ -306,9 +392,19 @@ impl AdvertStore {
         let min_disk = filter.min_disk_gib.unwrap_or(0);
         let max_price = filter.max_price_micros.unwrap_or(u64::MAX);
         let min_exposed = filter.min_exposed_ports.unwrap_or(0);
+        // Providers and owners are matched by key; a PeerId that is no ed25519 key is
+        // nobody's key, so it excludes nothing and an owner filter on it matches nothing.
+        let exclude: HashSet<Key> = filter.exclude.iter().filter_map(key_of).collect();
+        let want_owner = match &filter.owner {
+            None => None,
+            Some(owner) => match key_of(owner) {
+                Some(key) => Some(key),
+                None => return Vec::new(),
+            },
+        };
 
         // A bounded max-heap keeps the `limit` cheapest without sorting everything.
-        // Entries are (price, table index): the provider id is only read for the winners.
+        // Entries are (price, table index): the provider key is only read for the winners.
         let mut heap: BinaryHeap<(u64, usize)> = BinaryHeap::new();
         for (index, s) in self.table.iter().enumerate() {
             if s.expires_at_unix_ms <= now_unix_ms
@@ -326,7 +422,11 @@ impl AdvertStore {
                 let offered = if id < 64 {
                     s.images & (1u64 << id) != 0
                 } else {
-                    s.images_overflow && s.advert.body().images.iter().any(|i| Some(&i.name) == filter.image.as_ref())
+                    s.images_overflow
+                        && self
+                            .more_images
+                            .get(&self.held[index].advert.signer_public_key())
+                            .is_some_and(|ids| ids.contains(&id))
                 };
                 if !offered {
                     continue;
@@ -338,12 +438,12 @@ impl AdvertStore {
             if price > max_price {
                 continue;
             }
-            if !filter.exclude.is_empty() || filter.owner.is_some() {
-                let provider = &s.advert.body().provider;
-                let owner = self.owners.get(provider);
-                if filter.exclude.contains(provider)
-                    || owner.is_some_and(|o| filter.exclude.contains(o))
-                    || filter.owner.is_some_and(|want| owner != Some(&want))
+            if !exclude.is_empty() || want_owner.is_some() {
+                let provider = self.held[index].advert.signer_public_key();
+                let owner = self.owners.get(&provider);
+                if exclude.contains(&provider)
+                    || owner.is_some_and(|o| exclude.contains(o))
+                    || want_owner.is_some_and(|want| owner != Some(&want))
                 {
                     continue;
                 }
@@ -356,15 +456,20 @@ impl AdvertStore {
                 heap.push(entry);
             }
         }
-        let mut out: Vec<Offer> = heap
+        let mut winners: Vec<(u64, Key, usize)> = heap
             .into_iter()
-            .map(|(price, index)| Offer { price_per_hour_micros: price, advert: self.table[index].advert.clone() })
+            .map(|(price, index)| (price, self.held[index].advert.signer_public_key(), index))
             .collect();
-        out.sort_unstable_by(|a, b| {
-            (a.price_per_hour_micros, a.advert.body().provider)
-                .cmp(&(b.price_per_hour_micros, b.advert.body().provider))
-        });
-        out
+        // Keys order as the PeerIds they are the tail of.
+        winners.sort_unstable_by_key(|(price, key, _)| (*price, *key));
+        winners
+            .into_iter()
+            .map(|(price, key, index)| Offer {
+                price_per_hour_micros: price,
+                provider: peer_id_from_public_key(&key),
+                advert: self.held[index].advert.clone(),
+            })
+            .collect()
     }
 
     /// A page of adverts for the sync protocol: providers after `after` in id order,
@@ -377,42 +482,46 @@ impl AdvertStore {
         max_bytes: usize,
         now_unix_ms: u64,
     ) -> (Vec<Vec<u8>>, Option<PeerId>) {
+        let start = match after {
+            None => Bound::Unbounded,
+            Some(p) => match key_of(p) {
+                Some(key) => Bound::Excluded(key),
+                // Every stored id shares the ed25519 prefix, so a cursor that is not an
+                // ed25519 id sorts before all of them or after all of them.
+                None if *p < peer_id_from_public_key(&[0; 32]) => Bound::Unbounded,
+                None => return (Vec::new(), None),
+            },
+        };
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let iter: Box<dyn Iterator<Item = &PeerId>> = match after {
-            Some(a) => Box::new(self.order.range((std::ops::Bound::Excluded(*a), std::ops::Bound::Unbounded))),
-            None => Box::new(self.order.iter()),
-        };
         let mut last = None;
-        for p in iter {
-            let Some(a) = self.get(p) else { continue };
-            if a.body().expires_at_unix_ms <= now_unix_ms {
+        for (key, row) in self.index.range((start, Bound::Unbounded)) {
+            let row = *row as usize;
+            if self.table[row].expires_at_unix_ms <= now_unix_ms {
                 continue;
             }
-            let env = a.to_bytes();
+            let env = self.held[row].advert.as_bytes();
             if out.len() >= max_items || bytes + env.len() > max_bytes {
-                return (out, last);
+                return (out, last.map(|k| peer_id_from_public_key(&k)));
             }
             bytes += env.len();
-            out.push(env);
-            last = Some(*p);
+            out.push(env.to_vec());
+            last = Some(*key);
         }
         (out, None)
     }
 
-    fn add_live(&mut self, advert: StoredAdvert) {
+    fn add_live(&mut self, key: Key, advert: &Verified<Advertisement>) {
         let b = advert.body();
-        let p = b.provider;
         let mut images = 0u64;
-        let mut images_overflow = false;
+        let mut more = Vec::new();
         for img in &b.images {
             match self.images.intern(&img.name) {
                 id @ 0..=63 => images |= 1 << id,
-                _ => images_overflow = true,
+                id => more.push(id),
             }
         }
         let summary = Summary {
-            advert: advert.clone(),
             expires_at_unix_ms: b.expires_at_unix_ms,
             free_memory_mib: b.resources.free.memory_mib,
             free_disk_gib: b.resources.free.disk_gib,
@@ -425,33 +534,38 @@ impl AdvertStore {
             currency: self.currencies.intern(&b.pricing.currency),
             accel: b.hypervisor.accel,
             images,
-            images_overflow,
+            images_overflow: !more.is_empty(),
         };
-        self.expiry.insert((b.expires_at_unix_ms, p));
-        self.order.insert(p);
+        if !more.is_empty() {
+            self.more_images.insert(key, more);
+        }
+        self.next_expiry_unix_ms = self.next_expiry_unix_ms.min(b.expires_at_unix_ms);
+        self.index.insert(key, self.table.len() as u32);
         self.table.push(summary);
-        self.live.insert(p, (self.table.len() - 1, advert));
+        self.held.push(Held { advert: StoredAdvert::new(advert), seq: b.seq });
     }
 
-    fn remove_live(&mut self, p: &PeerId) -> Option<StoredAdvert> {
-        self.owners.remove(p);
-        let (index, advert) = self.live.remove(p)?;
-        self.expiry.remove(&(advert.body().expires_at_unix_ms, *p));
-        self.order.remove(p);
-        self.table.swap_remove(index);
-        if let Some(moved) = self.table.get(index)
-            && let Some(entry) = self.live.get_mut(&moved.advert.body().provider)
+    fn remove_live(&mut self, key: &Key) -> Option<StoredAdvert> {
+        self.owners.remove(key);
+        let row = self.index.remove(key)? as usize;
+        self.more_images.remove(key);
+        self.table.swap_remove(row);
+        let removed = self.held.swap_remove(row);
+        // The last row moved into the hole: point its provider at its new place.
+        if let Some(moved) = self.held.get(row)
+            && let Some(entry) = self.index.get_mut(&moved.advert.signer_public_key())
         {
-            entry.0 = index;
+            *entry = row as u32;
         }
-        Some(advert)
+        Some(removed.advert)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peervm_protocol::samples;
+    use peervm_protocol::{SigningKey, samples};
+    use std::collections::BTreeSet;
 
     const NOW: u64 = samples::T0_UNIX_MS;
 
@@ -473,7 +587,7 @@ mod tests {
         let a = put(&mut s, 1, 2, 300, "eu", "minimal");
         let b = put(&mut s, 2, 8, 100, "us", "minimal");
         let c = put(&mut s, 3, 4, 200, "eu", "debian");
-        let ids = |v: Vec<Offer>| v.into_iter().map(|o| o.advert.body().provider).collect::<Vec<_>>();
+        let ids = |v: Vec<Offer>| v.into_iter().map(|o| o.provider).collect::<Vec<_>>();
         assert_eq!(ids(s.query(&OfferFilter::default(), NOW, 0)), vec![b, c, a]);
         assert_eq!(ids(s.query(&OfferFilter::default(), NOW, 2)), vec![b, c]);
         assert_eq!(ids(s.query(&OfferFilter { min_vcpus: Some(4), ..Default::default() }, NOW, 0)), vec![b, c]);
@@ -503,12 +617,217 @@ mod tests {
         });
         s.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW).unwrap();
         let four = key.peer_id();
-        let ids = |v: Vec<Offer>| v.into_iter().map(|o| o.advert.body().provider).collect::<Vec<_>>();
+        let ids = |v: Vec<Offer>| v.into_iter().map(|o| o.provider).collect::<Vec<_>>();
         let at_least = |n| OfferFilter { min_exposed_ports: Some(n), ..Default::default() };
         assert_eq!(ids(s.query(&at_least(0), NOW, 0)), vec![none, four]);
         assert_eq!(ids(s.query(&at_least(1), NOW, 0)), vec![four]);
         assert_eq!(ids(s.query(&at_least(4), NOW, 0)), vec![four]);
         assert!(s.query(&at_least(5), NOW, 0).is_empty());
+    }
+
+    /// Every live provider is found at its own row, by lookup, by query and by sync
+    /// paging, after removals from the middle of the table (the last row moves into the
+    /// hole and its index entry must follow it).
+    fn assert_consistent(s: &AdvertStore, live: &BTreeMap<PeerId, u64>) {
+        assert_eq!(s.len(), live.len());
+        assert_eq!(s.table.len(), live.len());
+        assert_eq!(s.held.len(), live.len());
+        for (p, seq) in live {
+            assert_eq!(s.get(p).map(|a| a.signer()), Some(*p), "{p} is found at its own row");
+            assert_eq!(s.get(p).map(|a| a.decode().unwrap().body().seq), Some(*seq));
+            assert_eq!(s.held_seq(p), Some(*seq));
+        }
+        let mut shown: Vec<PeerId> = s.query(&OfferFilter::default(), NOW, 0).into_iter().map(|o| o.provider).collect();
+        shown.sort();
+        assert_eq!(shown, live.keys().copied().collect::<Vec<_>>());
+        assert_eq!(s.providers().collect::<Vec<_>>(), live.keys().copied().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_index_follows_rows_moved_by_removals() {
+        let mut s = AdvertStore::new();
+        let mut live = BTreeMap::new();
+        let keys: Vec<_> = (0..12).map(samples::numbered_key).collect();
+        for (i, key) in keys.iter().enumerate() {
+            let seq = 1 + i as u64;
+            s.insert(peervm_protocol::Signed::sign(key, &samples::advert(key, seq, NOW)).unwrap(), NOW).unwrap();
+            live.insert(key.peer_id(), seq);
+        }
+        assert_consistent(&s, &live);
+        // Block one in the middle, withdraw the first row's, replace one, block the last.
+        assert!(s.block(keys[5].peer_id()));
+        live.remove(&keys[5].peer_id());
+        assert_consistent(&s, &live);
+        let mut w = samples::advert(&keys[0], 50, NOW);
+        w.withdrawn = true;
+        assert_eq!(s.insert(peervm_protocol::Signed::sign(&keys[0], &w).unwrap(), NOW), Ok(InsertOutcome::Withdrawn));
+        live.remove(&keys[0].peer_id());
+        assert_consistent(&s, &live);
+        assert_eq!(s.held_seq(&keys[0].peer_id()), Some(50), "the tombstone keeps the seq");
+        let newer = samples::advert(&keys[3], 40, NOW);
+        assert_eq!(
+            s.insert(peervm_protocol::Signed::sign(&keys[3], &newer).unwrap(), NOW),
+            Ok(InsertOutcome::Replaced)
+        );
+        live.insert(keys[3].peer_id(), 40);
+        assert_consistent(&s, &live);
+        assert!(s.block(keys[11].peer_id()));
+        live.remove(&keys[11].peer_id());
+        assert_consistent(&s, &live);
+    }
+
+    #[test]
+    fn sweep_removes_exactly_the_expired_adverts() {
+        let mut s = AdvertStore::new();
+        let mut expected = Vec::new();
+        let mut live = BTreeMap::new();
+        for n in 0..10u64 {
+            let key = samples::numbered_key(n);
+            let mut a = samples::advert(&key, 1, NOW);
+            // Odd ones live 100 s, even ones the full 300 s.
+            if n % 2 == 1 {
+                a.expires_at_unix_ms = NOW + 100_000;
+                expected.push(key.peer_id());
+            } else {
+                live.insert(key.peer_id(), 1);
+            }
+            s.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW).unwrap();
+        }
+        let mut removed = s.sweep(NOW + 100_000);
+        removed.sort();
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert_consistent(&s, &live);
+        assert!(s.sweep(NOW + 100_001).is_empty());
+        // An advert that expires before the others, added after a sweep, is swept on time.
+        let key = samples::numbered_key(20);
+        let mut a = samples::advert(&key, 1, NOW + 100_000);
+        a.expires_at_unix_ms = NOW + 150_000;
+        s.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW + 100_000).unwrap();
+        assert!(s.sweep(NOW + 149_999).is_empty());
+        assert_eq!(s.sweep(NOW + 150_000), vec![key.peer_id()]);
+        assert_consistent(&s, &live);
+        assert_eq!(s.sweep(NOW + 300_000).len(), live.len());
+        assert!(s.is_empty());
+    }
+
+    /// Sync pages walk every live provider once, in PeerId order, resuming after the
+    /// cursor; caps on items and bytes cut pages; a cursor that is no ed25519 id sorts
+    /// before or after all of them, as PeerIds compare.
+    #[test]
+    fn sync_pages_walk_the_providers_in_id_order() {
+        let mut s = AdvertStore::new();
+        for n in 0..25u64 {
+            let key = samples::numbered_key(n);
+            s.insert(peervm_protocol::Signed::sign(&key, &samples::advert(&key, 1, NOW)).unwrap(), NOW).unwrap();
+        }
+        let all: Vec<PeerId> =
+            (0..25u64).map(|n| samples::numbered_key(n).peer_id()).collect::<BTreeSet<_>>().into_iter().collect();
+        let signer = |env: &Vec<u8>| peervm_protocol::Signed::<Advertisement>::open(env).unwrap().body().provider;
+        let one_size = s.page(None, 1, usize::MAX, NOW).0[0].len();
+        for (max_items, max_bytes) in [(4, usize::MAX), (100, 3 * one_size), (1, usize::MAX)] {
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            loop {
+                let (page, next) = s.page(cursor.as_ref(), max_items, max_bytes, NOW);
+                assert!(page.len() <= max_items && page.iter().map(Vec::len).sum::<usize>() <= max_bytes);
+                seen.extend(page.iter().map(signer));
+                match next {
+                    Some(n) => {
+                        assert_eq!(Some(&n), seen.last(), "the cursor is the last provider sent");
+                        cursor = Some(n);
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(seen, all, "items {max_items}, bytes {max_bytes}");
+        }
+        // The ids compare as PeerIds: a short identity multihash before, sha256 after.
+        let short = PeerId::from_bytes(&[0x00, 0x04, 1, 2, 3, 4]).unwrap();
+        let hashed = PeerId::from_bytes(&[&[0x12, 0x20][..], &[7u8; 32]].concat()).unwrap();
+        assert!(short < all[0] && hashed > all[24]);
+        assert_eq!(s.page(Some(&short), 100, usize::MAX, NOW).0.len(), 25);
+        assert_eq!(s.page(Some(&hashed), 100, usize::MAX, NOW), (Vec::new(), None));
+        // Expired adverts are not served.
+        assert!(s.page(None, 100, usize::MAX, NOW + 300_000).0.is_empty());
+    }
+
+    /// Past 64 image names the summary's bitmap overflows to a side table: a query for a
+    /// late image finds exactly its providers, also after rows move.
+    #[test]
+    fn images_past_the_64th_name_are_found() {
+        let mut s = AdvertStore::new();
+        let mut late = Vec::new();
+        for n in 0..70u64 {
+            let p = put(&mut s, n, 2, 100 + n, "eu", &format!("image-{n}"));
+            if n >= 66 {
+                late.push(p);
+            }
+        }
+        // A second advert offering image-68, past the bitmap too.
+        let key = samples::numbered_key(200);
+        let mut a = samples::advert(&key, 1, NOW);
+        a.images.push(peervm_protocol::ImageOffer { name: "image-68".into(), sha256: [1; 32] });
+        s.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW).unwrap();
+        fn with(s: &AdvertStore, name: &str) -> Vec<PeerId> {
+            let f = OfferFilter { image: Some(name.into()), ..Default::default() };
+            s.query(&f, NOW, 0).into_iter().map(|o| o.provider).collect()
+        }
+        assert_eq!(with(&s, "image-68"), vec![late[2], key.peer_id()]);
+        assert_eq!(with(&s, "image-69"), vec![late[3]]);
+        assert_eq!(with(&s, "image-3"), vec![samples::numbered_key(3).peer_id()]);
+        assert!(s.block(samples::numbered_key(1).peer_id()));
+        assert_eq!(with(&s, "image-68"), vec![late[2], key.peer_id()]);
+        assert!(s.block(late[2]));
+        assert_eq!(with(&s, "image-68"), vec![key.peer_id()]);
+        // Names 64-69 and the extra advert's two overflowed, less the one just blocked.
+        assert_eq!(s.more_images.len(), 6, "a removed advert leaves no overflow entry");
+    }
+
+    fn delegated(owner: &SigningKey, node: &SigningKey, replaces: Vec<PeerId>, seq: u64) -> Verified<Advertisement> {
+        let d = peervm_protocol::Delegation {
+            version: peervm_protocol::delegation::DELEGATION_VERSION,
+            owner: owner.peer_id(),
+            node: node.peer_id(),
+            not_before_unix_ms: NOW - 1_000,
+            not_after_unix_ms: NOW + 3_600_000,
+            beneficiary: None,
+            replaces,
+        };
+        let mut a = samples::advert(node, seq, NOW);
+        a.delegation = Some(peervm_protocol::Signed::sign(owner, &d).unwrap().to_bytes());
+        peervm_protocol::Signed::sign(node, &a).unwrap()
+    }
+
+    /// Owners are kept by key: `owner_of`, the owner and exclude filters, and a rotation
+    /// that retires an owner's old node key.
+    #[test]
+    fn owners_filter_exclude_and_rotate() {
+        let mut s = AdvertStore::new();
+        let owner = samples::owner_key();
+        let (n1, n2, n3) = (samples::numbered_key(1), samples::numbered_key(2), samples::numbered_key(3));
+        let plain = put(&mut s, 4, 2, 100, "eu", "minimal");
+        s.insert(delegated(&owner, &n1, vec![], 1), NOW).unwrap();
+        s.insert(delegated(&owner, &n2, vec![], 1), NOW).unwrap();
+        assert_eq!(s.owner_of(&n1.peer_id()), Some(owner.peer_id()));
+        assert_eq!(s.owner_of(&plain), None);
+        let ids = |f: OfferFilter| {
+            let mut v: Vec<PeerId> = s.query(&f, NOW, 0).into_iter().map(|o| o.provider).collect();
+            v.sort();
+            v
+        };
+        let mut owned = vec![n1.peer_id(), n2.peer_id()];
+        owned.sort();
+        assert_eq!(ids(OfferFilter { owner: Some(owner.peer_id()), ..Default::default() }), owned);
+        let by_owner = OfferFilter { exclude: [owner.peer_id()].into(), ..Default::default() };
+        assert_eq!(ids(by_owner), vec![plain]);
+        let by_node = OfferFilter { exclude: [n1.peer_id()].into(), ..Default::default() };
+        assert_eq!(ids(by_node).len(), 2);
+        // n3 replaces n1: n1 is removed and cannot come back under this owner.
+        s.insert(delegated(&owner, &n3, vec![n1.peer_id()], 1), NOW).unwrap();
+        assert!(!s.contains(&n1.peer_id()) && s.owner_of(&n1.peer_id()).is_none());
+        assert_eq!(s.insert(delegated(&owner, &n1, vec![], 2), NOW), Err(InsertError::Revoked(n1.peer_id())));
+        assert_eq!(s.query(&OfferFilter { owner: Some(owner.peer_id()), ..Default::default() }, NOW, 0).len(), 2);
     }
 
     #[test]

@@ -21,8 +21,16 @@ pub const ED25519_PEER_ID_LEN: usize = ED25519_PEER_ID_PREFIX.len() + 32;
 /// The raw 32-byte ed25519 public key inlined in `peer_id`, or an error when the PeerId
 /// is not an inlined ed25519 key.
 pub fn ed25519_public_key_bytes(peer_id: &PeerId) -> Result<[u8; 32], IdentityError> {
-    let bytes = peer_id.to_bytes();
-    public_key_from_peer_id_bytes(&bytes)
+    // Read in place (no allocation: stores look keys up on every advert they see).
+    let multihash: &multiaddr::multihash::Multihash<64> = peer_id.as_ref();
+    let digest = multihash.digest();
+    let protobuf_prefix = &ED25519_PEER_ID_PREFIX[2..];
+    if multihash.code() != 0 || digest.len() != 36 || &digest[..protobuf_prefix.len()] != protobuf_prefix {
+        return Err(IdentityError::NotEd25519);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&digest[protobuf_prefix.len()..]);
+    Ok(key)
 }
 
 /// Like [`ed25519_public_key_bytes`] but from the PeerId's wire bytes.
@@ -37,9 +45,9 @@ pub fn public_key_from_peer_id_bytes(bytes: &[u8]) -> Result<[u8; 32], IdentityE
 
 /// The PeerId of a raw ed25519 public key.
 pub fn peer_id_from_public_key(key: &[u8; 32]) -> PeerId {
-    let mut bytes = Vec::with_capacity(ED25519_PEER_ID_LEN);
-    bytes.extend_from_slice(&ED25519_PEER_ID_PREFIX);
-    bytes.extend_from_slice(key);
+    let mut bytes = [0u8; ED25519_PEER_ID_LEN];
+    bytes[..ED25519_PEER_ID_PREFIX.len()].copy_from_slice(&ED25519_PEER_ID_PREFIX);
+    bytes[ED25519_PEER_ID_PREFIX.len()..].copy_from_slice(key);
     // The prefix is a valid identity multihash header, so this cannot fail.
     PeerId::from_bytes(&bytes).unwrap_or_else(|_| unreachable!("identity multihash is valid"))
 }

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod lease;
 pub mod samples;
 pub mod signed;
+pub mod verified_bytes;
 
 pub use advert::{
     Accel, AdvertError, Advertisement, Disposition, HypervisorInfo, ImageOffer, NetworkOffer, Pricing, Reachability,
@@ -32,6 +33,7 @@ pub use lease::{
 pub use libp2p_identity::PeerId;
 pub use multiaddr::Multiaddr;
 pub use signed::{Kind, Payload, Signed, Verified};
+pub use verified_bytes::VerifiedBytes;
 
 /// The most bytes one sync reply page may have (docs/protocol.md section 2).
 pub const MAX_SYNC_REPLY_BYTES: usize = 1024 * 1024;

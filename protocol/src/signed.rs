@@ -285,7 +285,7 @@ impl<T> std::ops::Deref for Verified<T> {
 /// `[payload, signer, signature]`, every length in its shortest form. Parsed by hand and
 /// strictly, so an envelope has exactly one encoding: peers that deduplicate by the hash
 /// of the bytes see one message, not many re-encodings of it.
-mod envelope {
+pub(crate) mod envelope {
     use crate::error::DecodeError;
 
     const WHAT: &str = "signed envelope";

@@ -320,3 +320,18 @@ fn libp2p_keypair_has_the_same_peer_id() {
     assert_eq!(p.to_libp2p_keypair().public().to_peer_id(), p.peer_id());
     assert_eq!(identity::ed25519_public_key_bytes(&p.peer_id()).unwrap(), p.public_key_bytes());
 }
+
+/// Stores key their indexes on the raw key read in place from a PeerId: it must round-trip
+/// and refuse PeerIds that do not inline an ed25519 key.
+#[test]
+fn ed25519_key_is_read_from_a_peer_id_and_other_ids_are_refused() {
+    let p = samples::provider_key();
+    let key = identity::ed25519_public_key_bytes(&p.peer_id()).unwrap();
+    assert_eq!(identity::peer_id_from_public_key(&key), p.peer_id());
+    // A hashed (non-inlined) key: a sha256 multihash PeerId.
+    let hashed = PeerId::from_bytes(&[&[0x12, 0x20][..], &[7u8; 32]].concat()).unwrap();
+    assert_eq!(identity::ed25519_public_key_bytes(&hashed), Err(IdentityError::NotEd25519));
+    // An identity multihash of another protobuf key type (secp256k1 = 2, 33 bytes).
+    let other = PeerId::from_bytes(&[&[0x00, 0x25, 0x08, 0x02, 0x12, 0x21][..], &[2u8; 33]].concat()).unwrap();
+    assert_eq!(identity::ed25519_public_key_bytes(&other), Err(IdentityError::NotEd25519));
+}

@@ -92,7 +92,7 @@ async fn connections_beyond_the_target_are_trimmed_and_gossip_still_reaches_ever
     let newer = wait_until(SETTLE_GUARD, || async {
         nodes.iter().all(|n| {
             let store = n.store.lock().expect("store");
-            ids.iter().all(|p| store.get(p).is_some_and(|a| a.body().seq == 2))
+            ids.iter().all(|p| store.get(p).is_some_and(|a| a.decode().is_ok_and(|a| a.body().seq == 2)))
         })
     })
     .await;

@@ -29,7 +29,7 @@ fn provider_of(bytes: &[u8]) -> Option<PeerId> {
 /// The providers whose adverts `node` shows.
 fn shown(node: &Node) -> HashSet<PeerId> {
     let store = node.store.lock().unwrap();
-    store.query(&Default::default(), now_unix_ms(), 0).iter().map(|o| o.advert.body().provider).collect()
+    store.query(&Default::default(), now_unix_ms(), 0).iter().map(|o| o.provider).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,7 +58,7 @@ async fn publish(
 
 fn offered(node: &Node, filter: &OfferFilter) -> Vec<PeerId> {
     let store = node.store.lock().unwrap();
-    let mut v: Vec<PeerId> = store.query(filter, now_unix_ms(), 0).iter().map(|o| o.advert.body().provider).collect();
+    let mut v: Vec<PeerId> = store.query(filter, now_unix_ms(), 0).iter().map(|o| o.provider).collect();
     v.sort();
     v
 }

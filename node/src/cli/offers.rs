@@ -9,7 +9,7 @@ use anyhow::bail;
 use clap::Args;
 use peervm_node::advert_store::OfferFilter;
 use peervm_node::network::{Node, NodeEvent};
-use peervm_node::requestor::offers::{self, OfferLine};
+use peervm_node::requestor::offers;
 use peervm_node::units;
 
 use super::args::{SwarmArgs, TrustArgs};
@@ -99,8 +99,8 @@ pub async fn run(args: OffersArgs, data_dir: &Path) -> anyhow::Result<ExitCode> 
     let print = |node: &Node| {
         let list = offers::current(node, &filter, args.limit);
         if args.json {
-            for o in &list {
-                println!("{}", serde_json::to_string(&OfferLine::from(o)).unwrap_or_default());
+            for line in offers::lines(&list) {
+                println!("{}", serde_json::to_string(&line).unwrap_or_default());
             }
         } else if list.is_empty() {
             println!("no offers match");

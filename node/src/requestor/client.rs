@@ -48,6 +48,10 @@ pub enum RequestorError {
     /// The reply's envelope does not open (size, encoding, signature, version).
     #[error("the provider's reply is not valid")]
     BadReplyEnvelope(#[source] peervm_protocol::VerifyError),
+    /// A stored advert did not decode again (the store keeps verified adverts as their
+    /// wire bytes, `advert_store.rs`; they decoded once when verified).
+    #[error("a stored advert does not decode")]
+    StoredAdvert(#[source] peervm_protocol::VerifyError),
     #[error("the provider answered with {0}, which does not answer this message")]
     UnexpectedReply(String),
     #[error("lease {id} is {}; {what}", state.as_str())]
@@ -367,7 +371,7 @@ impl Requestor {
             let node = offers::join_as(key, bootstrap, Duration::from_secs(10), Default::default()).await?;
             let fresh = node.store.lock().unwrap_or_else(|p| p.into_inner()).get(&lease.provider).cloned();
             if let Some(advert) = fresh {
-                let addrs = advert.body().listen_addrs.clone();
+                let addrs = advert.decode().map_err(RequestorError::StoredAdvert)?.body().listen_addrs.clone();
                 self.db.set_provider_addrs(&lease.id, &addrs)?;
                 result = self.control_on(&node, lease.provider, &addrs, lease.id, action).await;
             }
@@ -469,17 +473,19 @@ fn choose_offer(
                     store.len()
                 ))
             })?;
-            Ok((offer.advert.body().clone(), offer.price_per_hour_micros, matching.len()))
+            let advert = offer.decode().map_err(RequestorError::StoredAdvert)?.into_parts().1;
+            Ok((advert, offer.price_per_hour_micros, matching.len()))
         }
         ProviderChoice::Peer(peer) if blocked.contains(peer) => {
             Err(RequestorError::NoOffer(format!("you blocked provider {peer}; lift it with: peervm unblock {peer}")))
         }
         ProviderChoice::Peer(peer) => {
             let advert = store.get(peer).ok_or(RequestorError::UnknownProvider(*peer))?;
-            if let Some(offer) = matching.iter().find(|o| o.advert.body().provider == *peer) {
-                return Ok((offer.advert.body().clone(), offer.price_per_hour_micros, matching.len()));
+            let advert = advert.decode().map_err(RequestorError::StoredAdvert)?.into_parts().1;
+            if let Some(offer) = matching.iter().find(|o| o.provider == *peer) {
+                return Ok((advert, offer.price_per_hour_micros, matching.len()));
             }
-            let a = advert.body();
+            let a = &advert;
             let p = &a.pricing;
             let price = hourly_price_micros(
                 p.per_vcpu_hour_micros,

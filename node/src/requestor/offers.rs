@@ -115,10 +115,12 @@ pub struct OfferLine {
     pub max_exposed_ports: u16,
 }
 
-impl From<&Offer> for OfferLine {
-    fn from(o: &Offer) -> Self {
-        let a = o.advert.body();
-        OfferLine {
+impl TryFrom<&Offer> for OfferLine {
+    type Error = peervm_protocol::VerifyError;
+    fn try_from(o: &Offer) -> Result<Self, Self::Error> {
+        let advert = o.decode()?;
+        let a = advert.body();
+        Ok(OfferLine {
             provider: a.provider.to_string(),
             price_per_hour: format_micros(o.price_per_hour_micros),
             price_per_hour_micros: o.price_per_hour_micros,
@@ -136,7 +138,7 @@ impl From<&Offer> for OfferLine {
             owner: a.delegation_at(now_unix_ms()).ok().flatten().map(|d| d.owner.to_string()),
             reachability: a.reachability,
             max_exposed_ports: a.max_exposed_ports(),
-        }
+        })
     }
 }
 
@@ -144,6 +146,22 @@ impl From<&Offer> for OfferLine {
 pub fn current(node: &Node, filter: &OfferFilter, limit: usize) -> Vec<Offer> {
     let store = node.store.lock().unwrap_or_else(|p| p.into_inner());
     store.query(filter, now_unix_ms(), limit)
+}
+
+/// The display lines of `offers`. An offer whose stored advert does not decode again
+/// (it decoded when it was verified, so this is a bug, not bad input) is left out and
+/// logged.
+pub fn lines(offers: &[Offer]) -> Vec<OfferLine> {
+    offers
+        .iter()
+        .filter_map(|o| match OfferLine::try_from(o) {
+            Ok(line) => Some(line),
+            Err(e) => {
+                tracing::warn!(provider = %o.provider, error = %e, "stored advert does not decode");
+                None
+            }
+        })
+        .collect()
 }
 
 /// What the PRICE/HOUR column is the price of: the size asked for, where a size not asked
@@ -182,8 +200,7 @@ pub fn table(offers: &[Offer], filter: &OfferFilter) -> String {
         "ACCEL",
         "IMAGES"
     );
-    for o in offers {
-        let l = OfferLine::from(o);
+    for l in lines(offers) {
         out.push_str(&format!(
             "{:<52}  {:>8} {:<3}  {:>5}  {:>5} MiB  {:>4} GiB  {:<12}  {:<5}  {}\n",
             l.provider,

@@ -1,0 +1,120 @@
+//! Where a store's bytes go, per advert, at 100,000 adverts (issue 18). Heap is counted
+//! by a global allocator that models glibc's chunk sizes (a small allocation takes its
+//! size plus an 8-byte header, rounded up to 16, at least 32; a large one whole pages),
+//! so the figures are what the allocator hands out, not what the types ask for.
+//! Run: `cargo bench -p peervm-tests --bench store_bytes`. Prints one JSON object per
+//! figure (name, value, unit), bytes per advert:
+//! - `advert_wire_bytes`: the signed envelope on the wire;
+//! - `advert_kept_heap_bytes`: the envelope as the store keeps it (`VerifiedBytes`);
+//! - `advert_decoded_heap_bytes`: a decoded advert (`Verified<Advertisement>`, boxed),
+//!   what the store no longer keeps, for comparison;
+//! - `store_heap_bytes_per_advert`: the whole store, adverts included;
+//! - `store_summary_bytes_per_advert`, `store_held_bytes_per_advert`: its flat tables
+//!   (query summaries; envelope handle and seq), by capacity;
+//! - `store_index_bytes_per_advert`: the rest: the ordered provider index and the
+//!   interners (the store holds no tombstones, owners or blocks here).
+//!
+//! The adverts are those of the `swarm` bench's store group.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use peervm_node::advert_store::AdvertStore;
+use peervm_protocol::{Accel, Advertisement, Signed, Verified, VerifiedBytes, samples};
+
+struct Counting;
+
+static HEAP: AtomicUsize = AtomicUsize::new(0);
+
+/// What glibc's malloc takes for a request of `n` bytes (x86_64).
+fn chunk(n: usize) -> usize {
+    if n >= 128 * 1024 { (n + 8 + 4095) & !4095 } else { ((n + 8 + 15) & !15).max(32) }
+}
+
+// SAFETY: every call is passed through to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        HEAP.fetch_add(chunk(l.size()), Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        HEAP.fetch_sub(chunk(l.size()), Relaxed);
+        // SAFETY: as above.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        HEAP.fetch_add(chunk(new), Relaxed);
+        HEAP.fetch_sub(chunk(l.size()), Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn heap() -> usize {
+    HEAP.load(Relaxed)
+}
+
+fn report(name: &str, bytes: f64) {
+    println!("{{\"name\":\"{name}\",\"value\":{bytes:.1},\"unit\":\"B\"}}");
+}
+
+/// The `swarm` bench's advert `i` (same fields, same variety).
+fn advert_number(i: u64, now: u64) -> Verified<Advertisement> {
+    let regions = ["eu-central", "eu-west", "us-east", "us-west", "ap-south", "sa-east"];
+    let key = samples::numbered_key(i + 1_000_000);
+    let mut a = samples::advert(&key, 1, now);
+    a.resources.total.vcpus = 1 + (i % 64) as u32;
+    a.resources.free.vcpus = 1 + (i % 64) as u32;
+    a.resources.total.memory_mib = 1024 * (1 + i % 256);
+    a.resources.free.memory_mib = 1024 * (1 + i % 256);
+    a.resources.free.disk_gib = a.resources.total.disk_gib.min(10 * (1 + i % 20));
+    a.pricing.per_vcpu_hour_micros = 5_000 + (i * 7919) % 20_000;
+    a.region = regions[(i % regions.len() as u64) as usize].into();
+    a.hypervisor.accel = if i.is_multiple_of(3) { Accel::Kvm } else { Accel::Tcg };
+    Signed::sign(&key, &a).unwrap()
+}
+
+fn main() {
+    // `cargo test --benches` runs this without --bench: only benchmark when asked.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let n = 100_000u64;
+    let per = |bytes: usize| bytes as f64 / n as f64;
+    let now = peervm_node::clock::now_unix_ms();
+    let adverts: Vec<_> = (0..n).map(|i| advert_number(i, now)).collect();
+    report("advert_wire_bytes", per(adverts.iter().map(|a| a.to_bytes().len()).sum()));
+
+    let before = heap();
+    let kept: Vec<_> = adverts.iter().map(VerifiedBytes::new).collect();
+    let slots = kept.capacity() * size_of::<VerifiedBytes<Advertisement>>();
+    report("advert_kept_heap_bytes", per(heap() - before - chunk(slots)));
+    drop(kept);
+
+    let before = heap();
+    let decoded: Vec<Box<Verified<Advertisement>>> = adverts.iter().map(|a| Box::new(a.clone())).collect();
+    let slots = decoded.capacity() * size_of::<usize>();
+    report("advert_decoded_heap_bytes", per(heap() - before - chunk(slots)));
+    drop(decoded);
+    drop(adverts);
+
+    // Made one at a time (as a node receives them): only what the store keeps remains.
+    let before = heap();
+    let mut store = AdvertStore::new();
+    for i in 0..n {
+        store.insert(advert_number(i, now), now).unwrap();
+    }
+    let total = heap() - before;
+    let tables = store.table_bytes();
+    report("store_heap_bytes_per_advert", per(total));
+    report("store_summary_bytes_per_advert", per(chunk(tables.summaries)));
+    report("store_held_bytes_per_advert", per(chunk(tables.held)));
+    let envelopes: usize =
+        store.providers().map(|p| chunk(2 * size_of::<usize>() + store.get(&p).unwrap().as_bytes().len())).sum();
+    report("store_envelope_bytes_per_advert", per(envelopes));
+    report("store_index_bytes_per_advert", per(total - chunk(tables.summaries) - chunk(tables.held) - envelopes));
+}
