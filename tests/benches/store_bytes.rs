@@ -20,7 +20,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use peervm_node::advert_store::AdvertStore;
-use peervm_protocol::{Accel, Advertisement, Signed, Verified, VerifiedBytes, samples};
+use peervm_protocol::{Advertisement, Verified, VerifiedBytes};
 
 struct Counting;
 
@@ -62,22 +62,6 @@ fn report(name: &str, bytes: f64) {
     println!("{{\"name\":\"{name}\",\"value\":{bytes:.1},\"unit\":\"B\"}}");
 }
 
-/// The `swarm` bench's advert `i` (same fields, same variety).
-fn advert_number(i: u64, now: u64) -> Verified<Advertisement> {
-    let regions = ["eu-central", "eu-west", "us-east", "us-west", "ap-south", "sa-east"];
-    let key = samples::numbered_key(i + 1_000_000);
-    let mut a = samples::advert(&key, 1, now);
-    a.resources.total.vcpus = 1 + (i % 64) as u32;
-    a.resources.free.vcpus = 1 + (i % 64) as u32;
-    a.resources.total.memory_mib = 1024 * (1 + i % 256);
-    a.resources.free.memory_mib = 1024 * (1 + i % 256);
-    a.resources.free.disk_gib = a.resources.total.disk_gib.min(10 * (1 + i % 20));
-    a.pricing.per_vcpu_hour_micros = 5_000 + (i * 7919) % 20_000;
-    a.region = regions[(i % regions.len() as u64) as usize].into();
-    a.hypervisor.accel = if i.is_multiple_of(3) { Accel::Kvm } else { Accel::Tcg };
-    Signed::sign(&key, &a).unwrap()
-}
-
 fn main() {
     // `cargo test --benches` runs this without --bench: only benchmark when asked.
     if !std::env::args().any(|a| a == "--bench") {
@@ -86,7 +70,7 @@ fn main() {
     let n = 100_000u64;
     let per = |bytes: usize| bytes as f64 / n as f64;
     let now = peervm_node::clock::now_unix_ms();
-    let adverts: Vec<_> = (0..n).map(|i| advert_number(i, now)).collect();
+    let adverts: Vec<_> = (0..n).map(|i| peervm_tests::bench_advert(i, now)).collect();
     report("advert_wire_bytes", per(adverts.iter().map(|a| a.to_bytes().len()).sum()));
 
     let before = heap();
@@ -106,7 +90,7 @@ fn main() {
     let before = heap();
     let mut store = AdvertStore::new();
     for i in 0..n {
-        store.insert(advert_number(i, now), now).unwrap();
+        store.insert(peervm_tests::bench_advert(i, now), now).unwrap();
     }
     let total = heap() - before;
     let tables = store.table_bytes();

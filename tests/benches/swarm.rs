@@ -13,7 +13,7 @@ use libp2p::PeerId;
 use peervm_node::advert_store::{AdvertStore, OfferFilter};
 use peervm_node::clock::now_unix_ms;
 use peervm_node::network::Role;
-use peervm_protocol::{Accel, Advertisement, Signed, samples, verify_batch};
+use peervm_protocol::{Accel, Advertisement, verify_batch};
 use peervm_tests::*;
 
 fn report(name: &str, value: f64, unit: &str) {
@@ -41,23 +41,7 @@ fn adverts(n: u64) -> Vec<peervm_protocol::Verified<peervm_protocol::Advertiseme
 }
 
 fn advert_number(i: u64) -> peervm_protocol::Verified<peervm_protocol::Advertisement> {
-    let now = now_unix_ms();
-    let regions = ["eu-central", "eu-west", "us-east", "us-west", "ap-south", "sa-east"];
-    {
-        {
-            let key = samples::numbered_key(i + 1_000_000);
-            let mut a = samples::advert(&key, 1, now);
-            a.resources.total.vcpus = 1 + (i % 64) as u32;
-            a.resources.free.vcpus = 1 + (i % 64) as u32;
-            a.resources.total.memory_mib = 1024 * (1 + i % 256);
-            a.resources.free.memory_mib = 1024 * (1 + i % 256);
-            a.resources.free.disk_gib = a.resources.total.disk_gib.min(10 * (1 + i % 20));
-            a.pricing.per_vcpu_hour_micros = 5_000 + (i * 7919) % 20_000;
-            a.region = regions[(i % regions.len() as u64) as usize].into();
-            a.hypervisor.accel = if i.is_multiple_of(3) { Accel::Kvm } else { Accel::Tcg };
-            Signed::sign(&key, &a).unwrap()
-        }
-    }
+    bench_advert(i, now_unix_ms())
 }
 
 fn store_benches(rt: &tokio::runtime::Runtime) {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use libp2p::{Multiaddr, PeerId};
 use peervm_node::clock::now_unix_ms;
 use peervm_node::network::{Node, NodeConfig, Role};
-use peervm_protocol::{Advertisement, Signed, SigningKey, Verified, samples};
+use peervm_protocol::{Accel, Advertisement, Signed, SigningKey, Verified, samples};
 
 /// A node listening on a fresh loopback port, dialing `bootstrap`.
 pub async fn start_node(key: SigningKey, role: Role, bootstrap: &[Multiaddr]) -> Node {
@@ -36,6 +36,23 @@ pub fn advert(key: &SigningKey, seq: u64, ttl: Duration) -> Advertisement {
 
 pub fn signed(key: &SigningKey, advert: &Advertisement) -> Verified<Advertisement> {
     Signed::sign(key, advert).expect("sign")
+}
+
+/// The benches' advert number `i`, issued at `now`: its own key, and resources, price,
+/// region and accelerator varied with `i` so that a store of many looks like a market.
+pub fn bench_advert(i: u64, now: u64) -> Verified<Advertisement> {
+    let regions = ["eu-central", "eu-west", "us-east", "us-west", "ap-south", "sa-east"];
+    let key = samples::numbered_key(i + 1_000_000);
+    let mut a = samples::advert(&key, 1, now);
+    a.resources.total.vcpus = 1 + (i % 64) as u32;
+    a.resources.free.vcpus = 1 + (i % 64) as u32;
+    a.resources.total.memory_mib = 1024 * (1 + i % 256);
+    a.resources.free.memory_mib = 1024 * (1 + i % 256);
+    a.resources.free.disk_gib = a.resources.total.disk_gib.min(10 * (1 + i % 20));
+    a.pricing.per_vcpu_hour_micros = 5_000 + (i * 7919) % 20_000;
+    a.region = regions[(i % regions.len() as u64) as usize].into();
+    a.hypervisor.accel = if i.is_multiple_of(3) { Accel::Kvm } else { Accel::Tcg };
+    signed(&key, &a)
 }
 
 /// How long any one wait may take before a test is declared hung. Only a guard: each
