@@ -66,6 +66,8 @@ pub struct Metrics {
     /// Connections the node closed itself: `dead` (pings failed), `trimmed` (idle, beyond
     /// the target number of peers).
     pub connections_closed: Family<ReasonLabel, Counter>,
+    /// Dials of peer discovery refused by the dial budget (`network/dial_budget.rs`).
+    pub discovery_dials_refused: Counter,
     pub rate_limited: Family<ApiLabel, Counter>,
     pub peers_banned: Counter,
     pub lease_messages: Family<OutcomeLabel, Counter>,
@@ -123,6 +125,11 @@ impl Metrics {
             "connections_closed",
             "Connections the node closed itself, by reason (dead, trimmed)",
             self.connections_closed.clone(),
+        );
+        r.register(
+            "discovery_dials_refused",
+            "Dials of peer discovery (Kademlia walks) refused because the node had its budget of connections",
+            self.discovery_dials_refused.clone(),
         );
         r.register("rate_limited", "Messages dropped by per-peer rate limits, by API", self.rate_limited.clone());
         r.register("peers_banned", "Peers banned for misbehaviour", self.peers_banned.clone());

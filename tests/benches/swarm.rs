@@ -1,7 +1,7 @@
 //! Swarm benchmarks: store query latency and memory at 100,000 adverts (received as a
 //! sync delivers them; `store_bytes` says where the bytes go), join-time sync
 //! of 1,000 and 10,000 adverts, and gossip propagation to every node of 16/64/128-node
-//! swarms over loopback TCP. Run: `cargo bench -p peervm-tests --bench swarm`.
+//! swarms over loopback TCP, timed by the nodes' own `AdvertStored` events. Run: `cargo bench -p peervm-tests --bench swarm`.
 //! Prints one JSON object per figure (name, value, unit) on stdout. Settings:
 //! - `PEERVM_BENCH_ONLY=store,sync,propagation`: the groups to run (default all);
 //! - `PEERVM_BENCH_SIZES=16,64,128`: the propagation swarm sizes;
@@ -12,9 +12,16 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use peervm_node::advert_store::{AdvertStore, OfferFilter};
 use peervm_node::clock::now_unix_ms;
-use peervm_node::network::Role;
+use peervm_node::network::{NodeEvent, Role};
 use peervm_protocol::{Accel, Advertisement, verify_batch};
 use peervm_tests::*;
+use tokio::sync::broadcast::error::RecvError;
+
+/// A swarm is timed once it has settled: past the nodes' connection trimming (connections
+/// older than 30 s, checked every 10 s: `network/tuning.rs`), and then once its
+/// connections stop changing.
+const SETTLE_MIN: Duration = Duration::from_secs(42);
+const SETTLE_MAX: Duration = Duration::from_secs(120);
 
 fn report(name: &str, value: f64, unit: &str) {
     println!("{{\"name\":\"{name}\",\"value\":{value:.3},\"unit\":\"{unit}\"}}");
@@ -112,6 +119,45 @@ async fn join_sync(n: u64) {
     server.stop().await;
 }
 
+/// When the swarm's connections stop changing: the count of connected peers summed over
+/// all nodes is the same at two samples a second apart (at least `min` after the start,
+/// at most `max`). Joins' DHT walks and their sync are over by then, so what is timed is
+/// the swarm a provider publishes into, not its formation.
+async fn settle(nodes: &[peervm_node::network::Node], min: Duration, max: Duration) -> Duration {
+    let t = Instant::now();
+    tokio::time::sleep(min).await;
+    let mut last = None;
+    while t.elapsed() < max {
+        let mut links = 0;
+        for nd in nodes {
+            links += nd.client.connected_peers().await.map(|p| p.len()).unwrap_or(0);
+        }
+        if last == Some(links) {
+            break;
+        }
+        last = Some(links);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    t.elapsed()
+}
+
+/// How long a node's swarm task takes to answer a command (`connected_peers`), sampled
+/// over every node: the event-loop lag a gossip message also waits behind at each hop.
+async fn loop_lag(nodes: &[peervm_node::network::Node]) -> Vec<Duration> {
+    let mut lags = Vec::with_capacity(nodes.len());
+    for nd in nodes {
+        let t = Instant::now();
+        let _ = nd.client.connected_peers().await;
+        lags.push(t.elapsed());
+    }
+    lags.sort();
+    lags
+}
+
+/// Publishes `rounds` adverts, each from another provider, and times each one's arrival
+/// at every other node by the `AdvertStored` event's own timestamp (taken when the store
+/// took it), not by polling. An advert counts as missed when a node has not stored it
+/// within 10 s.
 async fn propagation(n: usize, rounds: usize) {
     let b1 = start_node(unique_key(80_000 + n as u64), Role::Bootstrap, &[]).await;
     let b2 = start_node(unique_key(80_001 + n as u64), Role::Bootstrap, &b1.listen_addrs).await;
@@ -123,33 +169,74 @@ async fn propagation(n: usize, rounds: usize) {
         nodes.push(start_node(peervm_protocol::SigningKey::from_seed(&key.seed()), Role::Provider, &boot).await);
         keys.push(key);
     }
-    // Let the meshes form.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut times = Vec::new();
+    let settled = settle(&nodes, SETTLE_MIN, SETTLE_MAX).await;
+    report(&format!("propagation_{n}_nodes_settle"), settled.as_secs_f64() * 1000.0, "ms");
+    let mut links = 0;
+    for nd in &nodes {
+        links += nd.client.connected_peers().await.map(|p| p.len()).unwrap_or(0);
+    }
+    report(&format!("propagation_{n}_nodes_peers_mean"), links as f64 / n as f64, "peers");
+    let lag = loop_lag(&nodes).await;
+    report(&format!("propagation_{n}_nodes_loop_lag_p50"), percentile(&lag, 0.5).as_secs_f64() * 1000.0, "ms");
+    report(&format!("propagation_{n}_nodes_loop_lag_max"), percentile(&lag, 1.0).as_secs_f64() * 1000.0, "ms");
+
+    let mut events: Vec<_> = nodes.iter().map(|nd| nd.subscribe()).collect();
+    let mut full = Vec::new();
+    let mut first = Vec::new();
+    let mut every = Vec::new();
     let mut missed = 0;
     for round in 0..rounds {
         let idx = (round * 7) % keys.len();
         let key = &keys[idx];
-        let publisher = &nodes[idx + 2];
+        let publisher = idx + 2;
         let seq = 10 + round as u64;
-        let t = Instant::now();
-        publisher.client.publish(signed(key, &advert(key, seq, Duration::from_secs(300)))).await.unwrap();
         let provider: PeerId = key.peer_id();
-        let done = wait_until(Duration::from_secs(10), || async {
-            nodes.iter().all(|nd| nd.store.lock().unwrap().held_seq(&provider).is_some_and(|s| s >= seq))
-        })
-        .await;
-        match done {
-            Some(_) => times.push(t.elapsed()),
-            None => missed += 1,
+        let t = Instant::now();
+        nodes[publisher].client.publish(signed(key, &advert(key, seq, Duration::from_secs(300)))).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut arrivals = Vec::with_capacity(n);
+        let mut lost = false;
+        for (i, rx) in events.iter_mut().enumerate() {
+            if i == publisher {
+                continue;
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Ok(NodeEvent::AdvertStored { provider: p, seq: s, at, .. })) if p == provider && s >= seq => {
+                        arrivals.push(at.saturating_duration_since(t));
+                        break;
+                    }
+                    Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+                    Ok(Err(RecvError::Closed)) | Err(_) => {
+                        lost = true;
+                        break;
+                    }
+                }
+            }
         }
+        if lost {
+            missed += 1;
+            continue;
+        }
+        arrivals.sort();
+        first.push(arrivals[0]);
+        full.push(*arrivals.last().expect("n >= 3"));
+        every.extend(arrivals);
     }
-    times.sort();
-    if !times.is_empty() {
-        report(&format!("propagation_{n}_nodes_p50"), percentile(&times, 0.5).as_secs_f64() * 1000.0, "ms");
-        report(&format!("propagation_{n}_nodes_p99"), percentile(&times, 0.99).as_secs_f64() * 1000.0, "ms");
+    full.sort();
+    first.sort();
+    every.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    if !full.is_empty() {
+        report(&format!("propagation_{n}_nodes_p50"), ms(percentile(&full, 0.5)), "ms");
+        report(&format!("propagation_{n}_nodes_p99"), ms(percentile(&full, 0.99)), "ms");
+        report(&format!("propagation_{n}_nodes_max"), ms(percentile(&full, 1.0)), "ms");
+        report(&format!("propagation_{n}_nodes_first_hop_p50"), ms(percentile(&first, 0.5)), "ms");
+        report(&format!("propagation_{n}_nodes_each_node_p50"), ms(percentile(&every, 0.5)), "ms");
+        report(&format!("propagation_{n}_nodes_each_node_p99"), ms(percentile(&every, 0.99)), "ms");
     }
     report(&format!("propagation_{n}_nodes_missed"), missed as f64, "adverts");
+    drop(events);
     for nd in nodes {
         nd.stop().await;
     }

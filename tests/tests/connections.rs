@@ -38,10 +38,12 @@ async fn degree(node: &Node) -> usize {
 const PROVIDERS: usize = 24;
 const TARGET: usize = 4;
 
-/// 24 providers with a target of 4 peers (trimming above 8): Kademlia's walks connect
-/// them to most of the swarm at first; after trimming, every provider holds at most its
-/// gossip mesh and its bootstrap node, far fewer than the 24 it could reach, and a fresh
-/// round of adverts still reaches every node.
+/// 24 providers with a target of 4 peers (trimming above 8), every one of which also
+/// dials the first provider by name (a dial on purpose, which the dial budget never
+/// refuses): the first provider ends up with most of the swarm as peers; trimming brings
+/// it, and every other provider, down to at most its gossip mesh and its bootstrap node,
+/// far fewer than the 24 it could reach, and a fresh round of adverts still reaches every
+/// node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_target_are_trimmed_and_gossip_still_reaches_every_node() {
     let boot_metrics = Arc::new(Metrics::default());
@@ -65,6 +67,13 @@ async fn connections_beyond_the_target_are_trimmed_and_gossip_still_reaches_ever
     let nodes: Vec<&Node> = std::iter::once(&boot).chain(providers.iter().map(|(n, _, _)| n)).collect();
     let took = wait_until(SETTLE_GUARD, || async { all_hold(&nodes, &ids) }).await;
     assert!(took.is_some(), "the first round of adverts did not reach every node");
+    let popular = with_peer_id(&providers[0].0.listen_addrs[0], providers[0].0.peer_id);
+    for (node, _, _) in &providers[1..] {
+        // (One already connected answers that it is.)
+        let _ = node.client.dial(popular.clone()).await;
+    }
+    let crowded = degree(&providers[0].0).await;
+    assert!(crowded >= PROVIDERS - 1, "the first provider has {crowded} peers after everyone dialed it");
 
     // Gossipsub keeps at most 12 peers in its mesh (mesh_n_high); with the bootstrap node,
     // 13 is the most a trimmed provider holds (far below the 24 peers it could).
@@ -72,7 +81,8 @@ async fn connections_beyond_the_target_are_trimmed_and_gossip_still_reaches_ever
     let start = std::time::Instant::now();
     let (settled, degrees) = loop {
         let degrees: Vec<usize> = futures::future::join_all(providers.iter().map(|(n, _, _)| degree(n))).await;
-        if degrees.iter().all(|&d| d <= most) {
+        let trimmed: u64 = providers.iter().map(|(_, _, m)| closed(m, "trimmed")).sum();
+        if degrees.iter().all(|&d| d <= most) && trimmed > 0 {
             break (Some(start.elapsed()), degrees);
         }
         if start.elapsed() > SETTLE_GUARD {
@@ -98,9 +108,64 @@ async fn connections_beyond_the_target_are_trimmed_and_gossip_still_reaches_ever
     .await;
     assert!(newer.is_some(), "the second round did not reach every node after trimming (peer counts {degrees:?})");
     eprintln!(
-        "connections: {PROVIDERS} providers trimmed to peer counts {degrees:?} ({trimmed} connections closed); \
-         second round everywhere in {newer:?}"
+        "connections: {PROVIDERS} providers (the first with {crowded} peers) trimmed to peer counts {degrees:?} \
+         ({trimmed} connections closed); second round everywhere in {newer:?}"
     );
+    for (node, _, _) in providers {
+        node.stop().await;
+    }
+    boot.stop().await;
+}
+
+fn refused(metrics: &Metrics) -> u64 {
+    metrics.discovery_dials_refused.get()
+}
+
+/// Kademlia walks the DHT by itself after each routing-table insertion while the table is
+/// small, and a walk dials every peer it queries: without the dial budget, 24 providers
+/// joining through one bootstrap node end up connected to nearly every other one (a sum
+/// of peer counts near 24 x 24). With a target of 2 (a budget of 4 connections) and
+/// trimming held off for the whole test, so that only the budget can keep counts down, a
+/// provider's walks stop at its budget: every connection between two providers was
+/// dialed by one whose connections were under 4, and the bootstrap node (budget 256) adds
+/// at most one per provider. The wait ends on refusals being counted, the sign that walks
+/// went past the budget and were held back; gossip still reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dht_walk_never_takes_a_node_past_its_dial_budget() {
+    const TARGET: usize = 2;
+    let budget = 2 * TARGET;
+    let boot_metrics = Arc::new(Metrics::default());
+    let boot = Node::start(config(unique_key(71_000), Role::Bootstrap, &[], &boot_metrics)).await.expect("bootstrap");
+    let boot_addr = with_peer_id(&boot.listen_addrs[0], boot.peer_id);
+    let mut providers = Vec::new();
+    for i in 0..PROVIDERS {
+        let key = unique_key(71_100 + i as u64);
+        let metrics = Arc::new(Metrics::default());
+        let mut c =
+            config(SigningKey::from_seed(&key.seed()), Role::Provider, std::slice::from_ref(&boot_addr), &metrics);
+        c.target_peers = TARGET;
+        c.trim_grace = Duration::from_secs(3600);
+        providers.push((Node::start(c).await.expect("provider"), key, metrics));
+    }
+    let held_back =
+        wait_until(SETTLE_GUARD, || async { providers.iter().map(|(_, _, m)| refused(m)).sum::<u64>() > 0 }).await;
+    let refusals: u64 = providers.iter().map(|(_, _, m)| refused(m)).sum();
+    assert!(held_back.is_some(), "no discovery dial was ever refused: the walks were not held to the budget");
+
+    let ids: Vec<PeerId> = providers.iter().map(|(_, k, _)| k.peer_id()).collect();
+    for (node, key, _) in &providers {
+        node.client.publish(signed(key, &advert(key, 1, Duration::from_secs(300)))).await.expect("publish");
+    }
+    let nodes: Vec<&Node> = std::iter::once(&boot).chain(providers.iter().map(|(n, _, _)| n)).collect();
+    let delivered = wait_until(SETTLE_GUARD, || async { all_hold(&nodes, &ids) }).await;
+
+    let degrees: Vec<usize> = futures::future::join_all(providers.iter().map(|(n, _, _)| degree(n))).await;
+    let sum: usize = degrees.iter().sum();
+    let bound = 2 * PROVIDERS * budget + PROVIDERS;
+    eprintln!("dial budget: peer counts {degrees:?} (sum {sum}, bound {bound}), {refusals} dials refused");
+    assert!(sum <= bound, "providers' peer counts {degrees:?} sum to {sum}, above {bound}");
+    assert!(degrees.iter().all(|&d| d >= 1), "a provider was left without peers: {degrees:?}");
+    assert!(delivered.is_some(), "adverts did not reach every node (peer counts {degrees:?})");
     for (node, _, _) in providers {
         node.stop().await;
     }

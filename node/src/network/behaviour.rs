@@ -4,6 +4,7 @@
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, allow_block_list, connection_limits, gossipsub, identify, kad, ping, request_response};
 
+use super::dial_budget;
 use super::dialback::{self, DialBackRequest, DialBackResponse};
 use super::gossip_params;
 use super::lease_wire::{self, Envelope, LeaseMessage};
@@ -18,6 +19,8 @@ pub struct PeervmBehaviour {
     /// Refuses banned and blocked peers before anything else sees them.
     pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub limits: connection_limits::Behaviour,
+    /// Refuses the dials of peer discovery beyond the node's budget of connections.
+    pub dial_budget: dial_budget::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub identify: identify::Behaviour,
@@ -55,6 +58,7 @@ impl PeervmBehaviour {
         caps: &ConnectionCaps,
         keepalive: super::Keepalive,
         serve_leases: bool,
+        dial_budget: usize,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let peer_id = key.public().to_peer_id();
         let limits = connection_limits::ConnectionLimits::default()
@@ -65,8 +69,9 @@ impl PeervmBehaviour {
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config.set_query_timeout(tuning::KAD_QUERY_TIMEOUT);
         // The event loop walks the DHT on its own timer, when it has too few peers (and
-        // every 5 min), since each walk connects to every peer it queries. (Kademlia
-        // still walks by itself while its routing table has fewer than 20 entries.)
+        // every 5 min). Kademlia still walks by itself while its routing table has fewer
+        // than 20 entries; `dial_budget` keeps any walk from connecting the node to more
+        // peers than it trims down to.
         kad_config.set_periodic_bootstrap_interval(None);
         let kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
 
@@ -107,6 +112,7 @@ impl PeervmBehaviour {
         Ok(Self {
             blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
+            dial_budget: dial_budget::Behaviour::new(dial_budget),
             gossipsub: gossip_params::behaviour()?,
             kad,
             identify: identify::Behaviour::new(

@@ -3,6 +3,7 @@
 //! [`AdvertStore`].
 
 pub mod behaviour;
+pub mod dial_budget;
 pub mod dialback;
 mod event_loop;
 pub mod gossip_params;
@@ -156,13 +157,27 @@ impl LeaseResponder {
 /// Something that happened in the swarm, for watchers (CLI `--watch`, tests, metrics).
 #[derive(Debug, Clone)]
 pub enum NodeEvent {
-    AdvertStored { provider: PeerId, outcome: InsertOutcome },
+    /// The store took `provider`'s advert number `seq` at `at` (the moment of the insert,
+    /// not of the watcher's receipt: propagation benchmarks time delivery by it).
+    AdvertStored {
+        provider: PeerId,
+        seq: u64,
+        outcome: InsertOutcome,
+        at: std::time::Instant,
+    },
     AdvertsExpired(Vec<PeerId>),
     PeerConnected(PeerId),
     PeerDisconnected(PeerId),
-    SyncDone { peer: PeerId, accepted: usize, invalid: usize },
+    SyncDone {
+        peer: PeerId,
+        accepted: usize,
+        invalid: usize,
+    },
     PeerBanned(PeerId),
-    DialFailed { peer: Option<PeerId>, error: String },
+    DialFailed {
+        peer: Option<PeerId>,
+        error: String,
+    },
 }
 
 /// What a finished sync pulled from one peer.

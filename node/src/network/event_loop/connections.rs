@@ -67,7 +67,10 @@ impl Connections {
 
     pub fn dial(&mut self, ctx: &mut Context, addr: Multiaddr, reply: Option<Reply<()>>) {
         let opts = match peer_id_of(&addr) {
-            Some(p) => DialOpts::peer_id(p).addresses(vec![addr.clone()]).build(),
+            Some(p) => {
+                ctx.swarm.behaviour_mut().dial_budget.want(p);
+                DialOpts::peer_id(p).addresses(vec![addr.clone()]).build()
+            }
             None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
         };
         let id = opts.connection_id();
@@ -98,6 +101,7 @@ impl Connections {
                 Some(peer) if !connected.contains(&peer) => {
                     // Not while a dial to it is under way (a black-holed address keeps
                     // a dial pending for a while).
+                    ctx.swarm.behaviour_mut().dial_budget.want(peer);
                     let opts = DialOpts::peer_id(peer)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
                         .addresses(vec![addr])
@@ -274,6 +278,7 @@ impl Connections {
     pub fn on_routing_updated(&self, ctx: &mut Context, peer: PeerId, addresses: Vec<Multiaddr>) {
         let connected = ctx.swarm.connected_peers().count();
         if connected < self.target_peers && !ctx.swarm.is_connected(&peer) && !ctx.guard.is_banned(&peer) {
+            ctx.swarm.behaviour_mut().dial_budget.want(peer);
             let opts = DialOpts::peer_id(peer).addresses(addresses).build();
             let _ = ctx.swarm.dial(opts);
         }
@@ -283,7 +288,7 @@ impl Connections {
 /// When a node trims its connections (see `Connections::trim`): above twice its target,
 /// down to the target. A bootstrap node is where every joining node connects first: it
 /// trims only above half its connection cap, down to a quarter, so joins always find room.
-fn trim_marks(role: Role, target_peers: usize, max_established: u32) -> (usize, usize) {
+pub(super) fn trim_marks(role: Role, target_peers: usize, max_established: u32) -> (usize, usize) {
     match role {
         Role::Bootstrap => {
             let cap = max_established as usize;

@@ -81,12 +81,12 @@ fn validate_advert(ctx: &mut Context, source: PeerId, data: &[u8]) -> MessageAcc
             return MessageAcceptance::Ignore;
         }
     };
-    let provider = advert.body().provider;
+    let (provider, seq) = (advert.body().provider, advert.body().seq);
     let result = ctx.store().insert(advert, now_unix_ms());
     match result {
         Ok(outcome) => {
             ctx.metrics.adverts_accepted.inc();
-            ctx.emit(NodeEvent::AdvertStored { provider, outcome });
+            ctx.emit(NodeEvent::AdvertStored { provider, seq, outcome, at: std::time::Instant::now() });
             MessageAcceptance::Accept
         }
         Err(e) => {

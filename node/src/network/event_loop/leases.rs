@@ -52,6 +52,8 @@ impl Leases {
         message: LeaseMessage,
         reply: Reply<Vec<u8>>,
     ) {
+        // A lease dial is never one of discovery's, whatever the node's connections.
+        ctx.swarm.behaviour_mut().dial_budget.want(peer);
         let id = ctx.swarm.behaviour_mut().lease.send_request_with_addresses(&peer, message, addrs);
         self.calls.insert(id, peer, reply);
     }

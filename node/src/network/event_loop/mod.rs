@@ -64,6 +64,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
     let store: SharedStore = Arc::new(Mutex::new(AdvertStore::new()));
     let list_blocked: ListBlocked = Default::default();
     let metrics = config.metrics.clone().unwrap_or_default();
+    swarm.behaviour_mut().dial_budget.count_refusals_in(metrics.discovery_dials_refused.clone());
     let mut event_loop = EventLoop {
         ctx: Context {
             swarm,

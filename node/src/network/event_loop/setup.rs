@@ -25,7 +25,9 @@ pub(super) fn build_swarm(config: &NodeConfig) -> Result<Swarm<PeervmBehaviour>,
         .with_quic()
         .with_dns()
         .map_err(|e| NetworkError::Build(e.to_string()))?
-        .with_behaviour(|key| PeervmBehaviour::new(key, &config.caps, config.keepalive, serve_leases))
+        .with_behaviour(|key| {
+            PeervmBehaviour::new(key, &config.caps, config.keepalive, serve_leases, dial_budget(config))
+        })
         .map_err(|e| NetworkError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
@@ -37,6 +39,12 @@ pub(super) fn build_swarm(config: &NodeConfig) -> Result<Swarm<PeervmBehaviour>,
     swarm.behaviour_mut().gossipsub.subscribe(&advert_topic()).map_err(|e| NetworkError::Build(e.to_string()))?;
     swarm.behaviour_mut().gossipsub.subscribe(&blocklist_topic()).map_err(|e| NetworkError::Build(e.to_string()))?;
     Ok(swarm)
+}
+
+/// The connections a node's peer discovery may take it to (`dial_budget.rs`): the number
+/// above which it trims, so a walk never opens connections only to have them trimmed.
+fn dial_budget(config: &NodeConfig) -> usize {
+    super::connections::trim_marks(config.role, config.target_peers, config.caps.max_established).0
 }
 
 /// Starts every listener and waits until each has reported its addresses, so the caller

@@ -123,9 +123,9 @@ impl Syncs {
             for result in verify_batch::<Advertisement>(&refs) {
                 match result {
                     Ok(advert) => {
-                        let provider = advert.body().provider;
+                        let (provider, seq) = (advert.body().provider, advert.body().seq);
                         match store.insert(advert, now) {
-                            Ok(outcome) => stored.push((provider, outcome)),
+                            Ok(outcome) => stored.push((provider, seq, outcome, std::time::Instant::now())),
                             Err(e) => {
                                 ctx.metrics.rejected(e.reason());
                                 if e.is_misbehaviour() {
@@ -153,8 +153,8 @@ impl Syncs {
         ctx.metrics.adverts_accepted.inc_by(stored.len() as u64);
         // Sync results are stored but never re-gossiped (docs/protocol.md, "Batch
         // verification").
-        for (provider, outcome) in stored {
-            ctx.emit(NodeEvent::AdvertStored { provider, outcome });
+        for (provider, seq, outcome, at) in stored {
+            ctx.emit(NodeEvent::AdvertStored { provider, seq, outcome, at });
         }
         for _ in 0..invalid.min(MAX_INVALID_COUNTED_PER_PAGE) {
             ctx.invalid(peer, Api::Sync);
