@@ -77,6 +77,37 @@ pub enum VmmError {
     },
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
+    #[error("network namespace {name}: cannot {action}: {source}")]
+    Namespace {
+        name: String,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("link {name}{}: cannot {action}: {source}", in_namespace(netns))]
+    Link {
+        name: String,
+        /// `None`: the host's namespace.
+        netns: Option<String>,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("netlink{}: cannot {action}: {source}", in_namespace(netns))]
+    Netlink {
+        /// `None`: the host's namespace.
+        netns: Option<String>,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("address {addr} on link {link}: cannot add: {source}")]
+    Address {
+        addr: String,
+        link: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cgroup {path}: {reason}")]
     Cgroup { path: PathBuf, reason: String },
     #[error("no usable cgroup hierarchy: {0}")]
@@ -114,6 +145,11 @@ pub enum VmmError {
          fix KVM or allow TCG in the provider config"
     )]
     NoAcceleration { reason: String },
+}
+
+/// " in namespace X" for a link inside a lease namespace, nothing for the host's.
+fn in_namespace(netns: &Option<String>) -> String {
+    netns.as_ref().map_or(String::new(), |ns| format!(" in namespace {ns}"))
 }
 
 /// Bytes as GiB with two decimals, for messages a requestor reads.

@@ -1,4 +1,4 @@
-//! Running the host tools vmm relies on (`ip`, `nft`, `qemu-img`): output captured, a
+//! Running the host tools vmm relies on (`nft`, `tc`, `qemu-img`): output captured, a
 //! deadline on each, and a failure reported with the command line and its stderr.
 
 use std::process::Stdio;

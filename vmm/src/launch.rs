@@ -16,18 +16,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 use crate::qemu_user::QemuUser;
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
+use crate::tap::{IfReq, TUNSETIFF};
 
 /// A tap device to open inside the namespace and hand to QEMU as descriptor `fd`.
 pub(crate) struct TapAttach {
@@ -71,15 +60,7 @@ impl Launch<'_> {
         let procs: Vec<RawFd> = self.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
         let inherit: Vec<RawFd> = self.inherit.iter().map(|f| f.as_raw_fd()).collect();
         let tap: Option<(IfReq, RawFd)> = match &self.tap {
-            Some(t) => {
-                let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
-                let n = t.name.as_bytes();
-                if n.len() >= req.name.len() {
-                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "tap name too long"));
-                }
-                req.name[..n.len()].copy_from_slice(n);
-                Some((req, t.placeholder.as_raw_fd()))
-            }
+            Some(t) => Some((IfReq::tap(&t.name)?, t.placeholder.as_raw_fd())),
             None => None,
         };
         let tun_path = CString::new("/dev/net/tun").map_err(io::Error::other)?;

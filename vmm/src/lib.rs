@@ -18,6 +18,8 @@ pub mod hypervisor;
 pub mod image;
 mod launch;
 pub mod lease_id;
+mod netlink;
+mod netns;
 pub mod network;
 pub mod procfs;
 pub mod qemu;
@@ -27,6 +29,7 @@ pub mod readiness;
 pub mod seed;
 mod shaping;
 pub mod spec;
+mod tap;
 mod traffic;
 mod user_name;
 

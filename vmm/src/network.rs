@@ -21,9 +21,10 @@ use std::str::FromStr;
 use crate::error::VmmError;
 use crate::host_command::run;
 use crate::lease_id::LeaseId;
-use crate::procfs;
+use crate::netlink::Netlink;
 use crate::shaping::{self, BandwidthLimits};
 use crate::spec::EgressPolicy;
+use crate::{netns, procfs, tap};
 
 /// Destinations a guest never reaches, under either egress policy: "this network",
 /// RFC 1918, CGNAT, loopback, link-local (incl. the cloud metadata address
@@ -245,30 +246,36 @@ impl LeaseNetwork {
     pub async fn setup(&self) -> Result<(), VmmError> {
         let ns = self.netns.as_str();
         let hif = self.host_if.as_str();
-        run("ip", &["netns", "add", ns], None).await?;
+        netns::create(ns).await?;
+        let host = Netlink::host()?;
         // the peer is created directly inside the lease namespace: no temporary name
         // in the host namespace to leak
-        run("ip", &["link", "add", hif, "type", "veth", "peer", "name", NS_UPLINK, "netns", ns], None).await?;
+        host.add_veth_into(hif, NS_UPLINK, &netns::open(ns)?).await?;
         // no IPv6 on the host end: the guest must not reach the host over link-local v6
         set_sysctl(&format!("net/ipv6/conf/{hif}/disable_ipv6"), "1");
-        let host_cidr = format!("{}/{SLOT_PREFIX_LEN}", self.addrs.host);
-        run("ip", &["addr", "add", &host_cidr, "dev", hif], None).await?;
-        run("ip", &["link", "set", hif, "up"], None).await?;
+        let index = host.index(hif).await?;
+        host.add_address(hif, index, self.addrs.host, SLOT_PREFIX_LEN).await?;
+        host.set(hif, None, true).await?;
         if self.egress == EgressPolicy::PublicOnly {
             // per-interface forwarding: the host's global ip_forward is left alone; the
             // uplink's forwarding is the operator's decision (docs/vmm.md)
             set_sysctl(&format!("net/ipv4/conf/{hif}/forwarding"), "1");
         }
-        let batch = format!(
-            "link add {NS_BRIDGE} type bridge\n\
-             link set {NS_UPLINK} master {NS_BRIDGE}\n\
-             tuntap add dev {NS_TAP} mode tap vnet_hdr\n\
-             link set {NS_TAP} master {NS_BRIDGE}\n\
-             link set {NS_UPLINK} up\n\
-             link set {NS_TAP} up\n\
-             link set {NS_BRIDGE} up\n"
-        );
-        run("ip", &["-n", ns, "-batch", "-"], Some(batch.as_bytes())).await?;
+        let in_ns = ns.to_string();
+        netns::enter(ns, move || {
+            tap::create_persistent(NS_TAP).map_err(|source| VmmError::Link {
+                name: NS_TAP.into(),
+                netns: Some(in_ns),
+                action: "create (tap)",
+                source,
+            })
+        })
+        .await?;
+        let inside = Netlink::inside(ns).await?;
+        inside.add_bridge(NS_BRIDGE).await?;
+        let bridge = inside.index(NS_BRIDGE).await?;
+        inside.set(NS_UPLINK, Some(bridge), true).await?;
+        inside.set(NS_TAP, Some(bridge), true).await?;
         // on the veth pair: gone with it (docs/vmm.md "Bandwidth limits")
         shaping::apply(self.limits, ns, NS_UPLINK, hif).await?;
         run("nft", &["-f", "-"], Some(self.nft_ruleset().as_bytes())).await?;
@@ -349,37 +356,46 @@ pub(crate) async fn teardown_names(
     {
         first_error.get_or_insert(e);
     }
+    // the namespace takes the veth pair with it, once nothing holds it any more
     if let Some(ns) = netns
-        && list_netns().await?.iter().any(|x| x == ns)
-        && let Err(e) = run("ip", &["netns", "delete", ns], None).await
+        && let Err(e) = netns::delete(ns).await
     {
         first_error.get_or_insert(e);
     }
+    // a veth whose peer never reached the namespace, or one the kernel has not freed yet
     if let Some(h) = host_if
-        && list_links().await?.iter().any(|x| x == h)
-        && let Err(e) = run("ip", &["link", "delete", h], None).await
+        && let Err(e) = async { Netlink::host()?.delete(h).await }.await
     {
         first_error.get_or_insert(e);
     }
     first_error.map_or(Ok(()), Err)
 }
 
-/// Names of the network namespaces (`ip netns list`).
-pub(crate) async fn list_netns() -> Result<Vec<String>, VmmError> {
-    let out = run("ip", &["netns", "list"], None).await?;
-    Ok(out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect())
-}
-
-/// Names of the host namespace's interfaces.
-pub(crate) async fn list_links() -> Result<Vec<String>, VmmError> {
-    let out = run("ip", &["-o", "link", "show"], None).await?;
-    Ok(out.lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap_or(n).to_string()).collect())
-}
-
 /// Names of the `inet` nft tables.
 pub(crate) async fn list_tables() -> Result<Vec<String>, VmmError> {
     let out = run("nft", &["list", "tables", "inet"], None).await?;
     Ok(out.lines().filter_map(|l| l.strip_prefix("table inet ")).map(|s| s.trim().to_string()).collect())
+}
+
+/// Sets up the network of `lease` alone (no bandwidth limits), as a lease start does.
+/// Not for the node: for vmm/examples/netns_bench.rs (BENCHMARKS.md) and
+/// vmm/tests/network_sweep.rs.
+#[doc(hidden)]
+pub async fn setup_lease_network(
+    names: &NamePrefix,
+    lease: &LeaseId,
+    addrs: SlotAddrs,
+    egress: EgressPolicy,
+    pool: AddressPool,
+) -> Result<(), VmmError> {
+    LeaseNetwork::new(names, lease, addrs, egress, pool).setup().await
+}
+
+/// Removes what `setup_lease_network` made, as a lease's teardown does.
+#[doc(hidden)]
+pub async fn teardown_lease_network(names: &NamePrefix, lease: &LeaseId) -> Result<(), VmmError> {
+    let name = names.lease_name(lease);
+    teardown_names(Some(&name), Some(&name), Some(&names.host_if(lease))).await
 }
 
 fn set_sysctl(name: &str, value: &str) {

@@ -5,8 +5,8 @@
 use super::QemuHypervisor;
 use super::lease_dir::{read_record, write_record};
 use crate::error::VmmError;
-use crate::host_command::run;
 use crate::lease_id::LeaseId;
+use crate::netlink::Netlink;
 
 impl QemuHypervisor {
     pub(super) async fn isolate_lease(&self, lease: LeaseId) -> Result<(), VmmError> {
@@ -19,7 +19,7 @@ impl QemuHypervisor {
             write_record(&rt.dir, &record)?;
         }
         let host_if = self.inner.config.names.host_if(&lease);
-        run("ip", &["link", "set", &host_if, "down"], None).await?;
+        Netlink::host()?.set(&host_if, None, false).await?;
         tracing::warn!(%lease, "guest isolated: no network until it is stopped");
         Ok(())
     }

@@ -128,8 +128,7 @@ pub(super) fn spawn_qemu(
         .mode(0o600)
         .open(&console_path)
         .map_err(|e| VmmError::io("cannot create", &console_path, e))?;
-    let netns_path = format!("/run/netns/{}", network.netns);
-    let netns = File::open(&netns_path).map_err(|e| VmmError::io("cannot open", &netns_path, e))?;
+    let netns = crate::netns::open(&network.netns)?;
     let procs = cgroup.open_procs_files()?;
     let tap_placeholder = reserve_fd().map_err(|e| spawn_err("cannot reserve a descriptor", e))?;
 

@@ -18,8 +18,9 @@ use crate::forward::{ForwardCounters, SshForwarder};
 use crate::host_command::run;
 use crate::hypervisor::{ReconcileReport, RunningVm};
 use crate::lease_id::LeaseId;
-use crate::network;
-use crate::procfs;
+use crate::netlink::Netlink;
+use crate::network::{self, NamePrefix};
+use crate::{netns, procfs};
 
 impl QemuHypervisor {
     pub(super) async fn reconcile_leases(&self, live: &[LeaseId]) -> Result<ReconcileReport, VmmError> {
@@ -84,7 +85,7 @@ impl QemuHypervisor {
         }
         let name = cfg.names.lease_name(&lease);
         let cgroup = self.lease_cgroup(&lease);
-        let intact = network::list_netns().await.ok()?.contains(&name)
+        let intact = netns::list().ok()?.contains(&name)
             && network::list_tables().await.ok()?.contains(&name)
             && cgroup.procs().contains(&pid);
         if !intact {
@@ -99,7 +100,7 @@ impl QemuHypervisor {
         let forwarder = if record.isolated {
             // an isolated guest stays cut off: no SSH port, its link down (isolate.rs)
             let host_if = cfg.names.host_if(&lease);
-            if let Err(e) = run("ip", &["link", "set", &host_if, "down"], None).await {
+            if let Err(e) = async { Netlink::host()?.set(&host_if, None, false).await }.await {
                 tracing::warn!(%lease, error = %e, "cannot keep the isolated guest's link down: not adopting");
                 return None;
             }
@@ -172,21 +173,27 @@ impl QemuHypervisor {
             }
             Err(e) => report.failed.push(format!("listing nft tables: {e}")),
         }
-        match network::list_netns().await {
+        match netns::list() {
             Ok(all) => {
                 for ns in all.iter().filter(|n| unowned(n)) {
-                    remove_object(report, format!("netns {ns}"), "ip", &["netns", "delete", ns]).await;
+                    record(report, format!("netns {ns}"), netns::delete(ns).await);
                 }
             }
             Err(e) => report.failed.push(format!("listing network namespaces: {e}")),
         }
-        match network::list_links().await {
-            Ok(links) => {
-                for link in links {
-                    if let Some(short) = names.parse_host_if(&link)
-                        && !owned.iter().any(|l| l.short_hex(12) == short)
-                    {
-                        remove_object(report, format!("link {link}"), "ip", &["link", "delete", &link]).await;
+        let links = async {
+            let host = Netlink::host()?;
+            let names = host.link_names().await?;
+            Ok::<_, VmmError>((host, names))
+        };
+        match links.await {
+            Ok((host, links)) => {
+                for link in unowned_host_ifs(names, &owned, &links) {
+                    // gone already (with its namespace) is not a failure, and not a removal
+                    match host.delete(link).await {
+                        Ok(true) => report.removed_objects.push(format!("link {link}")),
+                        Ok(false) => {}
+                        Err(e) => report.failed.push(format!("link {link}: {e}")),
                     }
                 }
             }
@@ -206,8 +213,48 @@ impl QemuHypervisor {
 
 /// Runs a removal command and records the outcome in the report.
 async fn remove_object(report: &mut ReconcileReport, what: String, program: &str, args: &[&str]) {
-    match run(program, args, None).await {
-        Ok(_) => report.removed_objects.push(what),
+    record(report, what, run(program, args, None).await.map(drop));
+}
+
+/// Records the outcome of a removal in the report.
+fn record(report: &mut ReconcileReport, what: String, result: Result<(), VmmError>) {
+    match result {
+        Ok(()) => report.removed_objects.push(what),
         Err(e) => report.failed.push(format!("{what}: {e}")),
+    }
+}
+
+/// The host interfaces among `links` that carry the short prefix and belong to none of
+/// the `owned` leases.
+fn unowned_host_ifs<'a>(names: &NamePrefix, owned: &[LeaseId], links: &'a [String]) -> Vec<&'a str> {
+    links
+        .iter()
+        .map(String::as_str)
+        .filter(|link| names.parse_host_if(link).is_some_and(|short| !owned.iter().any(|l| l.short_hex(12) == short)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_takes_unowned_host_ifs_of_its_prefix_only() {
+        let names = NamePrefix::new("pvtest", "pt").unwrap();
+        let owned = LeaseId::from_bytes([0xab; 16]);
+        let links: Vec<String> = [
+            "lo",
+            "eth0",
+            "ptabababababab",
+            "pt0123456789ab",
+            "pt0123456789a",
+            "pt0123456789abc",
+            "pv0123456789ab",
+            "ptXYZ456789abc",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        assert_eq!(unowned_host_ifs(&names, &[owned], &links), ["pt0123456789ab"]);
+        assert_eq!(unowned_host_ifs(&names, &[], &links), ["ptabababababab", "pt0123456789ab"]);
     }
 }
