@@ -9,10 +9,11 @@
 //! simulated swarm"): the handshakes kept both cores busy, and the descriptors ran out.
 //!
 //! This behaviour refuses, before any socket is opened, an outbound dial the node did not
-//! ask for by name once the node's connections (open ones and admitted dials under way)
-//! reach its budget. Kademlia takes the refusal as a failed peer and finishes its walk
-//! with the peers it can reach, so a walk never takes a node past the number of peers it
-//! trims down to. The dials the node makes on purpose are never refused: bootstrap nodes,
+//! ask for by name once the node's connections (open ones and admitted dials under way,
+//! either direction) reach its budget, its `target_peers`. Kademlia takes the refusal as
+//! a failed peer and finishes its walk with the peers it can reach, so a walk never takes
+//! a node past its target, and the room up to the trim mark (twice the target) is left
+//! for the connections other nodes open to it. The dials the node makes on purpose are never refused: bootstrap nodes,
 //! lease requests, an operator's `dial`, and the peers chosen to reach `target_peers`
 //! (the event loop names them with [`Behaviour::want`] first). Incoming connections are
 //! not this behaviour's concern: `connection_limits` caps them, trimming thins them.

@@ -288,7 +288,7 @@ impl Connections {
 /// When a node trims its connections (see `Connections::trim`): above twice its target,
 /// down to the target. A bootstrap node is where every joining node connects first: it
 /// trims only above half its connection cap, down to a quarter, so joins always find room.
-pub(super) fn trim_marks(role: Role, target_peers: usize, max_established: u32) -> (usize, usize) {
+fn trim_marks(role: Role, target_peers: usize, max_established: u32) -> (usize, usize) {
     match role {
         Role::Bootstrap => {
             let cap = max_established as usize;

@@ -41,10 +41,13 @@ pub(super) fn build_swarm(config: &NodeConfig) -> Result<Swarm<PeervmBehaviour>,
     Ok(swarm)
 }
 
-/// The connections a node's peer discovery may take it to (`dial_budget.rs`): the number
-/// above which it trims, so a walk never opens connections only to have them trimmed.
+/// The connections a node's peer discovery may take it to (`dial_budget.rs`): its target.
+/// Not its trim mark (twice the target): walks that filled every node to the trim mark
+/// left no room for the connections others open to it, so nodes crossed the mark, trimmed
+/// down to the target, and walked back up, in a cycle that kept a 500-node swarm's CPU
+/// busy (BENCHMARKS.md, "Large simulated swarm").
 fn dial_budget(config: &NodeConfig) -> usize {
-    super::connections::trim_marks(config.role, config.target_peers, config.caps.max_established).0
+    config.target_peers
 }
 
 /// Starts every listener and waits until each has reported its addresses, so the caller
