@@ -198,11 +198,26 @@ pub struct LeaseCgroup {
     layout: CgroupLayout,
     parent: String,
     name: String,
+    /// `(hierarchy root, directory)`: where the lease's cgroup is in that hierarchy when
+    /// someone else placed it (libvirt, docs/vmm.md "The libvirt backend"); other
+    /// hierarchies use `<root>/<parent>/<name>`.
+    placed: Vec<(PathBuf, PathBuf)>,
 }
 
 impl LeaseCgroup {
     pub fn new(layout: CgroupLayout, parent: &str, name: &str) -> Self {
-        LeaseCgroup { layout, parent: parent.to_string(), name: name.to_string() }
+        LeaseCgroup { layout, parent: parent.to_string(), name: name.to_string(), placed: Vec::new() }
+    }
+
+    /// The same cgroup, found at `dir` in the hierarchy mounted at `root`.
+    pub(crate) fn placed_at(mut self, root: PathBuf, dir: PathBuf) -> Self {
+        self.placed.retain(|(r, _)| *r != root);
+        self.placed.push((root, dir));
+        self
+    }
+
+    pub(crate) fn layout(&self) -> &CgroupLayout {
+        &self.layout
     }
 
     pub fn name(&self) -> &str {
@@ -211,11 +226,14 @@ impl LeaseCgroup {
 
     /// The lease's directory in every hierarchy.
     pub fn dirs(&self) -> Vec<PathBuf> {
-        self.layout.roots().into_iter().map(|r| r.join(&self.parent).join(&self.name)).collect()
+        self.layout.roots().iter().map(|r| self.dir_in(r)).collect()
     }
 
-    fn dir_in(&self, root: &Path) -> PathBuf {
-        root.join(&self.parent).join(&self.name)
+    pub(crate) fn dir_in(&self, root: &Path) -> PathBuf {
+        match self.placed.iter().find(|(r, _)| r == root) {
+            Some((_, dir)) => dir.clone(),
+            None => root.join(&self.parent).join(&self.name),
+        }
     }
 
     pub fn exists(&self) -> bool {

@@ -140,6 +140,13 @@ pub enum VmmError {
     },
     #[error(transparent)]
     Helper(#[from] crate::helper::HelperError),
+    #[error("libvirt at {uri}: cannot {action}: {reason}{}", libvirt_hint(reason))]
+    Libvirt { uri: String, action: String, reason: String },
+    #[error(
+        "libvirt domain {name} carries the lease name prefix but was not made by this provider (no peervm \
+         metadata, or persistent): left alone; rename or remove it by hand (virsh undefine/destroy)"
+    )]
+    ForeignDomain { name: String },
     #[error(
         "KVM is unusable ({reason}) and the accel policy does not allow software emulation (TCG); \
          fix KVM or allow TCG in the provider config"
@@ -150,6 +157,19 @@ pub enum VmmError {
 /// " in namespace X" for a link inside a lease namespace, nothing for the host's.
 fn in_namespace(netns: &Option<String>) -> String {
     netns.as_ref().map_or(String::new(), |ns| format!(" in namespace {ns}"))
+}
+
+/// What an operator can do when libvirtd does not answer.
+fn libvirt_hint(reason: &str) -> &'static str {
+    if reason.contains("Failed to connect socket")
+        || reason.contains("No such file")
+        || reason.contains("Connection refused")
+    {
+        " (is libvirtd running? `scripts/install-deps --libvirt` installs and starts it; with systemd: \
+         systemctl start libvirtd)"
+    } else {
+        ""
+    }
 }
 
 /// Bytes as GiB with two decimals, for messages a requestor reads.

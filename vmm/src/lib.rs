@@ -42,7 +42,7 @@ pub use hypervisor::{GuestState, Hypervisor, NetUsage, ReconcileReport, RunningV
 pub use image::{Boot, DiskFormat, DiskRole, GuestImage, MAX_BOOT_DEADLINE_SECS, MachineKind, SeedKind, StockImage};
 pub use lease_id::{LeaseId, LeaseIdError};
 pub use network::{AddressPool, NamePrefix};
-pub use qemu::{QemuHypervisor, VmmConfig};
+pub use qemu::{Backend, QemuHypervisor, VmmConfig};
 pub use qemu_user::{DEFAULT_QEMU_USER, QemuUser};
 pub use shaping::BandwidthLimits;
 pub use spec::{AuthorizedKey, EgressPolicy, HostKeySeed, StartStage, VmSpec};

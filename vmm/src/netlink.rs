@@ -62,6 +62,20 @@ impl Netlink {
         self.handle.link().add(message).execute().await.map_err(|e| self.link_error(name, "create (veth)", e))
     }
 
+    /// Moves the link `name` of this namespace into the namespace `to`, renamed `new_name`
+    /// (`ip link set NAME netns NS name NEW`).
+    pub(crate) async fn move_into(&self, name: &str, to: &File, new_name: &str) -> Result<(), VmmError> {
+        // by index: the name attribute carries the new name
+        let index = self.index(name).await?;
+        let message = LinkUnspec::new_with_index(index).setns_by_fd(to.as_raw_fd()).name(new_name.to_string()).build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|e| self.link_error(name, "move into the lease namespace", e))
+    }
+
     /// Creates the bridge `name`, up.
     pub(crate) async fn add_bridge(&self, name: &str) -> Result<(), VmmError> {
         let message = LinkBridge::new(name).build();

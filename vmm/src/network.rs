@@ -127,14 +127,23 @@ impl NamePrefix {
         format!("{}{}", self.short, lease.short_hex(12))
     }
 
+    /// The lease's tap while it is in the host namespace: the libvirt backend's domain
+    /// opens it there, then vmm moves it into the lease namespace as `tap0`
+    /// (docs/vmm.md "The libvirt backend"). 15 bytes, the most a link name may have.
+    pub fn host_tap(&self, lease: &LeaseId) -> String {
+        format!("{}{}t", self.short, lease.short_hex(12))
+    }
+
     /// The lease a long name belongs to, if it is one of ours.
     pub fn parse_lease_name(&self, name: &str) -> Option<LeaseId> {
         name.strip_prefix(&self.long)?.strip_prefix('-')?.parse().ok()
     }
 
     /// The 12-digit lease prefix of a host interface name, if it is one of ours.
+    /// A host tap's name (`host_tap`) gives the same prefix.
     pub fn parse_host_if<'a>(&self, name: &'a str) -> Option<&'a str> {
         let rest = name.strip_prefix(&self.short)?;
+        let rest = rest.strip_suffix('t').filter(|r| r.len() == 12).unwrap_or(rest);
         (rest.len() == 12 && rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(rest)
     }
 }
@@ -244,6 +253,26 @@ impl LeaseNetwork {
     /// Creates namespace, veth pair, bridge, tap, bandwidth limits and nft table. On
     /// error the caller tears down (every step is undone by `teardown`).
     pub async fn setup(&self) -> Result<(), VmmError> {
+        self.setup_with(true).await
+    }
+
+    /// The same without the tap: the libvirt backend's domain opens a tap in the host
+    /// namespace, which `adopt_host_tap` then moves in.
+    pub async fn setup_without_tap(&self) -> Result<(), VmmError> {
+        self.setup_with(false).await
+    }
+
+    /// Moves the host tap `host_tap` into the lease namespace as `tap0`, on the bridge,
+    /// up: the guest's NIC is then where a QEMU-backend guest's is.
+    pub async fn adopt_host_tap(&self, host_tap: &str) -> Result<(), VmmError> {
+        let ns = self.netns.as_str();
+        Netlink::host()?.move_into(host_tap, &netns::open(ns)?, NS_TAP).await?;
+        let inside = Netlink::inside(ns).await?;
+        let bridge = inside.index(NS_BRIDGE).await?;
+        inside.set(NS_TAP, Some(bridge), true).await
+    }
+
+    async fn setup_with(&self, tap: bool) -> Result<(), VmmError> {
         let ns = self.netns.as_str();
         let hif = self.host_if.as_str();
         netns::create(ns).await?;
@@ -261,21 +290,25 @@ impl LeaseNetwork {
             // uplink's forwarding is the operator's decision (docs/vmm.md)
             set_sysctl(&format!("net/ipv4/conf/{hif}/forwarding"), "1");
         }
-        let in_ns = ns.to_string();
-        netns::enter(ns, move || {
-            tap::create_persistent(NS_TAP).map_err(|source| VmmError::Link {
-                name: NS_TAP.into(),
-                netns: Some(in_ns),
-                action: "create (tap)",
-                source,
+        if tap {
+            let in_ns = ns.to_string();
+            netns::enter(ns, move || {
+                tap::create_persistent(NS_TAP).map_err(|source| VmmError::Link {
+                    name: NS_TAP.into(),
+                    netns: Some(in_ns),
+                    action: "create (tap)",
+                    source,
+                })
             })
-        })
-        .await?;
+            .await?;
+        }
         let inside = Netlink::inside(ns).await?;
         inside.add_bridge(NS_BRIDGE).await?;
         let bridge = inside.index(NS_BRIDGE).await?;
         inside.set(NS_UPLINK, Some(bridge), true).await?;
-        inside.set(NS_TAP, Some(bridge), true).await?;
+        if tap {
+            inside.set(NS_TAP, Some(bridge), true).await?;
+        }
         // on the veth pair: gone with it (docs/vmm.md "Bandwidth limits")
         shaping::apply(self.limits, ns, NS_UPLINK, hif).await?;
         run("nft", &["-f", "-"], Some(self.nft_ruleset().as_bytes())).await?;
@@ -445,6 +478,9 @@ mod tests {
         assert_eq!(p.parse_lease_name("peervm-xyz"), None);
         assert_eq!(p.parse_host_if("pvc3c3c3c3c3c3"), Some("c3c3c3c3c3c3"));
         assert_eq!(p.parse_host_if("pvc3c3"), None);
+        assert_eq!(p.host_tap(&id), "pvc3c3c3c3c3c3t");
+        assert_eq!(p.parse_host_if(&p.host_tap(&id)), Some("c3c3c3c3c3c3"));
+        assert_eq!(p.parse_host_if("pvc3c3c3c3c3c3x"), None);
         assert_eq!(p.parse_host_if("eth0"), None);
         assert!(NamePrefix::new("Peervm", "pv").is_err());
         assert!(NamePrefix::new("pvtest", "ptx").is_err());

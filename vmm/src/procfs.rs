@@ -30,6 +30,11 @@ pub fn process_cmdline(pid: i32) -> Option<Vec<String>> {
 }
 
 /// The mount table of this process.
+/// /proc/<pid>/cgroup: the process's cgroup in each hierarchy.
+pub fn process_cgroups(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()
+}
+
 pub fn self_mountinfo() -> io::Result<String> {
     fs::read_to_string(SELF_MOUNTINFO)
 }

@@ -14,12 +14,49 @@ use crate::qemu_user::DEFAULT_QEMU_USER;
 use crate::shaping::BandwidthLimits;
 use crate::spec::EgressPolicy;
 
+/// Who starts and owns a guest's QEMU process (provider.toml `[hypervisor] backend`;
+/// docs/vmm.md "The libvirt backend"). Everything else of a lease (record, overlay,
+/// seed, cgroup limits, namespace, nftables, forwarder, readiness, teardown, reconcile)
+/// is the same code for both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// vmm forks and execs QEMU itself, with its isolation in place (launch.rs).
+    #[default]
+    Qemu,
+    /// libvirtd at `uri` runs each guest as a transient domain named like the lease, so
+    /// operators see and manage leased guests with `virsh` and their own tooling.
+    Libvirt {
+        /// e.g. `qemu:///system`.
+        uri: String,
+    },
+}
+
+impl Backend {
+    /// libvirt's system daemon, where the libvirt backend goes by default.
+    pub const DEFAULT_LIBVIRT_URI: &'static str = "qemu:///system";
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+            Backend::Libvirt { .. } => "libvirt",
+        }
+    }
+}
+
 /// Configuration of the QEMU backend. `VmmConfig::new` gives the defaults documented in
 /// docs/vmm.md.
 #[derive(Clone, Debug)]
 pub struct VmmConfig {
-    /// Lease directories live in `<state_dir>/leases/<lease hex>/` (0700).
+    /// Lease directories live in `<state_dir>/leases/<lease hex>/` (0700), unless
+    /// `lease_root` says otherwise.
     pub state_dir: PathBuf,
+    /// Who runs QEMU: vmm itself (the default) or libvirtd.
+    pub backend: Backend,
+    /// Where lease directories go instead of `<state_dir>/leases`. The libvirt backend
+    /// needs one the QEMU user can traverse to (libvirt's QEMU opens the overlay and the
+    /// seed by path: docs/vmm.md "The libvirt backend"), which a private state directory
+    /// is not.
+    pub lease_root: Option<PathBuf>,
     /// The accelerator every guest uses (from `select_accel`).
     pub accel: Accel,
     pub qemu_binary: PathBuf,
@@ -70,6 +107,8 @@ impl VmmConfig {
     pub fn new(state_dir: impl Into<PathBuf>, accel: Accel) -> Self {
         VmmConfig {
             state_dir: state_dir.into(),
+            backend: Backend::Qemu,
+            lease_root: None,
             accel,
             qemu_binary: "qemu-system-x86_64".into(),
             qemu_img: "qemu-img".into(),
@@ -91,6 +130,11 @@ impl VmmConfig {
             guest_nameservers: Vec::new(),
             limits: BandwidthLimits::default(),
         }
+    }
+
+    /// The directory lease directories go in.
+    pub fn leases_dir(&self) -> PathBuf {
+        self.lease_root.clone().unwrap_or_else(|| self.state_dir.join("leases"))
     }
 
     /// The resolvers a guest with `egress` is given (see `guest_nameservers`).

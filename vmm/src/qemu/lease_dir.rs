@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -74,11 +74,6 @@ impl LeaseRecord {
     }
 }
 
-/// `<state dir>/leases`.
-pub(super) fn leases_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("leases")
-}
-
 /// Creates a directory 0700 (and its parents, also 0700): modes are set at creation,
 /// never fixed up afterwards (docs/vmm.md "Per-lease files"; SECURITY.md invariant 10).
 pub(super) fn create_private_dir(path: &Path) -> Result<(), VmmError> {
@@ -87,6 +82,53 @@ pub(super) fn create_private_dir(path: &Path) -> Result<(), VmmError> {
         .mode(0o700)
         .create(path)
         .map_err(|e| VmmError::io("cannot create directory", path, e))
+}
+
+/// Creates a directory (not its parents) that only root may list and the QEMU user's
+/// group may only traverse: 0710 root:`gid`. For the libvirt backend, whose QEMU opens
+/// the lease's overlay and seed by path (docs/vmm.md "The libvirt backend"). Mode and
+/// group are set right after mkdir, before anything is in it, because the process umask
+/// (077 in the VMM helper) would strip the group bit from the mode given to mkdir.
+pub(super) fn create_traversable_dir(path: &Path, gid: u32) -> Result<(), VmmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e| VmmError::io("cannot create directory", path, e);
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
+        Err(e) => return Err(err(e)),
+    }
+    std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o710)).map_err(err)
+}
+
+/// Whether `user` can traverse every directory down to `dir` (execute permission as
+/// owner, group member or other): the libvirt backend's QEMU must reach its lease's files.
+pub(super) fn check_traversable(dir: &Path, user: &crate::qemu_user::QemuUser) -> Result<(), VmmError> {
+    use std::os::unix::fs::MetadataExt;
+    for d in dir.ancestors().filter(|d| !d.as_os_str().is_empty()) {
+        let m = fs::metadata(d).map_err(|e| VmmError::io("cannot inspect", d, e))?;
+        let mode = m.mode();
+        let ok = if m.uid() == user.uid {
+            mode & 0o100 != 0
+        } else if user.groups.contains(&m.gid()) || m.gid() == user.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !ok {
+            return Err(VmmError::InvalidConfig(format!(
+                "the libvirt backend's lease directory {} is below {}, which the QEMU user {} cannot traverse \
+                 (mode {:o}); choose another [hypervisor] libvirt_lease_dir, or give {} execute permission for \
+                 that user",
+                dir.display(),
+                d.display(),
+                user.name,
+                mode & 0o7777,
+                d.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Creates an empty file 0600; fails if it exists.

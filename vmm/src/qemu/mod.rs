@@ -17,11 +17,25 @@
 //! - `throttle`: holding a running guest's outbound traffic to a low rate
 //! - `teardown`: stop, and removal of everything a lease has
 //! - `reconcile`: after a restart: re-adopt or clean up, then sweep strays
+//!
+//! The libvirt backend (`Backend::Libvirt`, docs/vmm.md "The libvirt backend") is this
+//! same machinery with libvirtd as the one who starts QEMU:
+//!
+//! - `libvirt`: the connection to libvirtd and the domain operations (feature `libvirt`)
+//! - `domain_xml`: a lease's transient domain
+//! - `domain_boot`: start: the domain, paused, its limits and tap, then resumed
+//! - `domain_cgroup`: where libvirt placed QEMU in the cgroup tree, as the lease cgroup
 
 mod command_line;
 mod config;
+#[cfg(feature = "libvirt")]
+mod domain_boot;
+mod domain_cgroup;
+mod domain_xml;
 mod isolate;
 mod lease_dir;
+#[cfg(feature = "libvirt")]
+mod libvirt;
 mod process;
 mod provision;
 mod reconcile;
@@ -33,9 +47,9 @@ mod throttle;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use config::VmmConfig;
+pub use config::{Backend, VmmConfig};
 
-use self::lease_dir::{create_private_dir, leases_dir};
+use self::lease_dir::create_private_dir;
 use self::registry::Registry;
 use crate::accel::Accel;
 use crate::cgroup::{CPU_PERIOD_US, CgroupLayout, CgroupLimits, LeaseCgroup};
@@ -56,6 +70,14 @@ struct Inner {
     user: QemuUser,
     cgroups: CgroupLayout,
     leases: Registry,
+    runner: Runner,
+}
+
+/// Who starts a guest's QEMU (`VmmConfig::backend`).
+enum Runner {
+    Direct,
+    #[cfg(feature = "libvirt")]
+    Libvirt(libvirt::Libvirt),
 }
 
 impl QemuHypervisor {
@@ -77,8 +99,40 @@ impl QemuHypervisor {
             Some(c) => c.clone(),
             None => CgroupLayout::detect()?,
         };
-        create_private_dir(&leases_dir(&config.state_dir))?;
-        Ok(QemuHypervisor { inner: Arc::new(Inner { config, user, cgroups, leases: Registry::default() }) })
+        let runner = match &config.backend {
+            Backend::Qemu => {
+                create_private_dir(&config.leases_dir())?;
+                Runner::Direct
+            }
+            Backend::Libvirt { uri } => Self::libvirt_runner(&config, &user, uri)?,
+        };
+        Ok(QemuHypervisor { inner: Arc::new(Inner { config, user, cgroups, leases: Registry::default(), runner }) })
+    }
+
+    /// Connects to libvirtd (and has it probe QEMU now, not at the first lease), and makes
+    /// the lease root one the QEMU user can traverse to: libvirt's QEMU opens the
+    /// overlay and the seed by path (docs/vmm.md "The libvirt backend").
+    #[cfg(feature = "libvirt")]
+    fn libvirt_runner(config: &VmmConfig, user: &QemuUser, uri: &str) -> Result<Runner, VmmError> {
+        let root = config.leases_dir();
+        if let Some(parent) = root.parent() {
+            create_private_dir(parent)?;
+        }
+        self::lease_dir::create_traversable_dir(&root, user.gid)?;
+        self::lease_dir::check_traversable(&root, user)?;
+        Ok(Runner::Libvirt(libvirt::Libvirt::connect(uri)?))
+    }
+
+    #[cfg(not(feature = "libvirt"))]
+    fn libvirt_runner(_: &VmmConfig, _: &QemuUser, _: &str) -> Result<Runner, VmmError> {
+        Err(VmmError::InvalidConfig(
+            "[hypervisor] backend = \"libvirt\", but this build has no libvirt support (vmm feature `libvirt`)".into(),
+        ))
+    }
+
+    /// Which backend runs the guests.
+    pub fn backend(&self) -> &Backend {
+        &self.inner.config.backend
     }
 
     pub fn config(&self) -> &VmmConfig {
@@ -107,20 +161,22 @@ impl QemuHypervisor {
             return Err(VmmError::InvalidSpec(format!("cpu quota {c} is not a positive number of cores")));
         }
         let rt = self.inner.leases.running(lease)?;
+        // the domain's own cgroup for the libvirt backend (domain_cgroup.rs), where its
+        // <cputune> global quota is
         rt.cgroup.set_cpu_quota(cores.map(CgroupLimits::quota_for_cores), CPU_PERIOD_US)
     }
 
     /// The leases this host has a directory for: what a VMM helper re-adopts at its
     /// start (`reconcile` with all of them keeps every guest still alive).
     pub fn recorded_leases(&self) -> Result<Vec<LeaseId>, VmmError> {
-        let dir = leases_dir(&self.inner.config.state_dir);
+        let dir = self.inner.config.leases_dir();
         let entries = std::fs::read_dir(&dir).map_err(|e| VmmError::io("cannot list", &dir, e))?;
         Ok(entries.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect())
     }
 
     /// The lease's directory (state file, overlay, seed disk, console log).
     pub fn lease_dir(&self, lease: LeaseId) -> PathBuf {
-        leases_dir(&self.inner.config.state_dir).join(lease.hex())
+        self.inner.config.leases_dir().join(lease.hex())
     }
 
     fn lease_cgroup(&self, lease: &LeaseId) -> LeaseCgroup {

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
-use super::QemuHypervisor;
 use super::lease_dir::{
     CONSOLE_FILE, LeaseRecord, OVERLAY_FILE, QMP_FILE, RecordState, SEED_FILE, UEFI_VARS_FILE, console_tail,
-    create_private_dir, create_private_file, write_record,
+    create_private_dir, create_private_file, create_traversable_dir, write_record,
 };
 use super::process::{GuestProcess, spawn_qemu};
 use super::registry::LeaseRuntime;
+use super::{QemuHypervisor, Runner};
 use crate::error::VmmError;
 use crate::firmware::{Firmware, OVMF_VARS};
 use crate::forward::{ForwardCounters, SshForwarder};
@@ -79,7 +79,14 @@ impl QemuHypervisor {
             .map_err(|e| VmmError::InvalidSpec(format!("image check did not finish: {e}")))??;
 
         let dir = self.lease_dir(lease);
-        create_private_dir(&dir)?;
+        let libvirt = !matches!(self.inner.runner, Runner::Direct);
+        if libvirt {
+            // libvirt's QEMU opens the overlay and the seed by path: the QEMU user must
+            // traverse the lease directory (docs/vmm.md "The libvirt backend")
+            create_traversable_dir(&dir, self.inner.user.gid)?;
+        } else {
+            create_private_dir(&dir)?;
+        }
         let mut record = LeaseRecord {
             version: LeaseRecord::new_version(),
             lease,
@@ -154,12 +161,24 @@ impl QemuHypervisor {
             },
         )?;
 
+        let limits = cfg.limits_for(spec.vcpus, spec.memory_mib, spec.cpu_cores());
         let cgroup = self.lease_cgroup(&lease);
-        cgroup.create(&cfg.limits_for(spec.vcpus, spec.memory_mib, spec.cpu_cores()))?;
-
         let network =
             LeaseNetwork::new(&cfg.names, &lease, addrs, spec.egress, cfg.address_pool).with_limits(cfg.limits);
-        network.setup().await?;
+        if libvirt {
+            // libvirt places the domain's cgroup itself (domain_boot.rs); the domain
+            // opens a tap in the host namespace, moved into the namespace once it holds it
+            for file in [&overlay, &seed] {
+                self.give_to_qemu_user(file)?;
+            }
+            if let Boot::Firmware(Firmware::Uefi) = spec.image.boot() {
+                self.give_to_qemu_user(&dir.join(UEFI_VARS_FILE))?;
+            }
+            network.setup_without_tap().await?;
+        } else {
+            cgroup.create(&limits)?;
+            network.setup().await?;
+        }
         // ARP retries every 100 ms instead of 1 s: the readiness check reaches the
         // guest sooner once its interface is up
         let _ = procfs::write_sysctl(&format!("net/ipv4/neigh/{}/retrans_time_ms", network.host_if), "100");
@@ -172,14 +191,25 @@ impl QemuHypervisor {
         let exposed = start_exposed(cfg.ssh_listen, addrs.guest, &record.exposed).await?;
         let t_provisioned = t0.elapsed();
 
-        let child = spawn_qemu(cfg, &self.inner.user, spec, &dir, &network, &cgroup, mac)?;
+        let (process, pid, cgroup) = match &self.inner.runner {
+            Runner::Direct => {
+                let child = spawn_qemu(cfg, &self.inner.user, spec, &dir, &network, &cgroup, mac)?;
+                let pid = child
+                    .id()
+                    .map(|p| p as i32)
+                    .ok_or_else(|| VmmError::Spawn { lease, reason: "QEMU exited at once".into() })?;
+                (GuestProcess::Child(child), pid, cgroup)
+            }
+            #[cfg(feature = "libvirt")]
+            Runner::Libvirt(lv) => {
+                let booted = self.boot_domain(lv, spec, &dir, &network, mac, &limits).await?;
+                let start_ticks = procfs::process_start_ticks(booted.pid).unwrap_or_default();
+                (GuestProcess::Adopted { pid: booted.pid, start_ticks }, booted.pid, booted.cgroup)
+            }
+        };
         if let Some(progress) = &spec.progress {
             let _ = progress.send(StartStage::Booting);
         }
-        let pid = child
-            .id()
-            .map(|p| p as i32)
-            .ok_or_else(|| VmmError::Spawn { lease, reason: "QEMU exited at once".into() })?;
         record.state = RecordState::Running;
         record.pid = Some(pid);
         record.pid_start_ticks = procfs::process_start_ticks(pid);
@@ -188,7 +218,7 @@ impl QemuHypervisor {
         let rt = Arc::new(LeaseRuntime {
             record,
             dir: dir.clone(),
-            process: tokio::sync::Mutex::new(GuestProcess::Child(child)),
+            process: tokio::sync::Mutex::new(process),
             forwarder: Mutex::new(Some(forwarder)),
             exposed: Mutex::new(exposed),
             counters,
@@ -212,19 +242,30 @@ impl QemuHypervisor {
             accel = %cfg.accel, "guest ready");
 
         // The console has served its purpose (boot diagnostics): from here on a guest
-        // writing to its serial port must not fill the provider's disk.
-        if let Err(e) = qmp::execute(
-            &dir.join(QMP_FILE),
-            "chardev-change",
-            Some(json!({"id": "console", "backend": {"type": "null", "data": {}}})),
-        )
-        .await
+        // writing to its serial port must not fill the provider's disk. (Under libvirt,
+        // virtlogd rotates the console log at its size limit instead: domain_xml.rs.)
+        if !libvirt
+            && let Err(e) = qmp::execute(
+                &dir.join(QMP_FILE),
+                "chardev-change",
+                Some(json!({"id": "console", "backend": {"type": "null", "data": {}}})),
+            )
+            .await
         {
             tracing::warn!(%lease, error = %e, "cannot detach the serial console log");
         }
 
         let _ = rt.boot_time.set(boot_time);
         Ok(rt)
+    }
+}
+
+impl QemuHypervisor {
+    /// Hands a lease file to the QEMU user (libvirt backend: its QEMU opens the file by
+    /// path; libvirt itself is told to chown nothing). The mode stays 0600.
+    fn give_to_qemu_user(&self, path: &std::path::Path) -> Result<(), VmmError> {
+        let u = &self.inner.user;
+        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| VmmError::io("cannot chown", path, e))
     }
 }
 

@@ -8,10 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use super::QemuHypervisor;
-use super::lease_dir::{LeaseRecord, RecordState, leases_dir, read_record};
+use super::lease_dir::{LeaseRecord, RecordState, read_record};
 use super::process::{GuestProcess, find_guest_processes, wait_gone};
 use super::registry::LeaseRuntime;
+use super::{QemuHypervisor, Runner};
 use crate::cgroup::LeaseCgroup;
 use crate::error::VmmError;
 use crate::forward::{ForwardCounters, SshForwarder};
@@ -40,7 +40,7 @@ impl QemuHypervisor {
                 Err(e) => report.failed.push(format!("lease {lease}: {e}")),
             }
         }
-        let dir = leases_dir(&cfg.state_dir);
+        let dir = cfg.leases_dir();
         let entries = fs::read_dir(&dir).map_err(|e| VmmError::io("cannot list", &dir, e))?;
         for e in entries.flatten() {
             let Some(lease) = e.file_name().to_str().and_then(|s| s.parse::<LeaseId>().ok()) else {
@@ -84,7 +84,13 @@ impl QemuHypervisor {
             return None;
         }
         let name = cfg.names.lease_name(&lease);
-        let cgroup = self.lease_cgroup(&lease);
+        let cgroup = match self.adoptable_cgroup(lease, pid).await {
+            Some(cg) => cg,
+            None => {
+                tracing::warn!(%lease, "guest is alive but its domain is not this provider's: not adopting it");
+                return None;
+            }
+        };
         let intact = netns::list().ok()?.contains(&name)
             && network::list_tables().await.ok()?.contains(&name)
             && cgroup.procs().contains(&pid);
@@ -146,15 +152,78 @@ impl QemuHypervisor {
         Some(vm)
     }
 
+    /// The lease cgroup of a guest to re-adopt: the plain one for the QEMU backend; for
+    /// libvirt, where libvirt placed the domain's QEMU (`None` unless the domain is there
+    /// and ours).
+    async fn adoptable_cgroup(&self, lease: LeaseId, pid: i32) -> Option<LeaseCgroup> {
+        match &self.inner.runner {
+            Runner::Direct => {
+                let _ = pid;
+                Some(self.lease_cgroup(&lease))
+            }
+            #[cfg(feature = "libvirt")]
+            Runner::Libvirt(lv) => {
+                let name = self.inner.config.names.lease_name(&lease);
+                match lv.find(&name, &lease.hex()).await {
+                    Ok(Some(d)) if d.ours => {}
+                    _ => return None,
+                }
+                super::domain_cgroup::domain_cgroup(self.lease_cgroup(&lease), pid).ok().map(|(cg, _)| cg)
+            }
+        }
+    }
+
+    /// libvirt backend: destroys the domains with our prefix that are ours and belong to
+    /// no lease; reports those that are not ours and leaves them (their names, whose
+    /// QEMU the process sweep must not touch either).
+    async fn sweep_domains(&self, report: &mut ReconcileReport) -> Vec<String> {
+        match &self.inner.runner {
+            Runner::Direct => {
+                let _ = report;
+                Vec::new()
+            }
+            #[cfg(feature = "libvirt")]
+            Runner::Libvirt(lv) => {
+                let names = self.inner.config.names.clone();
+                let owned: Vec<LeaseId> = self.inner.leases.ids();
+                let parse = names.clone();
+                let found =
+                    match lv.list_prefixed(names.long(), move |n| parse.parse_lease_name(n).map(|l| l.hex())).await {
+                        Ok(found) => found,
+                        Err(e) => {
+                            report.failed.push(format!("listing libvirt domains: {e}"));
+                            return Vec::new();
+                        }
+                    };
+                let mut foreign = Vec::new();
+                for d in found {
+                    let lease = names.parse_lease_name(&d.name);
+                    if !d.ours {
+                        report.failed.push(VmmError::ForeignDomain { name: d.name.clone() }.to_string());
+                        foreign.push(d.name);
+                        continue;
+                    }
+                    let Some(lease) = lease.filter(|l| !owned.contains(l)) else { continue };
+                    match lv.destroy_ours(&d.name, &lease.hex()).await {
+                        Ok(_) => report.removed_objects.push(format!("domain {}", d.name)),
+                        Err(e) => report.failed.push(format!("domain {}: {e}", d.name)),
+                    }
+                }
+                foreign
+            }
+        }
+    }
+
     /// Removes processes, namespaces, tables, host interfaces and cgroups with our name
     /// prefix that belong to no lease of this backend.
     async fn sweep_unowned(&self, report: &mut ReconcileReport) {
+        let foreign = self.sweep_domains(report).await;
         let names = &self.inner.config.names;
         let owned: Vec<LeaseId> = self.inner.leases.ids();
         let unowned = |name: &str| names.parse_lease_name(name).is_some_and(|l| !owned.contains(&l));
         let mut killed = Vec::new();
         for (pid, name) in find_guest_processes(names.long()) {
-            if unowned(&name) {
+            if unowned(&name) && !foreign.contains(&name) {
                 // SAFETY: kill(2) on a QEMU carrying our guest name prefix that no lease owns
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::QemuHypervisor;
 use super::lease_dir::{LeaseRecord, QMP_FILE};
+use super::{QemuHypervisor, Runner};
 use crate::error::VmmError;
 use crate::hypervisor::{GuestState, VmStatus, VmUsage};
 use crate::lease_id::LeaseId;
@@ -18,6 +18,8 @@ impl QemuHypervisor {
         let alive = rt.process.lock().await.is_alive();
         let state = if !alive {
             GuestState::Exited
+        } else if let Some(state) = self.domain_state(lease).await {
+            state
         } else {
             match qmp::execute(&rt.dir.join(QMP_FILE), "query-status", None).await {
                 Ok(v) => match v.get("status").and_then(|s| s.as_str()) {
@@ -66,6 +68,24 @@ impl QemuHypervisor {
             uptime: uptime_of(&rt.record),
             net,
         })
+    }
+}
+
+impl QemuHypervisor {
+    /// libvirt's view of the lease's domain (`None` for the QEMU backend).
+    async fn domain_state(&self, lease: LeaseId) -> Option<GuestState> {
+        match &self.inner.runner {
+            Runner::Direct => {
+                let _ = lease;
+                None
+            }
+            #[cfg(feature = "libvirt")]
+            Runner::Libvirt(lv) => Some(
+                lv.state(&self.inner.config.names.lease_name(&lease))
+                    .await
+                    .unwrap_or_else(|e| GuestState::Other(e.to_string())),
+            ),
+        }
     }
 }
 

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 pub use peervm_testenv::Needs;
 use peervm_vmm::{
-    Accel, AuthorizedKey, EgressPolicy, GuestImage, HostKeySeed, Hypervisor, LeaseId, NamePrefix, QemuHypervisor,
-    QemuUser, ReconcileReport, VmSpec, VmmConfig,
+    Accel, AuthorizedKey, Backend, EgressPolicy, GuestImage, HostKeySeed, Hypervisor, LeaseId, NamePrefix,
+    QemuHypervisor, QemuUser, ReconcileReport, VmSpec, VmmConfig,
 };
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
@@ -43,6 +43,33 @@ pub struct Site {
 
 pub const DEFAULT_SITE: Site =
     Site { long: PREFIX_LONG, short: PREFIX_SHORT, pool: "10.214.0.0/24", port_base: PORT_BASE, port_count: 64 };
+
+/// Which backend runs a test's guests: the isolation, limit, teardown and crash tests run
+/// against both (docs/testing.md, "Both backends").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Qemu,
+    /// libvirtd at qemu:///system (scripts/install-deps --libvirt starts it).
+    Libvirt,
+}
+
+impl Kind {
+    /// The first line of a libvirt test, after `guest_env`: libvirtd must answer.
+    pub fn require(self) {
+        if self == Kind::Libvirt {
+            Needs::default().tools(&["virsh"]).require();
+            let ok = Command::new("virsh")
+                .args(["-c", Backend::DEFAULT_LIBVIRT_URI, "version"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            assert!(
+                ok,
+                "libvirtd does not answer at {}: run scripts/install-deps --libvirt",
+                Backend::DEFAULT_LIBVIRT_URI
+            );
+        }
+    }
+}
 
 /// Guest tests of one binary run one at a time: a 2-core box runs TCG guests slowly
 /// enough without them competing, and the CPU test needs a quiet host.
@@ -194,8 +221,9 @@ fn command_out(cmd: &str, args: &[&str]) -> String {
 }
 
 /// Everything of `lease` (or, with `None`, of any lease with the test prefix) that is
-/// still on the host: processes, cgroups, namespaces, interfaces, nft tables, lease
-/// files, and a listening SSH port. Inspected with the host's own tools, not vmm's.
+/// still on the host: processes, cgroups, namespaces, interfaces, nft tables, libvirt
+/// domains, lease files, and a listening SSH port. Inspected with the host's own tools,
+/// not vmm's.
 pub fn leftovers(lease: Option<&LeaseId>, state_dir: &Path, port: Option<u16>) -> Vec<String> {
     leftovers_at(DEFAULT_SITE, lease, state_dir, port)
 }
@@ -231,8 +259,15 @@ pub fn leftovers_at(site: Site, lease: Option<&LeaseId>, state_dir: &Path, port:
     for line in command_out("ip", &["-o", "link", "show"]).lines() {
         let name = line.split(": ").nth(1).unwrap_or("").split('@').next().unwrap_or("");
         let rest = name.strip_prefix(prefix_short).unwrap_or("");
+        // a veth's host end, or a libvirt-backend tap still in the host namespace
+        let rest = rest.strip_suffix('t').filter(|r| r.len() == 12).unwrap_or(rest);
         if name.starts_with(&short) && rest.len() == 12 && rest.bytes().all(|b| b.is_ascii_hexdigit()) {
             found.push(format!("link {name}"));
+        }
+    }
+    for d in command_out("virsh", &["-c", Backend::DEFAULT_LIBVIRT_URI, "list", "--all", "--name"]).lines() {
+        if is_ours_long(d.trim()) {
+            found.push(format!("libvirt domain {}", d.trim()));
         }
     }
     for t in command_out("nft", &["list", "tables"]).lines() {
@@ -283,6 +318,7 @@ pub fn leftovers_at(site: Site, lease: Option<&LeaseId>, state_dir: &Path, port:
 pub struct TestState {
     dir: tempfile::TempDir,
     site: Site,
+    kind: Kind,
 }
 
 impl TestState {
@@ -292,16 +328,36 @@ impl TestState {
 
     /// A state directory for the guests of `site`; its drop sweeps `site`'s prefix only.
     pub fn at(site: Site) -> Self {
-        TestState { dir: tempfile::tempdir().expect("cannot create a state directory"), site }
+        Self::for_backend(site, Kind::Qemu)
+    }
+
+    /// The same for guests of backend `kind`. A libvirt test's directory is one the QEMU
+    /// user may traverse (0711): its lease directories go in it (docs/vmm.md "The libvirt
+    /// backend").
+    pub fn for_backend(site: Site, kind: Kind) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("cannot create a state directory");
+        if kind == Kind::Libvirt {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
+        TestState { dir, site, kind }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     /// The backend configuration of the tests, on this directory.
     pub fn config(&self) -> VmmConfig {
-        config_at(self.site, self.path())
+        let mut c = config_at(self.site, self.path());
+        if self.kind == Kind::Libvirt {
+            c.backend = Backend::Libvirt { uri: Backend::DEFAULT_LIBVIRT_URI.into() };
+        }
+        c
     }
 }
 
