@@ -1,7 +1,8 @@
 //! SECURITY.md invariant 9 across a provider crash: the managing process is SIGKILLed
 //! while its guest runs; a new backend re-adopts the guest of a live lease (reachable
 //! again on its port), and a reconcile with no live lease removes it and every stray
-//! object with the prefix.
+//! object with the prefix. Once per backend (QEMU run by vmm, and by libvirtd: there the
+//! guest is a domain the dead provider left behind).
 //!
 //! The managing process is this test binary run again as a child with
 //! PEERVM_VMM_TEST_MANAGER set: it starts one guest, prints its port, and waits to be
@@ -14,10 +15,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guest_harness::{TestState, config, guest_env, leftovers, login, serial, spec};
+use guest_harness::{DEFAULT_SITE, Kind, TestState, config_for, guest_env, leftovers, login, serial, spec};
 use peervm_vmm::{EgressPolicy, Hypervisor, LeaseId, QemuHypervisor};
 
 const MANAGER_ENV: &str = "PEERVM_VMM_TEST_MANAGER";
+/// Set to `libvirt` for the manager of the libvirt run.
+const BACKEND_ENV: &str = "PEERVM_VMM_TEST_BACKEND";
 const SLOT: u32 = 30;
 
 /// Not a test of its own: the child process that `sigkill_of_manager_then_reconcile`
@@ -26,7 +29,8 @@ const SLOT: u32 = 30;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_process_for_crash_test() {
     let Ok(state_dir) = std::env::var(MANAGER_ENV) else { return };
-    let hv = QemuHypervisor::new(config(&PathBuf::from(&state_dir))).unwrap();
+    let kind = if std::env::var(BACKEND_ENV).as_deref() == Ok("libvirt") { Kind::Libvirt } else { Kind::Qemu };
+    let hv = QemuHypervisor::new(config_for(kind, DEFAULT_SITE, &PathBuf::from(&state_dir))).unwrap();
     let (spec, key) = spec(SLOT, 1, 192, EgressPolicy::Deny);
     let vm = hv.start(spec.clone()).await.unwrap();
     // what the parent needs to log in: lease, port, host key and the client key
@@ -43,18 +47,30 @@ async fn manager_process_for_crash_test() {
 #[ignore = "needs root: boots a guest and kills its manager"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_manager_then_reconcile_leaves_nothing() {
+    crash_and_reconcile(Kind::Qemu).await;
+}
+
+#[ignore = "needs root: boots a guest under libvirtd and kills its manager"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_manager_then_reconcile_leaves_nothing_under_libvirt() {
+    crash_and_reconcile(Kind::Libvirt).await;
+}
+
+async fn crash_and_reconcile(kind: Kind) {
     if std::env::var_os(MANAGER_ENV).is_some() {
         return; // this process is the manager child: only manager_process_for_crash_test runs
     }
     guest_env();
+    kind.require();
     let _serial = serial().await;
-    let state = TestState::new();
+    let state = TestState::for_backend(DEFAULT_SITE, kind);
 
     // -- the manager starts a guest, then dies by SIGKILL ----------------------------
     let mut child = Manager(
         Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "manager_process_for_crash_test", "--include-ignored", "--nocapture", "--test-threads=1"])
             .env(MANAGER_ENV, state.path())
+            .env(BACKEND_ENV, if kind == Kind::Libvirt { "libvirt" } else { "qemu" })
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -124,6 +140,7 @@ async fn sigkill_of_manager_then_reconcile_leaves_nothing() {
     let report = hv.reconcile(&[]).await.unwrap();
     eprintln!("reconcile took {:?}: {report:?}", t.elapsed());
     assert_eq!(report.removed_leases, vec![lease]);
+    assert!(report.failed.is_empty(), "{report:?}");
     for want in ["netns", "link", "nft table", "cgroup"] {
         assert!(
             report.removed_objects.iter().any(|o| o.starts_with(want) && o.contains(&stray.short_hex(12))),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use guest_harness::{Ssh, TestState, guest_env, leftovers, login, serial, spec};
+use guest_harness::{DEFAULT_SITE, Kind, Ssh, TestState, guest_env, leftovers, login, serial, spec};
 use peervm_vmm::{EgressPolicy, Hypervisor, QemuHypervisor};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -146,7 +146,18 @@ fn host_addresses() -> Vec<Ipv4Addr> {
 #[ignore = "needs root: boots guests in namespaces with nftables"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guests_reach_neither_each_other_nor_host_nor_private_ranges() {
+    isolation(Kind::Qemu).await;
+}
+
+#[ignore = "needs root: boots guests under libvirtd, in namespaces with nftables"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_reach_neither_each_other_nor_host_nor_private_ranges_under_libvirt() {
+    isolation(Kind::Libvirt).await;
+}
+
+async fn isolation(kind: Kind) {
     guest_env();
+    kind.require();
     let _serial = serial().await;
     let _outside = Outside::create();
     let outside_hits = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
@@ -167,7 +178,7 @@ async fn guests_reach_neither_each_other_nor_host_nor_private_ranges() {
         n
     };
 
-    let state = TestState::new();
+    let state = TestState::for_backend(DEFAULT_SITE, kind);
     let hv = QemuHypervisor::new(state.config()).unwrap();
     let (spec_a, key_a) = spec(10, 1, 192, EgressPolicy::PublicOnly);
     let (spec_b, key_b) = spec(11, 1, 192, EgressPolicy::Deny);

@@ -162,7 +162,21 @@ struct RawHypervisor {
     /// TCG guest takes beyond its RAM, and a smaller one slows a large guest down
     /// (BENCHMARKS.md, "Guests").
     tcg_tb_size_mib: Option<u32>,
+    /// Who runs the guests' QEMU: "qemu" (the provider itself, the default) or "libvirt"
+    /// (libvirtd, as transient domains operators see with virsh; docs/vmm.md "The libvirt
+    /// backend").
+    backend: Option<String>,
+    /// The libvirt backend's libvirtd (default qemu:///system).
+    libvirt_uri: Option<String>,
+    /// The libvirt backend's lease directories (overlays, seed disks): libvirt's QEMU
+    /// opens them by path, so the QEMU user must be able to traverse to it (default
+    /// /var/lib/peervm-libvirt).
+    libvirt_lease_dir: Option<PathBuf>,
 }
+
+/// Where the libvirt backend keeps lease directories by default (`[hypervisor]
+/// libvirt_lease_dir`).
+pub const DEFAULT_LIBVIRT_LEASE_DIR: &str = "/var/lib/peervm-libvirt";
 
 use super::abuse_config::{RawAbuse, parse_abuse};
 pub use super::image_config::{ImageConfig, ImageSource};
@@ -196,6 +210,10 @@ pub struct ProviderConfig {
     pub probe_kvm: bool,
     /// `None`: the VMM's default (`VmmConfig::tcg_tb_size_mib`).
     pub tcg_tb_size_mib: Option<u32>,
+    /// Who runs the guests' QEMU (`[hypervisor] backend`).
+    pub backend: peervm_vmm::Backend,
+    /// The libvirt backend's lease directories (`[hypervisor] libvirt_lease_dir`).
+    pub libvirt_lease_dir: PathBuf,
     pub names: peervm_vmm::NamePrefix,
     pub images: Vec<ImageConfig>,
     pub ssh_listen: std::net::IpAddr,
@@ -424,6 +442,24 @@ impl ProviderConfig {
             allow_tcg: raw.hypervisor.allow_tcg,
             probe_kvm: raw.hypervisor.probe_kvm.unwrap_or(true),
             tcg_tb_size_mib: raw.hypervisor.tcg_tb_size_mib,
+            backend: match raw.hypervisor.backend.as_deref() {
+                None | Some("qemu") => peervm_vmm::Backend::Qemu,
+                Some("libvirt") => peervm_vmm::Backend::Libvirt {
+                    uri: raw
+                        .hypervisor
+                        .libvirt_uri
+                        .clone()
+                        .unwrap_or_else(|| peervm_vmm::Backend::DEFAULT_LIBVIRT_URI.to_string()),
+                },
+                Some(other) => {
+                    return Err(invalid("hypervisor.backend", format!("{other:?}: give \"qemu\" or \"libvirt\"")));
+                }
+            },
+            libvirt_lease_dir: raw
+                .hypervisor
+                .libvirt_lease_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_LIBVIRT_LEASE_DIR)),
             names,
             images,
             ssh_listen,

@@ -446,6 +446,10 @@ pub(crate) fn open_images(config: &ProviderConfig) -> Result<Vec<(String, GuestI
 /// `state_dir`.
 pub(crate) fn vmm_config(config: &ProviderConfig, state_dir: PathBuf, accel: peervm_vmm::Accel) -> VmmConfig {
     let mut vmm = VmmConfig::new(state_dir, accel);
+    vmm.backend = config.backend.clone();
+    if matches!(vmm.backend, peervm_vmm::Backend::Libvirt { .. }) {
+        vmm.lease_root = Some(config.libvirt_lease_dir.clone());
+    }
     vmm.ssh_listen = config.ssh_listen;
     vmm.ssh_port_base = config.ssh.port_min;
     vmm.ssh_port_count = config.ssh.port_max - config.ssh.port_min + 1;

@@ -79,6 +79,8 @@ impl ConfigDiff {
             allow_tcg,
             probe_kvm,
             tcg_tb_size_mib,
+            backend,
+            libvirt_lease_dir,
             names,
             images,
             ssh_listen,
@@ -169,6 +171,9 @@ impl ConfigDiff {
         restart("hypervisor.probe_kvm", *probe_kvm != old.probe_kvm);
         // the helper builds its QEMU command lines from the config it read at start
         restart("hypervisor.tcg_tb_size_mib", *tcg_tb_size_mib != old.tcg_tb_size_mib);
+        // running guests stay with the backend that started them
+        restart("hypervisor.backend", *backend != old.backend);
+        restart("hypervisor.libvirt_lease_dir", *libvirt_lease_dir != old.libvirt_lease_dir);
         restart("hypervisor.name_prefix", names.long() != old.names.long());
         restart("hypervisor.iface_prefix", names.short() != old.names.short());
         // Images are opened and verified at start; a changed manifest or file is a changed

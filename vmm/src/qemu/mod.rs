@@ -114,13 +114,15 @@ impl QemuHypervisor {
     /// overlay and the seed by path (docs/vmm.md "The libvirt backend").
     #[cfg(feature = "libvirt")]
     fn libvirt_runner(config: &VmmConfig, user: &QemuUser, uri: &str) -> Result<Runner, VmmError> {
+        // first: a libvirtd that does not answer leaves nothing behind
+        let lv = libvirt::Libvirt::connect(uri)?;
         let root = config.leases_dir();
         if let Some(parent) = root.parent() {
             create_private_dir(parent)?;
         }
         self::lease_dir::create_traversable_dir(&root, user.gid)?;
         self::lease_dir::check_traversable(&root, user)?;
-        Ok(Runner::Libvirt(libvirt::Libvirt::connect(uri)?))
+        Ok(Runner::Libvirt(lv))
     }
 
     #[cfg(not(feature = "libvirt"))]

@@ -44,6 +44,12 @@ impl QemuHypervisor {
             self.inner.leases.release(lease);
             return Err(VmmError::LeaseExists(lease));
         }
+        // a libvirt domain of the lease's name: an operator's (not ours) is never
+        // touched, and nothing of the lease is made (docs/vmm.md "The libvirt backend")
+        if let Err(e) = self.check_no_domain(lease).await {
+            self.inner.leases.release(lease);
+            return Err(e);
+        }
         match self.provision_and_boot(&spec).await {
             Ok(rt) => {
                 let vm = rt.running_vm();
@@ -261,6 +267,19 @@ impl QemuHypervisor {
 }
 
 impl QemuHypervisor {
+    /// Refuses a lease whose domain name libvirt already knows.
+    async fn check_no_domain(&self, lease: crate::lease_id::LeaseId) -> Result<(), VmmError> {
+        match &self.inner.runner {
+            Runner::Direct => Ok(()),
+            #[cfg(feature = "libvirt")]
+            Runner::Libvirt(lv) => match lv.find(&self.inner.config.names.lease_name(&lease), &lease.hex()).await? {
+                None => Ok(()),
+                Some(d) if d.ours => Err(VmmError::LeaseExists(lease)),
+                Some(d) => Err(VmmError::ForeignDomain { name: d.name }),
+            },
+        }
+    }
+
     /// Hands a lease file to the QEMU user (libvirt backend: its QEMU opens the file by
     /// path; libvirt itself is told to chown nothing). The mode stays 0600.
     fn give_to_qemu_user(&self, path: &std::path::Path) -> Result<(), VmmError> {

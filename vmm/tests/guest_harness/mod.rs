@@ -113,6 +113,15 @@ pub fn config_at(site: Site, state_dir: &Path) -> VmmConfig {
     c
 }
 
+/// The configuration of backend `kind` for the guests of `site`, on `state_dir`.
+pub fn config_for(kind: Kind, site: Site, state_dir: &Path) -> VmmConfig {
+    let mut c = config_at(site, state_dir);
+    if kind == Kind::Libvirt {
+        c.backend = Backend::Libvirt { uri: Backend::DEFAULT_LIBVIRT_URI.into() };
+    }
+    c
+}
+
 /// A spec and the requestor's private key that matches its authorized key.
 pub fn spec(slot: u32, vcpus: u32, memory_mib: u32, egress: EgressPolicy) -> (VmSpec, PrivateKey) {
     let client_key = random_key();
@@ -353,11 +362,7 @@ impl TestState {
 
     /// The backend configuration of the tests, on this directory.
     pub fn config(&self) -> VmmConfig {
-        let mut c = config_at(self.site, self.path());
-        if self.kind == Kind::Libvirt {
-            c.backend = Backend::Libvirt { uri: Backend::DEFAULT_LIBVIRT_URI.into() };
-        }
-        c
+        config_for(self.kind, self.site, self.path())
     }
 }
 
