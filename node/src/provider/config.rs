@@ -598,6 +598,30 @@ mod tests {
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 
+    /// `[hypervisor] backend` picks who runs QEMU; the libvirt backend's URI and lease
+    /// directory reach the VMM's config (docs/vmm.md "The libvirt backend").
+    #[test]
+    fn the_backend_is_qemu_unless_libvirt_is_asked_for() {
+        let state = std::path::PathBuf::from("/tmp/state");
+        let default = config_with_network("").unwrap();
+        assert_eq!(default.backend, peervm_vmm::Backend::Qemu);
+        let vmm = crate::provider::daemon::vmm_config(&default, state.clone(), peervm_vmm::Accel::Tcg);
+        assert_eq!((vmm.backend, vmm.lease_root), (peervm_vmm::Backend::Qemu, None));
+        let lv = config_with_network("[hypervisor]\nbackend = \"libvirt\"").unwrap();
+        let vmm = crate::provider::daemon::vmm_config(&lv, state.clone(), peervm_vmm::Accel::Tcg);
+        assert_eq!(vmm.backend, peervm_vmm::Backend::Libvirt { uri: "qemu:///system".into() });
+        assert_eq!(vmm.lease_root.as_deref(), Some(std::path::Path::new(DEFAULT_LIBVIRT_LEASE_DIR)));
+        let custom = config_with_network(
+            "[hypervisor]\nbackend = \"libvirt\"\nlibvirt_uri = \"qemu+ssh://h/system\"\nlibvirt_lease_dir = \"/srv/l\"",
+        )
+        .unwrap();
+        let vmm = crate::provider::daemon::vmm_config(&custom, state, peervm_vmm::Accel::Tcg);
+        assert_eq!(vmm.backend, peervm_vmm::Backend::Libvirt { uri: "qemu+ssh://h/system".into() });
+        assert_eq!(vmm.lease_root.as_deref(), Some(std::path::Path::new("/srv/l")));
+        let err = config_with_network("[hypervisor]\nbackend = \"xen\"").unwrap_err().to_string();
+        assert!(err.contains("hypervisor.backend") && err.contains("xen"), "{err}");
+    }
+
     /// `[hypervisor] tcg_tb_size_mib` reaches the VMM's QEMU options; absent, the VMM's
     /// default stays; out of range, the error names the field.
     #[test]

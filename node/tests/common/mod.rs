@@ -189,6 +189,8 @@ impl Site {
         for line in run("ip -o link show").lines() {
             if let Some(name) = line.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("")) {
                 let rest = name.strip_prefix(self.iface).unwrap_or("");
+                // a veth's host end, or a libvirt-backend tap still in the host namespace
+                let rest = rest.strip_suffix('t').filter(|r| r.len() == 12).unwrap_or(rest);
                 if rest.len() == 12 && rest.bytes().all(|b| b.is_ascii_hexdigit()) {
                     out.push(format!("link {name}"));
                 }

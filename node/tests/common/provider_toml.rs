@@ -41,6 +41,8 @@ pub struct ProviderToml {
     pub extra_image_tables: Vec<String>,
     /// More `[network]` lines, e.g. `max_exposed_ports = 2`.
     pub extra_network: Vec<String>,
+    /// Lines added to `[hypervisor]`.
+    pub extra_hypervisor: Vec<String>,
     /// Further tables, rendered as given at the end (e.g. `[abuse]`).
     pub extra_tables: Vec<String>,
 }
@@ -73,6 +75,7 @@ impl ProviderToml {
             extra_images: Vec::new(),
             extra_image_tables: Vec::new(),
             extra_network: Vec::new(),
+            extra_hypervisor: Vec::new(),
             extra_tables: Vec::new(),
         }
     }
@@ -104,6 +107,10 @@ impl ProviderToml {
             "[hypervisor]\nallow_tcg = true\nprobe_kvm = false\nname_prefix = \"{}\"\niface_prefix = \"{}\"\n",
             self.name_prefix, self.iface_prefix
         );
+        for line in &self.extra_hypervisor {
+            t += line;
+            t += "\n";
+        }
         t += &format!("[network]\npool = \"{}\"\n", self.pool);
         if let Some(e) = &self.egress {
             t += &format!("egress = \"{e}\"\n");
