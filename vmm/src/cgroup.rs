@@ -210,12 +210,14 @@ impl LeaseCgroup {
     }
 
     /// The same cgroup, found at `dir` in the hierarchy mounted at `root`.
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     pub(crate) fn placed_at(mut self, root: PathBuf, dir: PathBuf) -> Self {
         self.placed.retain(|(r, _)| *r != root);
         self.placed.push((root, dir));
         self
     }
 
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     pub(crate) fn layout(&self) -> &CgroupLayout {
         &self.layout
     }

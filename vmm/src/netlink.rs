@@ -64,6 +64,7 @@ impl Netlink {
 
     /// Moves the link `name` of this namespace into the namespace `to`, renamed `new_name`
     /// (`ip link set NAME netns NS name NEW`).
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     pub(crate) async fn move_into(&self, name: &str, to: &File, new_name: &str) -> Result<(), VmmError> {
         // by index: the name attribute carries the new name
         let index = self.index(name).await?;

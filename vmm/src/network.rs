@@ -258,12 +258,14 @@ impl LeaseNetwork {
 
     /// The same without the tap: the libvirt backend's domain opens a tap in the host
     /// namespace, which `adopt_host_tap` then moves in.
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     pub async fn setup_without_tap(&self) -> Result<(), VmmError> {
         self.setup_with(false).await
     }
 
     /// Moves the host tap `host_tap` into the lease namespace as `tap0`, on the bridge,
     /// up: the guest's NIC is then where a QEMU-backend guest's is.
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     pub async fn adopt_host_tap(&self, host_tap: &str) -> Result<(), VmmError> {
         let ns = self.netns.as_str();
         Netlink::host()?.move_into(host_tap, &netns::open(ns)?, NS_TAP).await?;

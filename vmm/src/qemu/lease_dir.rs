@@ -103,6 +103,7 @@ pub(super) fn create_traversable_dir(path: &Path, gid: u32) -> Result<(), VmmErr
 
 /// Whether `user` can traverse every directory down to `dir` (execute permission as
 /// owner, group member or other): the libvirt backend's QEMU must reach its lease's files.
+#[cfg(feature = "libvirt")]
 pub(super) fn check_traversable(dir: &Path, user: &crate::qemu_user::QemuUser) -> Result<(), VmmError> {
     use std::os::unix::fs::MetadataExt;
     for d in dir.ancestors().filter(|d| !d.as_os_str().is_empty()) {

@@ -30,7 +30,9 @@ mod command_line;
 mod config;
 #[cfg(feature = "libvirt")]
 mod domain_boot;
+#[cfg(feature = "libvirt")]
 mod domain_cgroup;
+#[cfg(feature = "libvirt")]
 mod domain_xml;
 mod isolate;
 mod lease_dir;

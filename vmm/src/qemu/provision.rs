@@ -270,7 +270,10 @@ impl QemuHypervisor {
     /// Refuses a lease whose domain name libvirt already knows.
     async fn check_no_domain(&self, lease: crate::lease_id::LeaseId) -> Result<(), VmmError> {
         match &self.inner.runner {
-            Runner::Direct => Ok(()),
+            Runner::Direct => {
+                let _ = lease;
+                Ok(())
+            }
             #[cfg(feature = "libvirt")]
             Runner::Libvirt(lv) => match lv.find(&self.inner.config.names.lease_name(&lease), &lease.hex()).await? {
                 None => Ok(()),
