@@ -66,6 +66,10 @@ pub struct Metrics {
     /// Connections the node closed itself: `dead` (pings failed), `trimmed` (idle, beyond
     /// the target number of peers).
     pub connections_closed: Family<ReasonLabel, Counter>,
+    /// Bytes the node received and sent on its TCP connections, as on the wire (after
+    /// Noise and Yamux: `network/wire_bytes.rs`).
+    pub wire_received_bytes: Counter,
+    pub wire_sent_bytes: Counter,
     /// Dials of peer discovery refused by the dial budget (`network/dial_budget.rs`).
     pub discovery_dials_refused: Counter,
     pub rate_limited: Family<ApiLabel, Counter>,
@@ -125,6 +129,16 @@ impl Metrics {
             "connections_closed",
             "Connections the node closed itself, by reason (dead, trimmed)",
             self.connections_closed.clone(),
+        );
+        r.register(
+            "wire_received_bytes",
+            "Bytes received on TCP connections, as on the wire (after Noise and Yamux)",
+            self.wire_received_bytes.clone(),
+        );
+        r.register(
+            "wire_sent_bytes",
+            "Bytes sent on TCP connections, as on the wire (after Noise and Yamux)",
+            self.wire_sent_bytes.clone(),
         );
         r.register(
             "discovery_dials_refused",

@@ -196,8 +196,14 @@ fn the_daemon_runs_unprivileged_and_a_guest_survives_a_restart_of_either_half() 
     let refused = std::os::unix::net::UnixStream::connect(&halves.socket).and_then(|mut s| {
         use std::io::{Read, Write};
         let body = br#"{"version":1,"op":"hello"}"#;
-        s.write_all(&(body.len() as u32).to_be_bytes())?;
-        s.write_all(body)?;
+        // The helper refuses on accept, before it reads anything, and closes: it may be
+        // gone before these writes (a broken pipe), and its refusal is still ours to read.
+        let sent = s.write_all(&(body.len() as u32).to_be_bytes()).and_then(|()| s.write_all(body));
+        if let Err(e) = sent
+            && !matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)
+        {
+            return Err(e);
+        }
         // one frame back: its length, then its JSON (the helper closes without reading
         // the refused request, so reading on to EOF would meet a reset)
         let mut len = [0u8; 4];

@@ -1,11 +1,15 @@
 //! Swarm benchmarks: store query latency and memory at 100,000 adverts (received as a
 //! sync delivers them; `store_bytes` says where the bytes go), join-time sync
 //! of 1,000 and 10,000 adverts, and gossip propagation to every node of 16/64/128-node
-//! swarms over loopback TCP, timed by the nodes' own `AdvertStored` events. Run: `cargo bench -p peervm-tests --bench swarm`.
+//! swarms over loopback TCP, timed by the nodes' own `AdvertStored` events, and the TCP
+//! bytes on the wire (after Noise and Yamux) a node receives and sends per advert
+//! published, idle, and per advert of a join sync. Run: `cargo bench -p peervm-tests --bench swarm`.
 //! Prints one JSON object per figure (name, value, unit) on stdout. Settings:
-//! - `PEERVM_BENCH_ONLY=store,sync,propagation`: the groups to run (default all);
+//! - `PEERVM_BENCH_ONLY=store,sync,propagation,bandwidth`: the groups to run (default all);
 //! - `PEERVM_BENCH_SIZES=16,64,128`: the propagation swarm sizes;
-//! - `PEERVM_BENCH_ROUNDS=20`: adverts published per propagation size.
+//! - `PEERVM_BENCH_ROUNDS=20`: adverts published per propagation size;
+//! - `PEERVM_BENCH_BANDWIDTH=64,32,10`: the bandwidth group's nodes, providers publishing
+//!   and rounds (each provider publishes one advert per round).
 
 use std::time::{Duration, Instant};
 
@@ -115,6 +119,10 @@ async fn join_sync(n: u64) {
     let took = wait_until(Duration::from_secs(60), || async { joiner.store.lock().unwrap().len() as u64 == n }).await;
     let took = took.map(|_| t.elapsed()).expect("join sync finished");
     report(&format!("join_sync_{n}_adverts"), took.as_secs_f64() * 1000.0, "ms");
+    // Everything the joiner received, handshakes, identify and Kademlia included, over
+    // the adverts it synced: the wire cost of one advert in a sync.
+    let received = joiner.metrics.wire_received_bytes.get() as f64;
+    report(&format!("join_sync_{n}_wire_received_per_advert"), received / n as f64, "B");
     joiner.stop().await;
     server.stop().await;
 }
@@ -154,21 +162,28 @@ async fn loop_lag(nodes: &[peervm_node::network::Node]) -> Vec<Duration> {
     lags
 }
 
+/// Two bootstraps and `n - 2` providers joining through them; the providers' keys, in the
+/// order of `nodes[2..]`. `salt` keeps swarms of the same size apart.
+async fn start_swarm(n: usize, salt: u64) -> (Vec<peervm_node::network::Node>, Vec<peervm_protocol::SigningKey>) {
+    let b1 = start_node(unique_key(80_000 + salt + n as u64), Role::Bootstrap, &[]).await;
+    let b2 = start_node(unique_key(80_001 + salt + n as u64), Role::Bootstrap, &b1.listen_addrs).await;
+    let boot = vec![b1.listen_addrs[0].clone(), b2.listen_addrs[0].clone()];
+    let mut keys = Vec::new();
+    let mut nodes = vec![b1, b2];
+    for i in 2..n {
+        let key = unique_key(81_000 + salt + (n * 1000 + i) as u64);
+        nodes.push(start_node(peervm_protocol::SigningKey::from_seed(&key.seed()), Role::Provider, &boot).await);
+        keys.push(key);
+    }
+    (nodes, keys)
+}
+
 /// Publishes `rounds` adverts, each from another provider, and times each one's arrival
 /// at every other node by the `AdvertStored` event's own timestamp (taken when the store
 /// took it), not by polling. An advert counts as missed when a node has not stored it
 /// within 10 s.
 async fn propagation(n: usize, rounds: usize) {
-    let b1 = start_node(unique_key(80_000 + n as u64), Role::Bootstrap, &[]).await;
-    let b2 = start_node(unique_key(80_001 + n as u64), Role::Bootstrap, &b1.listen_addrs).await;
-    let boot = vec![b1.listen_addrs[0].clone(), b2.listen_addrs[0].clone()];
-    let mut keys = Vec::new();
-    let mut nodes = vec![b1, b2];
-    for i in 2..n {
-        let key = unique_key(81_000 + (n * 1000 + i) as u64);
-        nodes.push(start_node(peervm_protocol::SigningKey::from_seed(&key.seed()), Role::Provider, &boot).await);
-        keys.push(key);
-    }
+    let (nodes, keys) = start_swarm(n, 0).await;
     let settled = settle(&nodes, SETTLE_MIN, SETTLE_MAX).await;
     report(&format!("propagation_{n}_nodes_settle"), settled.as_secs_f64() * 1000.0, "ms");
     let mut links = 0;
@@ -242,6 +257,94 @@ async fn propagation(n: usize, rounds: usize) {
     }
 }
 
+/// Each node's wire totals (received, sent) now.
+fn wire_totals(nodes: &[peervm_node::network::Node]) -> Vec<(u64, u64)> {
+    nodes.iter().map(|nd| (nd.metrics.wire_received_bytes.get(), nd.metrics.wire_sent_bytes.get())).collect()
+}
+
+/// Reports mean, p50 and max over nodes of `per_node` (one value each).
+fn report_spread(name: &str, mut per_node: Vec<f64>, unit: &str) {
+    per_node.sort_by(f64::total_cmp);
+    let mean = per_node.iter().sum::<f64>() / per_node.len() as f64;
+    report(&format!("{name}_mean"), mean, unit);
+    report(&format!("{name}_p50"), per_node[(per_node.len() - 1) / 2], unit);
+    report(&format!("{name}_max"), per_node[per_node.len() - 1], unit);
+}
+
+/// The bytes on the wire (TCP, after Noise and Yamux: `network/wire_bytes.rs`) each node
+/// of a settled `n`-node swarm receives and sends: idle for `IDLE_WINDOW` (heartbeats,
+/// pings, Kademlia), then while `providers` providers each publish a new advert (next
+/// seq) per round for `rounds` rounds. A round ends when every node has stored every
+/// advert of the round (`AdvertStored`), so the figure is per advert delivered
+/// everywhere, with gossip's duplicates and IHAVE/IWANT in it; the idle traffic of the
+/// publishing window is subtracted per node.
+async fn bandwidth(n: usize, providers: usize, rounds: usize) {
+    const IDLE_WINDOW: Duration = Duration::from_secs(20);
+    let (nodes, keys) = start_swarm(n, 500).await;
+    let providers = providers.min(keys.len());
+    settle(&nodes, SETTLE_MIN, SETTLE_MAX).await;
+    let advert_bytes = signed(&keys[0], &advert(&keys[0], 1, Duration::from_secs(300))).to_bytes().len();
+    report(&format!("bandwidth_{n}_nodes_advert_envelope"), advert_bytes as f64, "B");
+
+    let before = wire_totals(&nodes);
+    let t = Instant::now();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_secs = t.elapsed().as_secs_f64();
+    let after = wire_totals(&nodes);
+    let idle_rx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0) as f64 / idle_secs).collect();
+    let idle_tx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.1 - b.1) as f64 / idle_secs).collect();
+    report_spread(&format!("bandwidth_{n}_nodes_idle_received"), idle_rx.clone(), "B/s");
+    report_spread(&format!("bandwidth_{n}_nodes_idle_sent"), idle_tx.clone(), "B/s");
+
+    let mut events: Vec<_> = nodes.iter().map(|nd| nd.subscribe()).collect();
+    let before = wire_totals(&nodes);
+    let t = Instant::now();
+    let mut missed = 0usize;
+    for round in 0..rounds {
+        let seq = 100 + round as u64;
+        for (i, key) in keys.iter().take(providers).enumerate() {
+            nodes[i + 2].client.publish(signed(key, &advert(key, seq, Duration::from_secs(300)))).await.unwrap();
+        }
+        // Every node stores every advert of the round but its own.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for (i, rx) in events.iter_mut().enumerate() {
+            let own = usize::from((2..providers + 2).contains(&i));
+            let mut seen = std::collections::HashSet::new();
+            while seen.len() < providers - own {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Ok(NodeEvent::AdvertStored { provider, seq: s, .. })) if s >= seq => {
+                        seen.insert(provider);
+                    }
+                    Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+                    Ok(Err(RecvError::Closed)) | Err(_) => {
+                        missed += providers - own - seen.len();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let after = wire_totals(&nodes);
+    let published = (providers * rounds) as f64;
+    report(&format!("bandwidth_{n}_nodes_publish_window"), secs * 1000.0, "ms");
+    report(&format!("bandwidth_{n}_nodes_adverts_published"), published, "adverts");
+    report(&format!("bandwidth_{n}_nodes_deliveries_missed"), missed as f64, "adverts");
+    let per_advert = |total: u64, idle: f64| (total as f64 - idle * secs) / published;
+    let rx: Vec<f64> =
+        before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_advert(a.0 - b.0, idle_rx[i])).collect();
+    let tx: Vec<f64> =
+        before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_advert(a.1 - b.1, idle_tx[i])).collect();
+    report_spread(&format!("bandwidth_{n}_nodes_received_per_advert"), rx, "B");
+    report_spread(&format!("bandwidth_{n}_nodes_sent_per_advert"), tx, "B");
+    let raw_rx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0) as f64 / published).collect();
+    report_spread(&format!("bandwidth_{n}_nodes_received_per_advert_with_idle"), raw_rx, "B");
+    drop(events);
+    for nd in nodes {
+        nd.stop().await;
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run
     // only when benchmarking.
@@ -267,5 +370,16 @@ fn main() {
         for n in sizes {
             rt.block_on(propagation(n, rounds));
         }
+    }
+    if want("bandwidth") {
+        let v: Vec<usize> = std::env::var("PEERVM_BENCH_BANDWIDTH")
+            .ok()
+            .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        let (n, providers, rounds) = match v[..] {
+            [n, p, r] if n >= 3 && p >= 1 && r >= 1 => (n, p, r),
+            _ => (64, 32, 10),
+        };
+        rt.block_on(bandwidth(n, providers, rounds));
     }
 }

@@ -12,6 +12,7 @@ pub mod offences;
 pub mod rate_limit;
 pub mod sync;
 pub mod tuning;
+mod wire_bytes;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -56,14 +56,14 @@ use crate::clock::now_unix_ms;
 /// Builds the swarm, starts listening, dials the bootstrap nodes and spawns the task.
 pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
     let peer_id = config.key.peer_id();
-    let mut swarm = setup::build_swarm(&config)?;
+    let metrics = config.metrics.clone().unwrap_or_default();
+    let mut swarm = setup::build_swarm(&config, &metrics)?;
     let listen_addrs = setup::listen(&mut swarm, &config.listen, peer_id).await?;
 
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, _) = broadcast::channel(EVENT_QUEUE);
     let store: SharedStore = Arc::new(Mutex::new(AdvertStore::new()));
     let list_blocked: ListBlocked = Default::default();
-    let metrics = config.metrics.clone().unwrap_or_default();
     swarm.behaviour_mut().dial_budget.count_refusals_in(metrics.discovery_dials_refused.clone());
     let mut event_loop = EventLoop {
         ctx: Context {

@@ -5,24 +5,35 @@ use std::collections::HashMap;
 
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Swarm, kad, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, kad, tcp};
 
+use crate::metrics::Metrics;
 use crate::network::behaviour::PeervmBehaviour;
 use crate::network::gossip_params::{advert_topic, blocklist_topic};
 use crate::network::tuning::{IDLE_CONNECTION_TIMEOUT, LISTEN_DEADLINE, LISTEN_SETTLE};
+use crate::network::wire_bytes::counted_tcp;
 use crate::network::{NetworkError, NodeConfig, Role, with_peer_id};
 
 /// The swarm for `config`: TCP + Noise + Yamux, QUIC and DNS; Kademlia in server mode on
 /// bootstraps and providers (reachable by design), client mode on one-shot requestors;
-/// subscribed to the advert and block-list topics.
-pub(super) fn build_swarm(config: &NodeConfig) -> Result<Swarm<PeervmBehaviour>, NetworkError> {
+/// subscribed to the advert and block-list topics. TCP bytes on the wire are counted into
+/// `metrics` (`wire_bytes.rs`).
+pub(super) fn build_swarm(config: &NodeConfig, metrics: &Metrics) -> Result<Swarm<PeervmBehaviour>, NetworkError> {
     let keypair = config.key.to_libp2p_keypair();
     let serve_leases = config.lease_inbox.is_some();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
-        .map_err(|e| NetworkError::Build(e.to_string()))?
         .with_quic()
+        .with_other_transport(|key| {
+            counted_tcp(
+                key,
+                tcp::Config::default().nodelay(true),
+                metrics.wire_received_bytes.clone(),
+                metrics.wire_sent_bytes.clone(),
+            )
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|e| NetworkError::Build(e.to_string()))?
         .with_dns()
         .map_err(|e| NetworkError::Build(e.to_string()))?
         .with_behaviour(|key| {
