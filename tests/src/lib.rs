@@ -88,6 +88,55 @@ pub fn all_hold(nodes: &[&Node], providers: &[PeerId]) -> bool {
     nodes.iter().all(|n| providers.iter().all(|p| holds(n, p)))
 }
 
+/// How often `publish_until_everywhere` publishes again: shorter than a provider daemon's
+/// default `republish_secs` (60 s) so that a lost forward costs a test seconds.
+pub const TEST_REPUBLISH: Duration = Duration::from_secs(5);
+
+/// Publishes every publisher's advert at `seq` and then, as a provider daemon republishes
+/// its advert, again at the next seq every `TEST_REPUBLISH`, until every node in `nodes`
+/// holds an advert of at least `seq` from every publisher, or `guard` passes. Returns how
+/// long that took and how many rounds were published.
+///
+/// Gossip is best effort, and republishing is what makes delivery certain
+/// (docs/architecture.md, "Gossip"): gossipsub drops a forward that waits more than a
+/// second for a stalled connection, so a node on an overloaded machine can miss one
+/// round. A partitioned swarm misses every round, and the wait fails.
+pub async fn publish_until_everywhere(
+    publishers: &[(&Node, &SigningKey)],
+    nodes: &[&Node],
+    seq: u64,
+    guard: Duration,
+) -> Option<(Duration, u64)> {
+    let start = Instant::now();
+    let ids: Vec<PeerId> = publishers.iter().map(|(_, k)| k.peer_id()).collect();
+    let fresh = |n: &Node, p: &PeerId| {
+        n.store.lock().is_ok_and(|s| s.get(p).is_some_and(|a| a.decode().is_ok_and(|a| a.body().seq >= seq)))
+    };
+    let mut round = 0;
+    while start.elapsed() <= guard {
+        for (node, key) in publishers {
+            node.client.publish(signed(key, &advert(key, seq + round, Duration::from_secs(300)))).await.ok()?;
+        }
+        round += 1;
+        let everywhere = || async { nodes.iter().all(|n| ids.iter().all(|p| fresh(n, p))) };
+        if wait_until(TEST_REPUBLISH, everywhere).await.is_some() {
+            return Some((start.elapsed(), round));
+        }
+    }
+    None
+}
+
+/// For each node in `nodes` that lacks some provider in `providers`: its index and how
+/// many it lacks (what a failed "every node holds every advert" wait reports).
+pub fn missing(nodes: &[&Node], providers: &[PeerId]) -> Vec<(usize, usize)> {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i, providers.iter().filter(|p| !holds(n, p)).count()))
+        .filter(|&(_, lacking)| lacking > 0)
+        .collect()
+}
+
 /// Whether no node in `nodes` holds any provider in `providers`.
 pub fn none_hold(nodes: &[&Node], providers: &[PeerId]) -> bool {
     nodes.iter().all(|n| providers.iter().all(|p| !holds(n, p)))
