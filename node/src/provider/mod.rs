@@ -2,6 +2,7 @@
 //! "Provider daemon").
 
 pub mod abuse_config;
+pub mod advert_chain;
 pub mod admin;
 pub mod audit;
 pub mod config;
