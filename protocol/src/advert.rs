@@ -7,6 +7,7 @@ use thiserror::Error;
 
 use crate::encoding;
 use crate::identity::peer_id_serde;
+use crate::refresh::RefreshChain;
 use crate::signed::{Kind, Payload, Verified};
 
 /// Payload version of [`Advertisement`] this build speaks.
@@ -62,6 +63,10 @@ pub struct Advertisement {
     /// exposed, no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkOffer>,
+    /// The hash chain whose tokens keep this advert live without re-signing it
+    /// (docs/protocol.md section 4a). Absent from the encoding when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<RefreshChain>,
 }
 
 /// A provider's network terms for a lease.
@@ -356,6 +361,9 @@ impl Advertisement {
             && (n.egress_mbit == Some(0) || n.ingress_mbit == Some(0))
         {
             return bad("a network bandwidth limit of 0 Mbit/s (no limit is written as an absent field)".into());
+        }
+        if let Some(chain) = &self.refresh {
+            chain.check_bounds(self.issued_at_unix_ms, self.expires_at_unix_ms).map_err(AdvertError::Malformed)?;
         }
         Ok(())
     }

@@ -540,6 +540,7 @@ impl ProviderConfig {
             withdrawn: false,
             delegation: self.delegation.clone(),
             reachability: None,
+            refresh: None,
         }
     }
 }
