@@ -324,3 +324,19 @@ fn delegated_advert_accepted_and_expired_forged_or_wrong_node_delegation_rejecte
     a.beneficiary = Some("0xabc".into());
     assert_eq!(a.check_acceptable(NOW, None), Ok(()));
 }
+
+/// An effective expiry (refresh tokens, docs/protocol.md section 4a) stands in for the
+/// signed one in the `Expired` check only; the other checks still read the signed fields.
+#[test]
+fn the_accept_rule_with_an_effective_expiry() {
+    let a = advert_at(NOW - 300_000, 300_000); // signed expiry exactly now
+    assert!(matches!(a.check_acceptable(NOW, None), Err(AdvertError::Expired { .. })));
+    assert_eq!(a.check_acceptable_until(NOW, None, NOW + 1), Ok(()));
+    assert_eq!(
+        a.check_acceptable_until(NOW, None, NOW),
+        Err(AdvertError::Expired { expires_at_unix_ms: NOW, now_unix_ms: NOW })
+    );
+    assert!(matches!(a.check_acceptable_until(NOW, Some(5), NOW + 1), Err(AdvertError::SeqNotNewer { .. })));
+    let long = advert_at(NOW, 300_001);
+    assert!(matches!(long.check_acceptable_until(NOW, None, u64::MAX), Err(AdvertError::LifetimeTooLong { .. })));
+}
