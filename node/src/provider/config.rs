@@ -553,6 +553,7 @@ impl ProviderConfig {
             withdrawn: false,
             delegation: self.delegation.clone(),
             reachability: None,
+            refresh: None,
         }
     }
 }

@@ -188,7 +188,9 @@ fn serve(ctx: &mut Context, block_lists: &BlockLists, peer: PeerId, request: Syn
     }
     let after = request.after.as_deref().and_then(|b| PeerId::from_bytes(b).ok());
     let max_items = request.max_items.clamp(1, SYNC_MAX_PAGE_ITEMS) as usize;
-    let (adverts, next) = ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now_unix_ms());
+    // refreshes: wired by the refresh stream work
+    let crate::advert_store::SyncPage { adverts, next, .. } =
+        ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now_unix_ms());
     let lists = if after.is_none() { block_lists.for_sync() } else { Vec::new() };
     SyncResponse::Page { adverts: adverts.into_iter().map(Envelope).collect(), next: next.map(|p| p.to_bytes()), lists }
 }
