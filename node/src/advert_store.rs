@@ -411,6 +411,16 @@ impl AdvertStore {
     /// `Rejected` one, since a token that is genuine for one of them is no misbehaviour
     /// of its sender even if it is forged for another.
     pub fn apply_refresh(&mut self, record: &RefreshRecord, now_unix_ms: u64) -> RefreshOutcome {
+        self.apply_refresh_naming(record, now_unix_ms).0
+    }
+
+    /// [`AdvertStore::apply_refresh`], also naming the provider whose advert took the
+    /// token when it was accepted (what the swarm reports: `NodeEvent::AdvertRefreshed`).
+    pub fn apply_refresh_naming(
+        &mut self,
+        record: &RefreshRecord,
+        now_unix_ms: u64,
+    ) -> (RefreshOutcome, Option<PeerId>) {
         let mut keys = [[0u8; 32]; MAX_ADVERTS_PER_REFRESH_ID];
         let mut n = 0;
         for (_, key) in self.chain_ids.range(id_range(&record.id)).take(MAX_ADVERTS_PER_REFRESH_ID) {
@@ -435,7 +445,7 @@ impl AdvertStore {
             if let RefreshOutcome::Accepted { k, token, effective_expiry_ms } = outcome {
                 state.held = HeldToken { j: k, token };
                 self.table[row].expires_at_unix_ms = effective_expiry_ms;
-                return outcome;
+                return (outcome, Some(provider));
             }
             verdict = match (verdict, outcome) {
                 (RefreshOutcome::Ignored(IgnoreReason::Unknown), first) => first,
@@ -443,7 +453,7 @@ impl AdvertStore {
                 (kept, _) => kept,
             };
         }
-        verdict
+        (verdict, None)
     }
 
     /// Whether an advert of `key` with a chain of id `id` would be refreshed by tokens:

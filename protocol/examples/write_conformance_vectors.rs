@@ -214,13 +214,13 @@ fn main() {
         "refresh.period_s 301: 301,000 ms is longer than the advert's 300,000 ms lifetime.",
     );
     add(
-        "advert-refresh-chain-over-seven-days",
+        "advert-refresh-count-over-1024",
         AD,
-        signed(&p, &a(&|a| a.refresh = Some(RefreshChain { period_s: 10, count: 60_481, ..refresh_chain }))),
+        signed(&p, &a(&|a| a.refresh = Some(RefreshChain { count: 1_025, ..refresh_chain }))),
         T0,
         none.clone(),
         reject("AdvertError::Malformed"),
-        "refresh.count 60,481 at period_s 10 spans 604,810 s, over seven days (604,800 s).",
+        "refresh.count 1,025: a chain holds at most 1,024 tokens.",
     );
     add(
         "advert-refresh-period-under-10",

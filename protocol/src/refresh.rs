@@ -34,11 +34,10 @@ pub const RECORD_LEN: usize = RECORD_ID_LEN + 2 + TOKEN_LEN;
 pub const MAX_BATCH_RECORDS: usize = 4096;
 /// Shortest period between two tokens: a shorter one only adds traffic.
 pub const MIN_PERIOD_S: u32 = 10;
-/// Most tokens in one chain (a record's `k` is a uint16).
-pub const MAX_COUNT: u32 = 65_535;
-/// A chain covers at most seven days (`count * period_s`); then the provider signs a new
-/// advert with a new chain.
-pub const MAX_CHAIN_SPAN_S: u64 = 604_800;
+/// Most tokens in one chain: what a receiver new to an advert hashes at most to check a
+/// token from the anchor (docs/protocol.md, row 19). With a period no longer than the
+/// advert's lifetime (300 s at most), a chain covers at most 85 hours.
+pub const MAX_COUNT: u32 = 1_024;
 
 /// One token: a value of the chain.
 pub type Token = [u8; 16];
@@ -66,20 +65,13 @@ impl RefreshChain {
     }
 
     /// The bounds of row 19 that do not depend on the advert's lifetime: `10 ≤ period_s`,
-    /// `1 ≤ count ≤ 65,535`, `count * period_s ≤ 604,800`.
+    /// `1 ≤ count ≤ 1,024`.
     fn check_shape(&self) -> Result<(), String> {
         if self.period_s < MIN_PERIOD_S {
             return Err(format!("refresh.period_s {} is under {MIN_PERIOD_S}", self.period_s));
         }
         if self.count == 0 || self.count > MAX_COUNT {
             return Err(format!("refresh.count {} is not within 1..={MAX_COUNT}", self.count));
-        }
-        let span = u64::from(self.count) * u64::from(self.period_s);
-        if span > MAX_CHAIN_SPAN_S {
-            return Err(format!(
-                "refresh chain spans {span} s (count {} * period_s {}), over {MAX_CHAIN_SPAN_S} s",
-                self.count, self.period_s
-            ));
         }
         Ok(())
     }
@@ -180,7 +172,7 @@ impl RefreshSecret {
         let mut chain = RefreshChain { anchor: [0; TOKEN_LEN], period_s, count };
         chain.check_shape().map_err(RefreshError::BadChain)?;
         let provider = provider.to_bytes();
-        // count ≤ 65,535 was just checked, so this is at most 1 MiB.
+        // count ≤ 1,024 was just checked, so this is at most 16 KiB.
         let mut values = Zeroizing::new(vec![[0u8; TOKEN_LEN]; count as usize + 1]);
         values[count as usize] = t_count;
         for i in (1..=count).rev() {
@@ -391,7 +383,7 @@ impl RefreshOutcome {
 /// "unknown id", is the store's), in its order; the first failing check decides.
 ///
 /// Work is bounded: the `k − j` hash steps run only after the time check, which bounds
-/// `k` by the time elapsed since the advert was issued (and `k ≤ count ≤ 65,535` always).
+/// `k` by the time elapsed since the advert was issued (and `k ≤ count ≤ 1,024` always: one token costs at most 1,024 hash steps).
 pub fn check_token(
     target: &RefreshTarget<'_>,
     held: &HeldToken,
@@ -706,15 +698,14 @@ mod tests {
         assert!(with(9, 4).check_bounds(issued, expires).is_err());
         assert_eq!(with(10, 4).check_bounds(issued, expires), Ok(()));
         assert!(with(150, 0).check_bounds(issued, expires).is_err());
-        assert_eq!(with(10, 60_480).check_bounds(issued, expires), Ok(()), "exactly seven days");
-        assert!(with(10, 60_481).check_bounds(issued, expires).is_err());
-        assert!(with(1, 65_536).check_bounds(issued, expires).is_err());
+        assert_eq!(with(10, 1_024).check_bounds(issued, expires), Ok(()), "the most tokens");
+        assert!(with(10, 1_025).check_bounds(issued, expires).is_err());
         assert!(with(u32::MAX, u32::MAX).check_bounds(issued, expires).is_err());
         assert_eq!(with(300, 4).check_bounds(issued, expires), Ok(()), "a period of the whole lifetime");
         assert!(with(300, 4).check_bounds(issued, expires - 1).is_err());
         assert!(ok.check_bounds(expires, issued).is_err(), "no lifetime at all");
         assert!(matches!(RefreshSecret::generate(&provider(), 1, 150, 0, T4), Err(RefreshError::BadChain(_))));
-        assert!(matches!(RefreshSecret::generate(&provider(), 1, 150, 65_536, T4), Err(RefreshError::BadChain(_))));
+        assert!(matches!(RefreshSecret::generate(&provider(), 1, 150, 1_025, T4), Err(RefreshError::BadChain(_))));
     }
 
     #[test]

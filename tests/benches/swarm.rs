@@ -370,7 +370,8 @@ async fn refresh(n: usize, providers: usize, rounds: usize) {
         body.expires_at_unix_ms -= 250_000;
         let mut seed = [0u8; 16];
         seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let (chain, secret) = peervm_protocol::RefreshSecret::generate(&key.peer_id(), 1, PERIOD_S, 30, seed).expect("chain");
+        let (chain, secret) =
+            peervm_protocol::RefreshSecret::generate(&key.peer_id(), 1, PERIOD_S, 30, seed).expect("chain");
         body.refresh = Some(chain);
         nodes[i + 2].client.publish(signed(key, &body)).await.unwrap();
         secrets.push(secret);
@@ -445,11 +446,8 @@ async fn refresh(n: usize, providers: usize, rounds: usize) {
         before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_token(a.1 - b.1, idle_tx[i])).collect();
     report_spread(&format!("refresh_{n}_nodes_received_per_token"), rx, "B");
     report_spread(&format!("refresh_{n}_nodes_sent_per_token"), tx, "B");
-    let copies: Vec<f64> = nodes
-        .iter()
-        .zip(&records_before)
-        .map(|(nd, b)| (records(nd) - b) as f64 / released)
-        .collect();
+    let copies: Vec<f64> =
+        nodes.iter().zip(&records_before).map(|(nd, b)| (records(nd) - b) as f64 / released).collect();
     report_spread(&format!("refresh_{n}_nodes_records_received_per_token"), copies, "records");
     drop(events);
     for nd in nodes {

@@ -187,7 +187,10 @@ async fn a_forged_refresh_token_is_refused_never_relayed_and_bans_its_sender() {
     // on to b (mallory's requests are read, and a relays what it accepts).
     until_release(&ad, 1).await;
     let genuine = secret.record(1).expect("token 1");
-    assert_eq!(mallory.send(genuine.to_bytes().to_vec()).await, Some(peervm_node::network::refresh_wire::RefreshResponse::Ok));
+    assert_eq!(
+        mallory.send(genuine.to_bytes().to_vec()).await,
+        Some(peervm_node::network::refresh_wire::RefreshResponse::Ok)
+    );
     assert!(all_refreshed(std::slice::from_mut(&mut a_events), pid, 1).await, "a did not take the genuine token");
     assert!(all_refreshed(std::slice::from_mut(&mut b_events), pid, 1).await, "a did not relay the genuine token");
 
@@ -198,7 +201,8 @@ async fn a_forged_refresh_token_is_refused_never_relayed_and_bans_its_sender() {
         let _ = mallory.send(forged.to_bytes().to_vec()).await;
     }
     assert!(mallory.disconnected(HANG_GUARD).await, "mallory was not banned and disconnected");
-    let forged = a.metrics.refresh_records.get_or_create(&peervm_node::metrics::OutcomeLabel { outcome: "forged".into() }).get();
+    let forged =
+        a.metrics.refresh_records.get_or_create(&peervm_node::metrics::OutcomeLabel { outcome: "forged".into() }).get();
     assert_eq!(forged, 3, "a did not count the three forged tokens");
 
     // The genuine token 2, from the provider: once b has it, a has relayed what it was
@@ -206,7 +210,8 @@ async fn a_forged_refresh_token_is_refused_never_relayed_and_bans_its_sender() {
     until_release(&ad, 2).await;
     p.client.release_refresh(secret.record(2).expect("token 2")).await.expect("own token accepted");
     assert!(all_refreshed(std::slice::from_mut(&mut b_events), pid, 2).await, "b never got the genuine token 2");
-    let b_forged = b.metrics.refresh_records.get_or_create(&peervm_node::metrics::OutcomeLabel { outcome: "forged".into() }).get();
+    let b_forged =
+        b.metrics.refresh_records.get_or_create(&peervm_node::metrics::OutcomeLabel { outcome: "forged".into() }).get();
     assert_eq!(b_forged, 0, "a relayed a forged token to b");
 
     p.stop().await;

@@ -182,7 +182,8 @@ pub const MAX_INVALID_COUNTED_PER_PAGE: usize = 10;
 /// 24 bytes are cheaper in one frame a second than one frame each.
 pub const REFRESH_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// A request: 4,096 records and the CBOR framing around them.
-pub const REFRESH_MAX_REQUEST_BYTES: u64 = (peervm_protocol::MAX_BATCH_RECORDS * peervm_protocol::refresh::RECORD_LEN) as u64 + 96;
+pub const REFRESH_MAX_REQUEST_BYTES: u64 =
+    (peervm_protocol::MAX_BATCH_RECORDS * peervm_protocol::refresh::RECORD_LEN) as u64 + 96;
 /// The answer is a word.
 pub const REFRESH_MAX_RESPONSE_BYTES: u64 = 64;
 pub const REFRESH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

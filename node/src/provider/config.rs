@@ -597,15 +597,18 @@ fn refresh_terms(
             ),
         ));
     }
-    let max_chain = peervm_protocol::refresh::MAX_CHAIN_SPAN_S;
-    let resign = resign_secs.unwrap_or(DEFAULT_RESIGN_SECS);
-    if resign < period || resign > max_chain {
+    let max_count = u64::from(peervm_protocol::refresh::MAX_COUNT);
+    let resign = resign_secs.unwrap_or(DEFAULT_RESIGN_SECS.min(period * max_count));
+    if resign < period || resign > period * max_count {
         return Err((
             "advert.resign_secs",
-            format!("must be {period}..={max_chain} (from refresh_secs to seven days), got {resign}"),
+            format!(
+                "must be {period}..={} (from refresh_secs to {max_count} tokens of refresh_secs), got {resign}",
+                period * max_count
+            ),
         ));
     }
-    let count = (resign / period).min(u64::from(peervm_protocol::refresh::MAX_COUNT));
+    let count = resign / period;
     Ok(Some(RefreshTerms { period_secs: period as u32, count: count as u32 }))
 }
 
@@ -647,14 +650,15 @@ mod tests {
         // Off on request, and by default when a third of the lifetime is under 10 s.
         assert_eq!(refresh_terms(300, Some(0), None), Ok(None));
         assert_eq!(refresh_terms(29, None, None), Ok(None));
-        assert_eq!(refresh_terms(30, None, None), Ok(Some(RefreshTerms { period_secs: 10, count: 8640 })));
+        // A chain holds at most 1,024 tokens: at 10 s, 2 h 50 min by default.
+        assert_eq!(refresh_terms(30, None, None), Ok(Some(RefreshTerms { period_secs: 10, count: 1024 })));
         // Below the protocol's floor, above half the lifetime, a chain shorter than one
-        // period or longer than seven days.
+        // period or of more than 1,024 tokens.
         for (refresh, resign, field) in [
             (Some(9), None, "advert.refresh_secs"),
             (Some(151), None, "advert.refresh_secs"),
             (Some(100), Some(99), "advert.resign_secs"),
-            (Some(100), Some(604_801), "advert.resign_secs"),
+            (Some(100), Some(102_401), "advert.resign_secs"),
         ] {
             let err = refresh_terms(300, refresh, resign).unwrap_err();
             assert_eq!(err.0, field, "{refresh:?} {resign:?}: {}", err.1);

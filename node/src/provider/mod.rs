@@ -2,8 +2,8 @@
 //! "Provider daemon").
 
 pub mod abuse_config;
-pub mod advert_chain;
 pub mod admin;
+pub mod advert_chain;
 pub mod audit;
 pub mod config;
 pub mod daemon;

@@ -3,7 +3,7 @@
 //! running daemon can take, and which only a restart can. A reload is all or nothing: if
 //! any changed field needs a restart, nothing applies and the running config stays.
 
-use crate::provider::config::{ConfigError, ProviderConfig};
+use crate::provider::config::{ConfigError, ProviderConfig, RefreshTerms};
 use crate::provider::lease::abuse::Rule;
 
 /// What changed between the running config and the file, by the field names of

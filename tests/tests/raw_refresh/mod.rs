@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, noise, tcp, yamux};
+use libp2p::{Multiaddr, noise, tcp, yamux};
 use peervm_node::network::refresh_wire::{PROTOCOL, RefreshRequest, RefreshResponse};
 use peervm_node::network::sync::Envelope;
 use tokio::sync::{mpsc, oneshot};
@@ -15,7 +15,6 @@ use tokio::sync::{mpsc, oneshot};
 type Ask = (Vec<u8>, oneshot::Sender<Option<RefreshResponse>>);
 
 pub struct RawRefreshPeer {
-    pub peer_id: PeerId,
     ask: mpsc::Sender<Ask>,
     closed: mpsc::Receiver<()>,
 }
@@ -44,7 +43,6 @@ impl RawRefreshPeer {
             })
             .expect("the target address names its peer");
         swarm.dial(target).expect("dial");
-        let peer_id = *swarm.local_peer_id();
         let (ask, mut asks) = mpsc::channel::<Ask>(16);
         let (closed_tx, closed) = mpsc::channel(1);
         tokio::spawn(async move {
@@ -80,7 +78,7 @@ impl RawRefreshPeer {
                 }
             }
         });
-        RawRefreshPeer { peer_id, ask, closed }
+        RawRefreshPeer { ask, closed }
     }
 
     /// Sends one request carrying `records` (concatenated 24-byte records, or anything

@@ -10,10 +10,9 @@ use std::time::Instant;
 use libp2p::PeerId;
 use libp2p::request_response;
 use peervm_protocol::refresh::{decode_batch, encode_batch};
-use peervm_protocol::{MAX_BATCH_RECORDS, RefreshRecord};
+use peervm_protocol::{MAX_BATCH_RECORDS, RefreshOutcome, RefreshRecord};
 
 use super::context::Context;
-use crate::advert_store::RefreshOutcome;
 use crate::clock::now_unix_ms;
 use crate::network::gossip_params::advert_topic;
 use crate::network::rate_limit::Api;
@@ -42,7 +41,9 @@ impl Refreshes {
     pub fn on_event(&mut self, ctx: &mut Context, event: request_response::Event<RefreshRequest, RefreshResponse>) {
         match event {
             request_response::Event::Message {
-                peer, message: request_response::Message::Request { request, channel, .. }, ..
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
             } => {
                 if !ctx.admit(peer, Api::Refresh) {
                     let _ = ctx.swarm.behaviour_mut().refresh.send_response(channel, RefreshResponse::RateLimited);
@@ -67,12 +68,10 @@ impl Refreshes {
                 }
             }
             request_response::Event::Message {
-                peer, message: request_response::Message::Response { response, .. }, ..
-            } => {
-                if response == RefreshResponse::RateLimited {
-                    tracing::debug!(%peer, "refresh batch throttled by the peer");
-                }
-            }
+                peer,
+                message: request_response::Message::Response { response: RefreshResponse::RateLimited, .. },
+                ..
+            } => tracing::debug!(%peer, "refresh batch throttled by the peer"),
             request_response::Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "refresh batch failed");
             }
@@ -90,22 +89,18 @@ impl Refreshes {
         {
             queue.remove(&record.id);
         }
-        let outcome = ctx.store().apply_refresh(&record, now);
-        match &outcome {
-            RefreshOutcome::Accepted { provider, .. } => {
-                ctx.metrics.refresh_record("accepted");
-                ctx.emit(NodeEvent::AdvertRefreshed { provider: *provider, k: record.k, at: Instant::now() });
-                for peer in relay_peers(ctx) {
-                    if Some(peer) != from {
-                        let queue = self.queues.entry(peer).or_default();
-                        if queue.get(&record.id).is_none_or(|queued| queued.k < record.k) {
-                            queue.insert(record.id, record);
-                        }
+        let (outcome, provider) = ctx.store().apply_refresh_naming(&record, now);
+        ctx.metrics.refresh_record(outcome.label());
+        if let (RefreshOutcome::Accepted { .. }, Some(provider)) = (&outcome, provider) {
+            ctx.emit(NodeEvent::AdvertRefreshed { provider, k: record.k, at: Instant::now() });
+            for peer in relay_peers(ctx) {
+                if Some(peer) != from {
+                    let queue = self.queues.entry(peer).or_default();
+                    if queue.get(&record.id).is_none_or(|queued| queued.k < record.k) {
+                        queue.insert(record.id, record);
                     }
                 }
             }
-            RefreshOutcome::Ignored(reason) => ctx.metrics.refresh_record(reason.label()),
-            RefreshOutcome::Rejected(reason) => ctx.metrics.refresh_record(reason.label()),
         }
         outcome
     }
