@@ -398,7 +398,7 @@ async fn refresh(n: usize, providers: usize, rounds: usize) {
 
     let records = |nd: &peervm_node::network::Node| -> u64 {
         let family = &nd.metrics.refresh_records;
-        ["accepted", "duplicate"]
+        ["accepted", "stale"]
             .iter()
             .map(|o| family.get_or_create(&peervm_node::metrics::OutcomeLabel { outcome: (*o).into() }).get())
             .sum()
