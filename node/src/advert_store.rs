@@ -17,14 +17,22 @@
 //! ed25519 key, not the 80-byte `PeerId`, in one ordered index that serves lookups and
 //! sync paging; the sweep scans the summaries instead of keeping an expiry index.
 //! docs/architecture.md ("The advert store") has the bytes per advert.
+//!
+//! Refresh tokens (docs/protocol.md section 4a): an advert with a `refresh` chain is kept
+//! live past its signed expiry by tokens of its provider. The summary's expiry is the
+//! advert's *effective* expiry, so the sweep, queries and sync pages all use it; the
+//! chain's state (the highest token accepted) and the index from a record's 6-byte id to
+//! the adverts it may name live in side tables that only adverts with a chain pay for.
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::ops::Bound;
 
 use peervm_protocol::advert::hourly_price_micros;
 use peervm_protocol::identity::{ed25519_public_key_bytes, peer_id_from_public_key};
+use peervm_protocol::refresh::{RECORD_ID_LEN, check_token};
 use peervm_protocol::{
-    Accel, AdvertError, Advertisement, PeerId, ResourceAmounts, Verified, VerifiedBytes, VerifyError,
+    Accel, AdvertError, Advertisement, HeldToken, IgnoreReason, PeerId, RefreshChain, RefreshOutcome, RefreshRecord,
+    RefreshTarget, ResourceAmounts, Verified, VerifiedBytes, VerifyError,
 };
 
 /// One advert as the store keeps it: the verified envelope's exact wire bytes (what sync
@@ -81,6 +89,28 @@ pub enum InsertOutcome {
     Withdrawn,
 }
 
+/// What [`AdvertStore::insert_with_refresh`] did with an advert and the record sent with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshedInsert {
+    pub advert: Result<InsertOutcome, InsertError>,
+    /// The record's outcome, when one was given: a rejected one is its sender's fault
+    /// (docs/protocol.md section 10.4), whatever became of the advert.
+    pub record: Option<RefreshOutcome>,
+}
+
+/// One page of the store for the sync protocol (docs/protocol.md section 9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPage {
+    /// The envelopes, in provider id order.
+    pub adverts: Vec<Vec<u8>>,
+    /// The cursor of the next page: the last provider on this one, or `None` when this was
+    /// the last page.
+    pub next: Option<PeerId>,
+    /// The page's `refreshes`: for each advert on the page that has accepted a token, the
+    /// record of the highest one, in the adverts' order.
+    pub refreshes: Vec<RefreshRecord>,
+}
+
 /// A requestor's filter. Every field is optional; `spec` is what the price is computed
 /// for (and what free resources must cover).
 #[derive(Debug, Clone, Default)]
@@ -120,6 +150,8 @@ impl OfferFilter {
 pub struct Offer {
     pub price_per_hour_micros: u64,
     pub provider: PeerId,
+    /// The advert's effective expiry: its signed one, or later with refresh tokens.
+    pub expires_at_unix_ms: u64,
     /// The advert's envelope; [`Offer::decode`] gives the advert.
     pub advert: StoredAdvert,
 }
@@ -134,6 +166,7 @@ impl Offer {
 /// What a query needs of an advert, packed for a cache-friendly scan.
 #[derive(Debug, Clone)]
 struct Summary {
+    /// The effective expiry: the signed one, raised by each refresh token accepted.
     expires_at_unix_ms: u64,
     free_memory_mib: u64,
     free_disk_gib: u64,
@@ -157,6 +190,29 @@ struct Summary {
 struct Held {
     advert: StoredAdvert,
     seq: u64,
+}
+
+/// Adverts a node keeps under one record id and tries a record against; another advert
+/// with the same id is stored and shown but not refreshed (docs/protocol.md section 4a).
+pub const MAX_ADVERTS_PER_REFRESH_ID: usize = 4;
+
+/// The refresh state of a held advert with a chain: what a token is checked against (the
+/// advert's signed times and chain; the seq is in `Held`, the provider is the key) and
+/// the highest token accepted. 64 bytes, only for adverts with a chain.
+#[derive(Debug, Clone)]
+struct ChainState {
+    issued_at_unix_ms: u64,
+    /// The signed expiry (the effective one is the summary's).
+    expires_at_unix_ms: u64,
+    chain: RefreshChain,
+    held: HeldToken,
+}
+
+/// A token accepted for an advert before it was stored: what it starts from.
+#[derive(Debug, Clone, Copy)]
+struct Refreshed {
+    held: HeldToken,
+    effective_expiry_ms: u64,
 }
 
 /// Strings seen in adverts, each given a small integer id.
@@ -214,6 +270,11 @@ pub struct AdvertStore {
     owners: HashMap<Key, Key>,
     /// (owner, node key) pairs an owner retired, until the retiring delegation ends.
     revoked: HashMap<(PeerId, PeerId), u64>,
+    /// The refresh state of each live advert with a chain that is indexed in `chain_ids`.
+    chains: HashMap<Key, ChainState>,
+    /// Record id -> the providers whose chain it names, at most
+    /// [`MAX_ADVERTS_PER_REFRESH_ID`] per id (a range of this set is one id's entries).
+    chain_ids: BTreeSet<([u8; RECORD_ID_LEN], Key)>,
 }
 
 impl AdvertStore {
@@ -242,7 +303,21 @@ impl AdvertStore {
         }
     }
 
-    /// The live advert of `provider`, as its envelope (`decode()` gives the advert).
+    /// When `provider`'s advert expires: its effective expiry (the signed one, raised by
+    /// each refresh token accepted). The advert leaves the store at the first sweep after.
+    pub fn expires_at(&self, provider: &PeerId) -> Option<u64> {
+        self.row(provider).map(|row| self.table[row].expires_at_unix_ms)
+    }
+
+    /// The highest refresh token accepted for `provider`'s advert, as the record that
+    /// carries it; `None` when it has no chain, is not refreshed by tokens, or none was
+    /// accepted yet.
+    pub fn refresh_record(&self, provider: &PeerId) -> Option<RefreshRecord> {
+        self.chains.get(&key_of(provider)?).and_then(ChainState::record)
+    }
+
+    /// The held advert of `provider`, as its envelope (`decode()` gives the advert). Held
+    /// means not swept yet: [`AdvertStore::expires_at`] says until when it is live.
     pub fn get(&self, provider: &PeerId) -> Option<&StoredAdvert> {
         self.row(provider).map(|row| &self.held[row].advert)
     }
@@ -267,8 +342,135 @@ impl AdvertStore {
     /// Checks `advert` against the accept rule and, if it passes, stores it (or removes
     /// its provider when it is a withdrawal).
     pub fn insert(&mut self, advert: Verified<Advertisement>, now_unix_ms: u64) -> Result<InsertOutcome, InsertError> {
-        let provider = advert.body().provider;
         let delegation = self.check(advert.body(), now_unix_ms)?;
+        self.store_checked(advert, delegation, None)
+    }
+
+    /// Inserts an advert that came with a refresh record (a sync page's `refreshes`,
+    /// docs/protocol.md section 9), then applies the record.
+    ///
+    /// The order that lets an advert whose signed expiry has passed, but whose effective
+    /// expiry with the record has not, land: when the accept rule refuses the advert only
+    /// as `Expired`, the advert has a chain whose id the record names, and the store has
+    /// room for that id, the record is checked against the advert's anchor first (section
+    /// 4a), and an accepted token's effective expiry stands in for the signed one in the
+    /// rule (`Advertisement::check_acceptable_until`); the advert is stored holding that
+    /// token. Otherwise the advert is inserted as by [`AdvertStore::insert`] and the
+    /// record is then applied as by [`AdvertStore::apply_refresh`] (to whichever held
+    /// advert it names: the same advert already held at this seq takes its token too).
+    /// A caller passes each advert the page record whose id is its chain's.
+    pub fn insert_with_refresh(
+        &mut self,
+        advert: Verified<Advertisement>,
+        record: Option<&RefreshRecord>,
+        now_unix_ms: u64,
+    ) -> RefreshedInsert {
+        let Some(record) = record else {
+            return RefreshedInsert { advert: self.insert(advert, now_unix_ms), record: None };
+        };
+        let expired = match self.check(advert.body(), now_unix_ms) {
+            Err(e @ InsertError::Advert(AdvertError::Expired { .. })) => e,
+            checked => {
+                let result = checked.and_then(|delegation| self.store_checked(advert, delegation, None));
+                return RefreshedInsert { advert: result, record: Some(self.apply_refresh(record, now_unix_ms)) };
+            }
+        };
+        let body = advert.body();
+        let refreshable = match (key_of(&body.provider), body.refresh) {
+            (Some(key), Some(chain)) if chain.id() == record.id && self.id_has_room(&chain.id(), &key) => Some(chain),
+            _ => None,
+        };
+        // Every check but the expiry, before any hashing; then the token from the anchor.
+        let checked = refreshable.map(|chain| (chain, self.check_until(body, now_unix_ms, u64::MAX)));
+        let (chain, delegation) = match checked {
+            Some((chain, Ok(delegation))) => (chain, delegation),
+            _ => {
+                return RefreshedInsert { advert: Err(expired), record: Some(self.apply_refresh(record, now_unix_ms)) };
+            }
+        };
+        let target = RefreshTarget {
+            provider: &body.provider,
+            seq: body.seq,
+            issued_at_unix_ms: body.issued_at_unix_ms,
+            expires_at_unix_ms: body.expires_at_unix_ms,
+            chain,
+        };
+        let outcome = check_token(&target, &HeldToken::anchor(&chain), record.k, &record.token, now_unix_ms);
+        let RefreshOutcome::Accepted { k, token, effective_expiry_ms } = outcome else {
+            return RefreshedInsert { advert: Err(expired), record: Some(outcome) };
+        };
+        let refreshed = Refreshed { held: HeldToken { j: k, token }, effective_expiry_ms };
+        RefreshedInsert { advert: self.store_checked(advert, delegation, Some(refreshed)), record: Some(outcome) }
+    }
+
+    /// Applies a refresh record (docs/protocol.md section 4a) to the held adverts its id
+    /// names: `Ignored(Unknown)` when it names none; otherwise the accept table against
+    /// each of them (at most [`MAX_ADVERTS_PER_REFRESH_ID`]), an accepted token raising
+    /// that advert's token and effective expiry. With several adverts under one id, the
+    /// first that accepts the token wins; else an `Ignored` outcome is reported before a
+    /// `Rejected` one, since a token that is genuine for one of them is no misbehaviour
+    /// of its sender even if it is forged for another.
+    pub fn apply_refresh(&mut self, record: &RefreshRecord, now_unix_ms: u64) -> RefreshOutcome {
+        self.apply_refresh_naming(record, now_unix_ms).0
+    }
+
+    /// [`AdvertStore::apply_refresh`], also naming the provider whose advert took the
+    /// token when it was accepted (what the swarm reports: `NodeEvent::AdvertRefreshed`).
+    pub fn apply_refresh_naming(
+        &mut self,
+        record: &RefreshRecord,
+        now_unix_ms: u64,
+    ) -> (RefreshOutcome, Option<PeerId>) {
+        let mut keys = [[0u8; 32]; MAX_ADVERTS_PER_REFRESH_ID];
+        let mut n = 0;
+        for (_, key) in self.chain_ids.range(id_range(&record.id)).take(MAX_ADVERTS_PER_REFRESH_ID) {
+            keys[n] = *key;
+            n += 1;
+        }
+        let mut verdict = RefreshOutcome::Ignored(IgnoreReason::Unknown);
+        for key in &keys[..n] {
+            let (Some(state), Some(row)) = (self.chains.get_mut(key), self.index.get(key)) else {
+                continue;
+            };
+            let row = *row as usize;
+            let provider = peer_id_from_public_key(key);
+            let target = RefreshTarget {
+                provider: &provider,
+                seq: self.held[row].seq,
+                issued_at_unix_ms: state.issued_at_unix_ms,
+                expires_at_unix_ms: state.expires_at_unix_ms,
+                chain: state.chain,
+            };
+            let outcome = check_token(&target, &state.held, record.k, &record.token, now_unix_ms);
+            if let RefreshOutcome::Accepted { k, token, effective_expiry_ms } = outcome {
+                state.held = HeldToken { j: k, token };
+                self.table[row].expires_at_unix_ms = effective_expiry_ms;
+                return (outcome, Some(provider));
+            }
+            verdict = match (verdict, outcome) {
+                (RefreshOutcome::Ignored(IgnoreReason::Unknown), first) => first,
+                (RefreshOutcome::Rejected(_), ignored @ RefreshOutcome::Ignored(_)) => ignored,
+                (kept, _) => kept,
+            };
+        }
+        (verdict, None)
+    }
+
+    /// Whether an advert of `key` with a chain of id `id` would be refreshed by tokens:
+    /// fewer than [`MAX_ADVERTS_PER_REFRESH_ID`] other providers' adverts hold the id.
+    fn id_has_room(&self, id: &[u8; RECORD_ID_LEN], key: &Key) -> bool {
+        self.chain_ids.range(id_range(id)).filter(|(_, k)| k != key).count() < MAX_ADVERTS_PER_REFRESH_ID
+    }
+
+    /// Stores an advert that passed the accept rule (its delegation checked), starting
+    /// from a token accepted before it was stored, if any.
+    fn store_checked(
+        &mut self,
+        advert: Verified<Advertisement>,
+        delegation: Option<peervm_protocol::Delegation>,
+        refreshed: Option<Refreshed>,
+    ) -> Result<InsertOutcome, InsertError> {
+        let provider = advert.body().provider;
         // A verified advert's provider is its signer, an ed25519 key (`check` read it too).
         let key = key_of(&provider).ok_or_else(|| AdvertError::Malformed("provider is not an ed25519 key".into()))?;
         let existed = self.remove_live(&key).is_some();
@@ -293,7 +495,7 @@ impl AdvertStore {
                 self.owners.insert(key, owner);
             }
         }
-        self.add_live(key, &advert);
+        self.add_live(key, &advert, refreshed);
         Ok(if existed { InsertOutcome::Replaced } else { InsertOutcome::Added })
     }
 
@@ -310,10 +512,21 @@ impl AdvertStore {
         advert: &Advertisement,
         now_unix_ms: u64,
     ) -> Result<Option<peervm_protocol::Delegation>, InsertError> {
+        self.check_until(advert, now_unix_ms, advert.expires_at_unix_ms)
+    }
+
+    /// [`AdvertStore::check`] with `expires_at_unix_ms` standing in for the signed expiry
+    /// (an effective expiry; `u64::MAX` checks everything but the expiry).
+    fn check_until(
+        &self,
+        advert: &Advertisement,
+        now_unix_ms: u64,
+        expires_at_unix_ms: u64,
+    ) -> Result<Option<peervm_protocol::Delegation>, InsertError> {
         if self.blocked.contains(&advert.provider) {
             return Err(InsertError::Blocked(advert.provider));
         }
-        advert.check_acceptable(now_unix_ms, self.held_seq(&advert.provider))?;
+        advert.check_acceptable_until(now_unix_ms, self.held_seq(&advert.provider), expires_at_unix_ms)?;
         let delegation = advert.delegation_at(now_unix_ms)?;
         if let Some(d) = &delegation {
             if self.revoked.contains_key(&(d.owner, advert.provider)) {
@@ -326,8 +539,8 @@ impl AdvertStore {
         Ok(delegation)
     }
 
-    /// Removes adverts that expired by `now` and tombstones that no longer matter.
-    /// Returns the providers removed.
+    /// Removes adverts whose effective expiry has come by `now`, and tombstones that no
+    /// longer matter. Returns the providers removed.
     pub fn sweep(&mut self, now_unix_ms: u64) -> Vec<PeerId> {
         // A scan of the summaries (a few MB, as a query) instead of an expiry index, and
         // only when the earliest expiry has come (adverts are usually replaced first).
@@ -467,21 +680,16 @@ impl AdvertStore {
             .map(|(price, key, index)| Offer {
                 price_per_hour_micros: price,
                 provider: peer_id_from_public_key(&key),
+                expires_at_unix_ms: self.table[index].expires_at_unix_ms,
                 advert: self.held[index].advert.clone(),
             })
             .collect()
     }
 
-    /// A page of adverts for the sync protocol: providers after `after` in id order,
-    /// up to `max_items` and `max_bytes` of envelopes. Returns the envelopes and the
-    /// cursor of the next page (None when this was the last).
-    pub fn page(
-        &self,
-        after: Option<&PeerId>,
-        max_items: usize,
-        max_bytes: usize,
-        now_unix_ms: u64,
-    ) -> (Vec<Vec<u8>>, Option<PeerId>) {
+    /// A page of adverts for the sync protocol: providers after `after` in id order whose
+    /// effective expiry has not come, up to `max_items` and `max_bytes` of envelopes, with
+    /// the records of the highest tokens held for them.
+    pub fn page(&self, after: Option<&PeerId>, max_items: usize, max_bytes: usize, now_unix_ms: u64) -> SyncPage {
         let start = match after {
             None => Bound::Unbounded,
             Some(p) => match key_of(p) {
@@ -489,10 +697,10 @@ impl AdvertStore {
                 // Every stored id shares the ed25519 prefix, so a cursor that is not an
                 // ed25519 id sorts before all of them or after all of them.
                 None if *p < peer_id_from_public_key(&[0; 32]) => Bound::Unbounded,
-                None => return (Vec::new(), None),
+                None => return SyncPage { adverts: Vec::new(), next: None, refreshes: Vec::new() },
             },
         };
-        let mut out = Vec::new();
+        let mut page = SyncPage { adverts: Vec::new(), next: None, refreshes: Vec::new() };
         let mut bytes = 0usize;
         let mut last = None;
         for (key, row) in self.index.range((start, Bound::Unbounded)) {
@@ -501,18 +709,35 @@ impl AdvertStore {
                 continue;
             }
             let env = self.held[row].advert.as_bytes();
-            if out.len() >= max_items || bytes + env.len() > max_bytes {
-                return (out, last.map(|k| peer_id_from_public_key(&k)));
+            if page.adverts.len() >= max_items || bytes + env.len() > max_bytes {
+                page.next = last.map(|k| peer_id_from_public_key(&k));
+                return page;
             }
             bytes += env.len();
-            out.push(env.to_vec());
+            page.adverts.push(env.to_vec());
+            page.refreshes.extend(self.chains.get(key).and_then(ChainState::record));
             last = Some(*key);
         }
-        (out, None)
+        page
     }
 
-    fn add_live(&mut self, key: Key, advert: &Verified<Advertisement>) {
+    fn add_live(&mut self, key: Key, advert: &Verified<Advertisement>, refreshed: Option<Refreshed>) {
         let b = advert.body();
+        let mut expires_at_unix_ms = b.expires_at_unix_ms;
+        if let Some(chain) = b.refresh
+            && self.id_has_room(&chain.id(), &key)
+        {
+            let held = refreshed.map_or(HeldToken::anchor(&chain), |r| r.held);
+            expires_at_unix_ms = refreshed.map_or(expires_at_unix_ms, |r| r.effective_expiry_ms);
+            let state = ChainState {
+                issued_at_unix_ms: b.issued_at_unix_ms,
+                expires_at_unix_ms: b.expires_at_unix_ms,
+                chain,
+                held,
+            };
+            self.chains.insert(key, state);
+            self.chain_ids.insert((chain.id(), key));
+        }
         let mut images = 0u64;
         let mut more = Vec::new();
         for img in &b.images {
@@ -522,7 +747,7 @@ impl AdvertStore {
             }
         }
         let summary = Summary {
-            expires_at_unix_ms: b.expires_at_unix_ms,
+            expires_at_unix_ms,
             free_memory_mib: b.resources.free.memory_mib,
             free_disk_gib: b.resources.free.disk_gib,
             per_vcpu: b.pricing.per_vcpu_hour_micros,
@@ -539,7 +764,7 @@ impl AdvertStore {
         if !more.is_empty() {
             self.more_images.insert(key, more);
         }
-        self.next_expiry_unix_ms = self.next_expiry_unix_ms.min(b.expires_at_unix_ms);
+        self.next_expiry_unix_ms = self.next_expiry_unix_ms.min(expires_at_unix_ms);
         self.index.insert(key, self.table.len() as u32);
         self.table.push(summary);
         self.held.push(Held { advert: StoredAdvert::new(advert), seq: b.seq });
@@ -547,6 +772,9 @@ impl AdvertStore {
 
     fn remove_live(&mut self, key: &Key) -> Option<StoredAdvert> {
         self.owners.remove(key);
+        if let Some(state) = self.chains.remove(key) {
+            self.chain_ids.remove(&(state.chain.id(), *key));
+        }
         let row = self.index.remove(key)? as usize;
         self.more_images.remove(key);
         self.table.swap_remove(row);
@@ -559,6 +787,19 @@ impl AdvertStore {
         }
         Some(removed.advert)
     }
+}
+
+impl ChainState {
+    /// The record of the highest token accepted, or `None` before the first (the anchor
+    /// is in the advert).
+    fn record(&self) -> Option<RefreshRecord> {
+        (self.held.j > 0).then(|| RefreshRecord { id: self.chain.id(), k: self.held.j, token: self.held.token })
+    }
+}
+
+/// The entries of `chain_ids` under `id`.
+fn id_range(id: &[u8; RECORD_ID_LEN]) -> std::ops::RangeInclusive<([u8; RECORD_ID_LEN], Key)> {
+    (*id, [0u8; 32])..=(*id, [0xff; 32])
 }
 
 #[cfg(test)]
@@ -724,12 +965,13 @@ mod tests {
         let all: Vec<PeerId> =
             (0..25u64).map(|n| samples::numbered_key(n).peer_id()).collect::<BTreeSet<_>>().into_iter().collect();
         let signer = |env: &Vec<u8>| peervm_protocol::Signed::<Advertisement>::open(env).unwrap().body().provider;
-        let one_size = s.page(None, 1, usize::MAX, NOW).0[0].len();
+        let one_size = s.page(None, 1, usize::MAX, NOW).adverts[0].len();
         for (max_items, max_bytes) in [(4, usize::MAX), (100, 3 * one_size), (1, usize::MAX)] {
             let mut seen = Vec::new();
             let mut cursor = None;
             loop {
-                let (page, next) = s.page(cursor.as_ref(), max_items, max_bytes, NOW);
+                let SyncPage { adverts: page, next, refreshes } = s.page(cursor.as_ref(), max_items, max_bytes, NOW);
+                assert!(refreshes.is_empty(), "no advert has a chain");
                 assert!(page.len() <= max_items && page.iter().map(Vec::len).sum::<usize>() <= max_bytes);
                 seen.extend(page.iter().map(signer));
                 match next {
@@ -746,10 +988,13 @@ mod tests {
         let short = PeerId::from_bytes(&[0x00, 0x04, 1, 2, 3, 4]).unwrap();
         let hashed = PeerId::from_bytes(&[&[0x12, 0x20][..], &[7u8; 32]].concat()).unwrap();
         assert!(short < all[0] && hashed > all[24]);
-        assert_eq!(s.page(Some(&short), 100, usize::MAX, NOW).0.len(), 25);
-        assert_eq!(s.page(Some(&hashed), 100, usize::MAX, NOW), (Vec::new(), None));
+        assert_eq!(s.page(Some(&short), 100, usize::MAX, NOW).adverts.len(), 25);
+        assert_eq!(
+            s.page(Some(&hashed), 100, usize::MAX, NOW),
+            SyncPage { adverts: Vec::new(), next: None, refreshes: Vec::new() }
+        );
         // Expired adverts are not served.
-        assert!(s.page(None, 100, usize::MAX, NOW + 300_000).0.is_empty());
+        assert!(s.page(None, 100, usize::MAX, NOW + 300_000).adverts.is_empty());
     }
 
     /// Past 64 image names the summary's bitmap overflows to a side table: a query for a
@@ -842,5 +1087,281 @@ mod tests {
         assert!(!s.contains(&key.peer_id()));
         assert!(s.insert(sign(&samples::advert(&key, 5, NOW)), NOW).is_err());
         assert_eq!(s.insert(sign(&samples::advert(&key, 7, NOW)), NOW), Ok(InsertOutcome::Added));
+    }
+
+    /// Provider `n`'s advert issued at NOW, living 300 s, with a chain of 100 tokens every
+    /// 150 s: token k is released at NOW + k * 150 s and keeps the advert until
+    /// NOW + 300 s + k * 150 s.
+    fn chained(n: u64, seq: u64) -> (Verified<Advertisement>, peervm_protocol::RefreshSecret) {
+        let key = samples::numbered_key(n);
+        let (chain, secret) =
+            peervm_protocol::RefreshSecret::generate(&key.peer_id(), seq, 150, 100, [n as u8; 16]).unwrap();
+        let mut a = samples::advert(&key, seq, NOW);
+        a.refresh = Some(chain);
+        (peervm_protocol::Signed::sign(&key, &a).unwrap(), secret)
+    }
+
+    /// When token k is released, and the effective expiry it gives.
+    fn release(k: u64) -> u64 {
+        NOW + k * 150_000
+    }
+    fn effective(k: u64) -> u64 {
+        NOW + 300_000 + k * 150_000
+    }
+
+    fn accepted(k: u16, secret: &peervm_protocol::RefreshSecret) -> RefreshOutcome {
+        RefreshOutcome::Accepted {
+            k,
+            token: secret.token(u32::from(k)).unwrap(),
+            effective_expiry_ms: effective(u64::from(k)),
+        }
+    }
+
+    fn shown(s: &AdvertStore, now: u64) -> Vec<PeerId> {
+        s.query(&OfferFilter::default(), now, 0).into_iter().map(|o| o.provider).collect()
+    }
+
+    #[test]
+    fn a_refreshed_advert_outlives_its_signed_expiry_and_is_swept_at_its_effective_one() {
+        let mut s = AdvertStore::new();
+        let (advert, secret) = chained(1, 1);
+        let p = advert.body().provider;
+        let plain = put(&mut s, 2, 2, 100, "eu", "minimal");
+        s.insert(advert, NOW).unwrap();
+        assert_eq!(s.expires_at(&p), Some(NOW + 300_000));
+        assert_eq!(s.refresh_record(&p), None, "no token yet");
+        assert_eq!(s.apply_refresh(&secret.record(1).unwrap(), release(1)), accepted(1, &secret));
+        assert_eq!(s.apply_refresh(&secret.record(2).unwrap(), release(2)), accepted(2, &secret));
+        assert_eq!(s.expires_at(&p), Some(effective(2)));
+        assert_eq!(s.refresh_record(&p), secret.record(2));
+        // Past the signed expiry: the plain advert is gone, the refreshed one is everywhere.
+        let later = NOW + 300_000;
+        assert_eq!(s.sweep(later), vec![plain]);
+        assert!(s.contains(&p) && s.get(&p).is_some());
+        assert_eq!(shown(&s, later), vec![p]);
+        assert_eq!(s.query(&OfferFilter::default(), later, 0)[0].expires_at_unix_ms, effective(2));
+        assert_eq!(s.page(None, 10, usize::MAX, later).adverts.len(), 1);
+        // Until its effective expiry, to the millisecond.
+        assert!(s.sweep(effective(2) - 1).is_empty());
+        assert_eq!(shown(&s, effective(2) - 1), vec![p]);
+        assert!(shown(&s, effective(2)).is_empty());
+        assert!(s.page(None, 10, usize::MAX, effective(2)).adverts.is_empty());
+        assert_eq!(s.sweep(effective(2)), vec![p]);
+        assert!(s.is_empty() && s.chains.is_empty() && s.chain_ids.is_empty());
+    }
+
+    #[test]
+    fn a_forged_or_out_of_range_token_changes_nothing_and_is_rejected() {
+        let mut s = AdvertStore::new();
+        let (advert, secret) = chained(1, 1);
+        let p = advert.body().provider;
+        s.insert(advert, NOW).unwrap();
+        let genuine = secret.record(1).unwrap();
+        let forged = RefreshRecord { token: [0xaa; 16], ..genuine };
+        assert_eq!(
+            s.apply_refresh(&forged, release(1)),
+            RefreshOutcome::Rejected(peervm_protocol::RejectReason::Forged)
+        );
+        let too_far = RefreshRecord { k: 101, ..genuine };
+        assert_eq!(
+            s.apply_refresh(&too_far, release(101)),
+            RefreshOutcome::Rejected(peervm_protocol::RejectReason::OutOfRange)
+        );
+        assert_eq!(s.expires_at(&p), Some(NOW + 300_000));
+        assert_eq!(s.refresh_record(&p), None);
+        // The genuine one still goes through from the anchor.
+        assert_eq!(s.apply_refresh(&genuine, release(1)), accepted(1, &secret));
+    }
+
+    #[test]
+    fn stale_early_and_unknown_tokens_are_ignored() {
+        let mut s = AdvertStore::new();
+        let (advert, secret) = chained(1, 1);
+        let p = advert.body().provider;
+        s.insert(advert, NOW).unwrap();
+        assert_eq!(s.apply_refresh(&secret.record(2).unwrap(), release(2)), accepted(2, &secret));
+        for k in [1, 2] {
+            assert_eq!(
+                s.apply_refresh(&secret.record(k).unwrap(), release(3)),
+                RefreshOutcome::Ignored(IgnoreReason::Stale),
+                "k {k}"
+            );
+        }
+        assert_eq!(
+            s.apply_refresh(&secret.record(4).unwrap(), release(4) - 30_001),
+            RefreshOutcome::Ignored(IgnoreReason::FromTheFuture)
+        );
+        let unknown = RefreshRecord { id: [0; 6], ..secret.record(3).unwrap() };
+        assert_eq!(s.apply_refresh(&unknown, release(3)), RefreshOutcome::Ignored(IgnoreReason::Unknown));
+        assert_eq!(s.expires_at(&p), Some(effective(2)), "nothing ignored moved the expiry");
+        assert_eq!(s.refresh_record(&p), secret.record(2));
+    }
+
+    /// At most four adverts per record id are refreshed by tokens; a fifth is stored and
+    /// shown but its tokens are not checked against it.
+    #[test]
+    fn four_adverts_per_id_are_refreshed_a_fifth_is_only_stored() {
+        // Four providers whose adverts carry provider 0's anchor: its tokens are forged
+        // for them (a chain is bound to its provider), and they take the id's four places.
+        let (genuine, secret) = chained(0, 1);
+        let chain = genuine.body().refresh.unwrap();
+        let squatter = |n: u64| {
+            let key = samples::numbered_key(n);
+            let mut a = samples::advert(&key, 1, NOW);
+            a.refresh = Some(chain);
+            peervm_protocol::Signed::sign(&key, &a).unwrap()
+        };
+        let p0 = genuine.body().provider;
+        let mut s = AdvertStore::new();
+        for n in 1..=4 {
+            s.insert(squatter(n), NOW).unwrap();
+        }
+        assert_eq!(s.insert(genuine.clone(), NOW), Ok(InsertOutcome::Added));
+        assert!(s.contains(&p0) && shown(&s, NOW).contains(&p0), "the fifth is stored and shown");
+        assert_eq!(s.chain_ids.len(), 4);
+        assert_eq!(
+            s.apply_refresh(&secret.record(1).unwrap(), release(1)),
+            RefreshOutcome::Rejected(peervm_protocol::RejectReason::Forged),
+            "tried against the four indexed adverts only"
+        );
+        assert_eq!(s.expires_at(&p0), Some(NOW + 300_000));
+        // The same five with the genuine advert among the first four: its token is found.
+        let mut s = AdvertStore::new();
+        for n in 1..=3 {
+            s.insert(squatter(n), NOW).unwrap();
+        }
+        s.insert(genuine, NOW).unwrap();
+        s.insert(squatter(4), NOW).unwrap();
+        assert_eq!(s.chain_ids.len(), 4);
+        assert_eq!(s.apply_refresh(&secret.record(1).unwrap(), release(1)), accepted(1, &secret));
+        assert_eq!(s.expires_at(&p0), Some(effective(1)));
+        // Genuine-but-stale for one advert and forged for the others: ignored, not rejected.
+        assert_eq!(
+            s.apply_refresh(&secret.record(1).unwrap(), release(1)),
+            RefreshOutcome::Ignored(IgnoreReason::Stale)
+        );
+    }
+
+    #[test]
+    fn a_replaced_or_removed_advert_forgets_its_chain() {
+        let mut s = AdvertStore::new();
+        let (first, old) = chained(1, 1);
+        let p = first.body().provider;
+        s.insert(first, NOW).unwrap();
+        assert_eq!(s.apply_refresh(&old.record(1).unwrap(), release(1)), accepted(1, &old));
+        let (second, new) = chained(1, 2);
+        assert_ne!(new.chain().id(), old.chain().id());
+        assert_eq!(s.insert(second, release(1)), Ok(InsertOutcome::Replaced));
+        assert_eq!(s.expires_at(&p), Some(NOW + 300_000), "the new advert's own expiry");
+        assert_eq!(s.refresh_record(&p), None);
+        assert_eq!(s.chains.len(), 1);
+        assert_eq!(
+            s.apply_refresh(&old.record(2).unwrap(), release(2)),
+            RefreshOutcome::Ignored(IgnoreReason::Unknown),
+            "the old chain is no longer indexed"
+        );
+        assert!(matches!(s.apply_refresh(&new.record(2).unwrap(), release(2)), RefreshOutcome::Accepted { .. }));
+        // Withdrawal and blocking drop the chain too.
+        let mut w = samples::advert(&samples::numbered_key(1), 3, release(2));
+        w.withdrawn = true;
+        let w = peervm_protocol::Signed::sign(&samples::numbered_key(1), &w).unwrap();
+        assert_eq!(s.insert(w, release(2)), Ok(InsertOutcome::Withdrawn));
+        assert!(s.chains.is_empty() && s.chain_ids.is_empty());
+        let (third, _) = chained(2, 1);
+        s.insert(third, NOW).unwrap();
+        assert!(s.block(samples::numbered_key(2).peer_id()));
+        assert!(s.chains.is_empty() && s.chain_ids.is_empty());
+    }
+
+    #[test]
+    fn a_page_carries_the_records_of_its_adverts() {
+        let mut s = AdvertStore::new();
+        let (a, secret_a) = chained(1, 1);
+        let (b, _) = chained(2, 1);
+        let (pa, pb) = (a.body().provider, b.body().provider);
+        s.insert(a, NOW).unwrap();
+        s.insert(b, NOW).unwrap();
+        let plain = put(&mut s, 3, 2, 100, "eu", "minimal");
+        assert!(s.page(None, 10, usize::MAX, NOW).refreshes.is_empty(), "no token accepted yet");
+        s.apply_refresh(&secret_a.record(1).unwrap(), release(1) - 30_000);
+        s.apply_refresh(&secret_a.record(2).unwrap(), release(2) - 30_000);
+        let now = release(2) - 30_000; // everything live
+        let page = s.page(None, 10, usize::MAX, now);
+        assert_eq!(page.adverts.len(), 3);
+        assert_eq!(page.refreshes, vec![secret_a.record(2).unwrap()], "the highest token, for a only");
+        // A page without `a` carries no record; one with only `a` carries its record.
+        let mut ids = [pa, pb, plain];
+        ids.sort();
+        let at = ids.iter().position(|p| *p == pa).unwrap();
+        let before_a = if at == 0 { None } else { Some(ids[at - 1]) };
+        let only_a = s.page(before_a.as_ref(), 1, usize::MAX, now);
+        assert_eq!(only_a.refreshes, vec![secret_a.record(2).unwrap()]);
+        let after_a = s.page(Some(&pa), 10, usize::MAX, now);
+        assert!(after_a.refreshes.is_empty());
+        // Past the signed expiry only the refreshed advert is on a page.
+        let page = s.page(None, 10, usize::MAX, NOW + 300_000);
+        assert_eq!((page.adverts.len(), page.refreshes.len()), (1, 1));
+    }
+
+    /// A sync page's advert whose signed expiry has passed lands with the record that
+    /// names it; with a bad record, or none, it is expired.
+    #[test]
+    fn an_expired_advert_lands_with_its_record() {
+        let now = NOW + 400_000; // after the signed expiry, token 2 released
+        let (advert, secret) = chained(1, 1);
+        let p = advert.body().provider;
+        let record = secret.record(2).unwrap();
+
+        let mut s = AdvertStore::new();
+        assert!(matches!(s.insert(advert.clone(), now), Err(InsertError::Advert(AdvertError::Expired { .. }))));
+        let forged = RefreshRecord { token: [1; 16], ..record };
+        let done = s.insert_with_refresh(advert.clone(), Some(&forged), now);
+        assert!(matches!(done.advert, Err(InsertError::Advert(AdvertError::Expired { .. }))));
+        assert_eq!(done.record, Some(RefreshOutcome::Rejected(peervm_protocol::RejectReason::Forged)));
+        let early = secret.record(3).unwrap(); // released at NOW + 450 s
+        let done = s.insert_with_refresh(advert.clone(), Some(&early), now);
+        assert_eq!(done.record, Some(RefreshOutcome::Ignored(IgnoreReason::FromTheFuture)));
+        assert!(s.is_empty());
+
+        let done = s.insert_with_refresh(advert.clone(), Some(&record), now);
+        assert_eq!(done, RefreshedInsert { advert: Ok(InsertOutcome::Added), record: Some(accepted(2, &secret)) });
+        assert_eq!(s.expires_at(&p), Some(effective(2)));
+        assert_eq!(s.refresh_record(&p), Some(record));
+        assert_eq!(shown(&s, now), vec![p]);
+        // The same advert again (another page, another server) with a newer record: the
+        // advert is not taken again (expired by its signed expiry, which the rule checks
+        // before the seq), the record still raises the token held.
+        let done = s.insert_with_refresh(advert.clone(), Some(&secret.record(3).unwrap()), release(3));
+        assert!(matches!(done.advert, Err(InsertError::Advert(AdvertError::Expired { .. }))));
+        assert_eq!(done.record, Some(accepted(3, &secret)));
+        assert_eq!(s.expires_at(&p), Some(effective(3)));
+
+        // Not expired yet: inserted, then the record applied.
+        let mut s = AdvertStore::new();
+        let done = s.insert_with_refresh(advert.clone(), Some(&secret.record(1).unwrap()), release(1));
+        assert_eq!(done, RefreshedInsert { advert: Ok(InsertOutcome::Added), record: Some(accepted(1, &secret)) });
+        // No record: as insert.
+        let mut s = AdvertStore::new();
+        let done = s.insert_with_refresh(advert, None, now);
+        assert!(matches!(done.advert, Err(InsertError::Advert(AdvertError::Expired { .. }))) && done.record.is_none());
+    }
+
+    /// An expired advert whose id already has four adverts could not be refreshed once
+    /// stored, so its record does not bring it in.
+    #[test]
+    fn an_expired_advert_without_room_for_its_id_stays_out() {
+        let (genuine, secret) = chained(0, 1);
+        let chain = genuine.body().refresh.unwrap();
+        let mut s = AdvertStore::new();
+        for n in 1..=4 {
+            let key = samples::numbered_key(n);
+            let mut a = samples::advert(&key, 1, NOW + 200_000);
+            a.refresh = Some(chain);
+            s.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW + 200_000).unwrap();
+        }
+        let now = NOW + 400_000;
+        let done = s.insert_with_refresh(genuine, Some(&secret.record(2).unwrap()), now);
+        assert!(matches!(done.advert, Err(InsertError::Advert(AdvertError::Expired { .. }))));
+        assert_eq!(s.len(), 4);
     }
 }

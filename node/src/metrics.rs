@@ -62,6 +62,8 @@ pub struct Metrics {
     pub adverts_accepted: Counter,
     pub adverts_rejected: Family<ReasonLabel, Counter>,
     pub advert_store_size: Gauge,
+    /// Refresh records (docs/protocol.md, section 4a) by outcome: `accepted`, or why not.
+    pub refresh_records: Family<OutcomeLabel, Counter>,
     pub peers_connected: Gauge,
     /// Connections the node closed itself: `dead` (pings failed), `trimmed` (idle, beyond
     /// the target number of peers).
@@ -144,6 +146,11 @@ impl Metrics {
             "discovery_dials_refused",
             "Dials of peer discovery (Kademlia walks) refused because the node had its budget of connections",
             self.discovery_dials_refused.clone(),
+        );
+        r.register(
+            "refresh_records",
+            "Refresh records (tokens that keep adverts live) received or released, by outcome",
+            self.refresh_records.clone(),
         );
         r.register("rate_limited", "Messages dropped by per-peer rate limits, by API", self.rate_limited.clone());
         r.register("peers_banned", "Peers banned for misbehaviour", self.peers_banned.clone());
@@ -231,6 +238,12 @@ impl Metrics {
             self.abuse_checks.clone(),
         );
         r
+    }
+
+    /// Counts a refresh record (docs/protocol.md, section 4a) by what the store made of
+    /// it: `accepted`, or the reason it was ignored or rejected.
+    pub fn refresh_record(&self, outcome: &str) {
+        self.refresh_records.get_or_create(&OutcomeLabel { outcome: outcome.to_string() }).inc();
     }
 
     pub fn rejected(&self, reason: &str) {

@@ -21,6 +21,10 @@ fn image_dir(root: &Path) -> PathBuf {
 /// A provider config on the real guest image, with names, addresses and ports of its own
 /// (`n` picks them), as the providers of one test run side by side.
 fn provider_config(root: &Path, n: u8, bootstrap: &str, vcpus: u32, price: &str, region: &str) -> PathBuf {
+    provider_toml(n, bootstrap, vcpus, price, region).write(&root.join(format!("p{n}.toml")))
+}
+
+fn provider_toml(n: u8, bootstrap: &str, vcpus: u32, price: &str, region: &str) -> ProviderToml {
     let pool = format!("10.217.{n}.0/24");
     let mut t = ProviderToml::new(
         &format!("pvswarm{n}"),
@@ -38,7 +42,7 @@ fn provider_config(root: &Path, n: u8, bootstrap: &str, vcpus: u32, price: &str,
     t.per_memory_gib_hour = "0.001".into();
     t.per_disk_gib_hour = "0".into();
     t.egress = None;
-    t.write(&root.join(format!("p{n}.toml")))
+    t
 }
 
 fn offers(bootstrap: &str, extra: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
@@ -127,6 +131,55 @@ fn offers_filters_and_sorts_and_provider_withdraws_on_sigterm() {
         assert!(start.elapsed() < Duration::from_secs(120), "withdrawn provider still listed");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A provider keeps its advert live with refresh tokens (docs/protocol.md, section 4a):
+/// with a 30 s lifetime and a token every 10 s, `peervm offers` still lists the advert it
+/// signed first (the same seq) after that advert's signed expiry, with an expiry the
+/// tokens pushed past it.
+#[ignore = "needs root: runs a provider (guest image, cgroups, namespaces)"]
+#[test]
+fn refresh_tokens_keep_a_providers_offer_listed_past_its_signed_expiry_without_a_new_signature() {
+    Needs::guests().require();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (_boot, started) = spawn_json(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"], &root.join("b"));
+    let boot = started["listen_addrs"][0].as_str().unwrap().to_string();
+    let mut t = provider_toml(6, &boot, 1, "0.010", "eu");
+    (t.ttl_secs, t.refresh_secs) = (Some(30), Some(10));
+    let cfg = t.write(&root.join("p6.toml"));
+    let (_p, line) = spawn_json(&["provider", "run", "--config", cfg.to_str().unwrap()], &root.join("data-p"));
+    let id = line["peer_id"].as_str().unwrap().to_string();
+
+    wait_for_offers(&boot, 1);
+    // `seq` is the provider's clock when it signed (docs/architecture.md, "Provider
+    // daemon"), so an advert's signed expiry is 30 s after its seq. The provider may sign
+    // again early (its port verification's result goes into the advert); what must not
+    // happen is an advert listed after its signed expiry being the one it just signed.
+    let start = Instant::now();
+    let mut seen = None;
+    let listed = loop {
+        let (ok, lines, err) = offers(&boot, &[]);
+        assert!(ok, "offers failed: {err}");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        match lines.iter().find(|o| o["provider"] == id.as_str()) {
+            Some(ours) => {
+                let seq = ours["seq"].as_u64().unwrap();
+                if now > seq + 35_000 {
+                    break ours.clone();
+                }
+                seen = Some(seq);
+            }
+            None => panic!("the offer was gone (last seen with seq {seen:?}): no token kept it live"),
+        }
+        assert!(start.elapsed() < common::HANG_GUARD * 2, "no advert of the provider lived past its signed expiry");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let seq = listed["seq"].as_u64().unwrap();
+    assert!(
+        listed["expires_at_unix_ms"].as_u64().is_some_and(|e| e > seq + 30_000),
+        "the listed expiry is not past the signed one: {listed}"
+    );
 }
 
 #[test]

@@ -192,6 +192,45 @@ fn main() {
         Want::Ok,
         "The optional `reachability` and `network` maps, written after `withdrawn`.",
     );
+    // The chain of docs/protocol.md section 11 ("Refresh chain"), for this advert.
+    let (refresh_chain, _) = RefreshSecret::generate(&p.peer_id(), 1, 150, 4, std::array::from_fn(|i| i as u8))
+        .unwrap_or_else(|e| unreachable!("the documented chain is well formed: {e}"));
+    add(
+        "advert-ok-refresh",
+        AD,
+        signed(&p, &a(&|a| a.refresh = Some(refresh_chain))),
+        T0,
+        none.clone(),
+        Want::Ok,
+        "The optional `refresh` map (section 4a), written last: the chain of section 11's refresh vector.",
+    );
+    add(
+        "advert-refresh-period-over-lifetime",
+        AD,
+        signed(&p, &a(&|a| a.refresh = Some(RefreshChain { period_s: 301, ..refresh_chain }))),
+        T0,
+        none.clone(),
+        reject("AdvertError::Malformed"),
+        "refresh.period_s 301: 301,000 ms is longer than the advert's 300,000 ms lifetime.",
+    );
+    add(
+        "advert-refresh-count-over-1024",
+        AD,
+        signed(&p, &a(&|a| a.refresh = Some(RefreshChain { count: 1_025, ..refresh_chain }))),
+        T0,
+        none.clone(),
+        reject("AdvertError::Malformed"),
+        "refresh.count 1,025: a chain holds at most 1,024 tokens.",
+    );
+    add(
+        "advert-refresh-period-under-10",
+        AD,
+        signed(&p, &a(&|a| a.refresh = Some(RefreshChain { period_s: 9, ..refresh_chain }))),
+        T0,
+        none.clone(),
+        reject("AdvertError::Malformed"),
+        "refresh.period_s 9, at least 10.",
+    );
     let delegated = |d: &Delegation, beneficiary: Option<&str>| {
         let mut a = advert.clone();
         a.delegation = Some(signed(&owner, d));

@@ -7,6 +7,7 @@ use thiserror::Error;
 
 use crate::encoding;
 use crate::identity::peer_id_serde;
+use crate::refresh::RefreshChain;
 use crate::signed::{Kind, Payload, Verified};
 
 /// Payload version of [`Advertisement`] this build speaks.
@@ -62,6 +63,10 @@ pub struct Advertisement {
     /// exposed, no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkOffer>,
+    /// The hash chain whose tokens keep this advert live without re-signing it
+    /// (docs/protocol.md section 4a). Absent from the encoding when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<RefreshChain>,
 }
 
 /// A provider's network terms for a lease.
@@ -274,6 +279,19 @@ impl Advertisement {
     /// already checked (it comes as [`Verified`]). `held_seq` is the seq this node holds
     /// for the provider, if any. The same rule serves gossip, sync and the store.
     pub fn check_acceptable(&self, now_unix_ms: u64, held_seq: Option<u64>) -> Result<(), AdvertError> {
+        self.check_acceptable_until(now_unix_ms, held_seq, self.expires_at_unix_ms)
+    }
+
+    /// The accept rule with `expires_at_unix_ms` in place of the signed expiry in the
+    /// `Expired` check: the advert's effective expiry (docs/protocol.md section 4a) when it
+    /// arrives with an accepted refresh token (a sync page's `refreshes`, section 9). Every
+    /// other check, the lifetime included, reads the signed fields.
+    pub fn check_acceptable_until(
+        &self,
+        now_unix_ms: u64,
+        held_seq: Option<u64>,
+        expires_at_unix_ms: u64,
+    ) -> Result<(), AdvertError> {
         self.check_well_formed()?;
         if self.expires_at_unix_ms < self.issued_at_unix_ms {
             return Err(AdvertError::ExpiresBeforeIssued);
@@ -285,8 +303,8 @@ impl Advertisement {
         if self.issued_at_unix_ms > now_unix_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
             return Err(AdvertError::IssuedInFuture { issued_at_unix_ms: self.issued_at_unix_ms, now_unix_ms });
         }
-        if self.expires_at_unix_ms <= now_unix_ms {
-            return Err(AdvertError::Expired { expires_at_unix_ms: self.expires_at_unix_ms, now_unix_ms });
+        if expires_at_unix_ms <= now_unix_ms {
+            return Err(AdvertError::Expired { expires_at_unix_ms, now_unix_ms });
         }
         if let Some(held) = held_seq
             && self.seq <= held
@@ -356,6 +374,9 @@ impl Advertisement {
             && (n.egress_mbit == Some(0) || n.ingress_mbit == Some(0))
         {
             return bad("a network bandwidth limit of 0 Mbit/s (no limit is written as an absent field)".into());
+        }
+        if let Some(chain) = &self.refresh {
+            chain.check_bounds(self.issued_at_unix_ms, self.expires_at_unix_ms).map_err(AdvertError::Malformed)?;
         }
         Ok(())
     }

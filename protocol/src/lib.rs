@@ -13,6 +13,7 @@ pub mod encoding;
 pub mod error;
 pub mod identity;
 pub mod lease;
+pub mod refresh;
 pub mod samples;
 pub mod signed;
 pub mod verified_bytes;
@@ -32,6 +33,10 @@ pub use lease::{
 };
 pub use libp2p_identity::PeerId;
 pub use multiaddr::Multiaddr;
+pub use refresh::{
+    HeldToken, IgnoreReason, MAX_BATCH_RECORDS, RefreshChain, RefreshError, RefreshOutcome, RefreshRecord,
+    RefreshSecret, RefreshTarget, RejectReason,
+};
 pub use signed::{Kind, Payload, Signed, Verified};
 pub use verified_bytes::VerifiedBytes;
 

@@ -83,6 +83,7 @@ pub fn advert(key: &SigningKey, seq: u64, now_unix_ms: u64) -> Advertisement {
         withdrawn: false,
         delegation: None,
         reachability: None,
+        refresh: None,
     }
 }
 

@@ -249,9 +249,10 @@ fn optional_fields_absent_and_null_are_read_as_the_spec_says() {
     remove(field(field(&mut r, "outcome"), "status"), "usage");
     assert_eq!(open_reply(&encode(&r)).unwrap().outcome, status);
 
-    // Left out when absent (`delegation`, `reachability`, `network`): null reads as absent.
+    // Left out when absent (`delegation`, `reachability`, `network`, `refresh`): null reads
+    // as absent.
     let mut v = value(&advert_payload());
-    for key in ["delegation", "reachability", "network"] {
+    for key in ["delegation", "reachability", "network", "refresh"] {
         entries(&mut v).push((Value::Text(key.into()), Value::Null));
     }
     assert_eq!(open_advert(&encode(&v)).unwrap(), sample_advert());

@@ -121,6 +121,49 @@ fn bandwidth_limits_are_absent_from_the_encoding_unless_set() {
     assert_eq!(back.network, a.network);
 }
 
+/// Row 19's bounds on `refresh` are field checks (Malformed, rejected), each at its edge:
+/// the value one inside the bound is accepted, so each check is needed.
+#[test]
+fn refresh_chain_bounds_are_field_checks() {
+    let chain = |period_s, count| Some(RefreshChain { anchor: [7; 16], period_s, count });
+    let with = |lifetime: u64, refresh: Option<RefreshChain>| {
+        let mut a = advert_at(NOW, lifetime);
+        a.refresh = refresh;
+        a.check_acceptable(NOW, None)
+    };
+    let malformed = |r: Result<(), AdvertError>| matches!(r, Err(AdvertError::Malformed(_)));
+    assert_eq!(with(300_000, chain(150, 4)), Ok(()));
+    assert_eq!(with(150_000, chain(150, 4)), Ok(()), "a period as long as the lifetime");
+    assert!(malformed(with(300_000, chain(9, 4))), "period under 10 s");
+    assert!(malformed(with(149_999, chain(150, 4))), "period longer than the lifetime");
+    assert!(malformed(with(300_000, chain(150, 0))), "no token");
+    assert!(malformed(with(300_000, chain(10, 1_025))), "count over 1,024");
+    assert!(with(300_000, chain(10, 1_024)).is_ok(), "count of 1,024");
+    // An advert that expires before it is issued has no room for a period: the field check
+    // comes first in section 4's order.
+    let mut a = advert_at(NOW, 300_000);
+    a.expires_at_unix_ms = NOW - 1;
+    a.refresh = chain(150, 4);
+    assert!(malformed(a.check_acceptable(NOW, None)));
+}
+
+/// `refresh` is left out when absent (so adverts without it encode as before) and round
+/// trips when present, the anchor as a 16-byte string.
+#[test]
+fn refresh_is_absent_from_the_encoding_unless_set() {
+    let mut a = advert_at(NOW, 300_000);
+    assert!(!to_cbor(&a).windows(7).any(|w| w == b"refresh"));
+    let (chain, _) = RefreshSecret::generate(&a.provider, a.seq, 150, 4, [0; 16]).unwrap();
+    a.refresh = Some(chain);
+    let bytes = to_cbor(&a);
+    let mut anchor = vec![0x50]; // bstr of 16 bytes
+    anchor.extend_from_slice(&chain.anchor);
+    assert!(bytes.windows(anchor.len()).any(|w| w == anchor.as_slice()), "the anchor is a bstr[16]");
+    let back: Advertisement = encoding::from_cbor(&bytes, "advert").unwrap();
+    assert_eq!(back.refresh, Some(chain));
+    assert_eq!(back, a);
+}
+
 #[test]
 fn guest_traffic_is_absent_from_a_status_unless_counted() {
     let ssh_only = LeaseUsage { cpu_usec: 1, net_rx_bytes: 2, net_tx_bytes: 3, ..Default::default() };
@@ -278,4 +321,20 @@ fn delegated_advert_accepted_and_expired_forged_or_wrong_node_delegation_rejecte
     assert!(a.check_acceptable(NOW, None).is_err());
     a.beneficiary = Some("0xabc".into());
     assert_eq!(a.check_acceptable(NOW, None), Ok(()));
+}
+
+/// An effective expiry (refresh tokens, docs/protocol.md section 4a) stands in for the
+/// signed one in the `Expired` check only; the other checks still read the signed fields.
+#[test]
+fn the_accept_rule_with_an_effective_expiry() {
+    let a = advert_at(NOW - 300_000, 300_000); // signed expiry exactly now
+    assert!(matches!(a.check_acceptable(NOW, None), Err(AdvertError::Expired { .. })));
+    assert_eq!(a.check_acceptable_until(NOW, None, NOW + 1), Ok(()));
+    assert_eq!(
+        a.check_acceptable_until(NOW, None, NOW),
+        Err(AdvertError::Expired { expires_at_unix_ms: NOW, now_unix_ms: NOW })
+    );
+    assert!(matches!(a.check_acceptable_until(NOW, Some(5), NOW + 1), Err(AdvertError::SeqNotNewer { .. })));
+    let long = advert_at(NOW, 300_001);
+    assert!(matches!(long.check_acceptable_until(NOW, None, u64::MAX), Err(AdvertError::LifetimeTooLong { .. })));
 }

@@ -121,3 +121,22 @@ fn the_vectors_are_one_consistent_exchange() {
         assert!(ed25519_dalek::VerifyingKey::from_bytes(&host_key).is_ok());
     }
 }
+
+/// The refresh chain of section 11 is what the code makes: every value and the record
+/// of k = 1 appear in the document's table, in this order.
+#[test]
+fn documented_refresh_chain_matches_the_code() {
+    let p = samples::provider_key().peer_id();
+    let (chain, secret) = RefreshSecret::generate(&p, 1, 150, 4, std::array::from_fn(|i| i as u8)).unwrap();
+    let start = DOC.find("**Refresh chain**").expect("docs/protocol.md section 11 has the refresh chain");
+    let table = &DOC[start..];
+    let mut at = 0;
+    for value in (1..=4).rev().map(|k| secret.token(k).unwrap()).chain([chain.anchor]) {
+        let hex = format!("`{}`", hex::encode(value));
+        at += table[at..].find(&hex).unwrap_or_else(|| panic!("docs/protocol.md should give {hex}, in chain order"));
+    }
+    let record = secret.record(1).unwrap().to_bytes();
+    let line =
+        format!("`{}` `{}` `{}`", hex::encode(&record[..6]), hex::encode(&record[6..8]), hex::encode(&record[8..]));
+    assert!(table.contains(&line), "docs/protocol.md should give the record of k = 1: {line}");
+}

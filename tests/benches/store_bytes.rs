@@ -13,6 +13,10 @@
 //!   (query summaries; envelope handle and seq), by capacity;
 //! - `store_index_bytes_per_advert`: the rest: the ordered provider index and the
 //!   interners (the store holds no tombstones, owners or blocks here).
+//! - `store_refresh_chain_bytes_per_advert`: what a refresh chain (docs/protocol.md
+//!   section 4a) adds to the store for an advert that carries one, besides its longer
+//!   envelope: the same store filled with the same adverts with a chain, less the first,
+//!   envelopes left out of both.
 //!
 //! The adverts are those of the `swarm` bench's store group.
 
@@ -101,4 +105,15 @@ fn main() {
         store.providers().map(|p| chunk(2 * size_of::<usize>() + store.get(&p).unwrap().as_bytes().len())).sum();
     report("store_envelope_bytes_per_advert", per(envelopes));
     report("store_index_bytes_per_advert", per(total - chunk(tables.summaries) - chunk(tables.held) - envelopes));
+    drop(store);
+
+    let before = heap();
+    let mut chained = AdvertStore::new();
+    for i in 0..n {
+        chained.insert(peervm_tests::bench_advert_refreshed(i, now), now).unwrap();
+    }
+    let chained_total = heap() - before;
+    let chained_envelopes: usize =
+        chained.providers().map(|p| chunk(2 * size_of::<usize>() + chained.get(&p).unwrap().as_bytes().len())).sum();
+    report("store_refresh_chain_bytes_per_advert", per(chained_total - chained_envelopes) - per(total - envelopes));
 }

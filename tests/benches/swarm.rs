@@ -5,11 +5,13 @@
 //! bytes on the wire (after Noise and Yamux) a node receives and sends per advert
 //! published, idle, and per advert of a join sync. Run: `cargo bench -p peervm-tests --bench swarm`.
 //! Prints one JSON object per figure (name, value, unit) on stdout. Settings:
-//! - `PEERVM_BENCH_ONLY=store,sync,propagation,bandwidth`: the groups to run (default all);
+//! - `PEERVM_BENCH_ONLY=store,sync,propagation,bandwidth,refresh`: the groups to run
+//!   (default all);
 //! - `PEERVM_BENCH_SIZES=16,64,128`: the propagation swarm sizes;
 //! - `PEERVM_BENCH_ROUNDS=20`: adverts published per propagation size;
 //! - `PEERVM_BENCH_BANDWIDTH=64,32,10`: the bandwidth group's nodes, providers publishing
-//!   and rounds (each provider publishes one advert per round).
+//!   and rounds (each provider publishes one advert per round); the `refresh` group uses
+//!   the same settings, each provider releasing one refresh token per round.
 
 use std::time::{Duration, Instant};
 
@@ -345,6 +347,114 @@ async fn bandwidth(n: usize, providers: usize, rounds: usize) {
     }
 }
 
+/// The bytes on the wire per refresh token (docs/protocol.md, section 4a) delivered to
+/// every node of a settled `n`-node swarm: `providers` providers publish an advert with a
+/// chain, issued 250 s ago with a 10 s period (so 25 tokens are already due: the bench
+/// need not wait for release times), then release one token each per round; a round ends
+/// when every node has taken every token of the round (`AdvertRefreshed`). Also: the
+/// records a node receives per token (accepted or not: the duplicates the batching leaves),
+/// and the idle traffic subtracted as in `bandwidth`.
+async fn refresh(n: usize, providers: usize, rounds: usize) {
+    const IDLE_WINDOW: Duration = Duration::from_secs(20);
+    const PERIOD_S: u32 = 10;
+    let (nodes, keys) = start_swarm(n, 700).await;
+    let providers = providers.min(keys.len());
+    let rounds = rounds.min(25);
+    settle(&nodes, SETTLE_MIN, SETTLE_MAX).await;
+
+    let mut secrets = Vec::new();
+    let mut events: Vec<_> = nodes.iter().map(|nd| nd.subscribe()).collect();
+    for (i, key) in keys.iter().take(providers).enumerate() {
+        let mut body = advert(key, 1, Duration::from_secs(300));
+        body.issued_at_unix_ms -= 250_000;
+        body.expires_at_unix_ms -= 250_000;
+        let mut seed = [0u8; 16];
+        seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let (chain, secret) =
+            peervm_protocol::RefreshSecret::generate(&key.peer_id(), 1, PERIOD_S, 30, seed).expect("chain");
+        body.refresh = Some(chain);
+        nodes[i + 2].client.publish(signed(key, &body)).await.unwrap();
+        secrets.push(secret);
+    }
+    let ids: Vec<PeerId> = keys.iter().take(providers).map(|k| k.peer_id()).collect();
+    let all: Vec<&peervm_node::network::Node> = nodes.iter().collect();
+    let mut reached = false;
+    for _ in 0..20 {
+        if all_hold(&all, &ids) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report(&format!("refresh_{n}_nodes_adverts_everywhere"), f64::from(u8::from(reached)), "bool");
+
+    let before = wire_totals(&nodes);
+    let t = Instant::now();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_secs = t.elapsed().as_secs_f64();
+    let after = wire_totals(&nodes);
+    let idle_rx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0) as f64 / idle_secs).collect();
+    let idle_tx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.1 - b.1) as f64 / idle_secs).collect();
+
+    let records = |nd: &peervm_node::network::Node| -> u64 {
+        let family = &nd.metrics.refresh_records;
+        ["accepted", "stale"]
+            .iter()
+            .map(|o| family.get_or_create(&peervm_node::metrics::OutcomeLabel { outcome: (*o).into() }).get())
+            .sum()
+    };
+    let records_before: Vec<u64> = nodes.iter().map(records).collect();
+    for rx in events.iter_mut() {
+        while rx.try_recv().is_ok() {}
+    }
+    let before = wire_totals(&nodes);
+    let t = Instant::now();
+    let mut missed = 0usize;
+    for round in 1..=rounds as u16 {
+        for (i, secret) in secrets.iter().enumerate() {
+            let record = secret.record(u32::from(round)).expect("token within the chain");
+            nodes[i + 2].client.release_refresh(record).await.unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for (i, rx) in events.iter_mut().enumerate() {
+            let own = usize::from((2..providers + 2).contains(&i));
+            let mut seen = std::collections::HashSet::new();
+            while seen.len() < providers - own {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Ok(NodeEvent::AdvertRefreshed { provider, k, .. })) if k >= round => {
+                        seen.insert(provider);
+                    }
+                    Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+                    Ok(Err(RecvError::Closed)) | Err(_) => {
+                        missed += providers - own - seen.len();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let after = wire_totals(&nodes);
+    let released = (providers * rounds) as f64;
+    report(&format!("refresh_{n}_nodes_window"), secs * 1000.0, "ms");
+    report(&format!("refresh_{n}_nodes_tokens_released"), released, "tokens");
+    report(&format!("refresh_{n}_nodes_deliveries_missed"), missed as f64, "tokens");
+    let per_token = |total: u64, idle: f64| (total as f64 - idle * secs) / released;
+    let rx: Vec<f64> =
+        before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_token(a.0 - b.0, idle_rx[i])).collect();
+    let tx: Vec<f64> =
+        before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_token(a.1 - b.1, idle_tx[i])).collect();
+    report_spread(&format!("refresh_{n}_nodes_received_per_token"), rx, "B");
+    report_spread(&format!("refresh_{n}_nodes_sent_per_token"), tx, "B");
+    let copies: Vec<f64> =
+        nodes.iter().zip(&records_before).map(|(nd, b)| (records(nd) - b) as f64 / released).collect();
+    report_spread(&format!("refresh_{n}_nodes_records_received_per_token"), copies, "records");
+    drop(events);
+    for nd in nodes {
+        nd.stop().await;
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run
     // only when benchmarking.
@@ -381,5 +491,16 @@ fn main() {
             _ => (64, 32, 10),
         };
         rt.block_on(bandwidth(n, providers, rounds));
+    }
+    if want("refresh") {
+        let v: Vec<usize> = std::env::var("PEERVM_BENCH_BANDWIDTH")
+            .ok()
+            .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        let (n, providers, rounds) = match v[..] {
+            [n, p, r] if n >= 3 && p >= 1 && r >= 1 => (n, p, r),
+            _ => (64, 32, 10),
+        };
+        rt.block_on(refresh(n, providers, rounds));
     }
 }

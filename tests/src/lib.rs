@@ -41,6 +41,23 @@ pub fn signed(key: &SigningKey, advert: &Advertisement) -> Verified<Advertisemen
 /// The benches' advert number `i`, issued at `now`: its own key, and resources, price,
 /// region and accelerator varied with `i` so that a store of many looks like a market.
 pub fn bench_advert(i: u64, now: u64) -> Verified<Advertisement> {
+    let (key, a) = bench_advert_body(i, now);
+    signed(&key, &a)
+}
+
+/// [`bench_advert`] with a refresh chain (docs/protocol.md section 4a) of a week of 150 s
+/// periods. The anchor is a number made from `i`, not a real chain's end: what a store
+/// keeps of a chain does not depend on its values, and making 100,000 real chains of
+/// 4,032 tokens would take minutes.
+pub fn bench_advert_refreshed(i: u64, now: u64) -> Verified<Advertisement> {
+    let (key, mut a) = bench_advert_body(i, now);
+    let mut anchor = [0u8; 16];
+    anchor[..8].copy_from_slice(&i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+    a.refresh = Some(peervm_protocol::RefreshChain { anchor, period_s: 150, count: 4032 });
+    signed(&key, &a)
+}
+
+fn bench_advert_body(i: u64, now: u64) -> (SigningKey, Advertisement) {
     let regions = ["eu-central", "eu-west", "us-east", "us-west", "ap-south", "sa-east"];
     let key = samples::numbered_key(i + 1_000_000);
     let mut a = samples::advert(&key, 1, now);
@@ -52,7 +69,7 @@ pub fn bench_advert(i: u64, now: u64) -> Verified<Advertisement> {
     a.pricing.per_vcpu_hour_micros = 5_000 + (i * 7919) % 20_000;
     a.region = regions[(i % regions.len() as u64) as usize].into();
     a.hypervisor.accel = if i.is_multiple_of(3) { Accel::Kvm } else { Accel::Tcg };
-    signed(&key, &a)
+    (key, a)
 }
 
 /// How long any one wait may take before a test is declared hung. Only a guard: each

@@ -8,6 +8,7 @@ use super::dial_budget;
 use super::dialback::{self, DialBackRequest, DialBackResponse};
 use super::gossip_params;
 use super::lease_wire::{self, Envelope, LeaseMessage};
+use super::refresh_wire::{self, RefreshRequest, RefreshResponse};
 use super::sync::{self, SyncRequest, SyncResponse};
 use super::tuning;
 
@@ -26,6 +27,8 @@ pub struct PeervmBehaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    /// `/peervm/refresh/1`: batches of refresh tokens, served by every node.
+    pub refresh: request_response::cbor::Behaviour<RefreshRequest, RefreshResponse>,
     /// `/peervm/lease/1`: served by providers, used by requestors.
     pub lease: request_response::cbor::Behaviour<LeaseMessage, Envelope>,
     /// `/peervm/dialback/1`: port verification, served by every node.
@@ -84,6 +87,15 @@ impl PeervmBehaviour {
             request_response::Config::default().with_request_timeout(tuning::SYNC_REQUEST_TIMEOUT),
         );
 
+        let refresh_codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(tuning::REFRESH_MAX_REQUEST_BYTES)
+            .set_response_size_maximum(tuning::REFRESH_MAX_RESPONSE_BYTES);
+        let refresh = request_response::Behaviour::with_codec(
+            refresh_codec,
+            [(refresh_wire::PROTOCOL, request_response::ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(tuning::REFRESH_REQUEST_TIMEOUT),
+        );
+
         let lease_codec = request_response::cbor::codec::Codec::default()
             .set_request_size_maximum(tuning::LEASE_MAX_REQUEST_BYTES)
             .set_response_size_maximum(tuning::LEASE_MAX_RESPONSE_BYTES);
@@ -124,6 +136,7 @@ impl PeervmBehaviour {
                 ping::Config::new().with_interval(keepalive.interval).with_timeout(keepalive.timeout),
             ),
             sync,
+            refresh,
             lease,
             dialback,
         })

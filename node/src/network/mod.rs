@@ -10,6 +10,7 @@ pub mod gossip_params;
 pub mod lease_wire;
 pub mod offences;
 pub mod rate_limit;
+pub mod refresh_wire;
 pub mod sync;
 pub mod tuning;
 mod wire_bytes;
@@ -129,6 +130,8 @@ pub enum NetworkError {
     DialBack { peer: PeerId, reason: String },
     #[error("{peer} refused the {api} request: this node is over its rate limit there; try again later")]
     RateLimited { peer: PeerId, api: &'static str },
+    #[error("the node's own refresh token was not accepted: {0}")]
+    Refresh(String),
 }
 
 /// A lease message that arrived from `peer`, for the lease manager. `throttled` says the
@@ -166,6 +169,13 @@ pub enum NodeEvent {
         outcome: InsertOutcome,
         at: std::time::Instant,
     },
+    /// The store took refresh token `k` of `provider`'s advert at `at` (docs/protocol.md,
+    /// section 4a).
+    AdvertRefreshed {
+        provider: PeerId,
+        k: u16,
+        at: std::time::Instant,
+    },
     AdvertsExpired(Vec<PeerId>),
     PeerConnected(PeerId),
     PeerDisconnected(PeerId),
@@ -192,6 +202,10 @@ pub struct SyncSummary {
 pub(crate) enum Command {
     Publish {
         advert: Box<Verified<Advertisement>>,
+        reply: oneshot::Sender<Result<(), NetworkError>>,
+    },
+    ReleaseRefresh {
+        record: peervm_protocol::RefreshRecord,
         reply: oneshot::Sender<Result<(), NetworkError>>,
     },
     ConnectedPeers {
@@ -266,6 +280,12 @@ impl NodeClient {
     /// sent as soon as a peer subscribes.
     pub async fn publish(&self, advert: Verified<Advertisement>) -> Result<(), NetworkError> {
         self.call(|reply| Command::Publish { advert: Box::new(advert), reply }).await?
+    }
+
+    /// Releases the node's own provider's refresh token (docs/protocol.md, section 4a):
+    /// checked by the node's store like any other, then sent to the mesh.
+    pub async fn release_refresh(&self, record: peervm_protocol::RefreshRecord) -> Result<(), NetworkError> {
+        self.call(|reply| Command::ReleaseRefresh { record, reply }).await?
     }
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {

@@ -57,6 +57,7 @@ impl TokenBucket {
 pub enum Api {
     Gossip,
     Sync,
+    Refresh,
     Lease,
 }
 
@@ -66,6 +67,7 @@ impl Api {
         match self {
             Api::Gossip => "gossip",
             Api::Sync => "sync",
+            Api::Refresh => "refresh",
             Api::Lease => "lease",
         }
     }
@@ -76,6 +78,7 @@ impl Api {
 pub struct ThrottlePenalty {
     pub gossip: f64,
     pub sync: f64,
+    pub refresh: f64,
     pub lease: f64,
 }
 
@@ -85,6 +88,7 @@ pub struct ThrottlePenalty {
 pub struct RateLimits {
     pub gossip: RateLimit,
     pub sync: RateLimit,
+    pub refresh: RateLimit,
     pub lease: RateLimit,
     /// Flood score at which a peer is banned.
     pub ban_threshold: f64,
@@ -104,6 +108,7 @@ impl RateLimits {
         match api {
             Api::Gossip => self.gossip,
             Api::Sync => self.sync,
+            Api::Refresh => self.refresh,
             Api::Lease => self.lease,
         }
     }
@@ -112,6 +117,7 @@ impl RateLimits {
         match api {
             Api::Gossip => self.throttle_penalty.gossip,
             Api::Sync => self.throttle_penalty.sync,
+            Api::Refresh => self.throttle_penalty.refresh,
             Api::Lease => self.throttle_penalty.lease,
         }
     }
@@ -122,11 +128,13 @@ impl Default for RateLimits {
         Self {
             gossip: RateLimit { per_sec: tuning::GOSSIP_PER_SEC, burst: tuning::GOSSIP_BURST },
             sync: RateLimit { per_sec: tuning::SYNC_PER_SEC, burst: tuning::SYNC_BURST },
+            refresh: RateLimit { per_sec: tuning::REFRESH_PER_SEC, burst: tuning::REFRESH_BURST },
             lease: RateLimit { per_sec: tuning::LEASE_PER_SEC, burst: tuning::LEASE_BURST },
             ban_threshold: tuning::BAN_THRESHOLD,
             throttle_penalty: ThrottlePenalty {
                 gossip: tuning::GOSSIP_THROTTLE_PENALTY,
                 sync: tuning::SYNC_THROTTLE_PENALTY,
+                refresh: tuning::REFRESH_THROTTLE_PENALTY,
                 lease: tuning::LEASE_THROTTLE_PENALTY,
             },
             score_half_life: tuning::SCORE_HALF_LIFE,

@@ -30,6 +30,10 @@ pub enum SyncResponse {
         /// receiver; absent from older peers.
         #[serde(default)]
         lists: Vec<Envelope>,
+        /// The newest refresh record the server holds for each advert on the page, 24
+        /// bytes each, concatenated (docs/protocol.md, section 9); left out when none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refreshes: Option<Envelope>,
     },
     /// The server throttled this peer; try later.
     RateLimited,

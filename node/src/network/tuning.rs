@@ -96,6 +96,10 @@ pub const GOSSIP_BURST: f64 = 2000.0;
 /// adverts is ~7 pages of 1 MiB, so a join never waits; a peer paging in a loop does.
 pub const SYNC_PER_SEC: f64 = 4.0;
 pub const SYNC_BURST: f64 = 32.0;
+/// Refresh batches per second a peer may send, and the burst: an honest peer sends one a
+/// second (`REFRESH_FLUSH_INTERVAL`), each with up to 4,096 records.
+pub const REFRESH_PER_SEC: f64 = 4.0;
+pub const REFRESH_BURST: f64 = 16.0;
 /// Lease messages per second a peer may send, and the burst: a requestor sends one request
 /// and a few control messages per lease (docs/protocol.md, "Transport: /peervm/lease/1").
 pub const LEASE_PER_SEC: f64 = 2.0;
@@ -128,6 +132,7 @@ pub const GOSSIP_THROTTLE_PENALTY: f64 = 0.05;
 /// Score added by one sync request or lease message over its limit: a peer that keeps
 /// asking ten times faster than allowed is banned within seconds.
 pub const SYNC_THROTTLE_PENALTY: f64 = 0.5;
+pub const REFRESH_THROTTLE_PENALTY: f64 = 0.5;
 pub const LEASE_THROTTLE_PENALTY: f64 = 1.0;
 /// The flood score halves every this long, so an honest peer's occasional overshoot is
 /// forgotten and only a sustained flood adds up to a ban.
@@ -170,6 +175,21 @@ pub const MAX_SYNC_PAGES: usize = 512;
 /// A page full of bad signatures counts as at most this many invalid messages: three
 /// already ban the server, and the audit log gets ten lines rather than a thousand.
 pub const MAX_INVALID_COUNTED_PER_PAGE: usize = 10;
+
+// ---- Refresh: `/peervm/refresh/1` (docs/protocol.md, sections 4a and 9a) -----------------
+
+/// How often a node sends each mesh peer the refresh records queued for it: records of
+/// 24 bytes are cheaper in one frame a second than one frame each.
+pub const REFRESH_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// A request: 4,096 records and the CBOR framing around them.
+pub const REFRESH_MAX_REQUEST_BYTES: u64 =
+    (peervm_protocol::MAX_BATCH_RECORDS * peervm_protocol::refresh::RECORD_LEN) as u64 + 96;
+/// The answer is a word.
+pub const REFRESH_MAX_RESPONSE_BYTES: u64 = 64;
+pub const REFRESH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request full of forged tokens counts as at most this many invalid messages, as a
+/// sync page does.
+pub const MAX_INVALID_COUNTED_PER_REFRESH: usize = 10;
 
 // ---- Block lists (SECURITY.md, "Reachability, block lists, owners") -------------------
 

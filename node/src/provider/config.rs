@@ -112,6 +112,12 @@ struct RawAdvert {
     beneficiary: Option<String>,
     ttl_secs: Option<u64>,
     republish_secs: Option<u64>,
+    /// Refresh tokens instead of re-signed adverts (docs/protocol.md, section 4a): one
+    /// every this many seconds; 0 turns them off.
+    refresh_secs: Option<u64>,
+    /// With refresh tokens on: how long one chain of tokens lasts before the provider signs
+    /// a new advert anyway.
+    resign_secs: Option<u64>,
     /// A file with the owner's signed delegation to this node (`peervm owner delegate`).
     delegation: Option<PathBuf>,
 }
@@ -202,7 +208,11 @@ pub struct ProviderConfig {
     /// The owner's signed delegation (checked against the node key at start).
     pub delegation: Option<Vec<u8>>,
     pub ttl_secs: u64,
+    /// Without refresh tokens: how often the advert is signed again.
     pub republish_secs: u64,
+    /// Refresh tokens (`advert.refresh_secs`, `advert.resign_secs`), or None for a
+    /// re-signed advert every `republish_secs`.
+    pub refresh: Option<RefreshTerms>,
     pub ssh: SshEndpoint,
     pub resources: ResourceAmounts,
     pub pricing: Pricing,
@@ -279,6 +289,8 @@ impl ProviderConfig {
         if ttl_secs == 0 || ttl_secs > max_ttl {
             return Err(invalid("advert.ttl_secs", format!("must be 1..={max_ttl}, got {ttl_secs}")));
         }
+        let refresh = refresh_terms(ttl_secs, raw.advert.refresh_secs, raw.advert.resign_secs)
+            .map_err(|(field, message)| invalid(field, message))?;
         let republish_secs = raw.advert.republish_secs.unwrap_or(60.min(ttl_secs.div_ceil(2)));
         if republish_secs == 0 || republish_secs >= ttl_secs {
             return Err(invalid(
@@ -436,6 +448,7 @@ impl ProviderConfig {
             delegation,
             ttl_secs,
             republish_secs,
+            refresh,
             ssh,
             resources,
             pricing,
@@ -540,8 +553,63 @@ impl ProviderConfig {
             withdrawn: false,
             delegation: self.delegation.clone(),
             reachability: None,
+            refresh: None,
         }
     }
+}
+
+/// A provider's refresh tokens (docs/protocol.md, section 4a): the chain each advert
+/// carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshTerms {
+    /// A token every this many seconds (the chain's `period_s`).
+    pub period_secs: u32,
+    /// Tokens in one chain: after `period_secs * count` the provider signs a new advert.
+    pub count: u32,
+}
+
+/// How long one chain lasts by default: a whole advert a day costs a node 5 KB/s at
+/// 100,000 providers (docs/bandwidth.md), and a node that lost an advert gets it back at
+/// the latest then (or at its next sync).
+pub const DEFAULT_RESIGN_SECS: u64 = 24 * 3600;
+
+/// `advert.refresh_secs` and `advert.resign_secs`, checked. By default a token comes every
+/// third of the advert's lifetime (100 s at 300 s): a node that misses one token still
+/// holds the advert when the next arrives. Tokens need a period of at least 10 s
+/// (the protocol's floor), so a lifetime under 30 s turns them off by default.
+fn refresh_terms(
+    ttl_secs: u64,
+    refresh_secs: Option<u64>,
+    resign_secs: Option<u64>,
+) -> Result<Option<RefreshTerms>, (&'static str, String)> {
+    let min = u64::from(peervm_protocol::refresh::MIN_PERIOD_S);
+    let period = refresh_secs.unwrap_or(if ttl_secs / 3 >= min { ttl_secs / 3 } else { 0 });
+    if period == 0 {
+        return Ok(None);
+    }
+    if period < min || period * 2 > ttl_secs {
+        return Err((
+            "advert.refresh_secs",
+            format!(
+                "must be 0 (off) or {min}..={} (at most half of ttl_secs, {ttl_secs}, so the advert never lapses \
+                 between two tokens), got {period}",
+                ttl_secs / 2
+            ),
+        ));
+    }
+    let max_count = u64::from(peervm_protocol::refresh::MAX_COUNT);
+    let resign = resign_secs.unwrap_or(DEFAULT_RESIGN_SECS.min(period * max_count));
+    if resign < period || resign > period * max_count {
+        return Err((
+            "advert.resign_secs",
+            format!(
+                "must be {period}..={} (from refresh_secs to {max_count} tokens of refresh_secs), got {resign}",
+                period * max_count
+            ),
+        ));
+    }
+    let count = resign / period;
+    Ok(Some(RefreshTerms { period_secs: period as u32, count: count as u32 }))
 }
 
 /// Parses multiaddrs, each error naming the bad one.
@@ -573,6 +641,28 @@ mod tests {
             img.display()
         );
         ProviderConfig::parse(&text, Path::new("provider.toml"))
+    }
+
+    #[test]
+    fn refresh_tokens_default_to_a_third_of_the_lifetime_and_bad_terms_name_their_field() {
+        assert_eq!(refresh_terms(300, None, None), Ok(Some(RefreshTerms { period_secs: 100, count: 864 })));
+        assert_eq!(refresh_terms(300, Some(150), Some(3600)), Ok(Some(RefreshTerms { period_secs: 150, count: 24 })));
+        // Off on request, and by default when a third of the lifetime is under 10 s.
+        assert_eq!(refresh_terms(300, Some(0), None), Ok(None));
+        assert_eq!(refresh_terms(29, None, None), Ok(None));
+        // A chain holds at most 1,024 tokens: at 10 s, 2 h 50 min by default.
+        assert_eq!(refresh_terms(30, None, None), Ok(Some(RefreshTerms { period_secs: 10, count: 1024 })));
+        // Below the protocol's floor, above half the lifetime, a chain shorter than one
+        // period or of more than 1,024 tokens.
+        for (refresh, resign, field) in [
+            (Some(9), None, "advert.refresh_secs"),
+            (Some(151), None, "advert.refresh_secs"),
+            (Some(100), Some(99), "advert.resign_secs"),
+            (Some(100), Some(102_401), "advert.resign_secs"),
+        ] {
+            let err = refresh_terms(300, refresh, resign).unwrap_err();
+            assert_eq!(err.0, field, "{refresh:?} {resign:?}: {}", err.1);
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::network::{Node, NodeConfig, Role};
 use crate::provider::ProviderLeases;
 use crate::provider::admin;
+use crate::provider::advert_chain::{AdvertChain, Next};
 use crate::provider::audit::{self, AuditLog};
 use crate::provider::config::ProviderConfig;
 use crate::provider::lease::db::ProviderDb;
@@ -42,6 +43,8 @@ const MIN_CAPACITY_REPUBLISH: Duration = Duration::from_secs(5);
 pub enum ProviderError {
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    #[error("cannot make the advert's refresh chain: {0}")]
+    Refresh(#[from] peervm_protocol::RefreshError),
     #[error("cannot sign the advert: {0}")]
     Sign(#[from] peervm_protocol::SignError),
     #[error(
@@ -130,6 +133,9 @@ pub struct Provider {
     hangup: tokio::signal::unix::Signal,
     /// `reload` calls from the admin socket.
     reload_rx: mpsc::Receiver<admin::ReloadCall>,
+    /// The refresh chain of the advert published last (docs/protocol.md, section 4a);
+    /// None with refresh tokens off, after a withdrawal, or once a lock stopped them.
+    chain: Option<AdvertChain>,
 }
 
 impl Provider {
@@ -267,6 +273,7 @@ impl Provider {
             reach_notify,
             hangup,
             reload_rx,
+            chain: None,
         };
         provider.publish(false).await?;
         Ok(provider)
@@ -293,7 +300,61 @@ impl Provider {
         advert.withdrawn = withdrawn;
         advert.reachability =
             self.reachability.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(PortReport::summary);
+        // A new advert brings a new chain; a withdrawal ends the last one.
+        self.chain = None;
+        if let Some(terms) = self.config.refresh.filter(|_| !withdrawn) {
+            let (chain, ours) = AdvertChain::new(terms, &advert.provider, seq, now)?;
+            advert.refresh = Some(chain);
+            self.chain = Some(ours);
+        }
         Ok(Signed::sign(&self.key, &advert)?)
+    }
+
+    /// When the publish loop wakes next by itself: the next token's release time (or the
+    /// spent chain's new advert), else the re-publish interval with ±10% jitter, so that
+    /// providers started together do not publish in lockstep.
+    fn next_wake(&self) -> Duration {
+        match self.chain.as_ref().map(AdvertChain::next) {
+            Some(Next::Token { at_ms, .. } | Next::Resign { at_ms }) => {
+                Duration::from_millis(at_ms.saturating_sub(now_unix_ms()))
+            }
+            None => {
+                let base = self.config.republish_secs as f64;
+                Duration::from_secs_f64(base * rand::thread_rng().gen_range(0.9..1.1))
+            }
+        }
+    }
+
+    /// The publish loop woke by itself: releases the token due, or signs a new advert (a
+    /// spent chain, refresh tokens off). A locked provider releases no token either, so
+    /// its advert runs out as a locked provider's does; a token the node refuses (a
+    /// bug) is replaced by a new advert.
+    async fn on_wake(&mut self) -> Result<(), ProviderError> {
+        let Some(Next::Token { k, .. }) = self.chain.as_ref().map(AdvertChain::next) else {
+            self.publish(false).await?;
+            return Ok(());
+        };
+        if self.leases.is_locked() {
+            tracing::info!("locked: releasing no refresh token");
+            self.chain = None;
+            return Ok(());
+        }
+        let released = match self.chain.as_ref().and_then(|c| c.record(k)) {
+            Some(record) => self.node.client.release_refresh(record).await,
+            None => Err(crate::network::NetworkError::Refresh(format!("no token {k} in the chain"))),
+        };
+        match released {
+            Ok(()) => {
+                if let Some(chain) = self.chain.as_mut() {
+                    chain.advance();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refresh token refused; signing a new advert");
+                self.publish(false).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Signs and gossips the advert, unless the operator locked the provider: a locked
@@ -380,11 +441,9 @@ impl Provider {
         let mut free_rx = self.free_tx.subscribe();
         let mut last_capacity_publish = tokio::time::Instant::now();
         loop {
-            let base = self.config.republish_secs as f64;
-            // ±10% jitter so providers started together do not publish in lockstep.
-            let wait = Duration::from_secs_f64(base * rand::thread_rng().gen_range(0.9..1.1));
+            let wait = self.next_wake();
             tokio::select! {
-                _ = tokio::time::sleep(wait) => { self.publish(false).await?; }
+                _ = tokio::time::sleep(wait) => { self.on_wake().await?; }
                 changed = free_rx.changed() => {
                     if changed.is_err() { continue; }
                     let since = last_capacity_publish.elapsed();

@@ -3,6 +3,7 @@
 
 pub mod abuse_config;
 pub mod admin;
+pub mod advert_chain;
 pub mod audit;
 pub mod config;
 pub mod daemon;

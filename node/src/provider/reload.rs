@@ -3,7 +3,7 @@
 //! running daemon can take, and which only a restart can. A reload is all or nothing: if
 //! any changed field needs a restart, nothing applies and the running config stays.
 
-use crate::provider::config::{ConfigError, ProviderConfig};
+use crate::provider::config::{ConfigError, ProviderConfig, RefreshTerms};
 use crate::provider::lease::abuse::Rule;
 
 /// What changed between the running config and the file, by the field names of
@@ -73,6 +73,7 @@ impl ConfigDiff {
             delegation,
             ttl_secs,
             republish_secs,
+            refresh,
             ssh,
             resources,
             pricing,
@@ -111,6 +112,12 @@ impl ConfigDiff {
         live("advert.delegation", *delegation != old.delegation);
         live("advert.ttl_secs", *ttl_secs != old.ttl_secs);
         live("advert.republish_secs", *republish_secs != old.republish_secs);
+        live("advert.refresh_secs", refresh.map(|r| r.period_secs) != old.refresh.map(|r| r.period_secs));
+        let chain_secs = |r: &RefreshTerms| u64::from(r.period_secs) * u64::from(r.count);
+        live(
+            "advert.resign_secs",
+            matches!((refresh, &old.refresh), (Some(a), Some(b)) if chain_secs(a) != chain_secs(b)),
+        );
         // The terms of new leases (and the advert's totals and prices).
         live("resources.vcpus", resources.vcpus != old.resources.vcpus);
         live("resources.memory", resources.memory_mib != old.resources.memory_mib);
@@ -298,8 +305,11 @@ mod tests {
             ("advert.country", b.with("advert", "country = \"DE\"")),
             ("advert.beneficiary", b.with("advert", "beneficiary = \"0x00000000000000000000000000000000000000aa\"")),
             ("advert.delegation", b.with("advert", &format!("delegation = \"{}\"", delegation.display()))),
-            ("advert.ttl_secs", b.with("advert", "ttl_secs = 200")),
+            // (Its refresh period is the default's, 100 s, set: a third of 200 s is not.)
+            ("advert.ttl_secs", b.with("advert", "ttl_secs = 200\nrefresh_secs = 100")),
             ("advert.republish_secs", b.with("advert", "republish_secs = 30")),
+            ("advert.refresh_secs", b.with("advert", "refresh_secs = 0")),
+            ("advert.resign_secs", b.with("advert", "resign_secs = 3600")),
             ("resources.vcpus", b.replaced("vcpus", "vcpus = 3")),
             ("resources.memory", b.replaced("memory", "memory = \"2GiB\"")),
             ("resources.disk", b.replaced("disk", "disk = \"20GiB\"")),

@@ -133,7 +133,8 @@ impl TryFrom<&Offer> for OfferLine {
             accel: a.hypervisor.accel.as_str().into(),
             images: a.images.iter().map(|i| i.name.clone()).collect(),
             ssh_host: a.ssh.host.clone(),
-            expires_at_unix_ms: a.expires_at_unix_ms,
+            // The effective expiry: refresh tokens keep an advert past its signed one.
+            expires_at_unix_ms: o.expires_at_unix_ms,
             seq: a.seq,
             owner: a.delegation_at(now_unix_ms()).ok().flatten().map(|d| d.owner.to_string()),
             reachability: a.reachability,

@@ -13,6 +13,8 @@ pub struct ProviderToml {
     pub region: String,
     pub ttl_secs: Option<u64>,
     pub republish_secs: Option<u64>,
+    /// `[advert] refresh_secs`; `None` leaves the provider's default.
+    pub refresh_secs: Option<u64>,
     pub ssh_host: String,
     /// Below the kernel's ephemeral ports (32768 and up), or an outgoing connection
     /// may hold a guest's port: `peervm provider doctor` warns about that.
@@ -57,6 +59,7 @@ impl ProviderToml {
             region: "test".into(),
             ttl_secs: None,
             republish_secs: None,
+            refresh_secs: None,
             ssh_host: "127.0.0.1".into(),
             port_min,
             port_max: port_min + 15,
@@ -93,6 +96,9 @@ impl ProviderToml {
         }
         if let Some(s) = self.republish_secs {
             t += &format!("republish_secs = {s}\n");
+        }
+        if let Some(s) = self.refresh_secs {
+            t += &format!("refresh_secs = {s}\n");
         }
         t += &format!(
             "[ssh]\nhost = \"{}\"\nport_min = {}\nport_max = {}\n",

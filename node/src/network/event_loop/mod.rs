@@ -7,6 +7,7 @@
 //! - `gossip`: advert validation and publishing;
 //! - `block_lists`: signed block lists, held, relayed and applied;
 //! - `sync`: the sync client (sessions) and server (pages);
+//! - `refresh`: refresh tokens, checked, queued for the mesh and sent once a second;
 //! - `leases`: lease messages in both directions;
 //! - `dial_back`: port verification in both directions;
 //! - `closing`: when a banned peer's connections close (after the replies it is owed).
@@ -23,6 +24,7 @@ mod dial_back;
 mod gossip;
 mod leases;
 mod pending;
+mod refresh;
 mod setup;
 mod sync;
 
@@ -43,11 +45,13 @@ use self::context::Context;
 use self::dial_back::DialBacks;
 use self::gossip::Gossip;
 use self::leases::Leases;
+use self::refresh::Refreshes;
 use self::sync::Syncs;
 use super::behaviour::PeervmBehaviourEvent;
 use super::rate_limit::{Api, PeerGuard};
 use super::tuning::{
-    BAN_REPLY_GRACE, BAN_REPLY_LINGER, COMMAND_QUEUE, EVENT_QUEUE, MAINTAIN_TICK, SHUTDOWN_FLUSH, SLOW_EVERY,
+    BAN_REPLY_GRACE, BAN_REPLY_LINGER, COMMAND_QUEUE, EVENT_QUEUE, MAINTAIN_TICK, REFRESH_FLUSH_INTERVAL,
+    SHUTDOWN_FLUSH, SLOW_EVERY,
 };
 use super::{Command, ListBlocked, NetworkError, Node, NodeClient, NodeConfig, NodeEvent, SharedStore};
 use crate::advert_store::AdvertStore;
@@ -83,6 +87,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         gossip: Gossip::default(),
         block_lists: BlockLists::new(config.trusted_block_lists.clone(), list_blocked.clone()),
         sync: Syncs::default(),
+        refresh: Refreshes::default(),
         leases: Leases::new(config.lease_inbox.clone()),
         dial_back: DialBacks::default(),
     };
@@ -100,6 +105,7 @@ struct EventLoop {
     gossip: Gossip,
     block_lists: BlockLists,
     sync: Syncs,
+    refresh: Refreshes,
     leases: Leases,
     dial_back: DialBacks,
 }
@@ -110,6 +116,8 @@ impl EventLoop {
         // The bootstrap nodes were just dialed: the first re-dial check comes later.
         let mut maintenance = tokio::time::interval_at(tokio::time::Instant::now() + MAINTAIN_TICK, MAINTAIN_TICK);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh_flush = tokio::time::interval(REFRESH_FLUSH_INTERVAL);
+        refresh_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.ctx.swarm.select_next_some() => self.on_swarm_event(event),
@@ -132,6 +140,7 @@ impl EventLoop {
                 },
                 _ = sweep.tick() => self.sweep(),
                 _ = maintenance.tick() => self.maintain(),
+                _ = refresh_flush.tick() => self.refresh.flush(&mut self.ctx),
             }
             self.close_banned();
         }
@@ -193,6 +202,9 @@ impl EventLoop {
             }
             Command::Dial { addr, reply } => self.connections.dial(ctx, addr, Some(reply)),
             Command::Sync { peer, reply } => self.sync.request(ctx, peer, reply),
+            Command::ReleaseRefresh { record, reply } => {
+                let _ = reply.send(self.refresh.release(ctx, record));
+            }
             Command::LeaseSend { peer, addrs, message, reply } => self.leases.send(ctx, peer, addrs, message, reply),
             Command::LeaseRespond { id, reply } => self.leases.respond(ctx, id, reply),
             Command::DialBack { peer, request, reply } => self.dial_back.send(ctx, peer, request, reply),
@@ -223,6 +235,7 @@ impl EventLoop {
                 self.gossip.on_event(ctx, &mut self.block_lists, e)
             }
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Sync(e)) => self.sync.on_event(ctx, &mut self.block_lists, e),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Refresh(e)) => self.refresh.on_event(ctx, e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Lease(e)) => self.leases.on_event(ctx, e),
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Dialback(e)) => {
                 self.dial_back.on_event(ctx, &self.connections, e)
@@ -269,6 +282,7 @@ impl EventLoop {
     fn on_connection_closed(&mut self, peer: PeerId, id: ConnectionId, num_established: u32) {
         if self.connections.on_closed(&mut self.ctx, peer, id, num_established) {
             self.dial_back.forget_served();
+            self.refresh.forget(&peer);
         }
     }
 }

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use libp2p::PeerId;
 use libp2p::request_response::{self, OutboundRequestId};
-use peervm_protocol::{Advertisement, verify_batch};
+use peervm_protocol::refresh::{decode_batch, encode_batch};
+use peervm_protocol::{Advertisement, RefreshOutcome, RefreshRecord, verify_batch};
 
 use super::block_lists::BlockLists;
 use super::context::Context;
@@ -97,10 +98,10 @@ impl Syncs {
         mut session: Session,
         response: SyncResponse,
     ) {
-        let (adverts, next) = match response {
-            SyncResponse::Page { adverts, next, lists } => {
+        let (adverts, next, refreshes) = match response {
+            SyncResponse::Page { adverts, next, lists, refreshes } => {
                 block_lists.accept_from_sync(ctx, &lists);
-                (adverts, next)
+                (adverts, next, refreshes)
             }
             SyncResponse::RateLimited => {
                 self.finish(ctx, peer, session, Err(NetworkError::RateLimited { peer, api: "sync" }));
@@ -115,6 +116,14 @@ impl Syncs {
             return;
         }
         let refs: Vec<&[u8]> = adverts.iter().map(|e| e.0.as_slice()).collect();
+        // The page's records, by the id of the advert each refreshes (docs/protocol.md,
+        // section 9): a batch that does not decode is dropped, at no cost to the server.
+        let records: HashMap<[u8; 6], RefreshRecord> = refreshes
+            .and_then(|r| decode_batch(&r.0).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
         let now = now_unix_ms();
         let mut stored = Vec::new();
         let mut invalid = 0usize;
@@ -124,7 +133,15 @@ impl Syncs {
                 match result {
                     Ok(advert) => {
                         let (provider, seq) = (advert.body().provider, advert.body().seq);
-                        match store.insert(advert, now) {
+                        let record = advert.body().refresh.and_then(|chain| records.get(&chain.id()));
+                        let inserted = store.insert_with_refresh(advert, record, now);
+                        if let Some(outcome) = inserted.record {
+                            ctx.metrics.refresh_record(outcome.label());
+                            if let RefreshOutcome::Rejected(_) = outcome {
+                                invalid += 1;
+                            }
+                        }
+                        match inserted.advert {
                             Ok(outcome) => stored.push((provider, seq, outcome, std::time::Instant::now())),
                             Err(e) => {
                                 ctx.metrics.rejected(e.reason());
@@ -188,7 +205,12 @@ fn serve(ctx: &mut Context, block_lists: &BlockLists, peer: PeerId, request: Syn
     }
     let after = request.after.as_deref().and_then(|b| PeerId::from_bytes(b).ok());
     let max_items = request.max_items.clamp(1, SYNC_MAX_PAGE_ITEMS) as usize;
-    let (adverts, next) = ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now_unix_ms());
+    let page = ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now_unix_ms());
     let lists = if after.is_none() { block_lists.for_sync() } else { Vec::new() };
-    SyncResponse::Page { adverts: adverts.into_iter().map(Envelope).collect(), next: next.map(|p| p.to_bytes()), lists }
+    SyncResponse::Page {
+        adverts: page.adverts.into_iter().map(Envelope).collect(),
+        next: page.next.map(|p| p.to_bytes()),
+        lists,
+        refreshes: (!page.refreshes.is_empty()).then(|| Envelope(encode_batch(&page.refreshes))),
+    }
 }

@@ -1,0 +1,137 @@
+//! `/peervm/refresh/1` in both directions (docs/protocol.md, sections 4a and 9a): refresh
+//! tokens that keep adverts live without re-signing them. A record is checked by the
+//! store before anything else happens to it, and only a record the store accepted (it
+//! raised the token held for an advert) is queued for the node's mesh peers (SECURITY.md,
+//! invariant 1, as for gossip). Queues are flushed once a second, one request per peer.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use libp2p::PeerId;
+use libp2p::request_response;
+use peervm_protocol::refresh::{decode_batch, encode_batch};
+use peervm_protocol::{MAX_BATCH_RECORDS, RefreshOutcome, RefreshRecord};
+
+use super::context::Context;
+use crate::clock::now_unix_ms;
+use crate::network::gossip_params::advert_topic;
+use crate::network::rate_limit::Api;
+use crate::network::refresh_wire::{RefreshRequest, RefreshResponse};
+use crate::network::sync::Envelope;
+use crate::network::tuning::MAX_INVALID_COUNTED_PER_REFRESH;
+use crate::network::{NetworkError, NodeEvent};
+
+#[derive(Default)]
+pub(super) struct Refreshes {
+    /// Per peer, the records waiting for the next flush: one per advert id, the newest.
+    queues: HashMap<PeerId, HashMap<[u8; 6], RefreshRecord>>,
+}
+
+impl Refreshes {
+    /// The node's own provider released a token: it goes through the store like anyone's
+    /// (a token the store refuses is a bug in the provider, reported to it), then out.
+    pub fn release(&mut self, ctx: &mut Context, record: RefreshRecord) -> Result<(), NetworkError> {
+        match self.accept(ctx, None, record, now_unix_ms()) {
+            RefreshOutcome::Accepted { .. } => Ok(()),
+            RefreshOutcome::Ignored(reason) => Err(NetworkError::Refresh(reason.label().to_string())),
+            RefreshOutcome::Rejected(reason) => Err(NetworkError::Refresh(reason.label().to_string())),
+        }
+    }
+
+    pub fn on_event(&mut self, ctx: &mut Context, event: request_response::Event<RefreshRequest, RefreshResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                if !ctx.admit(peer, Api::Refresh) {
+                    let _ = ctx.swarm.behaviour_mut().refresh.send_response(channel, RefreshResponse::RateLimited);
+                    return;
+                }
+                // A batch that is empty, over the cap or not whole records is a malformed
+                // frame: dropped unanswered, at no cost to the sender (section 10.3).
+                let Ok(records) = decode_batch(&request.records.0) else {
+                    tracing::debug!(%peer, "malformed refresh batch");
+                    return;
+                };
+                let now = now_unix_ms();
+                let mut invalid = 0usize;
+                for record in records {
+                    if let RefreshOutcome::Rejected(_) = self.accept(ctx, Some(peer), record, now) {
+                        invalid += 1;
+                    }
+                }
+                let _ = ctx.swarm.behaviour_mut().refresh.send_response(channel, RefreshResponse::Ok);
+                for _ in 0..invalid.min(MAX_INVALID_COUNTED_PER_REFRESH) {
+                    ctx.invalid(peer, Api::Refresh);
+                }
+            }
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { response: RefreshResponse::RateLimited, .. },
+                ..
+            } => tracing::debug!(%peer, "refresh batch throttled by the peer"),
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "refresh batch failed");
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks `record` (from `from`, or the node's own provider) through the store; an
+    /// accepted one is queued for every mesh peer but its sender, and a record from a
+    /// peer takes the same advert's record at or below its `k` out of that peer's queue
+    /// (it has it).
+    fn accept(&mut self, ctx: &mut Context, from: Option<PeerId>, record: RefreshRecord, now: u64) -> RefreshOutcome {
+        if let Some(queue) = from.and_then(|p| self.queues.get_mut(&p))
+            && queue.get(&record.id).is_some_and(|queued| queued.k <= record.k)
+        {
+            queue.remove(&record.id);
+        }
+        let (outcome, provider) = ctx.store().apply_refresh_naming(&record, now);
+        ctx.metrics.refresh_record(outcome.label());
+        if let (RefreshOutcome::Accepted { .. }, Some(provider)) = (&outcome, provider) {
+            ctx.emit(NodeEvent::AdvertRefreshed { provider, k: record.k, at: Instant::now() });
+            for peer in relay_peers(ctx) {
+                if Some(peer) != from {
+                    let queue = self.queues.entry(peer).or_default();
+                    if queue.get(&record.id).is_none_or(|queued| queued.k < record.k) {
+                        queue.insert(record.id, record);
+                    }
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Sends each connected peer its queue, at most `MAX_BATCH_RECORDS` records in one
+    /// request (the rest wait for the next flush); queues of peers gone are dropped.
+    pub fn flush(&mut self, ctx: &mut Context) {
+        self.queues.retain(|peer, queue| !queue.is_empty() && ctx.swarm.is_connected(peer));
+        for (peer, queue) in &mut self.queues {
+            let ids: Vec<[u8; 6]> = queue.keys().take(MAX_BATCH_RECORDS).copied().collect();
+            let records: Vec<RefreshRecord> = ids.iter().filter_map(|id| queue.remove(id)).collect();
+            let request = RefreshRequest { version: 1, records: Envelope(encode_batch(&records)) };
+            ctx.swarm.behaviour_mut().refresh.send_request(peer, request);
+        }
+    }
+
+    /// A peer that disconnected gets nothing more.
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.queues.remove(peer);
+    }
+}
+
+/// Where accepted records go: the advert topic's gossipsub mesh, the overlay the adverts
+/// themselves travel on; while the mesh is still empty (the first heartbeat after a
+/// join), every connected peer subscribed to the topic.
+fn relay_peers(ctx: &Context) -> Vec<PeerId> {
+    let topic = advert_topic().hash();
+    let gossipsub = &ctx.swarm.behaviour().gossipsub;
+    let mesh: Vec<PeerId> = gossipsub.mesh_peers(&topic).copied().collect();
+    if !mesh.is_empty() {
+        return mesh;
+    }
+    gossipsub.all_peers().filter(|(_, topics)| topics.contains(&&topic)).map(|(p, _)| *p).collect()
+}
