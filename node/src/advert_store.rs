@@ -205,6 +205,8 @@ struct ChainState {
     /// The signed expiry (the effective one is the summary's).
     expires_at_unix_ms: u64,
     chain: RefreshChain,
+    /// The chain's record id (provider, seq and anchor: docs/protocol.md section 4a).
+    id: [u8; RECORD_ID_LEN],
     held: HeldToken,
 }
 
@@ -377,7 +379,11 @@ impl AdvertStore {
         };
         let body = advert.body();
         let refreshable = match (key_of(&body.provider), body.refresh) {
-            (Some(key), Some(chain)) if chain.id() == record.id && self.id_has_room(&chain.id(), &key) => Some(chain),
+            (Some(key), Some(chain))
+                if chain.id(&body.provider, body.seq) == record.id && self.id_has_room(&record.id, &key) =>
+            {
+                Some(chain)
+            }
             _ => None,
         };
         // Every check but the expiry, before any hashing; then the token from the anchor.
@@ -724,8 +730,9 @@ impl AdvertStore {
     fn add_live(&mut self, key: Key, advert: &Verified<Advertisement>, refreshed: Option<Refreshed>) {
         let b = advert.body();
         let mut expires_at_unix_ms = b.expires_at_unix_ms;
-        if let Some(chain) = b.refresh
-            && self.id_has_room(&chain.id(), &key)
+        let id = b.refresh.map(|chain| chain.id(&b.provider, b.seq));
+        if let (Some(chain), Some(id)) = (b.refresh, id)
+            && self.id_has_room(&id, &key)
         {
             let held = refreshed.map_or(HeldToken::anchor(&chain), |r| r.held);
             expires_at_unix_ms = refreshed.map_or(expires_at_unix_ms, |r| r.effective_expiry_ms);
@@ -733,10 +740,11 @@ impl AdvertStore {
                 issued_at_unix_ms: b.issued_at_unix_ms,
                 expires_at_unix_ms: b.expires_at_unix_ms,
                 chain,
+                id,
                 held,
             };
             self.chains.insert(key, state);
-            self.chain_ids.insert((chain.id(), key));
+            self.chain_ids.insert((id, key));
         }
         let mut images = 0u64;
         let mut more = Vec::new();
@@ -773,7 +781,7 @@ impl AdvertStore {
     fn remove_live(&mut self, key: &Key) -> Option<StoredAdvert> {
         self.owners.remove(key);
         if let Some(state) = self.chains.remove(key) {
-            self.chain_ids.remove(&(state.chain.id(), *key));
+            self.chain_ids.remove(&(state.id, *key));
         }
         let row = self.index.remove(key)? as usize;
         self.more_images.remove(key);
@@ -793,7 +801,7 @@ impl ChainState {
     /// The record of the highest token accepted, or `None` before the first (the anchor
     /// is in the advert).
     fn record(&self) -> Option<RefreshRecord> {
-        (self.held.j > 0).then(|| RefreshRecord { id: self.chain.id(), k: self.held.j, token: self.held.token })
+        (self.held.j > 0).then_some(RefreshRecord { id: self.id, k: self.held.j, token: self.held.token })
     }
 }
 
@@ -1150,6 +1158,27 @@ mod tests {
         assert!(s.is_empty() && s.chains.is_empty() && s.chain_ids.is_empty());
     }
 
+    /// Anyone can copy a provider's `refresh` field into adverts of their own keys; the
+    /// copies get ids of their own (docs/protocol.md section 4a, "Records"), so stored
+    /// first they neither turn the provider's genuine tokens into "forged" ones (which
+    /// would get honest relays banned) nor crowd the provider's id.
+    #[test]
+    fn adverts_copying_another_providers_chain_neither_take_its_tokens_nor_crowd_its_id() {
+        let mut s = AdvertStore::new();
+        let (victim, secret) = chained(1, 1);
+        let chain = victim.body().refresh;
+        let v = victim.body().provider;
+        for n in 2..=6 {
+            let key = samples::numbered_key(n);
+            let mut copy = samples::advert(&key, 1, NOW);
+            copy.refresh = chain;
+            s.insert(peervm_protocol::Signed::sign(&key, &copy).unwrap(), NOW).unwrap();
+        }
+        s.insert(victim, NOW).unwrap();
+        assert_eq!(s.apply_refresh(&secret.record(1).unwrap(), release(1)), accepted(1, &secret));
+        assert_eq!(s.expires_at(&v), Some(effective(1)));
+    }
+
     #[test]
     fn a_forged_or_out_of_range_token_changes_nothing_and_is_rejected() {
         let mut s = AdvertStore::new();
@@ -1197,51 +1226,6 @@ mod tests {
         assert_eq!(s.refresh_record(&p), secret.record(2));
     }
 
-    /// At most four adverts per record id are refreshed by tokens; a fifth is stored and
-    /// shown but its tokens are not checked against it.
-    #[test]
-    fn four_adverts_per_id_are_refreshed_a_fifth_is_only_stored() {
-        // Four providers whose adverts carry provider 0's anchor: its tokens are forged
-        // for them (a chain is bound to its provider), and they take the id's four places.
-        let (genuine, secret) = chained(0, 1);
-        let chain = genuine.body().refresh.unwrap();
-        let squatter = |n: u64| {
-            let key = samples::numbered_key(n);
-            let mut a = samples::advert(&key, 1, NOW);
-            a.refresh = Some(chain);
-            peervm_protocol::Signed::sign(&key, &a).unwrap()
-        };
-        let p0 = genuine.body().provider;
-        let mut s = AdvertStore::new();
-        for n in 1..=4 {
-            s.insert(squatter(n), NOW).unwrap();
-        }
-        assert_eq!(s.insert(genuine.clone(), NOW), Ok(InsertOutcome::Added));
-        assert!(s.contains(&p0) && shown(&s, NOW).contains(&p0), "the fifth is stored and shown");
-        assert_eq!(s.chain_ids.len(), 4);
-        assert_eq!(
-            s.apply_refresh(&secret.record(1).unwrap(), release(1)),
-            RefreshOutcome::Rejected(peervm_protocol::RejectReason::Forged),
-            "tried against the four indexed adverts only"
-        );
-        assert_eq!(s.expires_at(&p0), Some(NOW + 300_000));
-        // The same five with the genuine advert among the first four: its token is found.
-        let mut s = AdvertStore::new();
-        for n in 1..=3 {
-            s.insert(squatter(n), NOW).unwrap();
-        }
-        s.insert(genuine, NOW).unwrap();
-        s.insert(squatter(4), NOW).unwrap();
-        assert_eq!(s.chain_ids.len(), 4);
-        assert_eq!(s.apply_refresh(&secret.record(1).unwrap(), release(1)), accepted(1, &secret));
-        assert_eq!(s.expires_at(&p0), Some(effective(1)));
-        // Genuine-but-stale for one advert and forged for the others: ignored, not rejected.
-        assert_eq!(
-            s.apply_refresh(&secret.record(1).unwrap(), release(1)),
-            RefreshOutcome::Ignored(IgnoreReason::Stale)
-        );
-    }
-
     #[test]
     fn a_replaced_or_removed_advert_forgets_its_chain() {
         let mut s = AdvertStore::new();
@@ -1250,7 +1234,7 @@ mod tests {
         s.insert(first, NOW).unwrap();
         assert_eq!(s.apply_refresh(&old.record(1).unwrap(), release(1)), accepted(1, &old));
         let (second, new) = chained(1, 2);
-        assert_ne!(new.chain().id(), old.chain().id());
+        assert_ne!(new.id(), old.id());
         assert_eq!(s.insert(second, release(1)), Ok(InsertOutcome::Replaced));
         assert_eq!(s.expires_at(&p), Some(NOW + 300_000), "the new advert's own expiry");
         assert_eq!(s.refresh_record(&p), None);
@@ -1344,24 +1328,5 @@ mod tests {
         let mut s = AdvertStore::new();
         let done = s.insert_with_refresh(advert, None, now);
         assert!(matches!(done.advert, Err(InsertError::Advert(AdvertError::Expired { .. }))) && done.record.is_none());
-    }
-
-    /// An expired advert whose id already has four adverts could not be refreshed once
-    /// stored, so its record does not bring it in.
-    #[test]
-    fn an_expired_advert_without_room_for_its_id_stays_out() {
-        let (genuine, secret) = chained(0, 1);
-        let chain = genuine.body().refresh.unwrap();
-        let mut s = AdvertStore::new();
-        for n in 1..=4 {
-            let key = samples::numbered_key(n);
-            let mut a = samples::advert(&key, 1, NOW + 200_000);
-            a.refresh = Some(chain);
-            s.insert(peervm_protocol::Signed::sign(&key, &a).unwrap(), NOW + 200_000).unwrap();
-        }
-        let now = NOW + 400_000;
-        let done = s.insert_with_refresh(genuine, Some(&secret.record(2).unwrap()), now);
-        assert!(matches!(done.advert, Err(InsertError::Advert(AdvertError::Expired { .. }))));
-        assert_eq!(s.len(), 4);
     }
 }

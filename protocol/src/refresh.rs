@@ -26,7 +26,10 @@ use crate::encoding;
 pub const REFRESH_DOMAIN: &[u8] = b"peervm/refresh/1\0";
 /// Bytes of one token (a chain value).
 pub const TOKEN_LEN: usize = 16;
-/// Bytes of a record's id: the first bytes of the advert's anchor.
+/// Domain of a record's id (docs/protocol.md section 4a, "Records").
+pub const REFRESH_ID_DOMAIN: &[u8] = b"peervm/refresh-id/1\0";
+/// Bytes of a record's id: the first bytes of a hash of the advert's provider, seq and
+/// anchor.
 pub const RECORD_ID_LEN: usize = 6;
 /// Bytes of one record on the wire: id, k (uint16 big-endian), token.
 pub const RECORD_LEN: usize = RECORD_ID_LEN + 2 + TOKEN_LEN;
@@ -58,10 +61,12 @@ pub struct RefreshChain {
 impl RefreshChain {
     /// The id records name this chain by: the anchor's first 6 bytes. Not unique by
     /// construction; a node tries each advert it holds under an id.
-    pub fn id(&self) -> [u8; RECORD_ID_LEN] {
-        let mut id = [0u8; RECORD_ID_LEN];
-        id.copy_from_slice(&self.anchor[..RECORD_ID_LEN]);
-        id
+    ///
+    /// The id is bound to the provider and the advert (docs/protocol.md section 4a): an
+    /// advert that copies another provider's `refresh` field gets another id, so it can
+    /// neither take that provider's tokens nor crowd its id.
+    pub fn id(&self, provider: &PeerId, seq: u64) -> [u8; RECORD_ID_LEN] {
+        id_bytes(&provider.to_bytes(), seq, &self.anchor)
     }
 
     /// The bounds of row 19 that do not depend on the advert's lifetime: `10 ≤ period_s`,
@@ -115,6 +120,20 @@ pub fn step(provider: &PeerId, seq: u64, i: u32, x: &Token) -> Token {
     step_bytes(&provider.to_bytes(), seq, i, x)
 }
 
+/// A record's id: the first 6 bytes of SHA-256("peervm/refresh-id/1" || 0x00 || provider
+/// || seq (u64 BE) || anchor).
+fn id_bytes(provider: &[u8], seq: u64, anchor: &Token) -> [u8; RECORD_ID_LEN] {
+    let digest = Sha256::new()
+        .chain_update(REFRESH_ID_DOMAIN)
+        .chain_update(provider)
+        .chain_update(seq.to_be_bytes())
+        .chain_update(anchor)
+        .finalize();
+    let mut id = [0u8; RECORD_ID_LEN];
+    id.copy_from_slice(&digest[..RECORD_ID_LEN]);
+    id
+}
+
 /// [`step`] with the provider's PeerId bytes already encoded (a chain walk encodes them once).
 fn step_bytes(provider: &[u8], seq: u64, i: u32, x: &Token) -> Token {
     let digest = Sha256::new()
@@ -147,6 +166,8 @@ pub fn effective_expiry_ms(expires_at_unix_ms: u64, period_s: u32, k: u32) -> u6
 /// public chain only, since unreleased tokens are what keeps the advert the provider's.
 pub struct RefreshSecret {
     chain: RefreshChain,
+    /// The chain's record id (provider, seq and anchor hashed).
+    id: [u8; RECORD_ID_LEN],
     /// `values[i]` is `t_i`.
     values: Zeroizing<Vec<Token>>,
 }
@@ -179,12 +200,18 @@ impl RefreshSecret {
             values[i as usize - 1] = step_bytes(&provider, seq, i, &values[i as usize]);
         }
         chain.anchor = values[0];
-        Ok((chain, RefreshSecret { chain, values }))
+        let id = id_bytes(&provider, seq, &chain.anchor);
+        Ok((chain, RefreshSecret { chain, id, values }))
     }
 
     /// The public chain (the advert's `refresh` field).
     pub fn chain(&self) -> RefreshChain {
         self.chain
+    }
+
+    /// The id of the chain's records.
+    pub fn id(&self) -> [u8; RECORD_ID_LEN] {
+        self.id
     }
 
     /// Token `k` (`t_k`), for 1 ≤ k ≤ count; `None` otherwise. Send it at
@@ -199,7 +226,7 @@ impl RefreshSecret {
     /// The 24-byte record that carries token `k`.
     pub fn record(&self, k: u32) -> Option<RefreshRecord> {
         let token = self.token(k)?;
-        Some(RefreshRecord { id: self.chain.id(), k: u16::try_from(k).ok()?, token })
+        Some(RefreshRecord { id: self.id, k: u16::try_from(k).ok()?, token })
     }
 
     /// When token `k` of the advert issued at `issued_at` is released.
@@ -402,6 +429,11 @@ pub fn check_token(
     if release_at_ms(target.issued_at_unix_ms, chain.period_s, k32) > now_unix_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
         return RefreshOutcome::Ignored(IgnoreReason::FromTheFuture);
     }
+    // Before any hashing: a token that would not keep the advert live is not worth one.
+    let effective_expiry_ms = effective_expiry_ms(target.expires_at_unix_ms, chain.period_s, k32);
+    if effective_expiry_ms <= now_unix_ms {
+        return RefreshOutcome::Ignored(IgnoreReason::Expired);
+    }
     let provider = target.provider.to_bytes();
     let mut x = *token;
     // t_{i-1} = H_i(t_i): from t_k down to t_j.
@@ -410,10 +442,6 @@ pub fn check_token(
     }
     if x != held.token {
         return RefreshOutcome::Rejected(RejectReason::Forged);
-    }
-    let effective_expiry_ms = effective_expiry_ms(target.expires_at_unix_ms, chain.period_s, k32);
-    if effective_expiry_ms <= now_unix_ms {
-        return RefreshOutcome::Ignored(IgnoreReason::Expired);
     }
     RefreshOutcome::Accepted { k, token: *token, effective_expiry_ms }
 }
@@ -458,10 +486,11 @@ mod tests {
         assert_eq!(hex(secret.token(2).unwrap()), "fe50a5423e7f93905fc04345f6abbfe8");
         assert_eq!(hex(secret.token(1).unwrap()), "bfcdf2c981f134c3a811fe6581fc6389");
         assert_eq!(hex(chain.anchor), "202a94c6d211d53b9670b8169dc0f85a");
-        assert_eq!(chain.id(), [0x20, 0x2a, 0x94, 0xc6, 0xd2, 0x11]);
+        assert_eq!(chain.id(&provider(), 1), [0x86, 0x18, 0xd2, 0x04, 0xbb, 0xba]);
+        assert_eq!(secret.id(), chain.id(&provider(), 1));
         assert_eq!(
             hex::encode(secret.record(1).unwrap().to_bytes()),
-            "202a94c6d2110001bfcdf2c981f134c3a811fe6581fc6389"
+            "8618d204bbba0001bfcdf2c981f134c3a811fe6581fc6389"
         );
     }
 
@@ -580,7 +609,8 @@ mod tests {
         let p = provider();
         let (chain, secret) = vector();
         let t = target(&p, chain);
-        let now = T0_UNIX_MS + 4 * 150_000;
+        // Token 3 is released (within the skew) and every token's expiry is ahead.
+        let now = T0_UNIX_MS + 3 * 150_000 - MAX_CLOCK_SKEW_MS;
         let held = HeldToken::anchor(&chain);
         assert_eq!(check_token(&t, &held, 1, &[9; 16], now), RefreshOutcome::Rejected(RejectReason::Forged));
         // A genuine token at the wrong position.
@@ -603,11 +633,11 @@ mod tests {
             check_token(&t, &wrong_held, 3, &secret.token(3).unwrap(), now),
             RefreshOutcome::Rejected(RejectReason::Forged)
         );
-        // A forged token is rejected even when its advert's expiry has passed: forgery
-        // comes before expiry.
+        // A token that would not keep its advert live is ignored before any hashing,
+        // forged or not: expiry comes before forgery.
         assert_eq!(
             check_token(&t, &held, 1, &[9; 16], T0_UNIX_MS + 10_000_000),
-            RefreshOutcome::Rejected(RejectReason::Forged)
+            RefreshOutcome::Ignored(IgnoreReason::Expired)
         );
     }
 
@@ -726,7 +756,7 @@ mod tests {
         let t = RefreshTarget { issued_at_unix_ms: 0, ..t };
         assert_eq!(
             check_token(&t, &HeldToken::anchor(&chain), 1, &[0; 16], u64::MAX),
-            RefreshOutcome::Rejected(RejectReason::Forged)
+            RefreshOutcome::Ignored(IgnoreReason::Expired)
         );
     }
 

@@ -89,7 +89,7 @@ mod tests {
             seen.push(next);
             if let Next::Token { k, .. } = next {
                 let record = ac.record(k).expect("a token within the chain");
-                assert_eq!((record.k, record.id), (k, chain.id()));
+                assert_eq!((record.k, record.id), (k, chain.id(&provider, 7)));
                 ac.advance();
             } else {
                 break;

@@ -330,15 +330,15 @@ impl Provider {
     /// its advert runs out as a locked provider's does; a token the node refuses (a
     /// bug) is replaced by a new advert.
     async fn on_wake(&mut self) -> Result<(), ProviderError> {
+        // Locked: no token and no new advert (`publish` signs nothing), and no chain left
+        // to wake for, so the loop waits the re-publish interval, not a spent release time.
+        if self.leases.is_locked() && self.chain.take().is_some() {
+            tracing::info!("locked: releasing no refresh token");
+        }
         let Some(Next::Token { k, .. }) = self.chain.as_ref().map(AdvertChain::next) else {
             self.publish(false).await?;
             return Ok(());
         };
-        if self.leases.is_locked() {
-            tracing::info!("locked: releasing no refresh token");
-            self.chain = None;
-            return Ok(());
-        }
         let released = match self.chain.as_ref().and_then(|c| c.record(k)) {
             Some(record) => self.node.client.release_refresh(record).await,
             None => Err(crate::network::NetworkError::Refresh(format!("no token {k} in the chain"))),

@@ -133,7 +133,8 @@ impl Syncs {
                 match result {
                     Ok(advert) => {
                         let (provider, seq) = (advert.body().provider, advert.body().seq);
-                        let record = advert.body().refresh.and_then(|chain| records.get(&chain.id()));
+                        let body = advert.body();
+                        let record = body.refresh.and_then(|chain| records.get(&chain.id(&body.provider, body.seq)));
                         let inserted = store.insert_with_refresh(advert, record, now);
                         if let Some(outcome) = inserted.record {
                             ctx.metrics.refresh_record(outcome.label());
