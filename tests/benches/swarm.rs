@@ -28,6 +28,8 @@ use tokio::sync::broadcast::error::RecvError;
 /// connections stop changing.
 const SETTLE_MIN: Duration = Duration::from_secs(42);
 const SETTLE_MAX: Duration = Duration::from_secs(120);
+/// How long the bandwidth groups measure a settled swarm's idle traffic.
+const IDLE_WINDOW: Duration = Duration::from_secs(20);
 
 fn report(name: &str, value: f64, unit: &str) {
     println!("{{\"name\":\"{name}\",\"value\":{value:.3},\"unit\":\"{unit}\"}}");
@@ -259,6 +261,18 @@ async fn propagation(n: usize, rounds: usize) {
     }
 }
 
+/// Each node's idle rates (received, sent) in B/s, over `IDLE_WINDOW` of no publishing.
+async fn idle_rates(nodes: &[peervm_node::network::Node]) -> (Vec<f64>, Vec<f64>) {
+    let before = wire_totals(nodes);
+    let t = Instant::now();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let secs = t.elapsed().as_secs_f64();
+    let after = wire_totals(nodes);
+    let rx = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0) as f64 / secs).collect();
+    let tx = before.iter().zip(&after).map(|(b, a)| (a.1 - b.1) as f64 / secs).collect();
+    (rx, tx)
+}
+
 /// Each node's wire totals (received, sent) now.
 fn wire_totals(nodes: &[peervm_node::network::Node]) -> Vec<(u64, u64)> {
     nodes.iter().map(|nd| (nd.metrics.wire_received_bytes.get(), nd.metrics.wire_sent_bytes.get())).collect()
@@ -281,20 +295,13 @@ fn report_spread(name: &str, mut per_node: Vec<f64>, unit: &str) {
 /// everywhere, with gossip's duplicates and IHAVE/IWANT in it; the idle traffic of the
 /// publishing window is subtracted per node.
 async fn bandwidth(n: usize, providers: usize, rounds: usize) {
-    const IDLE_WINDOW: Duration = Duration::from_secs(20);
     let (nodes, keys) = start_swarm(n, 500).await;
     let providers = providers.min(keys.len());
     settle(&nodes, SETTLE_MIN, SETTLE_MAX).await;
     let advert_bytes = signed(&keys[0], &advert(&keys[0], 1, Duration::from_secs(300))).to_bytes().len();
     report(&format!("bandwidth_{n}_nodes_advert_envelope"), advert_bytes as f64, "B");
 
-    let before = wire_totals(&nodes);
-    let t = Instant::now();
-    tokio::time::sleep(IDLE_WINDOW).await;
-    let idle_secs = t.elapsed().as_secs_f64();
-    let after = wire_totals(&nodes);
-    let idle_rx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0) as f64 / idle_secs).collect();
-    let idle_tx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.1 - b.1) as f64 / idle_secs).collect();
+    let (idle_rx, idle_tx) = idle_rates(&nodes).await;
     report_spread(&format!("bandwidth_{n}_nodes_idle_received"), idle_rx.clone(), "B/s");
     report_spread(&format!("bandwidth_{n}_nodes_idle_sent"), idle_tx.clone(), "B/s");
 
@@ -355,7 +362,6 @@ async fn bandwidth(n: usize, providers: usize, rounds: usize) {
 /// records a node receives per token (accepted or not: the duplicates the batching leaves),
 /// and the idle traffic subtracted as in `bandwidth`.
 async fn refresh(n: usize, providers: usize, rounds: usize) {
-    const IDLE_WINDOW: Duration = Duration::from_secs(20);
     const PERIOD_S: u32 = 10;
     let (nodes, keys) = start_swarm(n, 700).await;
     let providers = providers.min(keys.len());
@@ -388,13 +394,7 @@ async fn refresh(n: usize, providers: usize, rounds: usize) {
     }
     report(&format!("refresh_{n}_nodes_adverts_everywhere"), f64::from(u8::from(reached)), "bool");
 
-    let before = wire_totals(&nodes);
-    let t = Instant::now();
-    tokio::time::sleep(IDLE_WINDOW).await;
-    let idle_secs = t.elapsed().as_secs_f64();
-    let after = wire_totals(&nodes);
-    let idle_rx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0) as f64 / idle_secs).collect();
-    let idle_tx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.1 - b.1) as f64 / idle_secs).collect();
+    let (idle_rx, idle_tx) = idle_rates(&nodes).await;
 
     let records = |nd: &peervm_node::network::Node| -> u64 {
         let family = &nd.metrics.refresh_records;
@@ -455,6 +455,18 @@ async fn refresh(n: usize, providers: usize, rounds: usize) {
     }
 }
 
+/// `PEERVM_BENCH_BANDWIDTH=nodes,providers,rounds` for the bandwidth and refresh groups.
+fn bandwidth_settings() -> (usize, usize, usize) {
+    let v: Vec<usize> = std::env::var("PEERVM_BENCH_BANDWIDTH")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    match v[..] {
+        [n, p, r] if n >= 3 && p >= 1 && r >= 1 => (n, p, r),
+        _ => (64, 32, 10),
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run
     // only when benchmarking.
@@ -482,25 +494,11 @@ fn main() {
         }
     }
     if want("bandwidth") {
-        let v: Vec<usize> = std::env::var("PEERVM_BENCH_BANDWIDTH")
-            .ok()
-            .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
-            .unwrap_or_default();
-        let (n, providers, rounds) = match v[..] {
-            [n, p, r] if n >= 3 && p >= 1 && r >= 1 => (n, p, r),
-            _ => (64, 32, 10),
-        };
+        let (n, providers, rounds) = bandwidth_settings();
         rt.block_on(bandwidth(n, providers, rounds));
     }
     if want("refresh") {
-        let v: Vec<usize> = std::env::var("PEERVM_BENCH_BANDWIDTH")
-            .ok()
-            .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
-            .unwrap_or_default();
-        let (n, providers, rounds) = match v[..] {
-            [n, p, r] if n >= 3 && p >= 1 && r >= 1 => (n, p, r),
-            _ => (64, 32, 10),
-        };
+        let (n, providers, rounds) = bandwidth_settings();
         rt.block_on(refresh(n, providers, rounds));
     }
 }
