@@ -204,10 +204,18 @@ struct ChainState {
     issued_at_unix_ms: u64,
     /// The signed expiry (the effective one is the summary's).
     expires_at_unix_ms: u64,
+    /// The delegation's `not_after` (`u64::MAX` without one): no token raises the
+    /// effective expiry past it (docs/protocol.md sections 4a, 7b).
+    ends_at_unix_ms: u64,
     chain: RefreshChain,
     /// The chain's record id (provider, seq and anchor: docs/protocol.md section 4a).
     id: [u8; RECORD_ID_LEN],
     held: HeldToken,
+}
+
+/// The end of an advert's checked delegation, `u64::MAX` for an advert without one.
+fn ends_at(delegation: Option<&peervm_protocol::Delegation>) -> u64 {
+    delegation.map_or(u64::MAX, |d| d.not_after_unix_ms)
 }
 
 /// A token accepted for an advert before it was stored: what it starts from.
@@ -390,6 +398,10 @@ impl AdvertStore {
         let checked = refreshable.map(|chain| (chain, self.check_until(body, now_unix_ms, u64::MAX)));
         let (chain, delegation) = match checked {
             Some((chain, Ok(delegation))) => (chain, delegation),
+            // Refused whatever its expiry (a blocked owner, a retired key): say why.
+            Some((_, Err(refused @ (InsertError::Blocked(_) | InsertError::Revoked(_))))) => {
+                return RefreshedInsert { advert: Err(refused), record: Some(self.apply_refresh(record, now_unix_ms)) };
+            }
             _ => {
                 return RefreshedInsert { advert: Err(expired), record: Some(self.apply_refresh(record, now_unix_ms)) };
             }
@@ -399,6 +411,7 @@ impl AdvertStore {
             seq: body.seq,
             issued_at_unix_ms: body.issued_at_unix_ms,
             expires_at_unix_ms: body.expires_at_unix_ms,
+            ends_at_unix_ms: ends_at(delegation.as_ref()),
             chain,
         };
         let outcome = check_token(&target, &HeldToken::anchor(&chain), record.k, &record.token, now_unix_ms);
@@ -445,6 +458,7 @@ impl AdvertStore {
                 seq: self.held[row].seq,
                 issued_at_unix_ms: state.issued_at_unix_ms,
                 expires_at_unix_ms: state.expires_at_unix_ms,
+                ends_at_unix_ms: state.ends_at_unix_ms,
                 chain: state.chain,
             };
             let outcome = check_token(&target, &state.held, record.k, &record.token, now_unix_ms);
@@ -485,6 +499,7 @@ impl AdvertStore {
             return Ok(InsertOutcome::Withdrawn);
         }
         self.tombstones.remove(&key);
+        let ends_at_unix_ms = ends_at(delegation.as_ref());
         if let Some(d) = delegation {
             let owner = key_of(&d.owner);
             // Key rotation: the owner's node keys this delegation replaces are gone.
@@ -501,7 +516,7 @@ impl AdvertStore {
                 self.owners.insert(key, owner);
             }
         }
-        self.add_live(key, &advert, refreshed);
+        self.add_live(key, &advert, refreshed, ends_at_unix_ms);
         Ok(if existed { InsertOutcome::Replaced } else { InsertOutcome::Added })
     }
 
@@ -573,10 +588,19 @@ impl AdvertStore {
         expired.iter().map(peer_id_from_public_key).collect()
     }
 
-    /// Blocks a provider: its advert is removed and no later one is accepted.
+    /// Blocks a provider, or an owner: its advert, and the adverts of every node key it
+    /// delegated to, are removed at once (their refresh chains with them), and no later
+    /// one is accepted (`check`).
     pub fn block(&mut self, provider: PeerId) -> bool {
         if let Some(key) = key_of(&provider) {
             self.remove_live(&key);
+            // Blocks are rare (an operator's command, a trusted list's update): a scan of
+            // the owners of the delegated adverts is cheaper than an index kept for them.
+            let delegated: Vec<Key> =
+                self.owners.iter().filter(|(_, owner)| **owner == key).map(|(node, _)| *node).collect();
+            for node in &delegated {
+                self.remove_live(node);
+            }
         }
         self.blocked.insert(provider)
     }
@@ -727,18 +751,28 @@ impl AdvertStore {
         page
     }
 
-    fn add_live(&mut self, key: Key, advert: &Verified<Advertisement>, refreshed: Option<Refreshed>) {
+    /// Adds a checked advert's rows. It lives until its effective expiry, and never past
+    /// `ends_at_unix_ms`, its delegation's end (docs/protocol.md section 7b).
+    fn add_live(
+        &mut self,
+        key: Key,
+        advert: &Verified<Advertisement>,
+        refreshed: Option<Refreshed>,
+        ends_at_unix_ms: u64,
+    ) {
         let b = advert.body();
-        let mut expires_at_unix_ms = b.expires_at_unix_ms;
+        let mut expires_at_unix_ms = b.expires_at_unix_ms.min(ends_at_unix_ms);
         let id = b.refresh.map(|chain| chain.id(&b.provider, b.seq));
         if let (Some(chain), Some(id)) = (b.refresh, id)
             && self.id_has_room(&id, &key)
         {
             let held = refreshed.map_or(HeldToken::anchor(&chain), |r| r.held);
+            // `check_token` capped an accepted token's expiry at the same end.
             expires_at_unix_ms = refreshed.map_or(expires_at_unix_ms, |r| r.effective_expiry_ms);
             let state = ChainState {
                 issued_at_unix_ms: b.issued_at_unix_ms,
                 expires_at_unix_ms: b.expires_at_unix_ms,
+                ends_at_unix_ms,
                 chain,
                 id,
                 held,
@@ -1037,18 +1071,23 @@ mod tests {
         assert_eq!(s.more_images.len(), 6, "a removed advert leaves no overflow entry");
     }
 
-    fn delegated(owner: &SigningKey, node: &SigningKey, replaces: Vec<PeerId>, seq: u64) -> Verified<Advertisement> {
+    /// Puts `owner`'s delegation to `node`, ending at `not_after`, into `advert`.
+    fn delegate(owner: &SigningKey, node: &SigningKey, replaces: Vec<PeerId>, not_after: u64, a: &mut Advertisement) {
         let d = peervm_protocol::Delegation {
             version: peervm_protocol::delegation::DELEGATION_VERSION,
             owner: owner.peer_id(),
             node: node.peer_id(),
             not_before_unix_ms: NOW - 1_000,
-            not_after_unix_ms: NOW + 3_600_000,
+            not_after_unix_ms: not_after,
             beneficiary: None,
             replaces,
         };
-        let mut a = samples::advert(node, seq, NOW);
         a.delegation = Some(peervm_protocol::Signed::sign(owner, &d).unwrap().to_bytes());
+    }
+
+    fn delegated(owner: &SigningKey, node: &SigningKey, replaces: Vec<PeerId>, seq: u64) -> Verified<Advertisement> {
+        let mut a = samples::advert(node, seq, NOW);
+        delegate(owner, node, replaces, NOW + 3_600_000, &mut a);
         peervm_protocol::Signed::sign(node, &a).unwrap()
     }
 
@@ -1106,6 +1145,23 @@ mod tests {
             peervm_protocol::RefreshSecret::generate(&key.peer_id(), seq, 150, 100, [n as u8; 16]).unwrap();
         let mut a = samples::advert(&key, seq, NOW);
         a.refresh = Some(chain);
+        (peervm_protocol::Signed::sign(&key, &a).unwrap(), secret)
+    }
+
+    /// [`chained`]'s advert of node key `n`, delegated by `owner` until `not_after`, with
+    /// the delegation retiring `replaces`.
+    fn delegated_chained(
+        owner: &SigningKey,
+        n: u64,
+        replaces: Vec<PeerId>,
+        not_after: u64,
+    ) -> (Verified<Advertisement>, peervm_protocol::RefreshSecret) {
+        let key = samples::numbered_key(n);
+        let (chain, secret) =
+            peervm_protocol::RefreshSecret::generate(&key.peer_id(), 1, 150, 100, [n as u8; 16]).unwrap();
+        let mut a = samples::advert(&key, 1, NOW);
+        a.refresh = Some(chain);
+        delegate(owner, &key, replaces, not_after, &mut a);
         (peervm_protocol::Signed::sign(&key, &a).unwrap(), secret)
     }
 
@@ -1328,5 +1384,95 @@ mod tests {
         let mut s = AdvertStore::new();
         let done = s.insert_with_refresh(advert, None, now);
         assert!(matches!(done.advert, Err(InsertError::Advert(AdvertError::Expired { .. }))) && done.record.is_none());
+    }
+
+    /// A delegated advert lives until its delegation ends and no longer, refreshed or not
+    /// (docs/protocol.md sections 4a and 7b): tokens still accepted before the end raise
+    /// the expiry only up to it; after it the advert is swept and its tokens are unknown.
+    #[test]
+    fn a_delegated_advert_ends_with_its_delegation_however_it_is_refreshed() {
+        let owner = samples::owner_key();
+        let ends = NOW + 400_000; // after token 1's expiry (NOW + 300 s), before token 2's
+        let (advert, secret) = delegated_chained(&owner, 1, vec![], ends);
+        let p = advert.body().provider;
+        let mut s = AdvertStore::new();
+        s.insert(advert.clone(), NOW).unwrap();
+        let capped = |k: u16| RefreshOutcome::Accepted {
+            k,
+            token: secret.token(u32::from(k)).unwrap(),
+            effective_expiry_ms: ends,
+        };
+        assert_eq!(s.apply_refresh(&secret.record(1).unwrap(), release(1)), capped(1));
+        assert_eq!(s.expires_at(&p), Some(ends), "token 1 alone would give NOW + 450 s");
+        assert_eq!(s.apply_refresh(&secret.record(2).unwrap(), release(2)), capped(2));
+        assert_eq!(s.expires_at(&p), Some(ends));
+        assert_eq!(shown(&s, ends - 1), vec![p]);
+        assert!(shown(&s, ends).is_empty() && s.page(None, 10, usize::MAX, ends).adverts.is_empty());
+        assert_eq!(s.sweep(ends), vec![p]);
+        assert_eq!(
+            s.apply_refresh(&secret.record(3).unwrap(), release(3)),
+            RefreshOutcome::Ignored(IgnoreReason::Unknown)
+        );
+        // By sync after the end, with its newest record: refused (the window is over).
+        let done = s.insert_with_refresh(advert.clone(), Some(&secret.record(3).unwrap()), release(3));
+        assert!(done.advert.is_err() && s.is_empty(), "{done:?}");
+        // By sync before the end, after its signed expiry: capped as well.
+        let now = NOW + 350_000;
+        let done = s.insert_with_refresh(advert, Some(&secret.record(2).unwrap()), now);
+        assert_eq!(done.advert, Ok(InsertOutcome::Added));
+        assert_eq!(s.expires_at(&p), Some(ends));
+        // An advert without a chain whose delegation ends before its signed expiry.
+        let n2 = samples::numbered_key(2);
+        let mut plain = samples::advert(&n2, 1, NOW);
+        delegate(&owner, &n2, vec![], NOW + 100_000, &mut plain);
+        s.insert(peervm_protocol::Signed::sign(&n2, &plain).unwrap(), NOW).unwrap();
+        assert_eq!(s.expires_at(&n2.peer_id()), Some(NOW + 100_000));
+    }
+
+    /// Blocking an owner removes the adverts of every node key it delegated to at once,
+    /// their chains with them: later tokens are unknown, later adverts refused.
+    #[test]
+    fn blocking_an_owner_removes_its_nodes_adverts_and_their_refresh_chains_at_once() {
+        let owner = samples::owner_key();
+        let mut s = AdvertStore::new();
+        let (a1, secret) = delegated_chained(&owner, 1, vec![], NOW + 3_600_000);
+        let (a2, _) = delegated_chained(&owner, 2, vec![], NOW + 3_600_000);
+        let plain = put(&mut s, 3, 2, 100, "eu", "minimal");
+        s.insert(a1.clone(), NOW).unwrap();
+        s.insert(a2, NOW).unwrap();
+        assert_eq!(s.apply_refresh(&secret.record(1).unwrap(), release(1)), accepted(1, &secret));
+        assert!(s.block(owner.peer_id()));
+        assert_eq!(shown(&s, release(1)), vec![plain]);
+        assert!(s.chains.is_empty() && s.chain_ids.is_empty() && s.owners.is_empty());
+        assert_eq!(
+            s.apply_refresh(&secret.record(2).unwrap(), release(2)),
+            RefreshOutcome::Ignored(IgnoreReason::Unknown)
+        );
+        assert_eq!(s.insert(a1.clone(), release(1)), Err(InsertError::Blocked(owner.peer_id())));
+        let done = s.insert_with_refresh(a1, Some(&secret.record(2).unwrap()), release(2));
+        assert_eq!(done.advert, Err(InsertError::Blocked(owner.peer_id())));
+        assert_eq!(shown(&s, release(1)), vec![plain]);
+    }
+
+    /// A node key its owner retires (rotation, `replaces`) loses its chained advert when
+    /// the replacing advert arrives, and takes no token after.
+    #[test]
+    fn a_retired_node_keys_chained_advert_is_removed_and_takes_no_token() {
+        let owner = samples::owner_key();
+        let mut s = AdvertStore::new();
+        let (old, secret) = delegated_chained(&owner, 1, vec![], NOW + 3_600_000);
+        let retired = old.body().provider;
+        s.insert(old.clone(), NOW).unwrap();
+        assert_eq!(s.apply_refresh(&secret.record(1).unwrap(), release(1)), accepted(1, &secret));
+        let (new, _) = delegated_chained(&owner, 2, vec![retired], NOW + 3_600_000);
+        s.insert(new, release(1)).unwrap();
+        assert!(!s.contains(&retired) && s.chains.len() == 1);
+        assert_eq!(
+            s.apply_refresh(&secret.record(2).unwrap(), release(2)),
+            RefreshOutcome::Ignored(IgnoreReason::Unknown)
+        );
+        let done = s.insert_with_refresh(old, Some(&secret.record(2).unwrap()), release(2));
+        assert_eq!(done.advert, Err(InsertError::Revoked(retired)));
+        assert!(!s.contains(&retired));
     }
 }

@@ -305,20 +305,10 @@ pub struct RefreshTarget<'a> {
     pub issued_at_unix_ms: u64,
     /// The signed expiry (not the effective one).
     pub expires_at_unix_ms: u64,
+    /// The end of the advert's delegation (its `not_after`, section 7b), or `u64::MAX`
+    /// for an advert without one: no token keeps the advert live past it.
+    pub ends_at_unix_ms: u64,
     pub chain: RefreshChain,
-}
-
-impl<'a> RefreshTarget<'a> {
-    /// The target of `advert`'s chain, or `None` when it has no `refresh` field.
-    pub fn of(advert: &'a crate::Advertisement) -> Option<Self> {
-        Some(RefreshTarget {
-            provider: &advert.provider,
-            seq: advert.seq,
-            issued_at_unix_ms: advert.issued_at_unix_ms,
-            expires_at_unix_ms: advert.expires_at_unix_ms,
-            chain: advert.refresh?,
-        })
-    }
 }
 
 /// The highest token a node accepted for an advert: `(j, t_j)`, the anchor (`j` = 0)
@@ -429,8 +419,10 @@ pub fn check_token(
     if release_at_ms(target.issued_at_unix_ms, chain.period_s, k32) > now_unix_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
         return RefreshOutcome::Ignored(IgnoreReason::FromTheFuture);
     }
-    // Before any hashing: a token that would not keep the advert live is not worth one.
-    let effective_expiry_ms = effective_expiry_ms(target.expires_at_unix_ms, chain.period_s, k32);
+    // Before any hashing: a token that would not keep the advert live is not worth one,
+    // and none keeps it past its delegation's end (docs/protocol.md sections 4a, 7b).
+    let effective_expiry_ms =
+        effective_expiry_ms(target.expires_at_unix_ms, chain.period_s, k32).min(target.ends_at_unix_ms);
     if effective_expiry_ms <= now_unix_ms {
         return RefreshOutcome::Ignored(IgnoreReason::Expired);
     }
@@ -471,6 +463,7 @@ mod tests {
             seq: 1,
             issued_at_unix_ms: T0_UNIX_MS,
             expires_at_unix_ms: T0_UNIX_MS + 300_000,
+            ends_at_unix_ms: u64::MAX,
             chain,
         }
     }
@@ -695,6 +688,30 @@ mod tests {
         );
     }
 
+    /// A delegated advert's tokens never keep it live past the delegation's end: the
+    /// effective expiry is capped there, and a token whose capped expiry has come is
+    /// ignored as expired before any hashing (a forged one too).
+    #[test]
+    fn no_token_keeps_an_advert_past_its_delegations_end() {
+        let p = provider();
+        let (chain, secret) = vector();
+        let ends = T0_UNIX_MS + 400_000;
+        let t = RefreshTarget { ends_at_unix_ms: ends, ..target(&p, chain) };
+        let held = HeldToken::anchor(&chain);
+        let token = secret.token(1).unwrap();
+        // Token 1 would give T0 + 450 s; the delegation ends at T0 + 400 s.
+        let released = T0_UNIX_MS + 150_000;
+        assert_eq!(
+            check_token(&t, &held, 1, &token, released),
+            RefreshOutcome::Accepted { k: 1, token, effective_expiry_ms: ends }
+        );
+        assert_eq!(check_token(&t, &held, 1, &token, ends), RefreshOutcome::Ignored(IgnoreReason::Expired));
+        assert_eq!(check_token(&t, &held, 1, &[0; 16], ends), RefreshOutcome::Ignored(IgnoreReason::Expired));
+        // Without the cap the same token is good until T0 + 450 s.
+        let uncapped = target(&p, chain);
+        assert!(matches!(check_token(&uncapped, &held, 1, &token, ends), RefreshOutcome::Accepted { .. }));
+    }
+
     #[test]
     fn records_round_trip_and_batches_are_checked() {
         let (_, secret) = vector();
@@ -747,8 +764,14 @@ mod tests {
         // nor accepts.
         let p = provider();
         let chain = RefreshChain { anchor: [0; 16], period_s: u32::MAX, count: u32::MAX };
-        let t =
-            RefreshTarget { provider: &p, seq: 1, issued_at_unix_ms: u64::MAX, expires_at_unix_ms: u64::MAX, chain };
+        let t = RefreshTarget {
+            provider: &p,
+            seq: 1,
+            issued_at_unix_ms: u64::MAX,
+            expires_at_unix_ms: u64::MAX,
+            ends_at_unix_ms: u64::MAX,
+            chain,
+        };
         assert_eq!(
             check_token(&t, &HeldToken::anchor(&chain), 1, &[0; 16], T0_UNIX_MS),
             RefreshOutcome::Ignored(IgnoreReason::FromTheFuture)
