@@ -45,15 +45,17 @@ pub fn bench_advert(i: u64, now: u64) -> Verified<Advertisement> {
     signed(&key, &a)
 }
 
-/// [`bench_advert`] with a refresh chain (docs/protocol.md section 4a) of a week of 150 s
+/// [`bench_advert`] with a refresh chain (docs/protocol.md section 4a) of a day of 100 s
 /// periods. The anchor is a number made from `i`, not a real chain's end: what a store
 /// keeps of a chain does not depend on its values, and making 100,000 real chains of
-/// 4,032 tokens would take minutes.
+/// 864 tokens would take minutes.
 pub fn bench_advert_refreshed(i: u64, now: u64) -> Verified<Advertisement> {
     let (key, mut a) = bench_advert_body(i, now);
     let mut anchor = [0u8; 16];
     anchor[..8].copy_from_slice(&i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
-    a.refresh = Some(peervm_protocol::RefreshChain { anchor, period_s: 150, count: 4032 });
+    // A provider's defaults (docs/protocol.md section 4a): a token every 100 s, a new
+    // advert and chain every 24 h.
+    a.refresh = Some(peervm_protocol::RefreshChain { anchor, period_s: 100, count: 864 });
     signed(&key, &a)
 }
 
