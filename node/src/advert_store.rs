@@ -716,6 +716,24 @@ impl AdvertStore {
             .collect()
     }
 
+    /// A filtered sync's one page (docs/protocol.md section 9, "Filtered sync"): the
+    /// adverts [`AdvertStore::query`] gives for `filter`, cheapest first, as many as fit in
+    /// `max_items` and `max_bytes` of envelopes, with the records of their highest tokens.
+    pub fn query_page(&self, filter: &OfferFilter, max_items: usize, max_bytes: usize, now_unix_ms: u64) -> SyncPage {
+        let mut page = SyncPage { adverts: Vec::new(), next: None, refreshes: Vec::new() };
+        let mut bytes = 0usize;
+        for offer in self.query(filter, now_unix_ms, max_items.max(1)) {
+            let env = offer.advert.as_bytes();
+            if bytes + env.len() > max_bytes {
+                break;
+            }
+            bytes += env.len();
+            page.adverts.push(env.to_vec());
+            page.refreshes.extend(self.refresh_record(&offer.provider));
+        }
+        page
+    }
+
     /// A page of adverts for the sync protocol: providers after `after` in id order whose
     /// effective expiry has not come, up to `max_items` and `max_bytes` of envelopes, with
     /// the records of the highest tokens held for them.
@@ -1474,5 +1492,38 @@ mod tests {
         let done = s.insert_with_refresh(old, Some(&secret.record(2).unwrap()), release(2));
         assert_eq!(done.advert, Err(InsertError::Revoked(retired)));
         assert!(!s.contains(&retired));
+    }
+
+    /// A filtered sync's page: the query's cheapest matches, in its order, cut at the byte
+    /// cap, with the records of the refreshed ones.
+    #[test]
+    fn a_query_page_holds_the_cheapest_matches_within_its_caps_and_their_records() {
+        let mut s = AdvertStore::new();
+        let (chained_advert, secret) = chained(1, 1);
+        let p = chained_advert.body().provider;
+        s.insert(chained_advert, NOW).unwrap();
+        s.apply_refresh(&secret.record(1).unwrap(), release(1));
+        for n in 2..8 {
+            put(&mut s, n, 2, 100 * n, "eu", "minimal");
+        }
+        put(&mut s, 9, 2, 1, "us", "minimal");
+        let eu = OfferFilter { region: Some("eu".into()), ..Default::default() };
+        let now = release(1);
+        let order: Vec<PeerId> = s.query(&eu, now, 4).into_iter().map(|o| o.provider).collect();
+        let page = s.query_page(&eu, 4, usize::MAX, now);
+        let providers: Vec<PeerId> = page
+            .adverts
+            .iter()
+            .map(|e| peervm_protocol::Signed::<Advertisement>::from_bytes(e).unwrap().signer())
+            .collect();
+        assert_eq!(providers, order);
+        assert_eq!(page.next, None);
+        let all = s.query_page(&OfferFilter::default(), 20, usize::MAX, now);
+        assert_eq!(all.adverts.len(), 8);
+        assert_eq!(all.refreshes, vec![secret.record(1).unwrap()], "the record of {p}");
+        let one = page.adverts[0].len();
+        assert_eq!(s.query_page(&eu, 4, 2 * one + one / 2, now).adverts.len(), 2, "cut at the byte cap");
+        let none = OfferFilter { region: Some("mars".into()), ..Default::default() };
+        assert!(s.query_page(&none, 4, usize::MAX, now).adverts.is_empty());
     }
 }

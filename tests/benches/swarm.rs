@@ -1,6 +1,6 @@
 //! Swarm benchmarks: store query latency and memory at 100,000 adverts (received as a
 //! sync delivers them; `store_bytes` says where the bytes go), join-time sync
-//! of 1,000 and 10,000 adverts, and gossip propagation to every node of 16/64/128-node
+//! of 1,000 and 10,000 adverts and a light client's filtered sync against as many, and gossip propagation to every node of 16/64/128-node
 //! swarms over loopback TCP, timed by the nodes' own `AdvertStored` events, and the TCP
 //! bytes on the wire (after Noise and Yamux) a node receives and sends per advert
 //! published, idle, and per advert of a join sync. Run: `cargo bench -p peervm-tests --bench swarm`.
@@ -127,6 +127,43 @@ async fn join_sync(n: u64) {
     // the adverts it synced: the wire cost of one advert in a sync.
     let received = joiner.metrics.wire_received_bytes.get() as f64;
     report(&format!("join_sync_{n}_wire_received_per_advert"), received / n as f64, "B");
+    joiner.stop().await;
+    server.stop().await;
+}
+
+/// A one-shot requestor as a light client (docs/protocol.md section 9, "Filtered sync")
+/// against a bootstrap holding `n` adverts: what `peervm offers --vcpus 4 --memory 8192
+/// --region eu-west` (20 offers) costs it, in time to the answer and in bytes received,
+/// against `join_sync_{n}` (the whole market).
+async fn light_query(n: u64) {
+    let server = start_node(unique_key(92_000 + n), Role::Bootstrap, &[]).await;
+    {
+        let mut store = server.store.lock().unwrap();
+        let now = now_unix_ms();
+        for a in adverts(n) {
+            store.insert(a, now).unwrap();
+        }
+    }
+    let filter = OfferFilter {
+        min_vcpus: Some(4),
+        min_memory_mib: Some(8192),
+        region: Some("eu-west".into()),
+        ..Default::default()
+    };
+    let market = peervm_node::requestor::offers::Market::Matching { filter: &filter, limit: 20 };
+    let t = Instant::now();
+    let joiner = peervm_node::requestor::offers::join_as(
+        unique_key(93_000 + n),
+        &server.listen_addrs,
+        Duration::from_secs(60),
+        Default::default(),
+        market,
+    )
+    .await
+    .expect("the light client joins");
+    report(&format!("light_query_{n}_adverts"), t.elapsed().as_secs_f64() * 1000.0, "ms");
+    assert_eq!(joiner.store.lock().unwrap().len(), 20, "it holds the 20 offers it asked for");
+    report(&format!("light_query_{n}_wire_received"), joiner.metrics.wire_received_bytes.get() as f64, "B");
     joiner.stop().await;
     server.stop().await;
 }
@@ -482,6 +519,8 @@ fn main() {
     if want("sync") {
         rt.block_on(join_sync(1_000));
         rt.block_on(join_sync(10_000));
+        rt.block_on(light_query(1_000));
+        rt.block_on(light_query(10_000));
     }
     if want("propagation") {
         let sizes: Vec<usize> = match std::env::var("PEERVM_BENCH_SIZES") {

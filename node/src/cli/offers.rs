@@ -95,7 +95,13 @@ pub async fn run(args: OffersArgs, data_dir: &Path) -> anyhow::Result<ExitCode> 
     let mut seed = zeroize::Zeroizing::new([0u8; 32]);
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, seed.as_mut());
     let key = peervm_protocol::SigningKey::from_seed(&seed);
-    let node = offers::join_as(key, &bootstrap, Duration::from_secs(args.timeout), args.trust.peers()?).await?;
+    // `--watch` follows the whole market; a one-shot look asks only for what it shows.
+    let market = if args.watch {
+        offers::Market::Whole
+    } else {
+        offers::Market::Matching { filter: &filter, limit: args.limit }
+    };
+    let node = offers::join_as(key, &bootstrap, Duration::from_secs(args.timeout), args.trust.peers()?, market).await?;
     let print = |node: &Node| {
         let list = offers::current(node, &filter, args.limit);
         if args.json {

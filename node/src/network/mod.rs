@@ -85,6 +85,10 @@ pub struct NodeConfig {
     pub audit: Option<Arc<crate::provider::audit::AuditLog>>,
     /// Signers whose block lists this node applies (its operator's choice).
     pub trusted_block_lists: std::collections::HashSet<PeerId>,
+    /// Pull every new peer's whole market on connect (docs/protocol.md section 9). A
+    /// one-shot requestor turns it off and asks for the offers it needs instead
+    /// ([`NodeClient::query_from`]).
+    pub sync_on_connect: bool,
 }
 
 impl NodeConfig {
@@ -104,6 +108,7 @@ impl NodeConfig {
             lease_inbox: None,
             audit: None,
             trusted_block_lists: Default::default(),
+            sync_on_connect: true,
         }
     }
 }
@@ -217,6 +222,9 @@ pub(crate) enum Command {
     },
     Sync {
         peer: PeerId,
+        /// A light client's query instead of the whole market: the filter and how many
+        /// adverts at most.
+        query: Option<(sync::SyncFilter, u32)>,
         reply: oneshot::Sender<Result<SyncSummary, NetworkError>>,
     },
     LeaseSend {
@@ -298,7 +306,21 @@ impl NodeClient {
 
     /// Pulls a full snapshot from `peer` and waits until the last page is in.
     pub async fn sync_from(&self, peer: PeerId) -> Result<SyncSummary, NetworkError> {
-        self.call(|reply| Command::Sync { peer, reply }).await?
+        self.call(|reply| Command::Sync { peer, query: None, reply }).await?
+    }
+
+    /// Asks `peer` for the `max_items` cheapest adverts matching `filter` (a filtered
+    /// sync, docs/protocol.md section 9) and stores what passes the accept rule; waits for
+    /// the answer. A light client's way to see the offers it can use without the whole
+    /// market.
+    pub async fn query_from(
+        &self,
+        peer: PeerId,
+        filter: &crate::advert_store::OfferFilter,
+        max_items: u32,
+    ) -> Result<SyncSummary, NetworkError> {
+        let query = Some((sync::SyncFilter::from(filter), max_items));
+        self.call(|reply| Command::Sync { peer, query, reply }).await?
     }
 
     /// Sends a lease message to `peer` (dialing it at `addrs` if not connected) and waits

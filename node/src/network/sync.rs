@@ -2,10 +2,14 @@
 //! page by page (docs/architecture.md, "Sync"). Pages are capped in items and bytes
 //! (1 MiB, docs/protocol.md section 2; the caps are in `tuning.rs`), and the receiver
 //! verifies every advert (batch verification) and applies the accept rule, as for gossip
-//! (SECURITY.md, invariant 1). Serving is rate limited per peer.
+//! (SECURITY.md, invariant 1). Serving is rate limited per peer. A request with a
+//! [`SyncFilter`] is a light client's query: one page of the cheapest matching adverts.
 
-use libp2p::StreamProtocol;
+use libp2p::{PeerId, StreamProtocol};
+use peervm_protocol::Accel;
 use serde::{Deserialize, Serialize};
+
+use crate::advert_store::OfferFilter;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peervm/sync/1");
 
@@ -16,6 +20,80 @@ pub struct SyncRequest {
     #[serde(with = "opt_bytes")]
     pub after: Option<Vec<u8>>,
     pub max_items: u32,
+    /// A light client's query (docs/protocol.md section 9, "Filtered sync"): when given,
+    /// the server answers one page of the `max_items` cheapest matching adverts instead
+    /// of a page of its whole store. Left out of a full sync's request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<SyncFilter>,
+}
+
+/// The part of a requestor's [`OfferFilter`] a server can apply, each key left out when
+/// not set. A requestor's own exclusions (its block list) stay with it: it asks for that
+/// many more adverts instead.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_disk_gib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_price_micros: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The owner's PeerId bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_bytes")]
+    pub owner: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_exposed_ports: Option<u16>,
+}
+
+impl From<&OfferFilter> for SyncFilter {
+    fn from(f: &OfferFilter) -> Self {
+        SyncFilter {
+            min_vcpus: f.min_vcpus,
+            min_memory_mib: f.min_memory_mib,
+            min_disk_gib: f.min_disk_gib,
+            max_price_micros: f.max_price_micros,
+            currency: f.currency.clone(),
+            region: f.region.clone(),
+            accel: f.accel,
+            image: f.image.clone(),
+            owner: f.owner.map(|o| o.to_bytes()),
+            min_exposed_ports: f.min_exposed_ports,
+        }
+    }
+}
+
+impl SyncFilter {
+    /// The store's filter for this query; `None` when `owner` is not a PeerId (then no
+    /// advert matches).
+    pub fn to_offer_filter(&self) -> Option<OfferFilter> {
+        let owner = match self.owner.as_deref() {
+            None => None,
+            Some(bytes) => Some(PeerId::from_bytes(bytes).ok()?),
+        };
+        Some(OfferFilter {
+            min_vcpus: self.min_vcpus,
+            min_memory_mib: self.min_memory_mib,
+            min_disk_gib: self.min_disk_gib,
+            max_price_micros: self.max_price_micros,
+            currency: self.currency.clone(),
+            region: self.region.clone(),
+            accel: self.accel,
+            image: self.image.clone(),
+            exclude: Default::default(),
+            owner,
+            min_exposed_ports: self.min_exposed_ports,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,5 +155,54 @@ mod opt_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
         Ok(Option::<super::Envelope>::deserialize(d)?.map(|e| e.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peervm_protocol::encoding::{from_cbor, to_cbor};
+
+    /// The filtered sync request of docs/protocol.md section 9, byte for byte: a filter
+    /// carries only the keys that are set, in this order.
+    #[test]
+    fn the_documented_filtered_request() {
+        let filter = OfferFilter { min_vcpus: Some(2), region: Some("eu".into()), ..Default::default() };
+        let request = SyncRequest { version: 1, after: None, max_items: 20, filter: Some(SyncFilter::from(&filter)) };
+        let bytes = to_cbor(&request);
+        assert_eq!(
+            hex::encode(&bytes),
+            "a46776657273696f6e01656166746572f6696d61785f6974656d7314\
+             6666696c746572a2696d696e5f76637075730266726567696f6e626575"
+        );
+        let back: SyncRequest = from_cbor(&bytes, "sync request").unwrap();
+        assert_eq!(back.filter, request.filter);
+        // A full sync's request has no `filter` key: it encodes as before.
+        let full = SyncRequest { version: 1, after: None, max_items: 1024, filter: None };
+        assert_eq!(hex::encode(to_cbor(&full)), "a36776657273696f6e01656166746572f6696d61785f6974656d73190400");
+    }
+
+    #[test]
+    fn a_filter_round_trips_and_an_owner_that_is_no_peer_id_matches_nothing() {
+        let owner = peervm_protocol::samples::owner_key().peer_id();
+        let filter = OfferFilter {
+            min_vcpus: Some(4),
+            min_memory_mib: Some(8192),
+            min_disk_gib: Some(20),
+            max_price_micros: Some(90_000),
+            currency: Some("EUR".into()),
+            region: Some("eu-west".into()),
+            accel: Some(Accel::Kvm),
+            image: Some("debian-12".into()),
+            exclude: [owner].into(),
+            owner: Some(owner),
+            min_exposed_ports: Some(2),
+        };
+        let wire = SyncFilter::from(&filter);
+        let back: SyncFilter = from_cbor(&to_cbor(&wire), "filter").unwrap();
+        let local = back.to_offer_filter().unwrap();
+        assert_eq!(format!("{local:?}"), format!("{:?}", OfferFilter { exclude: Default::default(), ..filter }));
+        let bad = SyncFilter { owner: Some(vec![1, 2, 3]), ..wire };
+        assert!(bad.to_offer_filter().is_none());
     }
 }

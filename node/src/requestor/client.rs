@@ -177,14 +177,24 @@ impl Requestor {
         mut progress: impl FnMut(&Stage, Duration),
     ) -> Result<StoredLease, RequestorError> {
         let t0 = Instant::now();
+        let want = ResourceAmounts { vcpus: opts.vcpus, memory_mib: opts.memory_mib, disk_gib: opts.disk_gib };
+        let blocked: std::collections::HashSet<PeerId> = self.db.blocked()?.into_iter().map(|b| b.peer).collect();
+        let filter = lease_filter(opts, &want, &blocked);
+        // The cheapest offer needs only the cheapest matching adverts (a light client);
+        // a provider chosen by id may be any of them, so then the whole market.
+        let market = match opts.provider {
+            ProviderChoice::Cheapest => offers::Market::Matching { filter: &filter, limit: 1 },
+            ProviderChoice::Peer(_) => offers::Market::Whole,
+        };
         let node = offers::join_as(
             SigningKey::from_seed(&self.key.seed()),
             &opts.bootstrap,
             opts.join_timeout,
             opts.trusted_block_lists.clone(),
+            market,
         )
         .await?;
-        let result = self.create_on(&node, opts, t0, &mut progress).await;
+        let result = self.create_on(&node, opts, &filter, t0, &mut progress).await;
         node.stop().await;
         result
     }
@@ -193,12 +203,11 @@ impl Requestor {
         &self,
         node: &Node,
         opts: &CreateOptions,
+        filter: &OfferFilter,
         t0: Instant,
         progress: &mut impl FnMut(&Stage, Duration),
     ) -> Result<StoredLease, RequestorError> {
-        let want = ResourceAmounts { vcpus: opts.vcpus, memory_mib: opts.memory_mib, disk_gib: opts.disk_gib };
-        let blocked = self.db.blocked()?.into_iter().map(|b| b.peer).collect();
-        let (advert, price, offers) = choose_offer(node, opts, &want, &blocked)?;
+        let (advert, price, offers) = choose_offer(node, opts, filter)?;
         let peers = node.client.connected_peers().await?.len();
         progress(&Stage::Joined { peers, offers }, t0.elapsed());
         let a = advert.clone();
@@ -368,7 +377,9 @@ impl Requestor {
         node.stop().await;
         if matches!(result, Err(RequestorError::Network(_))) && !bootstrap.is_empty() {
             let key = SigningKey::from_seed(&self.key.seed());
-            let node = offers::join_as(key, bootstrap, Duration::from_secs(10), Default::default()).await?;
+            let node =
+                offers::join_as(key, bootstrap, Duration::from_secs(10), Default::default(), offers::Market::Whole)
+                    .await?;
             let fresh = node.store.lock().unwrap_or_else(|p| p.into_inner()).get(&lease.provider).cloned();
             if let Some(advert) = fresh {
                 let addrs = advert.decode().map_err(RequestorError::StoredAdvert)?.body().listen_addrs.clone();
@@ -437,13 +448,14 @@ async fn direct_node(key: &SigningKey) -> Result<Node, RequestorError> {
     Ok(Node::start(config).await?)
 }
 
-fn choose_offer(
-    node: &Node,
+/// The offers a lease of `want` can use: its size, image, price limit and exposed ports,
+/// less the providers this requestor blocked.
+fn lease_filter(
     opts: &CreateOptions,
     want: &ResourceAmounts,
     blocked: &std::collections::HashSet<PeerId>,
-) -> Result<(Advertisement, u64, usize), RequestorError> {
-    let filter = OfferFilter {
+) -> OfferFilter {
+    OfferFilter {
         exclude: blocked.clone(),
         min_vcpus: Some(want.vcpus),
         min_memory_mib: Some(want.memory_mib),
@@ -453,14 +465,22 @@ fn choose_offer(
         // exposed ports: only providers whose advert allows as many
         min_exposed_ports: Some(u16::try_from(opts.expose.len()).unwrap_or(u16::MAX)),
         ..Default::default()
-    };
+    }
+}
+
+fn choose_offer(
+    node: &Node,
+    opts: &CreateOptions,
+    filter: &OfferFilter,
+) -> Result<(Advertisement, u64, usize), RequestorError> {
+    let (want, blocked) = (filter.price_spec(), &filter.exclude);
     let store = node.store.lock().unwrap_or_else(|p| p.into_inner());
-    let matching = store.query(&filter, now_unix_ms(), usize::MAX);
+    let matching = store.query(filter, now_unix_ms(), usize::MAX);
     match &opts.provider {
         ProviderChoice::Cheapest => {
             let offer = matching.first().ok_or_else(|| {
                 RequestorError::NoOffer(format!(
-                    "nobody offers {} vCPU, {} MiB, {} GiB with image `{}`{}{} right now ({} adverts seen)",
+                    "nobody offers {} vCPU, {} MiB, {} GiB with image `{}`{}{} right now{}",
                     want.vcpus,
                     want.memory_mib,
                     want.disk_gib,
@@ -470,7 +490,11 @@ fn choose_offer(
                         n => format!(" and {n} exposed port{}", if n == 1 { "" } else { "s" }),
                     },
                     if opts.max_price_micros.is_some() { " within the price limit" } else { "" },
-                    store.len()
+                    // The nodes sent only matching adverts: any held were blocked by you.
+                    match store.len() {
+                        0 => String::new(),
+                        n => format!(" (you blocked the {n} that do)"),
+                    }
                 ))
             })?;
             let advert = offer.decode().map_err(RequestorError::StoredAdvert)?.into_parts().1;
@@ -491,7 +515,7 @@ fn choose_offer(
                 p.per_vcpu_hour_micros,
                 p.per_memory_gib_hour_micros,
                 p.per_disk_gib_hour_micros,
-                want,
+                &want,
             )
             .unwrap_or(u64::MAX);
             Err(RequestorError::NoOffer(format!(

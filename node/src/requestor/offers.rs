@@ -1,5 +1,6 @@
-//! `peervm offers`: a one-shot requestor that joins the swarm, pulls the market from the
-//! bootstrap nodes (sync), and prints the verified offers that match, cheapest first.
+//! `peervm offers`: a one-shot requestor that joins the swarm, asks the nodes it reaches
+//! for the offers that match (a filtered sync: a light client, docs/protocol.md section 9),
+//! verifies them, and prints them cheapest first; `--watch` pulls the whole market.
 
 use std::time::Duration;
 
@@ -24,23 +25,44 @@ pub enum OffersError {
     Unreachable { secs: u64, tried: String },
 }
 
-/// Joins through `bootstrap`, syncs from every bootstrap that answers, and returns the
-/// running node (its store now holds the market).
-pub async fn join(bootstrap: &[Multiaddr], timeout: Duration) -> Result<Node, OffersError> {
-    // A fresh identity per run: looking at offers needs no stable identity and leaves
-    // nothing on disk.
-    let mut seed = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
-    join_as(SigningKey::from_seed(&seed), bootstrap, timeout, Default::default()).await
+/// What a one-shot requestor pulls from the nodes it reaches.
+#[derive(Debug, Clone, Copy)]
+pub enum Market<'a> {
+    /// Every advert they hold (a full sync): `--watch`, or a provider looked up by id.
+    Whole,
+    /// From each node, the `limit` cheapest adverts matching `filter` (0: as many as a
+    /// page holds), plus as many as the filter excludes, since the nodes do not know the
+    /// requestor's block list (a filtered sync, docs/protocol.md section 9). Each advert
+    /// is verified and goes through the accept rule, and the requestor queries its own
+    /// store afterwards, so a node can leave offers out but cannot add any that do not
+    /// match; asking every node reached limits what one can leave out.
+    Matching { filter: &'a OfferFilter, limit: usize },
 }
 
-/// As [`join`], with the node's identity `key` (a requestor that leases speaks as itself)
-/// and the signers whose block lists it applies.
+impl Market<'_> {
+    /// The `max_items` of each node's page.
+    fn max_items(&self) -> Option<u32> {
+        match self {
+            Market::Whole => None,
+            Market::Matching { limit: 0, .. } => Some(crate::network::tuning::SYNC_MAX_PAGE_ITEMS),
+            Market::Matching { filter, limit } => {
+                let wanted = limit.saturating_add(filter.exclude.len());
+                Some(u32::try_from(wanted).unwrap_or(u32::MAX).min(crate::network::tuning::SYNC_MAX_PAGE_ITEMS))
+            }
+        }
+    }
+}
+
+/// Joins through `bootstrap` with the identity `key` (a fresh one for looking at offers;
+/// a requestor that leases speaks as itself), applying the block lists of
+/// `trusted_block_lists`, pulls `market` from every node that answers, and returns the
+/// running node (its store now holds what they sent).
 pub async fn join_as(
     key: SigningKey,
     bootstrap: &[Multiaddr],
     timeout: Duration,
     trusted_block_lists: std::collections::HashSet<libp2p::PeerId>,
+    market: Market<'_>,
 ) -> Result<Node, OffersError> {
     if bootstrap.is_empty() {
         return Err(OffersError::NoBootstrap);
@@ -48,6 +70,7 @@ pub async fn join_as(
     let mut config = NodeConfig::new(key, Role::Requestor);
     config.trusted_block_lists = trusted_block_lists;
     config.bootstrap = bootstrap.to_vec();
+    config.sync_on_connect = matches!(market, Market::Whole);
     let node = Node::start(config).await?;
     let mut events = node.subscribe();
 
@@ -79,9 +102,18 @@ pub async fn join_as(
     // Give the other bootstraps a moment to connect, then sync from everyone we reached.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let peers = node.client.connected_peers().await?;
+    let max_items = market.max_items();
     let syncs = peers.into_iter().map(|p| {
         let client = node.client.clone();
-        async move { tokio::time::timeout(timeout, client.sync_from(p)).await }
+        async move {
+            let pull = async {
+                match (market, max_items) {
+                    (Market::Matching { filter, .. }, Some(max_items)) => client.query_from(p, filter, max_items).await,
+                    _ => client.sync_from(p).await,
+                }
+            };
+            tokio::time::timeout(timeout, pull).await
+        }
     });
     let results = futures::future::join_all(syncs).await;
     let synced = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();

@@ -86,7 +86,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         connections: Connections::new(&config),
         gossip: Gossip::default(),
         block_lists: BlockLists::new(config.trusted_block_lists.clone(), list_blocked.clone()),
-        sync: Syncs::default(),
+        sync: Syncs::new(config.sync_on_connect),
         refresh: Refreshes::default(),
         leases: Leases::new(config.lease_inbox.clone()),
         dial_back: DialBacks::default(),
@@ -201,7 +201,7 @@ impl EventLoop {
                 let _ = reply.send(ctx.swarm.connected_peers().copied().collect());
             }
             Command::Dial { addr, reply } => self.connections.dial(ctx, addr, Some(reply)),
-            Command::Sync { peer, reply } => self.sync.request(ctx, peer, reply),
+            Command::Sync { peer, query, reply } => self.sync.request(ctx, peer, query, reply),
             Command::ReleaseRefresh { record, reply } => {
                 let _ = reply.send(self.refresh.release(ctx, record));
             }
@@ -274,7 +274,7 @@ impl EventLoop {
     ) {
         if self.connections.on_established(&mut self.ctx, peer, id, endpoint, num_established) {
             // Pull the peer's market snapshot: a new node sees the market in seconds.
-            self.sync.start(&mut self.ctx, peer);
+            self.sync.on_connected(&mut self.ctx, peer);
             self.connections.learn_bootstrap_id(peer, endpoint);
         }
     }

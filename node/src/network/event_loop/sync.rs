@@ -13,20 +13,24 @@ use peervm_protocol::{Advertisement, RefreshOutcome, RefreshRecord, verify_batch
 use super::block_lists::BlockLists;
 use super::context::Context;
 use super::pending::{Pending, Reply};
+use crate::advert_store::SyncPage;
 use crate::clock::now_unix_ms;
 use crate::network::rate_limit::Api;
-use crate::network::sync::{Envelope, SyncRequest, SyncResponse};
+use crate::network::sync::{Envelope, SyncFilter, SyncRequest, SyncResponse};
 use crate::network::tuning::{MAX_INVALID_COUNTED_PER_PAGE, MAX_SYNC_PAGES, SYNC_MAX_PAGE_BYTES, SYNC_MAX_PAGE_ITEMS};
 use crate::network::{NetworkError, NodeEvent, SyncSummary};
 
-/// One peer's snapshot being pulled.
+/// One peer's snapshot being pulled, or one query's page awaited.
 struct Session {
     pages: usize,
     summary: SyncSummary,
+    /// A filtered sync: its one page is the answer, whatever `next` says.
+    query: bool,
 }
 
-#[derive(Default)]
 pub(super) struct Syncs {
+    /// Whether a new connection starts a full sync (`NodeConfig::sync_on_connect`).
+    on_connect: bool,
     /// The page request each session waits on.
     sessions: Pending<OutboundRequestId, Session>,
     /// Callers of `NodeClient::sync_from`, per peer, told when its session ends.
@@ -34,26 +38,55 @@ pub(super) struct Syncs {
 }
 
 impl Syncs {
-    /// A caller asks for a full snapshot of `peer` (connected) and waits for its summary.
-    pub fn request(&mut self, ctx: &mut Context, peer: PeerId, reply: Reply<SyncSummary>) {
+    pub fn new(on_connect: bool) -> Self {
+        Syncs { on_connect, sessions: Pending::default(), waiters: HashMap::new() }
+    }
+
+    /// A connection to `peer` was established: pull its market, unless this node asks
+    /// for what it needs instead (a light client).
+    pub fn on_connected(&mut self, ctx: &mut Context, peer: PeerId) {
+        if self.on_connect {
+            self.start(ctx, peer, None);
+        }
+    }
+
+    /// A caller asks for a full snapshot of `peer` (connected), or for one filtered page
+    /// (`query`), and waits for its summary.
+    pub fn request(
+        &mut self,
+        ctx: &mut Context,
+        peer: PeerId,
+        query: Option<(SyncFilter, u32)>,
+        reply: Reply<SyncSummary>,
+    ) {
         if !ctx.swarm.is_connected(&peer) {
             let reason = format!("not connected to {peer}");
             let _ = reply.send(Err(NetworkError::Sync { peer, reason }));
             return;
         }
         self.waiters.entry(peer).or_default().push(reply);
-        self.start(ctx, peer);
+        self.start(ctx, peer, query);
     }
 
-    /// Starts pulling `peer`'s snapshot, unless a session with it is under way (its
-    /// waiters then get that session's result).
-    pub fn start(&mut self, ctx: &mut Context, peer: PeerId) {
+    /// Starts pulling `peer`'s snapshot (or asking it the query), unless a session with it
+    /// is under way (its waiters then get that session's result: a whole market holds
+    /// every answer to a query).
+    fn start(&mut self, ctx: &mut Context, peer: PeerId, query: Option<(SyncFilter, u32)>) {
         if self.sessions.has_peer(&peer) {
             return;
         }
-        let request = SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS };
+        let is_query = query.is_some();
+        let request = match query {
+            None => SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS, filter: None },
+            Some((filter, max_items)) => SyncRequest {
+                version: 1,
+                after: None,
+                max_items: max_items.clamp(1, SYNC_MAX_PAGE_ITEMS),
+                filter: Some(filter),
+            },
+        };
         let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, request);
-        self.sessions.insert(id, peer, Session { pages: 0, summary: SyncSummary::default() });
+        self.sessions.insert(id, peer, Session { pages: 0, summary: SyncSummary::default(), query: is_query });
     }
 
     /// The peers a session is pulling from (not to be trimmed).
@@ -178,8 +211,9 @@ impl Syncs {
             ctx.invalid(peer, Api::Sync);
         }
         match next {
-            Some(after) if session.pages < MAX_SYNC_PAGES && ctx.swarm.is_connected(&peer) => {
-                let request = SyncRequest { version: 1, after: Some(after), max_items: SYNC_MAX_PAGE_ITEMS };
+            Some(after) if !session.query && session.pages < MAX_SYNC_PAGES && ctx.swarm.is_connected(&peer) => {
+                let request =
+                    SyncRequest { version: 1, after: Some(after), max_items: SYNC_MAX_PAGE_ITEMS, filter: None };
                 let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, request);
                 self.sessions.insert(id, peer, session);
             }
@@ -198,15 +232,23 @@ impl Syncs {
     }
 }
 
-/// One page of this node's store for `peer`, after the cursor it sent; the first page
-/// also carries the held block lists.
+/// One page of this node's store for `peer`, after the cursor it sent, or, for a filtered
+/// sync, the cheapest adverts matching its filter; the first page also carries the held
+/// block lists.
 fn serve(ctx: &mut Context, block_lists: &BlockLists, peer: PeerId, request: SyncRequest) -> SyncResponse {
     if !ctx.admit(peer, Api::Sync) {
         return SyncResponse::RateLimited;
     }
     let after = request.after.as_deref().and_then(|b| PeerId::from_bytes(b).ok());
     let max_items = request.max_items.clamp(1, SYNC_MAX_PAGE_ITEMS) as usize;
-    let page = ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now_unix_ms());
+    let now = now_unix_ms();
+    let page = match &request.filter {
+        None => ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now),
+        Some(filter) => match filter.to_offer_filter() {
+            Some(filter) => ctx.store().query_page(&filter, max_items, SYNC_MAX_PAGE_BYTES, now),
+            None => SyncPage { adverts: Vec::new(), next: None, refreshes: Vec::new() },
+        },
+    };
     let lists = if after.is_none() { block_lists.for_sync() } else { Vec::new() };
     SyncResponse::Page {
         adverts: page.adverts.into_iter().map(Envelope).collect(),
