@@ -324,6 +324,48 @@ fn report_spread(name: &str, mut per_node: Vec<f64>, unit: &str) {
     report(&format!("{name}_max"), per_node[per_node.len() - 1], unit);
 }
 
+/// Waits until every node (behind `events`, in node order) has seen, for each of the
+/// `providers` publishing nodes (nodes 2 to providers + 1) but itself, an event that
+/// `matches` names that provider in; at most 20 s per round. Returns the deliveries missed.
+async fn await_round(
+    events: &mut [tokio::sync::broadcast::Receiver<NodeEvent>],
+    providers: usize,
+    matches: impl Fn(&NodeEvent) -> Option<PeerId>,
+) -> usize {
+    let mut missed = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for (i, rx) in events.iter_mut().enumerate() {
+        let own = usize::from((2..providers + 2).contains(&i));
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < providers - own {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(ev)) => seen.extend(matches(&ev)),
+                Ok(Err(RecvError::Lagged(_))) => {}
+                Ok(Err(RecvError::Closed)) | Err(_) => {
+                    missed += providers - own - seen.len();
+                    break;
+                }
+            }
+        }
+    }
+    missed
+}
+
+/// Each node's received and sent bytes between `before` and `after`, less its idle rate
+/// over `secs`, per unit of `units` (adverts or tokens delivered).
+fn per_unit(
+    before: &[(u64, u64)],
+    after: &[(u64, u64)],
+    (idle_rx, idle_tx): (&[f64], &[f64]),
+    secs: f64,
+    units: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let per = |total: u64, idle: f64| (total as f64 - idle * secs) / units;
+    let rx = before.iter().zip(after).enumerate().map(|(i, (b, a))| per(a.0 - b.0, idle_rx[i])).collect();
+    let tx = before.iter().zip(after).enumerate().map(|(i, (b, a))| per(a.1 - b.1, idle_tx[i])).collect();
+    (rx, tx)
+}
+
 /// The bytes on the wire (TCP, after Noise and Yamux: `network/wire_bytes.rs`) each node
 /// of a settled `n`-node swarm receives and sends: idle for `IDLE_WINDOW` (heartbeats,
 /// pings, Kademlia), then while `providers` providers each publish a new advert (next
@@ -352,23 +394,11 @@ async fn bandwidth(n: usize, providers: usize, rounds: usize) {
             nodes[i + 2].client.publish(signed(key, &advert(key, seq, Duration::from_secs(300)))).await.unwrap();
         }
         // Every node stores every advert of the round but its own.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        for (i, rx) in events.iter_mut().enumerate() {
-            let own = usize::from((2..providers + 2).contains(&i));
-            let mut seen = std::collections::HashSet::new();
-            while seen.len() < providers - own {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Ok(NodeEvent::AdvertStored { provider, seq: s, .. })) if s >= seq => {
-                        seen.insert(provider);
-                    }
-                    Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
-                    Ok(Err(RecvError::Closed)) | Err(_) => {
-                        missed += providers - own - seen.len();
-                        break;
-                    }
-                }
-            }
-        }
+        missed += await_round(&mut events, providers, |ev| match ev {
+            NodeEvent::AdvertStored { provider, seq: s, .. } if *s >= seq => Some(*provider),
+            _ => None,
+        })
+        .await;
     }
     let secs = t.elapsed().as_secs_f64();
     let after = wire_totals(&nodes);
@@ -376,11 +406,7 @@ async fn bandwidth(n: usize, providers: usize, rounds: usize) {
     report(&format!("bandwidth_{n}_nodes_publish_window"), secs * 1000.0, "ms");
     report(&format!("bandwidth_{n}_nodes_adverts_published"), published, "adverts");
     report(&format!("bandwidth_{n}_nodes_deliveries_missed"), missed as f64, "adverts");
-    let per_advert = |total: u64, idle: f64| (total as f64 - idle * secs) / published;
-    let rx: Vec<f64> =
-        before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_advert(a.0 - b.0, idle_rx[i])).collect();
-    let tx: Vec<f64> =
-        before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_advert(a.1 - b.1, idle_tx[i])).collect();
+    let (rx, tx) = per_unit(&before, &after, (&idle_rx, &idle_tx), secs, published);
     report_spread(&format!("bandwidth_{n}_nodes_received_per_advert"), rx, "B");
     report_spread(&format!("bandwidth_{n}_nodes_sent_per_advert"), tx, "B");
     let raw_rx: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0) as f64 / published).collect();
@@ -452,23 +478,11 @@ async fn refresh(n: usize, providers: usize, rounds: usize) {
             let record = secret.record(u32::from(round)).expect("token within the chain");
             nodes[i + 2].client.release_refresh(record).await.unwrap();
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        for (i, rx) in events.iter_mut().enumerate() {
-            let own = usize::from((2..providers + 2).contains(&i));
-            let mut seen = std::collections::HashSet::new();
-            while seen.len() < providers - own {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Ok(NodeEvent::AdvertRefreshed { provider, k, .. })) if k >= round => {
-                        seen.insert(provider);
-                    }
-                    Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
-                    Ok(Err(RecvError::Closed)) | Err(_) => {
-                        missed += providers - own - seen.len();
-                        break;
-                    }
-                }
-            }
-        }
+        missed += await_round(&mut events, providers, |ev| match ev {
+            NodeEvent::AdvertRefreshed { provider, k, .. } if *k >= round => Some(*provider),
+            _ => None,
+        })
+        .await;
     }
     let secs = t.elapsed().as_secs_f64();
     let after = wire_totals(&nodes);
@@ -476,11 +490,7 @@ async fn refresh(n: usize, providers: usize, rounds: usize) {
     report(&format!("refresh_{n}_nodes_window"), secs * 1000.0, "ms");
     report(&format!("refresh_{n}_nodes_tokens_released"), released, "tokens");
     report(&format!("refresh_{n}_nodes_deliveries_missed"), missed as f64, "tokens");
-    let per_token = |total: u64, idle: f64| (total as f64 - idle * secs) / released;
-    let rx: Vec<f64> =
-        before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_token(a.0 - b.0, idle_rx[i])).collect();
-    let tx: Vec<f64> =
-        before.iter().zip(&after).enumerate().map(|(i, (b, a))| per_token(a.1 - b.1, idle_tx[i])).collect();
+    let (rx, tx) = per_unit(&before, &after, (&idle_rx, &idle_tx), secs, released);
     report_spread(&format!("refresh_{n}_nodes_received_per_token"), rx, "B");
     report_spread(&format!("refresh_{n}_nodes_sent_per_token"), tx, "B");
     let copies: Vec<f64> =
