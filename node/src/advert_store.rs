@@ -734,6 +734,36 @@ impl AdvertStore {
         page
     }
 
+    /// A fetch by id's one page (docs/protocol.md section 9, "Fetch by id"): the live
+    /// adverts whose refresh chain has one of `ids` (a node got tokens for them but not the
+    /// advert), with the records of their highest tokens, within `max_items` and
+    /// `max_bytes` of envelopes.
+    pub fn ids_page(
+        &self,
+        ids: &[[u8; RECORD_ID_LEN]],
+        max_items: usize,
+        max_bytes: usize,
+        now_unix_ms: u64,
+    ) -> SyncPage {
+        let mut page = SyncPage { adverts: Vec::new(), next: None, refreshes: Vec::new() };
+        let mut bytes = 0usize;
+        let keys = ids.iter().flat_map(|id| self.chain_ids.range(id_range(id)).map(|(_, key)| key));
+        for key in keys {
+            let Some(row) = self.index.get(key).map(|row| *row as usize) else { continue };
+            if self.table[row].expires_at_unix_ms <= now_unix_ms {
+                continue;
+            }
+            let env = self.held[row].advert.as_bytes();
+            if page.adverts.len() >= max_items || bytes + env.len() > max_bytes {
+                break;
+            }
+            bytes += env.len();
+            page.adverts.push(env.to_vec());
+            page.refreshes.extend(self.chains.get(key).and_then(ChainState::record));
+        }
+        page
+    }
+
     /// A page of adverts for the sync protocol: providers after `after` in id order whose
     /// effective expiry has not come, up to `max_items` and `max_bytes` of envelopes, with
     /// the records of the highest tokens held for them.
@@ -1525,5 +1555,26 @@ mod tests {
         assert_eq!(s.query_page(&eu, 4, 2 * one + one / 2, now).adverts.len(), 2, "cut at the byte cap");
         let none = OfferFilter { region: Some("mars".into()), ..Default::default() };
         assert!(s.query_page(&none, 4, usize::MAX, now).adverts.is_empty());
+    }
+
+    /// A fetch by id finds the adverts whose chains have the ids asked for, with their
+    /// records, and nothing else.
+    #[test]
+    fn an_ids_page_holds_the_adverts_of_the_ids_asked_for() {
+        let mut s = AdvertStore::new();
+        let (a, secret_a) = chained(1, 1);
+        let (b, secret_b) = chained(2, 1);
+        let pa = a.body().provider;
+        s.insert(a, NOW).unwrap();
+        s.insert(b, NOW).unwrap();
+        put(&mut s, 3, 2, 100, "eu", "minimal");
+        s.apply_refresh(&secret_a.record(1).unwrap(), release(1));
+        let page = s.ids_page(&[secret_a.id(), [9; 6]], 10, usize::MAX, release(1));
+        assert_eq!(page.adverts.len(), 1);
+        assert_eq!(peervm_protocol::Signed::<Advertisement>::from_bytes(&page.adverts[0]).unwrap().signer(), pa);
+        assert_eq!(page.refreshes, vec![secret_a.record(1).unwrap()]);
+        assert_eq!(s.ids_page(&[secret_a.id(), secret_b.id()], 10, usize::MAX, release(1)).adverts.len(), 2);
+        assert_eq!(s.ids_page(&[secret_a.id(), secret_b.id()], 1, usize::MAX, release(1)).adverts.len(), 1);
+        assert!(s.ids_page(&[secret_b.id()], 10, usize::MAX, NOW + 300_000).adverts.is_empty(), "expired");
     }
 }

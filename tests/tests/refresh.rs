@@ -1,8 +1,9 @@
 //! Refresh tokens over real libp2p swarms on loopback (docs/protocol.md, sections 4a and
 //! 9a): a provider's tokens keep its advert live on every node past its signed expiry,
 //! and it lapses everywhere once they stop; a node that joins later gets the advert and
-//! its token by sync; a forged token is refused, never relayed, and bans its sender
-//! (SECURITY.md, "Only a provider extends its advert").
+//! its token by sync; a node that missed an advert fetches it by the id of its tokens; a
+//! forged token is refused, never relayed, and bans its sender (SECURITY.md, "Only a
+//! provider extends its advert").
 
 mod raw_refresh;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use peervm_node::clock::now_unix_ms;
-use peervm_node::network::{Node, NodeEvent, Role, with_peer_id};
+use peervm_node::network::{Node, NodeConfig, NodeEvent, Role, with_peer_id};
 use peervm_protocol::{Advertisement, RefreshRecord, RefreshSecret, SigningKey, Verified};
 use peervm_tests::*;
 use raw_refresh::RawRefreshPeer;
@@ -160,6 +161,66 @@ async fn a_node_that_joins_after_the_signed_expiry_gets_the_advert_with_its_toke
     late.stop().await;
     provider.stop().await;
     boot.stop().await;
+}
+
+/// Gossip is best effort (docs/architecture.md, "Gossip"): a node that missed an advert
+/// ignores its tokens as unknown, and fetches the advert by their id from the peer that
+/// sent them (docs/protocol.md section 9, "Fetch by id") instead of waiting for the
+/// provider's next signed advert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_an_advert_fetches_it_by_the_id_of_its_tokens() {
+    let relay = start_node(unique_key(83_000), Role::Bootstrap, &[]).await;
+    let p_key = unique_key(83_100);
+    let pid = p_key.peer_id();
+    let (ad, secret) = chained(&p_key, 1, 6);
+    // The relay holds the advert; the other node joins without a sync and the advert is
+    // never gossiped again: it misses it, as a node misses a gossip.
+    relay.store.lock().unwrap().insert(ad.clone(), now_unix_ms()).expect("a valid advert");
+    let mut config = NodeConfig::new(unique_key(83_200), Role::Provider);
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+    config.bootstrap = relay.listen_addrs.clone();
+    config.sync_on_connect = false;
+    let missed = Node::start(config).await.expect("starts");
+    let mut events = missed.subscribe();
+    assert!(
+        wait_until(HANG_GUARD, || async { !missed.client.connected_peers().await.unwrap_or_default().is_empty() })
+            .await
+            .is_some(),
+        "never connected"
+    );
+    assert!(!holds(&missed, &pid));
+
+    // The relay's tokens (one per period; the first three are within the 30 s skew at
+    // once) reach the node once it is subscribed to the advert topic; the first that does
+    // makes it fetch the advert. Each token waits for the node's store event or the next
+    // token's release time, whichever comes first.
+    let mut stored = false;
+    for k in 1..=6u16 {
+        relay.client.release_refresh(secret.record(u32::from(k)).expect("token")).await.expect("token accepted");
+        let next_release = until_release(&ad, k.saturating_sub(1));
+        stored = tokio::select! {
+            got = async {
+                loop {
+                    match events.recv().await {
+                        Ok(NodeEvent::AdvertStored { provider, .. }) if provider == pid => return true,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => return false,
+                    }
+                }
+            } => got,
+            _ = next_release => false,
+        };
+        if stored {
+            break;
+        }
+    }
+    assert!(stored, "the node never fetched the advert its tokens name");
+    assert!(holds(&missed, &pid));
+    let expiry = missed.store.lock().unwrap().expires_at(&pid).expect("held");
+    assert!(expiry > ad.body().expires_at_unix_ms, "it holds the advert with a token, not only its signed expiry");
+
+    missed.stop().await;
+    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,23 @@ pub struct SyncRequest {
     /// of a page of its whole store. Left out of a full sync's request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<SyncFilter>,
+    /// A fetch by id (docs/protocol.md section 9): refresh record ids (section 4a), 6
+    /// bytes each, concatenated, at most [`MAX_FETCH_IDS`]; when given, the server answers
+    /// one page of the adverts whose chains have them. A node sends it for the tokens it
+    /// got without their advert (a gossip it missed). Left out otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Envelope>,
+}
+
+/// The most ids one fetch by id asks for (a request stays under 1,024 bytes).
+pub const MAX_FETCH_IDS: usize = 64;
+
+/// The ids of a fetch by id: `None` unless the bytes are 1 to [`MAX_FETCH_IDS`] whole ids.
+pub fn decode_ids(bytes: &[u8]) -> Option<Vec<[u8; 6]>> {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(6) || bytes.len() / 6 > MAX_FETCH_IDS {
+        return None;
+    }
+    Some(bytes.chunks_exact(6).map(|c| [c[0], c[1], c[2], c[3], c[4], c[5]]).collect())
 }
 
 /// The part of a requestor's [`OfferFilter`] a server can apply, each key left out when
@@ -168,7 +185,8 @@ mod tests {
     #[test]
     fn the_documented_filtered_request() {
         let filter = OfferFilter { min_vcpus: Some(2), region: Some("eu".into()), ..Default::default() };
-        let request = SyncRequest { version: 1, after: None, max_items: 20, filter: Some(SyncFilter::from(&filter)) };
+        let request =
+            SyncRequest { version: 1, after: None, max_items: 20, filter: Some(SyncFilter::from(&filter)), ids: None };
         let bytes = to_cbor(&request);
         assert_eq!(
             hex::encode(&bytes),
@@ -178,7 +196,7 @@ mod tests {
         let back: SyncRequest = from_cbor(&bytes, "sync request").unwrap();
         assert_eq!(back.filter, request.filter);
         // A full sync's request has no `filter` key: it encodes as before.
-        let full = SyncRequest { version: 1, after: None, max_items: 1024, filter: None };
+        let full = SyncRequest { version: 1, after: None, max_items: 1024, filter: None, ids: None };
         assert_eq!(hex::encode(to_cbor(&full)), "a36776657273696f6e01656166746572f6696d61785f6974656d73190400");
     }
 
@@ -204,5 +222,14 @@ mod tests {
         assert_eq!(format!("{local:?}"), format!("{:?}", OfferFilter { exclude: Default::default(), ..filter }));
         let bad = SyncFilter { owner: Some(vec![1, 2, 3]), ..wire };
         assert!(bad.to_offer_filter().is_none());
+    }
+
+    #[test]
+    fn fetch_ids_are_1_to_64_whole_ids() {
+        assert_eq!(decode_ids(&[7; 12]), Some(vec![[7; 6], [7; 6]]));
+        assert_eq!(decode_ids(&[1; 6 * MAX_FETCH_IDS]).map(|ids| ids.len()), Some(MAX_FETCH_IDS));
+        for bad in [0, 5, 13, 6 * (MAX_FETCH_IDS + 1)] {
+            assert_eq!(decode_ids(&vec![1; bad]), None, "{bad} bytes");
+        }
     }
 }

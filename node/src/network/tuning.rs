@@ -235,6 +235,15 @@ pub const DIALBACK_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DIALBACK_MAX_REQUEST_BYTES: u64 = 1024;
 pub const DIALBACK_MAX_RESPONSE_BYTES: u64 = 4096;
 
+/// Refresh record ids naming no held advert kept for the next fetch by id (docs/protocol.md
+/// section 9): one flush's worth. Beyond it, ids wait for their next token.
+pub const MAX_MISSING_IDS: usize = 256;
+/// An id fetched is not fetched again for this long: a token every 100 s (the default)
+/// then costs an advert this node refuses one small request per token or less.
+pub const MISSING_REFETCH: Duration = Duration::from_secs(60);
+/// Ids remembered as fetched (older ones are forgotten first).
+pub const MAX_FETCHED_IDS: usize = 4096;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -140,7 +140,12 @@ impl EventLoop {
                 },
                 _ = sweep.tick() => self.sweep(),
                 _ = maintenance.tick() => self.maintain(),
-                _ = refresh_flush.tick() => self.refresh.flush(&mut self.ctx),
+                _ = refresh_flush.tick() => {
+                    self.refresh.flush(&mut self.ctx);
+                    for (peer, ids) in self.refresh.take_missing() {
+                        self.sync.fetch_ids(&mut self.ctx, peer, &ids);
+                    }
+                }
             }
             self.close_banned();
         }

@@ -10,21 +10,27 @@ use std::time::Instant;
 use libp2p::PeerId;
 use libp2p::request_response;
 use peervm_protocol::refresh::{decode_batch, encode_batch};
-use peervm_protocol::{MAX_BATCH_RECORDS, RefreshOutcome, RefreshRecord};
+use peervm_protocol::{IgnoreReason, MAX_BATCH_RECORDS, RefreshOutcome, RefreshRecord};
 
 use super::context::Context;
 use crate::clock::now_unix_ms;
 use crate::network::gossip_params::advert_topic;
 use crate::network::rate_limit::Api;
 use crate::network::refresh_wire::{RefreshRequest, RefreshResponse};
-use crate::network::sync::Envelope;
-use crate::network::tuning::MAX_INVALID_COUNTED_PER_REFRESH;
+use crate::network::sync::{Envelope, MAX_FETCH_IDS};
+use crate::network::tuning::{MAX_FETCHED_IDS, MAX_INVALID_COUNTED_PER_REFRESH, MAX_MISSING_IDS, MISSING_REFETCH};
 use crate::network::{NetworkError, NodeEvent};
 
 #[derive(Default)]
 pub(super) struct Refreshes {
     /// Per peer, the records waiting for the next flush: one per advert id, the newest.
     queues: HashMap<PeerId, HashMap<[u8; 6], RefreshRecord>>,
+    /// Ids of records a peer sent that name no advert this node holds (it missed the
+    /// advert's gossip), with that peer: fetched from it at the next flush.
+    missing: HashMap<[u8; 6], PeerId>,
+    /// When each id was last fetched: not again within `MISSING_REFETCH`, so that tokens
+    /// of an advert this node refuses (blocked, expired) cost one fetch per interval.
+    fetched: HashMap<[u8; 6], Instant>,
 }
 
 impl Refreshes {
@@ -58,8 +64,10 @@ impl Refreshes {
                 let now = now_unix_ms();
                 let mut invalid = 0usize;
                 for record in records {
-                    if let RefreshOutcome::Rejected(_) = self.accept(ctx, Some(peer), record, now) {
-                        invalid += 1;
+                    match self.accept(ctx, Some(peer), record, now) {
+                        RefreshOutcome::Rejected(_) => invalid += 1,
+                        RefreshOutcome::Ignored(IgnoreReason::Unknown) => self.note_missing(record.id, peer),
+                        _ => {}
                     }
                 }
                 let _ = ctx.swarm.behaviour_mut().refresh.send_response(channel, RefreshResponse::Ok);
@@ -103,6 +111,40 @@ impl Refreshes {
             }
         }
         outcome
+    }
+
+    /// Remembers that `peer` sent a token for an advert this node does not hold, unless
+    /// it was fetched lately or too many are pending already.
+    fn note_missing(&mut self, id: [u8; 6], peer: PeerId) {
+        if self.missing.len() < MAX_MISSING_IDS
+            && self.fetched.get(&id).is_none_or(|at| at.elapsed() >= MISSING_REFETCH)
+        {
+            self.missing.entry(id).or_insert(peer);
+        }
+    }
+
+    /// The ids to fetch now, grouped by the peer that sent them, at most one request's
+    /// worth (`MAX_FETCH_IDS`) per peer; the rest wait for the next flush
+    /// (docs/protocol.md section 9, "Fetch by id"): the adverts gossip did not bring,
+    /// whose tokens still came.
+    pub fn take_missing(&mut self) -> HashMap<PeerId, Vec<[u8; 6]>> {
+        let now = Instant::now();
+        self.fetched.retain(|_, at| now.duration_since(*at) < MISSING_REFETCH);
+        let mut by_peer: HashMap<PeerId, Vec<[u8; 6]>> = HashMap::new();
+        self.missing.retain(|id, peer| {
+            let ids = by_peer.entry(*peer).or_default();
+            if ids.len() >= MAX_FETCH_IDS {
+                return true;
+            }
+            ids.push(*id);
+            false
+        });
+        for id in by_peer.values().flatten() {
+            if self.fetched.len() < MAX_FETCHED_IDS {
+                self.fetched.insert(*id, now);
+            }
+        }
+        by_peer
     }
 
     /// Sends each connected peer its queue, at most `MAX_BATCH_RECORDS` records in one

@@ -13,10 +13,10 @@ use peervm_protocol::{Advertisement, RefreshOutcome, RefreshRecord, verify_batch
 use super::block_lists::BlockLists;
 use super::context::Context;
 use super::pending::{Pending, Reply};
-use crate::advert_store::SyncPage;
+use crate::advert_store::{MAX_ADVERTS_PER_REFRESH_ID, SyncPage};
 use crate::clock::now_unix_ms;
 use crate::network::rate_limit::Api;
-use crate::network::sync::{Envelope, SyncFilter, SyncRequest, SyncResponse};
+use crate::network::sync::{Envelope, MAX_FETCH_IDS, SyncFilter, SyncRequest, SyncResponse, decode_ids};
 use crate::network::tuning::{MAX_INVALID_COUNTED_PER_PAGE, MAX_SYNC_PAGES, SYNC_MAX_PAGE_BYTES, SYNC_MAX_PAGE_ITEMS};
 use crate::network::{NetworkError, NodeEvent, SyncSummary};
 
@@ -75,18 +75,38 @@ impl Syncs {
         if self.sessions.has_peer(&peer) {
             return;
         }
-        let is_query = query.is_some();
         let request = match query {
-            None => SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS, filter: None },
+            None => SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS, filter: None, ids: None },
             Some((filter, max_items)) => SyncRequest {
                 version: 1,
                 after: None,
                 max_items: max_items.clamp(1, SYNC_MAX_PAGE_ITEMS),
                 filter: Some(filter),
+                ids: None,
             },
         };
+        self.send(ctx, peer, request);
+    }
+
+    /// Asks `peer` for the adverts of refresh record `ids` it sent without this node
+    /// holding their advert (at most `MAX_FETCH_IDS`); skipped while a session with it
+    /// runs (a full sync brings them anyway).
+    pub fn fetch_ids(&mut self, ctx: &mut Context, peer: PeerId, ids: &[[u8; 6]]) {
+        if ids.is_empty() || self.sessions.has_peer(&peer) || !ctx.swarm.is_connected(&peer) {
+            return;
+        }
+        let ids = &ids[..ids.len().min(MAX_FETCH_IDS)];
+        let max_items = u32::try_from(ids.len() * MAX_ADVERTS_PER_REFRESH_ID).unwrap_or(SYNC_MAX_PAGE_ITEMS);
+        let request =
+            SyncRequest { version: 1, after: None, max_items, filter: None, ids: Some(Envelope(ids.concat())) };
+        self.send(ctx, peer, request);
+    }
+
+    /// Sends the first (or only) request of a session.
+    fn send(&mut self, ctx: &mut Context, peer: PeerId, request: SyncRequest) {
+        let query = request.filter.is_some() || request.ids.is_some();
         let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, request);
-        self.sessions.insert(id, peer, Session { pages: 0, summary: SyncSummary::default(), query: is_query });
+        self.sessions.insert(id, peer, Session { pages: 0, summary: SyncSummary::default(), query });
     }
 
     /// The peers a session is pulling from (not to be trimmed).
@@ -212,8 +232,13 @@ impl Syncs {
         }
         match next {
             Some(after) if !session.query && session.pages < MAX_SYNC_PAGES && ctx.swarm.is_connected(&peer) => {
-                let request =
-                    SyncRequest { version: 1, after: Some(after), max_items: SYNC_MAX_PAGE_ITEMS, filter: None };
+                let request = SyncRequest {
+                    version: 1,
+                    after: Some(after),
+                    max_items: SYNC_MAX_PAGE_ITEMS,
+                    filter: None,
+                    ids: None,
+                };
                 let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, request);
                 self.sessions.insert(id, peer, session);
             }
@@ -242,12 +267,17 @@ fn serve(ctx: &mut Context, block_lists: &BlockLists, peer: PeerId, request: Syn
     let after = request.after.as_deref().and_then(|b| PeerId::from_bytes(b).ok());
     let max_items = request.max_items.clamp(1, SYNC_MAX_PAGE_ITEMS) as usize;
     let now = now_unix_ms();
-    let page = match &request.filter {
-        None => ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now),
-        Some(filter) => match filter.to_offer_filter() {
-            Some(filter) => ctx.store().query_page(&filter, max_items, SYNC_MAX_PAGE_BYTES, now),
-            None => SyncPage { adverts: Vec::new(), next: None, refreshes: Vec::new() },
+    let empty = || SyncPage { adverts: Vec::new(), next: None, refreshes: Vec::new() };
+    let page = match (&request.ids, &request.filter) {
+        (Some(ids), _) => match decode_ids(&ids.0) {
+            Some(ids) => ctx.store().ids_page(&ids, max_items, SYNC_MAX_PAGE_BYTES, now),
+            None => empty(),
         },
+        (None, Some(filter)) => match filter.to_offer_filter() {
+            Some(filter) => ctx.store().query_page(&filter, max_items, SYNC_MAX_PAGE_BYTES, now),
+            None => empty(),
+        },
+        (None, None) => ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now),
     };
     let lists = if after.is_none() { block_lists.for_sync() } else { Vec::new() };
     SyncResponse::Page {
