@@ -63,7 +63,9 @@ fn create_persistent_observed(name: &str, while_open: impl FnOnce() + Send) -> i
         let worker = std::thread::Builder::new().name("tap".into()).spawn_scoped(scope, move || {
             // SAFETY: unshare with a flag only; it gives this thread, which ends below, a
             // private copy of the descriptor table, so the tun descriptor opened next is in
-            // no table another thread forks from (module comment)
+            // no table another thread forks from (module comment). The copy also holds
+            // every other descriptor of the process until this thread ends, a few system
+            // calls later: a concurrent spawn's exec-status pipe reaches EOF that much later
             if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
                 return Err(io::Error::last_os_error());
             }
