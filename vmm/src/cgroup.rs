@@ -362,14 +362,15 @@ impl LeaseCgroup {
         }
     }
 
-    /// The `cgroup.procs` files, opened for writing, for a child to join before exec
-    /// (writing "0" moves the writer).
-    pub(crate) fn open_procs_files(&self) -> Result<Vec<File>, VmmError> {
+    /// The `cgroup.procs` files, with their paths, opened for writing, for a child to
+    /// join before exec (writing "0" moves the writer).
+    pub(crate) fn open_procs_files(&self) -> Result<Vec<(PathBuf, File)>, VmmError> {
         self.dirs()
             .iter()
             .map(|d| {
                 let p = d.join("cgroup.procs");
-                OpenOptions::new().write(true).open(&p).map_err(|e| VmmError::io("cannot open", p, e))
+                let f = OpenOptions::new().write(true).open(&p).map_err(|e| VmmError::io("cannot open", &p, e))?;
+                Ok((p, f))
             })
             .collect()
     }

@@ -118,6 +118,14 @@ pub enum VmmError {
     Qmp { lease: LeaseId, reason: String },
     #[error("QEMU of lease {lease} could not be started: {reason}")]
     Spawn { lease: LeaseId, reason: String },
+    /// The launch of QEMU failed at a step of its own (launch.rs), named with what it
+    /// acted on.
+    #[error("QEMU of lease {lease} could not be started: {source}")]
+    Launch {
+        lease: LeaseId,
+        #[source]
+        source: crate::launch::LaunchError,
+    },
     #[error("QEMU of lease {lease} exited before its guest was ready ({status}); console log tail:\n{console}")]
     QemuExited { lease: LeaseId, status: String, console: String },
     #[error("guest of lease {lease} was not ready within {waited_secs} s (last attempt: {last_error})")]

@@ -40,6 +40,7 @@ pub use firmware::Firmware;
 pub use forward::ForwardCounters;
 pub use hypervisor::{GuestState, Hypervisor, NetUsage, ReconcileReport, RunningVm, VmStatus, VmUsage};
 pub use image::{Boot, DiskFormat, DiskRole, GuestImage, MAX_BOOT_DEADLINE_SECS, MachineKind, SeedKind, StockImage};
+pub use launch::{LaunchError, LaunchStep};
 pub use lease_id::{LeaseId, LeaseIdError};
 pub use network::{AddressPool, NamePrefix};
 pub use qemu::{Backend, QemuHypervisor, VmmConfig};

@@ -128,7 +128,7 @@ pub(super) fn spawn_qemu(
         .mode(0o600)
         .open(&console_path)
         .map_err(|e| VmmError::io("cannot create", &console_path, e))?;
-    let netns = crate::netns::open(&network.netns)?;
+    let netns = (crate::netns::path(&network.netns), crate::netns::open(&network.netns)?);
     let procs = cgroup.open_procs_files()?;
     let tap_placeholder = reserve_fd().map_err(|e| spawn_err("cannot reserve a descriptor", e))?;
 
@@ -162,7 +162,7 @@ pub(super) fn spawn_qemu(
         output: Some(console),
     }
     .spawn()
-    .map_err(|e| spawn_err(&format!("cannot start {}", cfg.qemu_binary.display()), e))
+    .map_err(|source| VmmError::Launch { lease, source })
 }
 
 /// Waits (a few seconds at most) until the killed processes are gone.
