@@ -44,7 +44,8 @@ use report::Verdict;
 const DEFAULT_SIZES: [usize; 7] = [100, 250, 500, 750, 1000, 1500, 2000];
 const DEFAULT_MAX_RSS_MIB: u64 = 8192;
 /// One runtime thread per worker process: with several workers on this machine's 2 cores,
-/// more threads than cores only adds switching (BENCHMARKS.md, "Large simulated swarm").
+/// 2 threads each measured no better, within the spread between runs (BENCHMARKS.md,
+/// "Several processes").
 const DEFAULT_THREADS: usize = 1;
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
