@@ -3,9 +3,10 @@
 //! seed disk, machine options and TCG translation-buffer size) with user-mode networking
 //! and a host port forward, timed to the same readiness check (SSH key exchange with the
 //! provisioned host key). Also the host memory per guest beyond its RAM, from QEMU's
-//! smaps: resident (RSS) and private (what one more guest adds: QEMU's shared binary and
-//! library pages are paid once per host), and the private part that is TCG's translation
-//! buffer (what a KVM guest would not have).
+//! smaps and status: resident (RSS), and what one more guest adds, its anonymous pages
+//! outside the guest-RAM mapping plus its page tables (QEMU's binary, its libraries and
+//! the initrd are page cache, paid once per host), of which TCG's translation buffer
+//! (what a KVM guest would not have); docs/vmm.md "Host memory per guest".
 //!
 //! Run as root, after scripts/install-deps and scripts/build-guest-image:
 //!     cargo run -p peervm-vmm --example boot_bench -- [runs] [memory_mib] [tb,tb...]
