@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::error::VmmError;
-use crate::image::{Boot, GuestImage, MachineKind};
+use crate::image::{Boot, GuestImage};
 use crate::launch::Launch;
 use crate::qemu_user::QemuUser;
 
@@ -136,10 +136,7 @@ pub async fn probe_kvm(image: &GuestImage, opts: &ProbeOptions) -> KvmProbe {
         "1".into(),
     ];
     args.extend(Accel::Kvm.qemu_args(0));
-    args.extend(match image.machine() {
-        MachineKind::Microvm => ["-M".to_string(), "microvm".to_string()],
-        MachineKind::Q35 => ["-M".to_string(), "q35".to_string()],
-    });
+    args.extend(["-M".to_string(), image.machine().qemu_machine().to_string()]);
     args.extend([
         "-kernel".into(),
         kernel.display().to_string(),

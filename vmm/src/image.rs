@@ -127,6 +127,22 @@ pub enum MachineKind {
     Q35,
 }
 
+impl MachineKind {
+    /// QEMU's `-M` value. q35 without the devices it adds even under `-nodefaults` that
+    /// no guest of ours uses: the AHCI controller (`sata`, 1.6 MiB of buffers), the SMBus
+    /// controller, VMware's I/O port, SMM and the PS/2 controller (`i8042`); each PCI
+    /// device also costs a copy of the memory map (docs/vmm.md "Host memory per
+    /// guest"). The KVM probe, guests and boot_bench all use this.
+    pub fn qemu_machine(self) -> &'static str {
+        match self {
+            // microvm's virtio-mmio devices are found through ACPI only
+            // (docs/guest-image.md "Machine types and measured times")
+            MachineKind::Microvm => "microvm,acpi=on",
+            MachineKind::Q35 => "q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
+        }
+    }
+}
+
 /// How QEMU starts the guest's kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Boot {

@@ -29,9 +29,9 @@ pub(super) struct GuestArgs<'a> {
 }
 
 pub(super) fn qemu_args(a: &GuestArgs<'_>) -> Vec<String> {
-    let (machine, blk, net, rng) = match a.machine {
-        MachineKind::Microvm => ("microvm,acpi=on", "virtio-blk-device", "virtio-net-device", "virtio-rng-device"),
-        MachineKind::Q35 => ("q35", "virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci"),
+    let (blk, net, rng) = match a.machine {
+        MachineKind::Microvm => ("virtio-blk-device", "virtio-net-device", "virtio-rng-device"),
+        MachineKind::Q35 => ("virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci"),
     };
     let mut v: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| v.extend(items.iter().map(|s| s.to_string()));
@@ -46,7 +46,7 @@ pub(super) fn qemu_args(a: &GuestArgs<'_>) -> Vec<String> {
     let accel = a.accel.qemu_args(a.tcg_tb_size_mib);
     v.extend(accel);
     let mut push = |items: &[&str]| v.extend(items.iter().map(|s| s.to_string()));
-    push(&["-M", machine]);
+    push(&["-M", a.machine.qemu_machine()]);
     push(&["-smp", &a.vcpus.to_string(), "-m", &a.memory_mib.to_string()]);
     // the root disk is the one the firmware boots; direct kernel boot needs no index
     let mut bootindex = "";
@@ -185,6 +185,8 @@ mod tests {
             assert_eq!(values(&args, "-device").iter().filter(|d| d.contains("bootindex")).count(), 1);
             assert!(values(&args, "-device").contains(&"virtio-blk-pci,drive=disk0,bootindex=0"), "{joined}");
             assert!(joined.contains("romfile="), "no network boot ROM: {joined}");
+            // none of the q35 devices no guest uses (docs/vmm.md "Host memory per guest")
+            assert_eq!(values(&args, "-M"), ["q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off"]);
             let drives = values(&args, "-drive");
             assert_eq!(drives.iter().filter(|d| d.starts_with("if=pflash")).count(), pflash, "{joined}");
             // every drive names its format, the pflash ones too
