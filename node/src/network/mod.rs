@@ -89,6 +89,10 @@ pub struct NodeConfig {
     /// one-shot requestor turns it off and asks for the offers it needs instead
     /// ([`NodeClient::query_from`]).
     pub sync_on_connect: bool,
+    /// Fetch the advert behind refresh tokens that name none this node holds (it missed
+    /// its gossip; docs/protocol.md section 9, "Fetch by id"). A light client, which holds
+    /// only what it asked for, turns it off.
+    pub fetch_missing_adverts: bool,
 }
 
 impl NodeConfig {
@@ -109,6 +113,7 @@ impl NodeConfig {
             audit: None,
             trusted_block_lists: Default::default(),
             sync_on_connect: true,
+            fetch_missing_adverts: true,
         }
     }
 }

@@ -36,12 +36,17 @@ pub struct SyncRequest {
 /// The most ids one fetch by id asks for (a request stays under 1,024 bytes).
 pub const MAX_FETCH_IDS: usize = 64;
 
-/// The ids of a fetch by id: `None` unless the bytes are 1 to [`MAX_FETCH_IDS`] whole ids.
+/// The ids of a fetch by id, each once: `None` unless the bytes are 1 to
+/// [`MAX_FETCH_IDS`] whole ids.
 pub fn decode_ids(bytes: &[u8]) -> Option<Vec<[u8; 6]>> {
     if bytes.is_empty() || !bytes.len().is_multiple_of(6) || bytes.len() / 6 > MAX_FETCH_IDS {
         return None;
     }
-    Some(bytes.chunks_exact(6).map(|c| [c[0], c[1], c[2], c[3], c[4], c[5]]).collect())
+    let mut ids: Vec<[u8; 6]> = bytes.chunks_exact(6).map(|c| [c[0], c[1], c[2], c[3], c[4], c[5]]).collect();
+    // A repeated id would put its adverts on the page again.
+    ids.sort_unstable();
+    ids.dedup();
+    Some(ids)
 }
 
 /// The part of a requestor's [`OfferFilter`] a server can apply, each key left out when
@@ -226,8 +231,10 @@ mod tests {
 
     #[test]
     fn fetch_ids_are_1_to_64_whole_ids() {
-        assert_eq!(decode_ids(&[7; 12]), Some(vec![[7; 6], [7; 6]]));
-        assert_eq!(decode_ids(&[1; 6 * MAX_FETCH_IDS]).map(|ids| ids.len()), Some(MAX_FETCH_IDS));
+        assert_eq!(decode_ids(&[7; 12]), Some(vec![[7; 6]]), "each id once");
+        assert_eq!(decode_ids(&[[2; 6], [1; 6]].concat()), Some(vec![[1; 6], [2; 6]]));
+        let most: Vec<u8> = (0..MAX_FETCH_IDS as u8).flat_map(|i| [i; 6]).collect();
+        assert_eq!(decode_ids(&most).map(|ids| ids.len()), Some(MAX_FETCH_IDS));
         for bad in [0, 5, 13, 6 * (MAX_FETCH_IDS + 1)] {
             assert_eq!(decode_ids(&vec![1; bad]), None, "{bad} bytes");
         }

@@ -241,7 +241,8 @@ pub const MAX_MISSING_IDS: usize = 256;
 /// An id fetched is not fetched again for this long: a token every 100 s (the default)
 /// then costs an advert this node refuses one small request per token or less.
 pub const MISSING_REFETCH: Duration = Duration::from_secs(60);
-/// Ids remembered as fetched (older ones are forgotten first).
+/// Ids remembered as fetched, each for `MISSING_REFETCH`; while it is full no new id is
+/// fetched.
 pub const MAX_FETCHED_IDS: usize = 4096;
 
 #[cfg(test)]

@@ -490,8 +490,11 @@ fn choose_offer(
                         n => format!(" and {n} exposed port{}", if n == 1 { "" } else { "s" }),
                     },
                     if opts.max_price_micros.is_some() { " within the price limit" } else { "" },
-                    // The nodes sent only matching adverts: any held were blocked by you.
-                    match store.len() {
+                    // Offers that match but that this requestor blocked, said as such.
+                    match store
+                        .query(&OfferFilter { exclude: Default::default(), ..filter.clone() }, now_unix_ms(), 0)
+                        .len()
+                    {
                         0 => String::new(),
                         n => format!(" (you blocked the {n} that do)"),
                     }

@@ -71,6 +71,8 @@ pub async fn join_as(
     config.trusted_block_lists = trusted_block_lists;
     config.bootstrap = bootstrap.to_vec();
     config.sync_on_connect = matches!(market, Market::Whole);
+    // A light client holds what it asked for, not the adverts behind relayed tokens.
+    config.fetch_missing_adverts = matches!(market, Market::Whole);
     let node = Node::start(config).await?;
     let mut events = node.subscribe();
 

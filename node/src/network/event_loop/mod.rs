@@ -87,7 +87,7 @@ pub(super) async fn start(config: NodeConfig) -> Result<Node, NetworkError> {
         gossip: Gossip::default(),
         block_lists: BlockLists::new(config.trusted_block_lists.clone(), list_blocked.clone()),
         sync: Syncs::new(config.sync_on_connect),
-        refresh: Refreshes::default(),
+        refresh: Refreshes::new(config.fetch_missing_adverts),
         leases: Leases::new(config.lease_inbox.clone()),
         dial_back: DialBacks::default(),
     };
@@ -143,7 +143,8 @@ impl EventLoop {
                 _ = refresh_flush.tick() => {
                     self.refresh.flush(&mut self.ctx);
                     for (peer, ids) in self.refresh.take_missing() {
-                        self.sync.fetch_ids(&mut self.ctx, peer, &ids);
+                        let sent = self.sync.fetch_ids(&mut self.ctx, peer, &ids);
+                        self.refresh.fetch_done(&mut self.ctx, peer, ids, sent);
                     }
                 }
             }

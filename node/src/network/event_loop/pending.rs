@@ -42,6 +42,12 @@ impl<K: Eq + Hash, T> Pending<K, T> {
         self.entries.values().any(|(p, _)| p == peer)
     }
 
+    /// The values of `peer`'s entries.
+    pub fn of_peer_mut(&mut self, peer: &PeerId) -> impl Iterator<Item = &mut T> + '_ {
+        let peer = *peer;
+        self.entries.values_mut().filter(move |(p, _)| *p == peer).map(|(_, value)| value)
+    }
+
     /// The peers with something in flight (a peer appears once per entry).
     pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
         self.entries.values().map(|(p, _)| *p)

@@ -21,8 +21,9 @@ use crate::network::sync::{Envelope, MAX_FETCH_IDS};
 use crate::network::tuning::{MAX_FETCHED_IDS, MAX_INVALID_COUNTED_PER_REFRESH, MAX_MISSING_IDS, MISSING_REFETCH};
 use crate::network::{NetworkError, NodeEvent};
 
-#[derive(Default)]
 pub(super) struct Refreshes {
+    /// Whether unknown ids are fetched at all (`NodeConfig::fetch_missing_adverts`).
+    fetch_missing: bool,
     /// Per peer, the records waiting for the next flush: one per advert id, the newest.
     queues: HashMap<PeerId, HashMap<[u8; 6], RefreshRecord>>,
     /// Ids of records a peer sent that name no advert this node holds (it missed the
@@ -34,6 +35,10 @@ pub(super) struct Refreshes {
 }
 
 impl Refreshes {
+    pub fn new(fetch_missing: bool) -> Self {
+        Refreshes { fetch_missing, queues: HashMap::new(), missing: HashMap::new(), fetched: HashMap::new() }
+    }
+
     /// The node's own provider released a token: it goes through the store like anyone's
     /// (a token the store refuses is a bug in the provider, reported to it), then out.
     pub fn release(&mut self, ctx: &mut Context, record: RefreshRecord) -> Result<(), NetworkError> {
@@ -116,9 +121,13 @@ impl Refreshes {
     /// Remembers that `peer` sent a token for an advert this node does not hold, unless
     /// it was fetched lately or too many are pending already.
     fn note_missing(&mut self, id: [u8; 6], peer: PeerId) {
-        if self.missing.len() < MAX_MISSING_IDS
-            && self.fetched.get(&id).is_none_or(|at| at.elapsed() >= MISSING_REFETCH)
-        {
+        let due = match self.fetched.get(&id) {
+            Some(at) => at.elapsed() >= MISSING_REFETCH,
+            // While the table of fetched ids is full, no new id: each keeps its once a
+            // minute (its entries leave at the next flush after their minute).
+            None => self.fetched.len() < MAX_FETCHED_IDS,
+        };
+        if self.fetch_missing && due && self.missing.len() < MAX_MISSING_IDS {
             self.missing.entry(id).or_insert(peer);
         }
     }
@@ -130,6 +139,9 @@ impl Refreshes {
     pub fn take_missing(&mut self) -> HashMap<PeerId, Vec<[u8; 6]>> {
         let now = Instant::now();
         self.fetched.retain(|_, at| now.duration_since(*at) < MISSING_REFETCH);
+        if self.missing.is_empty() {
+            return HashMap::new();
+        }
         let mut by_peer: HashMap<PeerId, Vec<[u8; 6]>> = HashMap::new();
         self.missing.retain(|id, peer| {
             let ids = by_peer.entry(*peer).or_default();
@@ -139,12 +151,25 @@ impl Refreshes {
             ids.push(*id);
             false
         });
-        for id in by_peer.values().flatten() {
-            if self.fetched.len() < MAX_FETCHED_IDS {
-                self.fetched.insert(*id, now);
+        by_peer
+    }
+
+    /// After a fetch of `ids` from `peer` was sent (`sent`), or not (a session with the
+    /// peer was under way): sent ids are not fetched again for `MISSING_REFETCH`; the
+    /// others wait for the next flush while the peer is connected.
+    pub fn fetch_done(&mut self, ctx: &mut Context, peer: PeerId, ids: Vec<[u8; 6]>, sent: bool) {
+        if sent {
+            let now = Instant::now();
+            for id in ids {
+                self.fetched.insert(id, now);
+            }
+        } else if ctx.swarm.is_connected(&peer) {
+            for id in ids {
+                if self.missing.len() < MAX_MISSING_IDS {
+                    self.missing.entry(id).or_insert(peer);
+                }
             }
         }
-        by_peer
     }
 
     /// Sends each connected peer its queue, at most `MAX_BATCH_RECORDS` records in one

@@ -20,38 +20,58 @@ use crate::network::sync::{Envelope, MAX_FETCH_IDS, SyncFilter, SyncRequest, Syn
 use crate::network::tuning::{MAX_INVALID_COUNTED_PER_PAGE, MAX_SYNC_PAGES, SYNC_MAX_PAGE_BYTES, SYNC_MAX_PAGE_ITEMS};
 use crate::network::{NetworkError, NodeEvent, SyncSummary};
 
-/// One peer's snapshot being pulled, or one query's page awaited.
+/// What a session pulls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The peer's whole market, page by page.
+    Full,
+    /// A filtered sync's one page (a light client's query).
+    Query,
+    /// A fetch by id's one page: nobody waits for it.
+    Fetch,
+}
+
+/// One peer's snapshot being pulled, or one query's or fetch's page awaited.
 struct Session {
     pages: usize,
     summary: SyncSummary,
-    /// A filtered sync: its one page is the answer, whatever `next` says.
-    query: bool,
+    kind: Kind,
+    /// Callers of `NodeClient::sync_from` / `query_from` told when this session ends.
+    waiters: Vec<Reply<SyncSummary>>,
 }
 
 pub(super) struct Syncs {
     /// Whether a new connection starts a full sync (`NodeConfig::sync_on_connect`).
     on_connect: bool,
-    /// The page request each session waits on.
+    /// The page request each session waits on; a peer may have a full sync, queries and
+    /// a fetch in flight at once, each its own session.
     sessions: Pending<OutboundRequestId, Session>,
-    /// Callers of `NodeClient::sync_from`, per peer, told when its session ends.
-    waiters: HashMap<PeerId, Vec<Reply<SyncSummary>>>,
 }
 
 impl Syncs {
     pub fn new(on_connect: bool) -> Self {
-        Syncs { on_connect, sessions: Pending::default(), waiters: HashMap::new() }
+        Syncs { on_connect, sessions: Pending::default() }
     }
 
     /// A connection to `peer` was established: pull its market, unless this node asks
     /// for what it needs instead (a light client).
     pub fn on_connected(&mut self, ctx: &mut Context, peer: PeerId) {
-        if self.on_connect {
-            self.start(ctx, peer, None);
+        if self.on_connect && !self.runs(&peer, Kind::Full) {
+            let request =
+                SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS, filter: None, ids: None };
+            self.send(ctx, peer, request, Kind::Full, Vec::new());
         }
     }
 
+    /// Whether a session of `kind` with `peer` is under way.
+    fn runs(&mut self, peer: &PeerId, kind: Kind) -> bool {
+        self.sessions.of_peer_mut(peer).any(|s| s.kind == kind)
+    }
+
     /// A caller asks for a full snapshot of `peer` (connected), or for one filtered page
-    /// (`query`), and waits for its summary.
+    /// (`query`), and waits for its summary. A full sync already under way with the peer
+    /// answers both (a whole market holds every answer to a query); a query always gets
+    /// a request of its own otherwise.
     pub fn request(
         &mut self,
         ctx: &mut Context,
@@ -64,49 +84,59 @@ impl Syncs {
             let _ = reply.send(Err(NetworkError::Sync { peer, reason }));
             return;
         }
-        self.waiters.entry(peer).or_default().push(reply);
-        self.start(ctx, peer, query);
-    }
-
-    /// Starts pulling `peer`'s snapshot (or asking it the query), unless a session with it
-    /// is under way (its waiters then get that session's result: a whole market holds
-    /// every answer to a query).
-    fn start(&mut self, ctx: &mut Context, peer: PeerId, query: Option<(SyncFilter, u32)>) {
-        if self.sessions.has_peer(&peer) {
+        if let Some(full) = self.sessions.of_peer_mut(&peer).find(|s| s.kind == Kind::Full) {
+            full.waiters.push(reply);
             return;
         }
-        let request = match query {
-            None => SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS, filter: None, ids: None },
-            Some((filter, max_items)) => SyncRequest {
-                version: 1,
-                after: None,
-                max_items: max_items.clamp(1, SYNC_MAX_PAGE_ITEMS),
-                filter: Some(filter),
-                ids: None,
-            },
+        let (request, kind) = match query {
+            None => (
+                SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS, filter: None, ids: None },
+                Kind::Full,
+            ),
+            Some((filter, max_items)) => (
+                SyncRequest {
+                    version: 1,
+                    after: None,
+                    max_items: max_items.clamp(1, SYNC_MAX_PAGE_ITEMS),
+                    filter: Some(filter),
+                    ids: None,
+                },
+                Kind::Query,
+            ),
         };
-        self.send(ctx, peer, request);
+        self.send(ctx, peer, request, kind, vec![reply]);
     }
 
     /// Asks `peer` for the adverts of refresh record `ids` it sent without this node
-    /// holding their advert (at most `MAX_FETCH_IDS`); skipped while a session with it
-    /// runs (a full sync brings them anyway).
-    pub fn fetch_ids(&mut self, ctx: &mut Context, peer: PeerId, ids: &[[u8; 6]]) {
-        if ids.is_empty() || self.sessions.has_peer(&peer) || !ctx.swarm.is_connected(&peer) {
-            return;
+    /// holding their advert (at most `MAX_FETCH_IDS`). Not sent, and `false`, while a full
+    /// sync with it runs (it brings them) or a fetch does (the ids wait for the next one),
+    /// or when the peer is gone.
+    pub fn fetch_ids(&mut self, ctx: &mut Context, peer: PeerId, ids: &[[u8; 6]]) -> bool {
+        if ids.is_empty()
+            || !ctx.swarm.is_connected(&peer)
+            || self.sessions.of_peer_mut(&peer).any(|s| s.kind != Kind::Query)
+        {
+            return false;
         }
         let ids = &ids[..ids.len().min(MAX_FETCH_IDS)];
         let max_items = u32::try_from(ids.len() * MAX_ADVERTS_PER_REFRESH_ID).unwrap_or(SYNC_MAX_PAGE_ITEMS);
         let request =
             SyncRequest { version: 1, after: None, max_items, filter: None, ids: Some(Envelope(ids.concat())) };
-        self.send(ctx, peer, request);
+        self.send(ctx, peer, request, Kind::Fetch, Vec::new());
+        true
     }
 
     /// Sends the first (or only) request of a session.
-    fn send(&mut self, ctx: &mut Context, peer: PeerId, request: SyncRequest) {
-        let query = request.filter.is_some() || request.ids.is_some();
+    fn send(
+        &mut self,
+        ctx: &mut Context,
+        peer: PeerId,
+        request: SyncRequest,
+        kind: Kind,
+        waiters: Vec<Reply<SyncSummary>>,
+    ) {
         let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, request);
-        self.sessions.insert(id, peer, Session { pages: 0, summary: SyncSummary::default(), query });
+        self.sessions.insert(id, peer, Session { pages: 0, summary: SyncSummary::default(), kind, waiters });
     }
 
     /// The peers a session is pulling from (not to be trimmed).
@@ -231,7 +261,9 @@ impl Syncs {
             ctx.invalid(peer, Api::Sync);
         }
         match next {
-            Some(after) if !session.query && session.pages < MAX_SYNC_PAGES && ctx.swarm.is_connected(&peer) => {
+            Some(after)
+                if session.kind == Kind::Full && session.pages < MAX_SYNC_PAGES && ctx.swarm.is_connected(&peer) =>
+            {
                 let request = SyncRequest {
                     version: 1,
                     after: Some(after),
@@ -248,10 +280,11 @@ impl Syncs {
 
     fn finish(&mut self, ctx: &Context, peer: PeerId, session: Session, result: Result<(), NetworkError>) {
         let summary = session.summary;
-        if result.is_ok() {
+        // `SyncDone` means a whole market pulled; a query's or fetch's page is not one.
+        if result.is_ok() && session.kind == Kind::Full {
             ctx.emit(NodeEvent::SyncDone { peer, accepted: summary.accepted, invalid: summary.invalid });
         }
-        for waiter in self.waiters.remove(&peer).unwrap_or_default() {
+        for waiter in session.waiters {
             let _ = waiter.send(result.clone().map(|()| summary));
         }
     }
@@ -279,7 +312,10 @@ fn serve(ctx: &mut Context, block_lists: &BlockLists, peer: PeerId, request: Syn
         },
         (None, None) => ctx.store().page(after.as_ref(), max_items, SYNC_MAX_PAGE_BYTES, now),
     };
-    let lists = if after.is_none() { block_lists.for_sync() } else { Vec::new() };
+    // The block lists go with a full sync's first page and a light client's query (which
+    // applies its trusted lists from them), not with a fetch by id, which can come every
+    // second (docs/protocol.md section 9).
+    let lists = if after.is_none() && request.ids.is_none() { block_lists.for_sync() } else { Vec::new() };
     SyncResponse::Page {
         adverts: page.adverts.into_iter().map(Envelope).collect(),
         next: page.next.map(|p| p.to_bytes()),
