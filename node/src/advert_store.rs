@@ -1188,12 +1188,18 @@ mod tests {
     /// 150 s: token k is released at NOW + k * 150 s and keeps the advert until
     /// NOW + 300 s + k * 150 s.
     fn chained(n: u64, seq: u64) -> (Verified<Advertisement>, peervm_protocol::RefreshSecret) {
+        let (key, a, secret) = chained_body(n, seq);
+        (peervm_protocol::Signed::sign(&key, &a).unwrap(), secret)
+    }
+
+    /// [`chained`]'s key, advert body (not signed yet) and secret.
+    fn chained_body(n: u64, seq: u64) -> (SigningKey, Advertisement, peervm_protocol::RefreshSecret) {
         let key = samples::numbered_key(n);
         let (chain, secret) =
             peervm_protocol::RefreshSecret::generate(&key.peer_id(), seq, 150, 100, [n as u8; 16]).unwrap();
         let mut a = samples::advert(&key, seq, NOW);
         a.refresh = Some(chain);
-        (peervm_protocol::Signed::sign(&key, &a).unwrap(), secret)
+        (key, a, secret)
     }
 
     /// [`chained`]'s advert of node key `n`, delegated by `owner` until `not_after`, with
@@ -1204,11 +1210,7 @@ mod tests {
         replaces: Vec<PeerId>,
         not_after: u64,
     ) -> (Verified<Advertisement>, peervm_protocol::RefreshSecret) {
-        let key = samples::numbered_key(n);
-        let (chain, secret) =
-            peervm_protocol::RefreshSecret::generate(&key.peer_id(), 1, 150, 100, [n as u8; 16]).unwrap();
-        let mut a = samples::advert(&key, 1, NOW);
-        a.refresh = Some(chain);
+        let (key, mut a, secret) = chained_body(n, 1);
         delegate(owner, &key, replaces, not_after, &mut a);
         (peervm_protocol::Signed::sign(&key, &a).unwrap(), secret)
     }

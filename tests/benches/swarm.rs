@@ -109,15 +109,20 @@ fn store_benches(rt: &tokio::runtime::Runtime) {
     report("store_query_100k_p99", percentile(&times, 0.99).as_secs_f64() * 1000.0, "ms");
 }
 
-async fn join_sync(n: u64) {
-    let server = start_node(unique_key(90_000 + n), Role::Bootstrap, &[]).await;
-    {
-        let mut store = server.store.lock().unwrap();
-        let now = now_unix_ms();
-        for a in adverts(n) {
-            store.insert(a, now).unwrap();
-        }
+/// A bootstrap node (key `tag`) whose store holds `n` live adverts.
+async fn server_with(n: u64, tag: u64) -> peervm_node::network::Node {
+    let server = start_node(unique_key(tag), Role::Bootstrap, &[]).await;
+    let mut store = server.store.lock().unwrap();
+    let now = now_unix_ms();
+    for a in adverts(n) {
+        store.insert(a, now).unwrap();
     }
+    drop(store);
+    server
+}
+
+async fn join_sync(n: u64) {
+    let server = server_with(n, 90_000 + n).await;
     let t = Instant::now();
     let joiner = start_node(unique_key(91_000 + n), Role::Requestor, &server.listen_addrs).await;
     let took = wait_until(Duration::from_secs(60), || async { joiner.store.lock().unwrap().len() as u64 == n }).await;
@@ -136,14 +141,7 @@ async fn join_sync(n: u64) {
 /// --region eu-west` (20 offers) costs it, in time to the answer and in bytes received,
 /// against `join_sync_{n}` (the whole market).
 async fn light_query(n: u64) {
-    let server = start_node(unique_key(92_000 + n), Role::Bootstrap, &[]).await;
-    {
-        let mut store = server.store.lock().unwrap();
-        let now = now_unix_ms();
-        for a in adverts(n) {
-            store.insert(a, now).unwrap();
-        }
-    }
+    let server = server_with(n, 92_000 + n).await;
     let filter = OfferFilter {
         min_vcpus: Some(4),
         min_memory_mib: Some(8192),

@@ -37,6 +37,11 @@ fn cheapest(node: &Node, filter: &OfferFilter, limit: usize) -> Vec<PeerId> {
     offers::current(node, filter, limit).into_iter().map(|o| o.provider).collect()
 }
 
+/// A one-shot requestor (fresh key `n`) joined through `boot`, pulling `market`.
+async fn join(boot: &Node, n: u64, market: Market<'_>) -> Node {
+    offers::join_as(fresh_key(n), &boot.listen_addrs, HANG_GUARD, HashSet::new(), market).await.expect("joins")
+}
+
 /// A market of 300 adverts (bench adverts: 1 to 64 vCPUs, six regions, varied prices).
 async fn market() -> Node {
     let boot = start_node(unique_key(95_000), Role::Bootstrap, &[]).await;
@@ -56,38 +61,20 @@ async fn a_one_shot_requestor_receives_only_the_cheapest_matching_offers_not_the
     let expected = cheapest(&boot, &filter, 5);
     assert_eq!(expected.len(), 5, "the market has more than 5 matching offers");
 
-    let light = offers::join_as(
-        fresh_key(1),
-        &boot.listen_addrs,
-        HANG_GUARD,
-        HashSet::new(),
-        Market::Matching { filter: &filter, limit: 5 },
-    )
-    .await
-    .expect("joins");
+    let light = join(&boot, 1, Market::Matching { filter: &filter, limit: 5 }).await;
     assert_eq!(held(&light), expected.iter().copied().collect(), "it holds the 5 offers it asked for, nothing else");
     assert_eq!(cheapest(&light, &filter, 5), expected, "in the market's order");
     light.stop().await;
 
     // Its own block list stays with it: it asks for as many more as it excludes.
     let blocking = OfferFilter { exclude: [expected[0], expected[2]].into(), ..filter.clone() };
-    let light = offers::join_as(
-        fresh_key(2),
-        &boot.listen_addrs,
-        HANG_GUARD,
-        HashSet::new(),
-        Market::Matching { filter: &blocking, limit: 5 },
-    )
-    .await
-    .expect("joins");
+    let light = join(&boot, 2, Market::Matching { filter: &blocking, limit: 5 }).await;
     assert_eq!(held(&light).len(), 7);
     assert_eq!(cheapest(&light, &blocking, 5), cheapest(&boot, &blocking, 5));
     light.stop().await;
 
     // `--watch` and a provider chosen by id still pull the whole market.
-    let full = offers::join_as(fresh_key(3), &boot.listen_addrs, HANG_GUARD, HashSet::new(), Market::Whole)
-        .await
-        .expect("joins");
+    let full = join(&boot, 3, Market::Whole).await;
     assert_eq!(held(&full).len(), 300);
     full.stop().await;
     boot.stop().await;

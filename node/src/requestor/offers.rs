@@ -39,17 +39,12 @@ pub enum Market<'a> {
     Matching { filter: &'a OfferFilter, limit: usize },
 }
 
-impl Market<'_> {
-    /// The `max_items` of each node's page.
-    fn max_items(&self) -> Option<u32> {
-        match self {
-            Market::Whole => None,
-            Market::Matching { limit: 0, .. } => Some(crate::network::tuning::SYNC_MAX_PAGE_ITEMS),
-            Market::Matching { filter, limit } => {
-                let wanted = limit.saturating_add(filter.exclude.len());
-                Some(u32::try_from(wanted).unwrap_or(u32::MAX).min(crate::network::tuning::SYNC_MAX_PAGE_ITEMS))
-            }
-        }
+/// The `max_items` of each node's page for `Market::Matching { filter, limit }`.
+fn page_size(filter: &OfferFilter, limit: usize) -> u32 {
+    let most = crate::network::tuning::SYNC_MAX_PAGE_ITEMS;
+    match limit {
+        0 => most,
+        n => u32::try_from(n.saturating_add(filter.exclude.len())).unwrap_or(u32::MAX).min(most),
     }
 }
 
@@ -104,14 +99,13 @@ pub async fn join_as(
     // Give the other bootstraps a moment to connect, then sync from everyone we reached.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let peers = node.client.connected_peers().await?;
-    let max_items = market.max_items();
     let syncs = peers.into_iter().map(|p| {
         let client = node.client.clone();
         async move {
             let pull = async {
-                match (market, max_items) {
-                    (Market::Matching { filter, .. }, Some(max_items)) => client.query_from(p, filter, max_items).await,
-                    _ => client.sync_from(p).await,
+                match market {
+                    Market::Matching { filter, limit } => client.query_from(p, filter, page_size(filter, limit)).await,
+                    Market::Whole => client.sync_from(p).await,
                 }
             };
             tokio::time::timeout(timeout, pull).await

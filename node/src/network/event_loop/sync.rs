@@ -57,9 +57,7 @@ impl Syncs {
     /// for what it needs instead (a light client).
     pub fn on_connected(&mut self, ctx: &mut Context, peer: PeerId) {
         if self.on_connect && !self.runs(&peer, Kind::Full) {
-            let request =
-                SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS, filter: None, ids: None };
-            self.send(ctx, peer, request, Kind::Full, Vec::new());
+            self.send(ctx, peer, full_page(None), Kind::Full, Vec::new());
         }
     }
 
@@ -89,10 +87,7 @@ impl Syncs {
             return;
         }
         let (request, kind) = match query {
-            None => (
-                SyncRequest { version: 1, after: None, max_items: SYNC_MAX_PAGE_ITEMS, filter: None, ids: None },
-                Kind::Full,
-            ),
+            None => (full_page(None), Kind::Full),
             Some((filter, max_items)) => (
                 SyncRequest {
                     version: 1,
@@ -264,14 +259,7 @@ impl Syncs {
             Some(after)
                 if session.kind == Kind::Full && session.pages < MAX_SYNC_PAGES && ctx.swarm.is_connected(&peer) =>
             {
-                let request = SyncRequest {
-                    version: 1,
-                    after: Some(after),
-                    max_items: SYNC_MAX_PAGE_ITEMS,
-                    filter: None,
-                    ids: None,
-                };
-                let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, request);
+                let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, full_page(Some(after)));
                 self.sessions.insert(id, peer, session);
             }
             _ => self.finish(ctx, peer, session, Ok(())),
@@ -288,6 +276,11 @@ impl Syncs {
             let _ = waiter.send(result.clone().map(|()| summary));
         }
     }
+}
+
+/// The request for a full sync's page after `after` (the first page: `None`).
+fn full_page(after: Option<Vec<u8>>) -> SyncRequest {
+    SyncRequest { version: 1, after, max_items: SYNC_MAX_PAGE_ITEMS, filter: None, ids: None }
 }
 
 /// One page of this node's store for `peer`, after the cursor it sent, or, for a filtered
