@@ -74,6 +74,8 @@ pub struct Metrics {
     pub wire_sent_bytes: Counter,
     /// Dials of peer discovery refused by the dial budget (`network/dial_budget.rs`).
     pub discovery_dials_refused: Counter,
+    /// Kademlia walks the node started (`network/event_loop/dht_walks.rs`).
+    pub dht_walks: Counter,
     pub rate_limited: Family<ApiLabel, Counter>,
     pub peers_banned: Counter,
     pub lease_messages: Family<OutcomeLabel, Counter>,
@@ -146,6 +148,11 @@ impl Metrics {
             "discovery_dials_refused",
             "Dials of peer discovery (Kademlia walks) refused because the node had its budget of connections",
             self.discovery_dials_refused.clone(),
+        );
+        r.register(
+            "discovery_walks",
+            "Kademlia walks started to find peers (below the target) or to refresh the routing table",
+            self.dht_walks.clone(),
         );
         r.register(
             "refresh_records",

@@ -1,6 +1,10 @@
 //! Integration-test harness for peervm: in-process swarms of real libp2p nodes over
 //! loopback TCP. The scenarios live in `tests/tests/`; this crate holds what they share.
 
+mod sync_server;
+
+pub use sync_server::{Requests, recording_sync_server};
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -126,19 +130,35 @@ pub async fn publish_until_everywhere(
     seq: u64,
     guard: Duration,
 ) -> Option<(Duration, u64)> {
-    let start = Instant::now();
     let ids: Vec<PeerId> = publishers.iter().map(|(_, k)| k.peer_id()).collect();
     let fresh = |n: &Node, p: &PeerId| {
         n.store.lock().is_ok_and(|s| s.get(p).is_some_and(|a| a.decode().is_ok_and(|a| a.body().seq >= seq)))
     };
+    let publish = |round: u64| async move {
+        for (node, key) in publishers {
+            let _ = node.client.publish(signed(key, &advert(key, seq + round, Duration::from_secs(300)))).await;
+        }
+    };
+    republish_until(guard, publish, || async { nodes.iter().all(|n| ids.iter().all(|p| fresh(n, p))) }).await
+}
+
+/// Calls `publish(round)` for round 0, 1, ..., one round every `TEST_REPUBLISH` (as a
+/// provider daemon republishes), until `done` holds or `guard` passes; returns how long
+/// that took and how many rounds were published. For what gossip alone may miss on a
+/// loaded machine (see `publish_until_everywhere`).
+pub async fn republish_until<P, PF, D, DF>(guard: Duration, mut publish: P, mut done: D) -> Option<(Duration, u64)>
+where
+    P: FnMut(u64) -> PF,
+    PF: Future<Output = ()>,
+    D: FnMut() -> DF,
+    DF: Future<Output = bool>,
+{
+    let start = Instant::now();
     let mut round = 0;
     while start.elapsed() <= guard {
-        for (node, key) in publishers {
-            node.client.publish(signed(key, &advert(key, seq + round, Duration::from_secs(300)))).await.ok()?;
-        }
+        publish(round).await;
         round += 1;
-        let everywhere = || async { nodes.iter().all(|n| ids.iter().all(|p| fresh(n, p))) };
-        if wait_until(TEST_REPUBLISH, everywhere).await.is_some() {
+        if wait_until(TEST_REPUBLISH, &mut done).await.is_some() {
             return Some((start.elapsed(), round));
         }
     }

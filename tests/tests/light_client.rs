@@ -7,16 +7,12 @@
 //! Every wait ends on the answer it waits for; `HANG_GUARD` only stops a test that hangs.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
-use libp2p::request_response::{self, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, noise, tcp, yamux};
+use libp2p::PeerId;
 use peervm_node::advert_store::OfferFilter;
 use peervm_node::clock::now_unix_ms;
-use peervm_node::network::sync::{Envelope, PROTOCOL, SyncFilter, SyncRequest, SyncResponse};
+use peervm_node::network::sync::{Envelope, SyncFilter, SyncResponse};
 use peervm_node::network::{Node, Role};
 use peervm_node::requestor::offers::{self, Market};
 use peervm_protocol::SigningKey;
@@ -80,46 +76,6 @@ async fn a_one_shot_requestor_receives_only_the_cheapest_matching_offers_not_the
     boot.stop().await;
 }
 
-/// A bare libp2p peer that answers every `/peervm/sync/1` request with `page` and keeps
-/// the requests it got.
-async fn lying_server(page: SyncResponse) -> (Multiaddr, Arc<Mutex<Vec<SyncRequest>>>) {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-        .expect("tcp")
-        .with_behaviour(|_| {
-            request_response::cbor::Behaviour::<SyncRequest, SyncResponse>::new(
-                [(PROTOCOL, ProtocolSupport::Inbound)],
-                request_response::Config::default(),
-            )
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
-    let peer = *swarm.local_peer_id();
-    swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")).expect("listen");
-    let addr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-            break address;
-        }
-    };
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let seen = requests.clone();
-    tokio::spawn(async move {
-        loop {
-            if let SwarmEvent::Behaviour(request_response::Event::Message {
-                message: request_response::Message::Request { request, channel, .. },
-                ..
-            }) = swarm.select_next_some().await
-            {
-                seen.lock().unwrap().push(request);
-                let _ = swarm.behaviour_mut().send_response(channel, page.clone());
-            }
-        }
-    });
-    (addr.with(libp2p::multiaddr::Protocol::P2p(peer)), requests)
-}
-
 #[tokio::test]
 async fn a_node_answering_a_query_can_leave_offers_out_but_cannot_add_forged_or_unmatching_ones() {
     let now = now_unix_ms();
@@ -136,7 +92,7 @@ async fn a_node_answering_a_query_can_leave_offers_out_but_cannot_add_forged_or_
         lists: Vec::new(),
         refreshes: None,
     };
-    let (addr, requests) = lying_server(page).await;
+    let (addr, requests) = recording_sync_server(page).await;
 
     let light = offers::join_as(
         fresh_key(4),

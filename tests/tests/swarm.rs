@@ -1,5 +1,5 @@
-//! The swarm over real libp2p connections on loopback: propagation, join-time sync,
-//! withdrawal, expiry, and losing a bootstrap node.
+//! The swarm over real libp2p connections on loopback: propagation, join-time sync (and
+//! none after it), withdrawal, expiry, and losing a bootstrap node.
 //!
 //! Every wait ends on the state or event it waits for; `HANG_GUARD` only stops a test that
 //! hangs, it is not a verdict on how fast the machine is.
@@ -7,7 +7,10 @@
 use std::time::Duration;
 
 use libp2p::PeerId;
-use peervm_node::network::{Node, NodeEvent, Role};
+use peervm_node::advert_store::OfferFilter;
+use peervm_node::clock::now_unix_ms;
+use peervm_node::network::sync::SyncResponse;
+use peervm_node::network::{Node, NodeEvent, Role, peer_id_of};
 use peervm_tests::*;
 
 struct Swarm {
@@ -46,10 +49,16 @@ impl Swarm {
         self.providers.iter().map(|(_, k)| k.peer_id()).collect()
     }
 
-    async fn publish_all(&self, seq: u64, ttl: Duration) {
-        for (node, key) in &self.providers {
-            node.client.publish(signed(key, &advert(key, seq, ttl))).await.expect("publish");
-        }
+    /// Every provider publishes an advert of at least `seq`, again every round as its
+    /// daemon would, until every node in `nodes` holds them all (gossip alone may miss a
+    /// node on a loaded machine: `publish_until_everywhere`). Returns the next unused seq.
+    async fn publish_until_held(&self, seq: u64, nodes: &[&Node]) -> u64 {
+        let publishers: Vec<(&Node, &peervm_protocol::SigningKey)> =
+            self.providers.iter().map(|(n, k)| (n, k)).collect();
+        let (_, rounds) = publish_until_everywhere(&publishers, nodes, seq, HANG_GUARD)
+            .await
+            .expect("not every node got every advert");
+        seq + rounds
     }
 
     async fn stop(self) {
@@ -79,23 +88,12 @@ async fn all_connected(nodes: &[&Node]) -> bool {
 async fn swarm_of_20_nodes_every_advert_reaches_every_node() {
     let swarm = Swarm::start(1_000, 12, 6).await;
     assert_eq!(swarm.all().len(), 20);
-    // Publish once every node is connected (what gossip misses, sync does not cover here:
-    // every node has already synced, so this checks gossip itself).
+    // Publish once every node is connected. Every node has synced already (and syncs no
+    // more), so this is gossip's work, with republishing as a provider daemon does.
     assert!(all_connected(&swarm.all()).await, "not every node connected");
-    swarm.publish_all(1, LONG).await;
-    let ids = swarm.provider_ids();
-    let took = wait_until(HANG_GUARD, || async { all_hold(&swarm.all(), &ids) }).await;
-    assert!(took.is_some(), "not every node got every advert");
+    let next = swarm.publish_until_held(1, &swarm.all()).await;
     // A newer advert replaces the older one everywhere.
-    swarm.publish_all(2, LONG).await;
-    let newest = wait_until(HANG_GUARD, || async {
-        swarm.all().iter().all(|n| {
-            let s = n.store.lock().unwrap();
-            ids.iter().all(|p| s.held_seq(p) == Some(2))
-        })
-    })
-    .await;
-    assert!(newest.is_some(), "seq 2 did not replace seq 1 everywhere");
+    swarm.publish_until_held(next, &swarm.all()).await;
     swarm.stop().await;
 }
 
@@ -103,13 +101,8 @@ async fn swarm_of_20_nodes_every_advert_reaches_every_node() {
 async fn late_joiner_sees_every_live_advert_through_sync() {
     let swarm = Swarm::start(2_000, 8, 0).await;
     assert!(all_connected(&swarm.all()).await, "not every node connected");
-    swarm.publish_all(1, LONG).await;
+    swarm.publish_until_held(1, &swarm.bootstraps.iter().collect::<Vec<_>>()).await;
     let ids = swarm.provider_ids();
-    assert!(
-        wait_until(HANG_GUARD, || async { all_hold(&swarm.bootstraps.iter().collect::<Vec<_>>(), &ids) })
-            .await
-            .is_some()
-    );
 
     // The late node is watched from before it connects; it dials one bootstrap node.
     let late = start_node(unique_key(2_999), Role::Requestor, &[]).await;
@@ -140,21 +133,33 @@ async fn graceful_withdrawal_reaches_everyone_and_killed_provider_expires() {
     assert!(all_connected(&swarm.all()).await, "not every node connected");
     // Provider 0 and 1 publish long-lived adverts; 2 and 3 short-lived ones (a short TTL
     // as a test configures it).
-    let ttl_short = Duration::from_secs(4);
-    for (i, (node, key)) in swarm.providers.iter().enumerate() {
-        let ttl = if i < 2 { LONG } else { ttl_short };
-        node.client.publish(signed(key, &advert(key, 1, ttl))).await.unwrap();
-    }
+    // Republished every round, as daemons do, until every node holds all four at once.
+    let ttl_short = Duration::from_secs(8);
     let ids = swarm.provider_ids();
-    assert!(wait_until(HANG_GUARD, || async { all_hold(&swarm.all(), &ids) }).await.is_some());
+    let publish = |round: u64| {
+        let providers = &swarm.providers;
+        async move {
+            for (i, (node, key)) in providers.iter().enumerate() {
+                let ttl = if i < 2 { LONG } else { ttl_short };
+                node.client.publish(signed(key, &advert(key, 1 + round, ttl))).await.unwrap();
+            }
+        }
+    };
+    let (_, rounds) = republish_until(HANG_GUARD, publish, || async { all_hold(&swarm.all(), &ids) })
+        .await
+        .expect("not every node got every advert");
 
-    // Graceful stop of provider 0: a withdrawn advert removes it everywhere.
+    // Graceful stop of provider 0: a withdrawn advert removes it everywhere (sent again
+    // until it has, as a node that missed it would otherwise hold the advert until expiry).
     let (node0, key0) = &swarm.providers[0];
-    let mut withdrawn = advert(key0, 2, LONG);
-    withdrawn.withdrawn = true;
-    node0.client.publish(signed(key0, &withdrawn)).await.unwrap();
+    let withdrawal = 1 + rounds;
     let others: Vec<&Node> = swarm.all().into_iter().filter(|n| n.peer_id != node0.peer_id).collect();
-    let gone = wait_until(HANG_GUARD, || async { none_hold(&others, &ids[..1]) }).await;
+    let withdraw = |round: u64| async move {
+        let mut withdrawn = advert(key0, withdrawal + round, LONG);
+        withdrawn.withdrawn = true;
+        node0.client.publish(signed(key0, &withdrawn)).await.unwrap();
+    };
+    let gone = republish_until(HANG_GUARD, withdraw, || async { none_hold(&others, &ids[..1]) }).await;
     assert!(gone.is_some(), "withdrawal did not reach every node");
     // An older advert of the withdrawn provider, replayed, does not bring it back.
     let stale = signed(key0, &advert(key0, 1, LONG));
@@ -179,9 +184,8 @@ async fn graceful_withdrawal_reaches_everyone_and_killed_provider_expires() {
 async fn one_bootstrap_killed_adverts_still_propagate_and_new_nodes_join() {
     let swarm = Swarm::start(4_000, 4, 3).await;
     assert!(all_connected(&swarm.all()).await, "not every node connected");
-    swarm.publish_all(1, LONG).await;
+    let next = swarm.publish_until_held(1, &swarm.all()).await;
     let ids = swarm.provider_ids();
-    assert!(wait_until(HANG_GUARD, || async { all_hold(&swarm.all(), &ids) }).await.is_some());
 
     let boot_addrs = swarm.bootstrap_addrs();
     let Swarm { mut bootstraps, providers, requestors } = swarm;
@@ -203,16 +207,8 @@ async fn one_bootstrap_killed_adverts_still_propagate_and_new_nodes_join() {
     assert!(noticed.is_some(), "a node still counts the dead bootstrap node as connected");
 
     // Propagation continues: every provider publishes a newer advert.
-    for (node, key) in &providers {
-        node.client.publish(signed(key, &advert(key, 2, LONG))).await.unwrap();
-    }
-    let newest = wait_until(HANG_GUARD, || async {
-        alive.iter().all(|n| {
-            let s = n.store.lock().unwrap();
-            ids.iter().all(|p| s.held_seq(p) == Some(2))
-        })
-    })
-    .await;
+    let publishers: Vec<(&Node, &peervm_protocol::SigningKey)> = providers.iter().map(|(n, k)| (n, k)).collect();
+    let newest = publish_until_everywhere(&publishers, &alive, next, HANG_GUARD).await;
     assert!(newest.is_some(), "adverts stopped propagating after a bootstrap died");
 
     // A new node given both bootstraps (the first dead) still joins and sees the market.
@@ -238,4 +234,62 @@ async fn nodes_connect_and_sync_over_quic() {
     assert!(got.is_some(), "no sync over QUIC");
     joiner.stop().await;
     boot.stop().await;
+}
+
+/// A full node pulls the market when it joins, not from every peer it connects to later:
+/// at 100,000 providers that is 65 MB per connection (docs/architecture.md, "Sync").
+/// Asked for nothing else, a new peer then sees only the requests the node makes on
+/// purpose: the recording server's first request is the node's own query. (Without the
+/// rule, the connection's full sync is requested before the dial is even answered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holding_a_market_does_not_pull_it_again_from_each_new_peer() {
+    let (boot, node) = joined_market(2_700).await;
+    let (addr, requests) = recording_sync_server(empty_page()).await;
+    let server = peer_id_of(&addr).expect("the address names its peer");
+    node.client.dial(addr).await.expect("dial the new peer");
+    node.client.query_from(server, &OfferFilter::default(), 1).await.expect("the query is answered");
+    let asked = requests.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "only the query: {asked:?}");
+    assert!(asked[0].filter.is_some(), "the one request is the query, not a full sync: {asked:?}");
+    node.stop().await;
+    boot.stop().await;
+}
+
+/// A node that lost every peer may have missed anything meanwhile: the next peer it
+/// reaches gets a full sync request again, unasked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_had_no_peer_pulls_the_market_again_from_the_next_one() {
+    let (boot, node) = joined_market(2_800).await;
+    boot.stop().await;
+    let alone = wait_until(HANG_GUARD, || async { node.client.connected_peers().await.is_ok_and(|p| p.is_empty()) });
+    assert!(alone.await.is_some(), "the node never noticed its only peer was gone");
+
+    let (addr, requests) = recording_sync_server(empty_page()).await;
+    node.client.dial(addr).await.expect("dial the new peer");
+    let asked = wait_until(HANG_GUARD, || async { !requests.lock().unwrap().is_empty() }).await;
+    assert!(asked.is_some(), "the node asked its new peer for nothing");
+    let first = requests.lock().unwrap()[0].clone();
+    assert!(
+        first.filter.is_none() && first.ids.is_none() && first.after.is_none(),
+        "a full sync's first page: {first:?}"
+    );
+    node.stop().await;
+}
+
+/// A bootstrap node holding one advert, and a provider node that joined through it and
+/// pulled its market (it holds the advert).
+async fn joined_market(tag: u64) -> (Node, Node) {
+    let boot = start_node(unique_key(tag), Role::Bootstrap, &[]).await;
+    let now = now_unix_ms();
+    let advert = bench_advert(tag, now);
+    let provider = advert.body().provider;
+    boot.store.lock().unwrap().insert(advert, now).expect("a valid advert");
+    let node = start_node(unique_key(tag + 1), Role::Provider, &boot.listen_addrs).await;
+    let synced = wait_until(HANG_GUARD, || async { holds(&node, &provider) }).await;
+    assert!(synced.is_some(), "the joining node's sync never brought the bootstrap node's advert");
+    (boot, node)
+}
+
+fn empty_page() -> SyncResponse {
+    SyncResponse::Page { adverts: Vec::new(), next: None, lists: Vec::new(), refreshes: None }
 }

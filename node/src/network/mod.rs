@@ -85,9 +85,9 @@ pub struct NodeConfig {
     pub audit: Option<Arc<crate::provider::audit::AuditLog>>,
     /// Signers whose block lists this node applies (its operator's choice).
     pub trusted_block_lists: std::collections::HashSet<PeerId>,
-    /// Pull every new peer's whole market on connect (docs/protocol.md section 9). A
-    /// one-shot requestor turns it off and asks for the offers it needs instead
-    /// ([`NodeClient::query_from`]).
+    /// Pull a new peer's whole market on connect while the node holds none (at start and
+    /// after it had no peer at all; docs/architecture.md "Sync"). A one-shot requestor
+    /// turns it off and asks for the offers it needs instead ([`NodeClient::query_from`]).
     pub sync_on_connect: bool,
     /// Fetch the advert behind refresh tokens that name none this node holds (it missed
     /// its gossip; docs/protocol.md section 9, "Fetch by id"). A light client, which holds

@@ -390,10 +390,17 @@ impl Size<'_> {
     fn tally(&mut self) -> Result<(), String> {
         let mut causes: HashMap<String, u64> = HashMap::new();
         let mut disconnections = 0;
+        let mut upkeep: Vec<(String, u64)> = Vec::new();
         for reply in self.workers.ask_all(&Command::Tally, ANSWER)? {
             match reply {
-                Reply::Tally { dial_failures, disconnections: d } => {
+                Reply::Tally { dial_failures, disconnections: d, upkeep: u } => {
                     disconnections += d;
+                    for (name, count) in u {
+                        match upkeep.iter_mut().find(|(n, _)| *n == name) {
+                            Some((_, sum)) => *sum += count,
+                            None => upkeep.push((name, count)),
+                        }
+                    }
                     for (cause, count) in dial_failures {
                         *causes.entry(cause).or_default() += count;
                     }
@@ -403,6 +410,9 @@ impl Size<'_> {
         }
         self.r.figure("dial_failures", causes.values().sum::<u64>() as f64, "dials");
         self.r.figure("disconnections", disconnections as f64, "events");
+        for (name, count) in &upkeep {
+            self.r.figure(name, *count as f64, "events");
+        }
         let mut causes: Vec<(String, u64)> = causes.into_iter().collect();
         causes.sort_by_key(|c| std::cmp::Reverse(c.1));
         for (cause, count) in causes.iter().take(3) {

@@ -52,6 +52,9 @@ pub enum Reply {
     Tally {
         dial_failures: Vec<(String, u64)>,
         disconnections: u64,
+        /// The nodes' upkeep counters summed (`peervm_discovery_walks_total`, connections
+        /// closed by reason, discovery dials refused), by name.
+        upkeep: Vec<(String, u64)>,
     },
     /// The command could not be carried out.
     Error {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
+use peervm_node::metrics::{Metrics, ReasonLabel};
 use peervm_node::network::{Node, NodeConfig, NodeEvent, Role};
 use peervm_protocol::SigningKey;
 use peervm_tests::{advert, holds, signed, unique_key};
@@ -140,9 +141,30 @@ impl Worker {
                 Reply::Tally {
                     dial_failures: map.iter().map(|(k, v)| (k.clone(), *v)).collect(),
                     disconnections: self.tally.disconnections.load(Ordering::Relaxed),
+                    upkeep: self.upkeep(),
                 }
             }
         }
+    }
+
+    /// The upkeep counters of this worker's nodes, summed.
+    fn upkeep(&self) -> Vec<(String, u64)> {
+        let closed = |m: &Metrics, reason: &str| {
+            m.connections_closed.get_or_create(&ReasonLabel { reason: reason.into() }).get()
+        };
+        let mut sums = [0u64; 4];
+        for node in self.nodes.iter().flatten() {
+            let m = &node.metrics;
+            let counts = [m.dht_walks.get(), closed(m, "trimmed"), closed(m, "dead"), m.discovery_dials_refused.get()];
+            for (sum, count) in sums.iter_mut().zip(counts) {
+                *sum += count;
+            }
+        }
+        ["dht_walks", "closed_trimmed", "closed_dead", "dials_refused"]
+            .into_iter()
+            .map(String::from)
+            .zip(sums)
+            .collect()
     }
 
     /// Starts local node `j` listening on a fresh loopback port, its events watched.

@@ -9,12 +9,13 @@ use libp2p::core::ConnectedPoint;
 use libp2p::swarm::ConnectionId;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, identify, ping};
+use rand::seq::SliceRandom;
 
 use super::context::Context;
+use super::dht_walks::{DhtWalks, Walk};
 use super::pending::Reply;
 use crate::network::behaviour::KAD_PROTOCOL;
 use crate::network::gossip_params::advert_topic;
-use crate::network::tuning::KAD_REFRESH_EVERY;
 use crate::network::{NetworkError, NodeConfig, NodeEvent, Role, peer_id_of};
 
 /// One open connection.
@@ -40,6 +41,7 @@ pub(super) struct Connections {
     trim_grace: Duration,
     /// Peers blocked by the operator (as opposed to banned for a while).
     blocked: HashSet<PeerId>,
+    walks: DhtWalks,
 }
 
 impl Connections {
@@ -55,6 +57,7 @@ impl Connections {
             trim_low,
             trim_grace: config.trim_grace,
             blocked: HashSet::new(),
+            walks: DhtWalks::new(),
         }
     }
 
@@ -116,14 +119,51 @@ impl Connections {
         }
     }
 
-    /// Walks the DHT while below the target (each walk connects to every peer it queries),
-    /// and now and then anyway to keep the routing table fresh.
-    pub fn walk_dht(&self, ctx: &mut Context, connected: &HashSet<PeerId>, slow_ticks: u64) {
-        if !connected.is_empty()
-            && (connected.len() < self.target_peers || slow_ticks.is_multiple_of(KAD_REFRESH_EVERY))
-        {
-            let _ = ctx.swarm.behaviour_mut().kad.bootstrap();
+    /// Below the target, dials peers the routing table already knows, or walks the DHT
+    /// when it knows none, backing off while that finds nobody (`dht_walks.rs`); now and
+    /// then refreshes the routing table anyway.
+    pub fn walk_dht(&mut self, ctx: &mut Context, connected: &HashSet<PeerId>, slow_ticks: u64) {
+        let Some(walk) = self.walks.due(slow_ticks, connected.len(), self.target_peers) else {
+            return;
+        };
+        match walk {
+            Walk::FindPeers => {
+                let wanted = self.target_peers.saturating_sub(connected.len());
+                let known = Self::known_unconnected(ctx, connected, wanted);
+                if known.is_empty() {
+                    ctx.metrics.dht_walks.inc();
+                    ctx.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+                }
+                for peer in known {
+                    ctx.swarm.behaviour_mut().dial_budget.want(peer);
+                    let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+                    let _ = ctx.swarm.dial(opts);
+                }
+            }
+            Walk::Refresh => {
+                ctx.metrics.dht_walks.inc();
+                let _ = ctx.swarm.behaviour_mut().kad.bootstrap();
+            }
         }
+    }
+
+    /// Up to `wanted` peers of the routing table, chosen at random, that the node is not
+    /// connected to and has not banned. Dialling them costs one connection each, where a
+    /// walk asks a dozen peers and, with the node's dial budget nearly spent, is refused
+    /// hundreds of dials (BENCHMARKS.md, "Several processes").
+    fn known_unconnected(ctx: &mut Context, connected: &HashSet<PeerId>, wanted: usize) -> Vec<PeerId> {
+        let mut known: Vec<PeerId> = Vec::new();
+        for bucket in ctx.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                let peer = *entry.node.key.preimage();
+                if !connected.contains(&peer) && !ctx.guard.is_banned(&peer) {
+                    known.push(peer);
+                }
+            }
+        }
+        known.shuffle(&mut rand::thread_rng());
+        known.truncate(wanted);
+        known
     }
 
     /// Lets peers whose ban ran out connect again, unless the operator blocked them.

@@ -20,6 +20,7 @@ mod block_lists;
 mod closing;
 mod connections;
 mod context;
+mod dht_walks;
 mod dial_back;
 mod gossip;
 mod leases;
@@ -289,6 +290,9 @@ impl EventLoop {
         if self.connections.on_closed(&mut self.ctx, peer, id, num_established) {
             self.dial_back.forget_served();
             self.refresh.forget(&peer);
+            if self.ctx.swarm.connected_peers().next().is_none() {
+                self.sync.on_peerless();
+            }
         }
     }
 }

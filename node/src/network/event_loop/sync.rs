@@ -43,6 +43,12 @@ struct Session {
 pub(super) struct Syncs {
     /// Whether a new connection starts a full sync (`NodeConfig::sync_on_connect`).
     on_connect: bool,
+    /// Whether this node has pulled a whole market to its last page since it last had no
+    /// peer. Until then every new connection starts a full sync; from then on none does
+    /// (docs/architecture.md, "Sync"): gossip, refresh tokens and fetch by id keep the
+    /// store current, and a full node would otherwise download the whole market (65 MB
+    /// at 100,000 providers) from every peer it connects to.
+    have_market: bool,
     /// The page request each session waits on; a peer may have a full sync, queries and
     /// a fetch in flight at once, each its own session.
     sessions: Pending<OutboundRequestId, Session>,
@@ -50,13 +56,19 @@ pub(super) struct Syncs {
 
 impl Syncs {
     pub fn new(on_connect: bool) -> Self {
-        Syncs { on_connect, sessions: Pending::default() }
+        Syncs { on_connect, have_market: false, sessions: Pending::default() }
     }
 
-    /// A connection to `peer` was established: pull its market, unless this node asks
-    /// for what it needs instead (a light client).
+    /// The node lost its last peer: what it missed meanwhile (adverts published and
+    /// never refreshed within reach) comes with the next connection's full sync.
+    pub fn on_peerless(&mut self) {
+        self.have_market = false;
+    }
+
+    /// A connection to `peer` was established: pull its market, unless this node already
+    /// holds one or asks for what it needs instead (a light client).
     pub fn on_connected(&mut self, ctx: &mut Context, peer: PeerId) {
-        if self.on_connect && !self.runs(&peer, Kind::Full) {
+        if self.on_connect && !self.have_market && !self.runs(&peer, Kind::Full) {
             self.send(ctx, peer, full_page(None), Kind::Full, Vec::new());
         }
     }
@@ -262,7 +274,11 @@ impl Syncs {
                 let id = ctx.swarm.behaviour_mut().sync.send_request(&peer, full_page(Some(after)));
                 self.sessions.insert(id, peer, session);
             }
-            _ => self.finish(ctx, peer, session, Ok(())),
+            next => {
+                // A whole market's last page came: the node holds the market.
+                self.have_market |= session.kind == Kind::Full && next.is_none();
+                self.finish(ctx, peer, session, Ok(()))
+            }
         }
     }
 

@@ -1,0 +1,135 @@
+//! When a node walks the DHT (docs/architecture.md, "Connection management").
+//!
+//! A node below its target walks to find more peers. A walk that found none is likely to
+//! find none the next time either (the swarm is smaller than the target, or every peer
+//! it reaches is full and trims it), yet each walk asks a dozen peers for their closest
+//! peers and dials the ones within its budget: in a settled 2,000-node swarm the nodes
+//! below target kept every other node answering lookups (BENCHMARKS.md, "Several
+//! processes"). So walks back off: after a walk that did not raise the node's peer count,
+//! the next waits twice as long, up to the routing-table refresh period; a walk that
+//! raised it, or reaching the target, brings the pace back to every slow tick.
+
+use crate::network::tuning::KAD_REFRESH_EVERY;
+
+/// A walk of the DHT, and what it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Walk {
+    /// One lookup of a random key: up to 20 peers the node may not know, from one path
+    /// through the DHT. Enough to find the few peers a node below its target lacks, at a
+    /// tenth of a refresh's lookups.
+    FindPeers,
+    /// Kademlia's bootstrap: a lookup of the node's own key, then one of a random key in
+    /// every bucket beyond its nearest (about log2 of the swarm's size), which keeps the
+    /// routing table fresh.
+    Refresh,
+}
+
+#[derive(Debug)]
+pub(super) struct DhtWalks {
+    /// Slow ticks between walks while below the target.
+    every: u64,
+    /// The slow tick of the last walk made below the target.
+    last: u64,
+    /// Peers connected when that walk started, until the next slow tick judges it.
+    judged_against: Option<usize>,
+}
+
+impl DhtWalks {
+    pub fn new() -> Self {
+        Self { every: 1, last: 0, judged_against: None }
+    }
+
+    /// Which walk to make on slow tick `tick`, with `connected` peers and a target of
+    /// `target`: while below the target, one to find peers at the current pace; and every
+    /// `KAD_REFRESH_EVERY` slow ticks a refresh anyway. A node without any peer has nobody
+    /// to ask (its bootstrap nodes are re-dialled instead).
+    pub fn due(&mut self, tick: u64, connected: usize, target: usize) -> Option<Walk> {
+        if let Some(before) = self.judged_against.take() {
+            self.every = if connected > before { 1 } else { (self.every * 2).min(KAD_REFRESH_EVERY) };
+        }
+        if connected >= target {
+            self.every = 1;
+        }
+        if connected == 0 {
+            return None;
+        }
+        let below = connected < target;
+        let walk = if tick.is_multiple_of(KAD_REFRESH_EVERY) {
+            Walk::Refresh
+        } else if below && tick >= self.last + self.every {
+            Walk::FindPeers
+        } else {
+            return None;
+        };
+        if below {
+            self.last = tick;
+            self.judged_against = Some(connected);
+        }
+        Some(walk)
+    }
+
+    /// Slow ticks between walks below the target.
+    #[cfg(test)]
+    fn pace(&self) -> u64 {
+        self.every
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slow ticks in `ticks` on which a node stuck at `connected` peers walks.
+    fn walks(w: &mut DhtWalks, ticks: std::ops::Range<u64>, connected: usize, target: usize) -> Vec<u64> {
+        ticks.filter(|&t| w.due(t, connected, target).is_some()).collect()
+    }
+
+    #[test]
+    fn walks_that_find_no_peer_back_off_to_the_refresh_period() {
+        let mut w = DhtWalks::new();
+        // Stuck at 3 of 8 (a swarm of four nodes): 2, 4, 8 ticks apart, then at the
+        // refresh period.
+        assert_eq!(walks(&mut w, 1..100, 3, 8), [1, 3, 7, 15, 30, 60, 90]);
+        assert_eq!(w.pace(), KAD_REFRESH_EVERY);
+    }
+
+    #[test]
+    fn a_walk_that_raises_the_peer_count_keeps_the_pace_at_every_tick() {
+        let mut w = DhtWalks::new();
+        for (tick, connected) in (1..=6).zip(1..) {
+            assert_eq!(w.due(tick, connected, 8), Some(Walk::FindPeers), "tick {tick}");
+        }
+        assert_eq!(w.pace(), 1);
+    }
+
+    #[test]
+    fn reaching_the_target_resets_the_pace_and_stops_walking() {
+        let mut w = DhtWalks::new();
+        walks(&mut w, 1..20, 5, 8);
+        assert!(w.pace() > 4);
+        assert_eq!(w.due(20, 8, 8), None, "at the target, no walk but the periodic refresh");
+        assert_eq!(w.pace(), 1);
+        assert_eq!(w.due(21, 7, 8), Some(Walk::FindPeers), "a node that drops below walks on the next tick");
+    }
+
+    #[test]
+    fn a_node_without_peers_never_walks() {
+        let mut w = DhtWalks::new();
+        assert!(walks(&mut w, 1..100, 0, 8).is_empty());
+    }
+
+    #[test]
+    fn a_node_at_its_target_walks_only_to_refresh_its_routing_table() {
+        let mut w = DhtWalks::new();
+        assert_eq!(walks(&mut w, 1..100, 12, 8), [30, 60, 90]);
+        assert_eq!(w.due(120, 12, 8), Some(Walk::Refresh));
+    }
+
+    #[test]
+    fn a_node_below_its_target_refreshes_on_the_refresh_ticks_and_looks_for_peers_between() {
+        let mut w = DhtWalks::new();
+        assert_eq!(w.due(29, 2, 8), Some(Walk::FindPeers));
+        assert_eq!(w.due(30, 3, 8), Some(Walk::Refresh));
+        assert_eq!(w.due(31, 4, 8), Some(Walk::FindPeers));
+    }
+}
