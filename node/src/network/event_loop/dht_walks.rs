@@ -1,22 +1,22 @@
-//! When a node walks the DHT (docs/architecture.md, "Connection management").
+//! When a node below its target looks for peers, and how (docs/architecture.md,
+//! "Connection management").
 //!
-//! A node below its target walks to find more peers. A walk that found none is likely to
-//! find none the next time either (the swarm is smaller than the target, or every peer
-//! it reaches is full and trims it), yet each walk asks a dozen peers for their closest
-//! peers and dials the ones within its budget: in a settled 2,000-node swarm the nodes
-//! below target kept every other node answering lookups (BENCHMARKS.md, "Several
-//! processes"). So walks back off: after a walk that did not raise the node's peer count,
-//! the next waits twice as long, up to the routing-table refresh period; a walk that
-//! raised it, or reaching the target, brings the pace back to every slow tick.
+//! Looking for peers means dialling some the routing table knows, or walking the DHT when
+//! it knows none; either may find nobody (the swarm is smaller than the target, or every
+//! peer it reaches is full and trims it again). Repeating that every slow tick kept a
+//! settled 1,000-node simulation's nodes answering lookups and refusing dials (BENCHMARKS.md,
+//! "Swarm upkeep"). So it backs off: after a round that did not raise the node's peer
+//! count, the next waits twice as long, up to the routing-table refresh period; a round
+//! that raised it, or reaching the target, brings the pace back to every slow tick.
 
 use crate::network::tuning::KAD_REFRESH_EVERY;
 
 /// A walk of the DHT, and what it is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Walk {
-    /// One lookup of a random key: up to 20 peers the node may not know, from one path
-    /// through the DHT. Enough to find the few peers a node below its target lacks, at a
-    /// tenth of a refresh's lookups.
+    /// Below the target: dial peers the routing table knows, or, knowing none, one lookup
+    /// of a random key (up to 20 peers from one path through the DHT, a tenth of a
+    /// refresh's lookups).
     FindPeers,
     /// Kademlia's bootstrap: a lookup of the node's own key, then one of a random key in
     /// every bucket beyond its nearest (about log2 of the swarm's size), which keeps the
@@ -26,11 +26,11 @@ pub(super) enum Walk {
 
 #[derive(Debug)]
 pub(super) struct DhtWalks {
-    /// Slow ticks between walks while below the target.
+    /// Slow ticks between rounds while below the target.
     every: u64,
-    /// The slow tick of the last walk made below the target.
+    /// The slow tick of the last round made below the target.
     last: u64,
-    /// Peers connected when that walk started, until the next slow tick judges it.
+    /// Peers connected when that round started, until the next slow tick judges it.
     judged_against: Option<usize>,
 }
 
