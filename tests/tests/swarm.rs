@@ -237,32 +237,41 @@ async fn nodes_connect_and_sync_over_quic() {
 }
 
 /// A full node pulls the market when it joins, not from every peer it connects to later:
-/// at 100,000 providers that is 65 MB per connection (docs/architecture.md, "Sync").
-/// Asked for nothing else, a new peer then sees only the requests the node makes on
-/// purpose: the recording server's first request is the node's own query. (Without the
-/// rule, the connection's full sync is requested before the dial is even answered.)
+/// at 100,000 providers that is 65 MB per connection (docs/architecture.md, "Sync"). Once
+/// it pulled it from two peers, a new peer sees only a one-advert first page asked for its
+/// block lists, then what the node asks on purpose: here its own query. (Without the rule,
+/// the connection's full sync is requested before the dial is even answered.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_holding_a_market_does_not_pull_it_again_from_each_new_peer() {
-    let (boot, node) = joined_market(2_700).await;
+    let (boots, node) = joined_market(2_700).await;
     let (addr, requests) = recording_sync_server(empty_page()).await;
     let server = peer_id_of(&addr).expect("the address names its peer");
     node.client.dial(addr).await.expect("dial the new peer");
     node.client.query_from(server, &OfferFilter::default(), 1).await.expect("the query is answered");
+    // The connection's own request and the query, in either order (two streams).
+    let both = wait_until(HANG_GUARD, || async { requests.lock().unwrap().len() >= 2 }).await;
+    assert!(both.is_some(), "the connection asked for nothing: {:?}", requests.lock().unwrap());
     let asked = requests.lock().unwrap().clone();
-    assert_eq!(asked.len(), 1, "only the query: {asked:?}");
-    assert!(asked[0].filter.is_some(), "the one request is the query, not a full sync: {asked:?}");
+    let unfiltered: Vec<_> = asked.iter().filter(|r| r.filter.is_none() && r.ids.is_none()).collect();
+    assert_eq!(unfiltered.len(), 1, "one request of the connection's own: {asked:?}");
+    assert_eq!(unfiltered[0].max_items, 1, "one advert's first page, for its block lists, not a full sync: {asked:?}");
+    assert_eq!(asked.len(), 2, "and the query: {asked:?}");
     node.stop().await;
-    boot.stop().await;
+    for b in boots {
+        b.stop().await;
+    }
 }
 
 /// A node that lost every peer may have missed anything meanwhile: the next peer it
 /// reaches gets a full sync request again, unasked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_had_no_peer_pulls_the_market_again_from_the_next_one() {
-    let (boot, node) = joined_market(2_800).await;
-    boot.stop().await;
+    let (boots, node) = joined_market(2_800).await;
+    for b in boots {
+        b.stop().await;
+    }
     let alone = wait_until(HANG_GUARD, || async { node.client.connected_peers().await.is_ok_and(|p| p.is_empty()) });
-    assert!(alone.await.is_some(), "the node never noticed its only peer was gone");
+    assert!(alone.await.is_some(), "the node never noticed its peers were gone");
 
     let (addr, requests) = recording_sync_server(empty_page()).await;
     node.client.dial(addr).await.expect("dial the new peer");
@@ -270,24 +279,48 @@ async fn a_node_that_had_no_peer_pulls_the_market_again_from_the_next_one() {
     assert!(asked.is_some(), "the node asked its new peer for nothing");
     let first = requests.lock().unwrap()[0].clone();
     assert!(
-        first.filter.is_none() && first.ids.is_none() && first.after.is_none(),
+        first.filter.is_none() && first.ids.is_none() && first.after.is_none() && first.max_items > 1,
         "a full sync's first page: {first:?}"
     );
     node.stop().await;
 }
 
-/// A bootstrap node holding one advert, and a provider node that joined through it and
-/// pulled its market (it holds the advert).
-async fn joined_market(tag: u64) -> (Node, Node) {
-    let boot = start_node(unique_key(tag), Role::Bootstrap, &[]).await;
+/// Two bootstrap nodes holding one advert each, and a provider node that joined through
+/// both and pulled both markets to their last page (it holds both adverts): the two
+/// sources after which a node holds a market (`MARKET_SOURCES`).
+async fn joined_market(tag: u64) -> (Vec<Node>, Node) {
     let now = now_unix_ms();
-    let advert = bench_advert(tag, now);
-    let provider = advert.body().provider;
-    boot.store.lock().unwrap().insert(advert, now).expect("a valid advert");
-    let node = start_node(unique_key(tag + 1), Role::Provider, &boot.listen_addrs).await;
-    let synced = wait_until(HANG_GUARD, || async { holds(&node, &provider) }).await;
-    assert!(synced.is_some(), "the joining node's sync never brought the bootstrap node's advert");
-    (boot, node)
+    let mut boots = Vec::new();
+    let mut providers = Vec::new();
+    for i in 0..2 {
+        let boot = start_node(unique_key(tag + i), Role::Bootstrap, &[]).await;
+        let advert = bench_advert(tag + i, now);
+        providers.push(advert.body().provider);
+        boot.store.lock().unwrap().insert(advert, now).expect("a valid advert");
+        boots.push(boot);
+    }
+    // Watched from before it connects, it dials both.
+    let node = start_node(unique_key(tag + 10), Role::Provider, &[]).await;
+    let mut events = node.subscribe();
+    for b in &boots {
+        node.client.dial(b.listen_addrs[0].clone()).await.expect("dial a bootstrap node");
+    }
+    let mut synced = std::collections::HashSet::new();
+    let done = tokio::time::timeout(HANG_GUARD, async {
+        while synced.len() < 2 {
+            match events.recv().await {
+                Ok(NodeEvent::SyncDone { peer, .. }) => {
+                    synced.insert(peer);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "the joining node's syncs with both bootstrap nodes never finished");
+    assert!(providers.iter().all(|p| holds(&node, p)), "the joining node's syncs did not bring both adverts");
+    (boots, node)
 }
 
 fn empty_page() -> SyncResponse {

@@ -153,6 +153,9 @@ pub const BAN_REPLY_LINGER: Duration = Duration::from_secs(1);
 
 // ---- Sync: `/peervm/sync/1` (docs/architecture.md, "Sync") ------------------------------
 
+/// Peers a joining node pulls the whole market from (each to its last page, every advert
+/// valid) before new connections stop starting full syncs (docs/architecture.md, "Sync").
+pub const MARKET_SOURCES: usize = 2;
 /// Most adverts one page carries; the server's store answers a page of this size with
 /// one scan of its ordered provider index.
 pub const SYNC_MAX_PAGE_ITEMS: u32 = 1024;

@@ -127,9 +127,9 @@ impl Connections {
             return;
         };
         match walk {
-            Walk::FindPeers => {
+            Walk::FindPeers { lookup } => {
                 let wanted = self.target_peers.saturating_sub(connected.len());
-                let known = Self::known_unconnected(ctx, connected, wanted);
+                let known = if lookup { Vec::new() } else { self.known_unconnected(ctx, connected, wanted) };
                 if known.is_empty() {
                     ctx.metrics.dht_walks.inc();
                     ctx.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
@@ -148,15 +148,15 @@ impl Connections {
     }
 
     /// Up to `wanted` peers of the routing table, chosen at random, that the node is not
-    /// connected to and has not banned. Dialling them costs one connection each, where a
+    /// connected to and has neither banned nor blocked. Dialling them costs one connection each, where a
     /// walk asks a dozen peers and, with the node's dial budget nearly spent, is refused
     /// hundreds of dials (BENCHMARKS.md, "Several processes").
-    fn known_unconnected(ctx: &mut Context, connected: &HashSet<PeerId>, wanted: usize) -> Vec<PeerId> {
+    fn known_unconnected(&self, ctx: &mut Context, connected: &HashSet<PeerId>, wanted: usize) -> Vec<PeerId> {
         let mut known: Vec<PeerId> = Vec::new();
         for bucket in ctx.swarm.behaviour_mut().kad.kbuckets() {
             for entry in bucket.iter() {
                 let peer = *entry.node.key.preimage();
-                if !connected.contains(&peer) && !ctx.guard.is_banned(&peer) {
+                if !connected.contains(&peer) && !ctx.guard.is_banned(&peer) && !self.blocked.contains(&peer) {
                     known.push(peer);
                 }
             }

@@ -3,7 +3,7 @@
 //! every advert and applies the accept rule through the store (SECURITY.md, invariant 1);
 //! the server answers pages from its store, rate limited per peer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use libp2p::PeerId;
 use libp2p::request_response::{self, OutboundRequestId};
@@ -17,7 +17,9 @@ use crate::advert_store::{MAX_ADVERTS_PER_REFRESH_ID, SyncPage};
 use crate::clock::now_unix_ms;
 use crate::network::rate_limit::Api;
 use crate::network::sync::{Envelope, MAX_FETCH_IDS, SyncFilter, SyncRequest, SyncResponse, decode_ids};
-use crate::network::tuning::{MAX_INVALID_COUNTED_PER_PAGE, MAX_SYNC_PAGES, SYNC_MAX_PAGE_BYTES, SYNC_MAX_PAGE_ITEMS};
+use crate::network::tuning::{
+    MARKET_SOURCES, MAX_INVALID_COUNTED_PER_PAGE, MAX_SYNC_PAGES, SYNC_MAX_PAGE_BYTES, SYNC_MAX_PAGE_ITEMS,
+};
 use crate::network::{NetworkError, NodeEvent, SyncSummary};
 
 /// What a session pulls.
@@ -29,6 +31,10 @@ enum Kind {
     Query,
     /// A fetch by id's one page: nobody waits for it.
     Fetch,
+    /// A first page of one advert, for the block lists it carries: asked of every new peer
+    /// once the node holds a market (block lists travel by gossip and on first pages only,
+    /// and are not refreshed by tokens).
+    Lists,
 }
 
 /// One peer's snapshot being pulled, or one query's or fetch's page awaited.
@@ -43,12 +49,14 @@ struct Session {
 pub(super) struct Syncs {
     /// Whether a new connection starts a full sync (`NodeConfig::sync_on_connect`).
     on_connect: bool,
-    /// Whether this node has pulled a whole market to its last page since it last had no
-    /// peer. Until then every new connection starts a full sync; from then on none does
-    /// (docs/architecture.md, "Sync"): gossip, refresh tokens and fetch by id keep the
-    /// store current, and a full node would otherwise download the whole market (65 MB
-    /// at 100,000 providers) from every peer it connects to.
-    have_market: bool,
+    /// The peers this node pulled a whole market from, to its last page and with no
+    /// invalid advert, since it last had no peer. Until `MARKET_SOURCES` have, every new
+    /// connection starts a full sync; from then on none does (docs/architecture.md,
+    /// "Sync"): gossip, refresh tokens and fetch by id keep the store current, and a full
+    /// node would otherwise download the whole market (65 MB at 100,000 providers) from
+    /// every peer it connects to. Two, not one: a single first peer with an empty or
+    /// partial store (a restarted bootstrap node, a liar) does not end the join.
+    synced_from: HashSet<PeerId>,
     /// The page request each session waits on; a peer may have a full sync, queries and
     /// a fetch in flight at once, each its own session.
     sessions: Pending<OutboundRequestId, Session>,
@@ -56,19 +64,29 @@ pub(super) struct Syncs {
 
 impl Syncs {
     pub fn new(on_connect: bool) -> Self {
-        Syncs { on_connect, have_market: false, sessions: Pending::default() }
+        Syncs { on_connect, synced_from: HashSet::new(), sessions: Pending::default() }
+    }
+
+    fn have_market(&self) -> bool {
+        self.synced_from.len() >= MARKET_SOURCES
     }
 
     /// The node lost its last peer: what it missed meanwhile (adverts published and
-    /// never refreshed within reach) comes with the next connection's full sync.
+    /// never refreshed within reach) comes with the next connections' full syncs.
     pub fn on_peerless(&mut self) {
-        self.have_market = false;
+        self.synced_from.clear();
     }
 
-    /// A connection to `peer` was established: pull its market, unless this node already
-    /// holds one or asks for what it needs instead (a light client).
+    /// A connection to `peer` was established: pull its market, unless this node asks for
+    /// what it needs instead (a light client); once it holds a market, only the block
+    /// lists of the peer's first page.
     pub fn on_connected(&mut self, ctx: &mut Context, peer: PeerId) {
-        if self.on_connect && !self.have_market && !self.runs(&peer, Kind::Full) {
+        if !self.on_connect || self.runs(&peer, Kind::Full) {
+            return;
+        }
+        if self.have_market() {
+            self.send(ctx, peer, lists_page(), Kind::Lists, Vec::new());
+        } else {
             self.send(ctx, peer, full_page(None), Kind::Full, Vec::new());
         }
     }
@@ -275,8 +293,10 @@ impl Syncs {
                 self.sessions.insert(id, peer, session);
             }
             next => {
-                // A whole market's last page came: the node holds the market.
-                self.have_market |= session.kind == Kind::Full && next.is_none();
+                // A whole market's last page came, every advert valid: one source more.
+                if session.kind == Kind::Full && next.is_none() && session.summary.invalid == 0 {
+                    self.synced_from.insert(peer);
+                }
                 self.finish(ctx, peer, session, Ok(()))
             }
         }
@@ -297,6 +317,12 @@ impl Syncs {
 /// The request for a full sync's page after `after` (the first page: `None`).
 fn full_page(after: Option<Vec<u8>>) -> SyncRequest {
     SyncRequest { version: 1, after, max_items: SYNC_MAX_PAGE_ITEMS, filter: None, ids: None }
+}
+
+/// A first page of one advert: the cheapest request whose answer carries the server's
+/// block lists (docs/protocol.md, section 7a).
+fn lists_page() -> SyncRequest {
+    SyncRequest { version: 1, after: None, max_items: 1, filter: None, ids: None }
 }
 
 /// One page of this node's store for `peer`, after the cursor it sent, or, for a filtered
