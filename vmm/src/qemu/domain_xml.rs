@@ -109,7 +109,12 @@ pub(crate) fn domain_xml(d: &DomainSpec<'_>) -> String {
         }
     }
     let _ = writeln!(x, "  </os>");
-    let _ = writeln!(x, "  <features><acpi/></features>");
+    // as MachineKind::qemu_machine(), as far as libvirt 9.0 can say it: no SMM, no
+    // VMware I/O port (`smm=off,vmport=off` on `-machine`). The PS/2 controller stays
+    // (libvirt 9.0 refuses `<ps2 state='off'/>`: "unexpected feature 'ps2'"), and so do
+    // q35's AHCI and SMBus controllers, which libvirt models as the machine's built-in
+    // ones with no element for `sata=off,smbus=off` (docs/vmm.md "The libvirt backend")
+    let _ = writeln!(x, "  <features><acpi/><smm state='off'/><vmport state='off'/></features>");
     let _ =
         writeln!(x, "  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>");
     let _ = writeln!(x, "  <devices>");
@@ -206,6 +211,7 @@ mod tests {
             "<target dev='pt0123456789abt' managed='no'/>",
             "<rom enabled='no'/>",
             "<on_reboot>destroy</on_reboot>",
+            "<features><acpi/><smm state='off'/><vmport state='off'/></features>",
         ] {
             assert!(x.contains(must), "missing {must:?} in\n{x}");
         }
