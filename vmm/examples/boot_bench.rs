@@ -308,7 +308,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// A backend of its own (names, pool and ports apart from the others') whose TCG
-/// translation buffer is `tb_size_mib`.
+/// translation buffer is `tb_size_mib` (`None`: the image's, else the default).
 async fn backend(state: &Path, index: u16, tb_size_mib: Option<u32>) -> QemuHypervisor {
     let mut config = VmmConfig::new(state.join(format!("vmm{index}")), Accel::Tcg);
     let short = format!("b{}", char::from(b'a' + index as u8));
@@ -316,9 +316,7 @@ async fn backend(state: &Path, index: u16, tb_size_mib: Option<u32>) -> QemuHype
     config.address_pool = format!("10.216.{index}.0/24").parse().expect("pool");
     config.ssh_port_base = 47400 + 16 * index;
     config.ssh_port_count = 16;
-    if let Some(tb) = tb_size_mib {
-        config.tcg_tb_size_mib = tb;
-    }
+    config.tcg_tb_size_mib = tb_size_mib;
     let hv = QemuHypervisor::new(config).expect("backend");
     let _ = hv.reconcile(&[]).await;
     hv
@@ -341,7 +339,8 @@ async fn main() {
     let with_bare = std::env::var("PEERVM_BENCH_BARE").map_or(true, |v| v != "0");
     let state = std::env::temp_dir().join(format!("peervm-bench-{}", std::process::id()));
     let hv = backend(&state, 0, None).await;
-    let tb = hv.config().tcg_tb_size_mib;
+    // the image's own size when its manifest gives one, as a provider's guests get it
+    let tb = hv.config().tcg_tb_size_for(&image);
     let mut others = Vec::new();
     for (i, c) in candidates.iter().enumerate() {
         others.push((*c, backend(&state, 1 + i as u16, Some(*c)).await, Vec::new()));
