@@ -13,7 +13,11 @@
 //! Runs alternate (bare, vmm, bare, vmm...) so that both see the same host load; each
 //! translation-buffer size given as the third argument boots in every run too, on a
 //! backend of its own. PEERVM_BENCH_IMAGE picks another image of PEERVM_IMAGE_DIR (default:
-//! minimal, in /var/cache/peervm/images).
+//! minimal, in /var/cache/peervm/images): a directory with manifest.json, or a stock
+//! image's directory holding one `NAME.qcow2` (`debian-12-stock`, booted by firmware as a
+//! provider boots an operator's stock image; PEERVM_BENCH_FIRMWARE=uefi for OVMF, default
+//! bios). PEERVM_BENCH_BARE=0 leaves out the bare QEMU boots (only the backend's, and
+//! each translation-buffer size's, are timed).
 //! Progress and a summary go to stderr; stdout gets one JSON object per figure (name,
 //! value, unit), which `scripts/bench` collects.
 
@@ -23,18 +27,47 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use peervm_vmm::firmware::{OVMF_CODE, OVMF_VARS};
 use peervm_vmm::readiness::{SshProbe, probe_ssh};
 use peervm_vmm::seed::{SeedConfig, write_seed_disk};
 use peervm_vmm::{
-    Accel, AuthorizedKey, EgressPolicy, GuestImage, HostKeySeed, Hypervisor, LeaseId, NamePrefix, QemuHypervisor,
-    QemuUser, VmSpec, VmmConfig,
+    Accel, AuthorizedKey, Boot, DiskFormat, EgressPolicy, Firmware, GuestImage, HostKeySeed, Hypervisor, LeaseId,
+    NamePrefix, QemuHypervisor, QemuUser, StockImage, VmSpec, VmmConfig,
 };
+use sha2::{Digest, Sha256};
 
 const BARE_PORT: u16 = 47390;
 
 fn image_dir() -> PathBuf {
     let name = std::env::var("PEERVM_BENCH_IMAGE").unwrap_or_else(|_| "minimal".into());
     std::env::var_os("PEERVM_IMAGE_DIR").map(PathBuf::from).unwrap_or("/var/cache/peervm/images".into()).join(name)
+}
+
+/// The image to boot: an image directory (manifest.json), or a stock image's directory
+/// with its one disk file, opened as provider.toml's `[[images]]` with `file` would be
+/// (docs/guest-image.md "Operators' stock images").
+fn open_image() -> GuestImage {
+    let dir = image_dir();
+    if dir.join("manifest.json").is_file() {
+        return GuestImage::open(&dir).expect("image (run scripts/build-guest-image)");
+    }
+    let name = dir.file_name().and_then(|n| n.to_str()).expect("image name").to_string();
+    let file = dir.join(format!("{name}.qcow2"));
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(&file).expect("stock image file"), &mut hasher).expect("hash");
+    let firmware = std::env::var("PEERVM_BENCH_FIRMWARE")
+        .map(|f| Firmware::parse(&f).expect("PEERVM_BENCH_FIRMWARE: bios or uefi"))
+        .unwrap_or(Firmware::Bios);
+    GuestImage::open_stock(&StockImage {
+        name,
+        file,
+        sha256: hasher.finalize().into(),
+        format: DiskFormat::Qcow2,
+        firmware,
+        login_user: "peervm".into(),
+        boot_deadline: Duration::from_secs(480),
+    })
+    .expect("stock image")
 }
 
 fn authorized_key() -> AuthorizedKey {
@@ -142,7 +175,18 @@ async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32, tb_size_mib:
     let base = image.base_disk().display().to_string();
     let size = format!("{}G", image.min_disk_bytes().div_ceil(1 << 30).max(1));
     let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &overlay.display().to_string(), &size])
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            image.disk_format().as_str(),
+            "-b",
+            &base,
+            &overlay.display().to_string(),
+            &size,
+        ])
         .status()
         .expect("qemu-img");
     assert!(ok.success());
@@ -170,18 +214,30 @@ async fn bare_boot(image: &GuestImage, dir: &Path, memory_mib: u32, tb_size_mib:
         peervm_vmm::MachineKind::Q35 => ("virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci"),
     };
     let rom = if image.machine() == peervm_vmm::MachineKind::Q35 { ",romfile=" } else { "" };
-    let peervm_vmm::Boot::Direct { kernel, initrd, cmdline } = image.boot() else {
-        panic!("boot_bench measures direct kernel boot; image {} boots by firmware", image.name());
-    };
+    // how it boots, as the backend's command line (vmm/src/qemu/command_line.rs)
+    let (mut boot, mut bootindex) = (Vec::<String>::new(), "");
+    match image.boot() {
+        Boot::Direct { kernel, initrd, cmdline } => {
+            let (k, i) = (kernel.display().to_string(), initrd.display().to_string());
+            boot.extend(["-kernel".into(), k, "-initrd".into(), i, "-append".into(), cmdline.clone()]);
+        }
+        Boot::Firmware(Firmware::Bios) => bootindex = ",bootindex=0",
+        Boot::Firmware(Firmware::Uefi) => {
+            bootindex = ",bootindex=0";
+            let vars = dir.join("bare-vars.fd");
+            std::fs::copy(OVMF_VARS, &vars).expect("OVMF variable store");
+            boot.extend(["-drive".into(), format!("if=pflash,unit=0,format=raw,readonly=on,file={OVMF_CODE}")]);
+            boot.extend(["-drive".into(), format!("if=pflash,unit=1,format=raw,file={}", vars.display())]);
+        }
+    }
     let t = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .args(["-accel", &format!("tcg,tb-size={tb_size_mib}"), "-M", machine, "-smp", "1"])
         .args(["-m", &memory_mib.to_string()])
-        .args(["-kernel", &kernel.display().to_string(), "-initrd", &initrd.display().to_string()])
-        .args(["-append", cmdline])
+        .args(&boot)
         .args(["-drive", &format!("file={},if=none,id=disk0,format=qcow2,discard=unmap", overlay.display())])
-        .args(["-device", &format!("{blk},drive=disk0")])
+        .args(["-device", &format!("{blk},drive=disk0{bootindex}")])
         .args(["-drive", &format!("file={},if=none,id=seed0,format=raw,readonly=on", seed.display())])
         .args(["-device", &format!("{blk},drive=seed0")])
         .args([
@@ -252,7 +308,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// A backend of its own (names, pool and ports apart from the others') whose TCG
-/// translation buffer is `tb_size_mib`.
+/// translation buffer is `tb_size_mib` (`None`: the image's, else the default).
 async fn backend(state: &Path, index: u16, tb_size_mib: Option<u32>) -> QemuHypervisor {
     let mut config = VmmConfig::new(state.join(format!("vmm{index}")), Accel::Tcg);
     let short = format!("b{}", char::from(b'a' + index as u8));
@@ -260,9 +316,7 @@ async fn backend(state: &Path, index: u16, tb_size_mib: Option<u32>) -> QemuHype
     config.address_pool = format!("10.216.{index}.0/24").parse().expect("pool");
     config.ssh_port_base = 47400 + 16 * index;
     config.ssh_port_count = 16;
-    if let Some(tb) = tb_size_mib {
-        config.tcg_tb_size_mib = tb;
-    }
+    config.tcg_tb_size_mib = tb_size_mib;
     let hv = QemuHypervisor::new(config).expect("backend");
     let _ = hv.reconcile(&[]).await;
     hv
@@ -281,10 +335,12 @@ async fn main() {
     let candidates: Vec<u32> =
         args.next().map(|s| s.split(',').filter_map(|t| t.parse().ok()).collect()).unwrap_or_default();
     QemuUser::ensure(peervm_vmm::DEFAULT_QEMU_USER).expect("QEMU user");
-    let image = Arc::new(GuestImage::open(image_dir()).expect("image (run scripts/build-guest-image)"));
+    let image = Arc::new(open_image());
+    let with_bare = std::env::var("PEERVM_BENCH_BARE").map_or(true, |v| v != "0");
     let state = std::env::temp_dir().join(format!("peervm-bench-{}", std::process::id()));
     let hv = backend(&state, 0, None).await;
-    let tb = hv.config().tcg_tb_size_mib;
+    // the image's own size when its manifest gives one, as a provider's guests get it
+    let tb = hv.config().tcg_tb_size_for(&image);
     let mut others = Vec::new();
     for (i, c) in candidates.iter().enumerate() {
         others.push((*c, backend(&state, 1 + i as u16, Some(*c)).await, Vec::new()));
@@ -293,25 +349,31 @@ async fn main() {
     std::fs::create_dir_all(&scratch).expect("scratch dir");
 
     eprintln!(
-        "boot_bench: {runs} runs each, 1 vCPU, {memory_mib} MiB, TCG (tb-size {tb} MiB; also {candidates:?}), image {}",
-        image.name()
+        "boot_bench: {runs} runs each, 1 vCPU, {memory_mib} MiB, TCG (tb-size {tb} MiB; also {candidates:?}), image {} \
+         ({:?})",
+        image.name(),
+        image.boot(),
     );
     let (mut bare, mut ours) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        let b = bare_boot(&image, &scratch, memory_mib, tb).await;
+        let b = if with_bare { Some(bare_boot(&image, &scratch, memory_mib, tb).await) } else { None };
         let v = vmm_boot(&hv, &image, memory_mib).await;
+        let bare_text = b.as_ref().map_or(String::new(), |b| {
+            format!(
+                "bare {:>6.0} ms (RSS beyond guest RAM {:.0} MiB, guest RAM touched {} MiB)  ",
+                b.ready.as_secs_f64() * 1e3,
+                b.mem.rss_beyond_ram(),
+                b.mem.guest_rss / 1024
+            )
+        });
         eprintln!(
-            "run {i}: bare {:>6.0} ms  vmm {:>6.0} ms | beyond guest RAM: RSS bare {:.0} MiB, vmm {:.0} MiB; \
-             vmm {:.1} MiB (anonymous + page tables), of which TCG buffer {:.1} MiB; private {:.0} MiB \
-             (guest RAM touched: {} / {} MiB)",
-            b.ready.as_secs_f64() * 1e3,
+            "run {i}: {bare_text}vmm {:>6.0} ms | beyond guest RAM: RSS {:.0} MiB; {:.1} MiB (anonymous + page \
+             tables), of which TCG buffer {:.1} MiB; private {:.0} MiB (guest RAM touched: {} MiB)",
             v.ready.as_secs_f64() * 1e3,
-            b.mem.rss_beyond_ram(),
             v.mem.rss_beyond_ram(),
             v.mem.beyond_ram(),
             v.mem.tcg(),
             v.mem.private_beyond_ram(),
-            b.mem.guest_rss / 1024,
             v.mem.guest_rss / 1024,
         );
         for (c, backend, samples) in &mut others {
@@ -324,34 +386,37 @@ async fn main() {
             );
             samples.push(s);
         }
-        bare.push(b);
+        bare.extend(b);
         ours.push(v);
     }
     let ready = |v: &[Sample]| median(v.iter().map(|s| s.ready.as_secs_f64() * 1e3).collect());
     let mem = |v: &[Sample], f: fn(&Mem) -> f64| median(v.iter().map(|s| f(&s.mem)).collect());
-    let (mb, mv) = (ready(&bare), ready(&ours));
-    let overhead = mv - mb;
-    let budget = (mb * 0.15).max(500.0);
-    eprintln!("median ready: bare {mb:.0} ms, vmm start() {mv:.0} ms, ratio {:.3}", mv / mb);
+    let mv = ready(&ours);
+    if !bare.is_empty() {
+        let mb = ready(&bare);
+        let overhead = mv - mb;
+        let budget = (mb * 0.15).max(500.0);
+        eprintln!("median ready: bare {mb:.0} ms, vmm start() {mv:.0} ms, ratio {:.3}", mv / mb);
+        eprintln!(
+            "overhead {overhead:.0} ms against a budget of {budget:.0} ms (max of 15% and 500 ms): {}",
+            if overhead <= budget { "within target" } else { "OVER target" }
+        );
+        eprintln!("median RSS beyond guest RAM, bare: {:.0} MiB", mem(&bare, Mem::rss_beyond_ram));
+        figure("boot_bare_qemu_to_ssh_ready_median", mb, "ms");
+        figure("boot_vmm_overhead_ratio", mv / mb, "ratio");
+        figure("boot_vmm_overhead", overhead, "ms");
+        figure("boot_qemu_rss_beyond_guest_ram_bare_median", mem(&bare, Mem::rss_beyond_ram), "MiB");
+    }
     eprintln!(
-        "overhead {overhead:.0} ms against a budget of {budget:.0} ms (max of 15% and 500 ms): {}",
-        if overhead <= budget { "within target" } else { "OVER target" }
-    );
-    eprintln!(
-        "median beyond guest RAM: RSS bare {:.0} MiB, vmm {:.0} MiB; vmm {:.1} MiB anonymous + page tables \
-         ({:.1} MiB without the TCG buffer); private {:.0} MiB",
-        mem(&bare, Mem::rss_beyond_ram),
+        "median: vmm start() to SSH-ready {mv:.0} ms; beyond guest RAM: RSS {:.0} MiB, {:.1} MiB anonymous + page \
+         tables ({:.1} MiB without the TCG buffer); private {:.0} MiB",
         mem(&ours, Mem::rss_beyond_ram),
         mem(&ours, Mem::beyond_ram),
         mem(&ours, Mem::beyond_ram_without_tcg),
         mem(&ours, Mem::private_beyond_ram),
     );
-    figure("boot_bare_qemu_to_ssh_ready_median", mb, "ms");
     figure("boot_vmm_start_to_ssh_ready_median", mv, "ms");
-    figure("boot_vmm_overhead_ratio", mv / mb, "ratio");
-    figure("boot_vmm_overhead", overhead, "ms");
     figure("boot_tcg_tb_size", f64::from(tb), "MiB");
-    figure("boot_qemu_rss_beyond_guest_ram_bare_median", mem(&bare, Mem::rss_beyond_ram), "MiB");
     figure("boot_qemu_rss_beyond_guest_ram_vmm_median", mem(&ours, Mem::rss_beyond_ram), "MiB");
     figure("boot_qemu_private_beyond_guest_ram_vmm_median", mem(&ours, Mem::private_beyond_ram), "MiB");
     figure("boot_qemu_beyond_guest_ram_vmm_median", mem(&ours, Mem::beyond_ram), "MiB");

@@ -63,6 +63,10 @@ struct Manifest {
     login_user: Option<String>,
     #[serde(default)]
     seed: SeedKind,
+    /// The TCG translation buffer the image's guests boot in as fast as in the default
+    /// (docs/guest-image.md "manifest.json"); absent: the backend's default.
+    #[serde(default)]
+    tcg_tb_size_mib: Option<u32>,
     files: Vec<ManifestFile>,
 }
 
@@ -221,7 +225,12 @@ pub struct GuestImage {
     boot_deadline: Option<Duration>,
     login_user: Option<String>,
     seed: SeedKind,
+    tcg_tb_size_mib: Option<u32>,
 }
+
+/// The translation buffers a manifest may ask for (below 8 MiB TCG mostly retranslates;
+/// beyond 4 GiB it is a typo), as provider.toml's `[hypervisor] tcg_tb_size_mib`.
+pub const TCG_TB_SIZE_MIB: std::ops::RangeInclusive<u32> = 8..=4096;
 
 impl GuestImage {
     /// Reads `dir/manifest.json` and checks every file it lists against its size and
@@ -310,6 +319,15 @@ impl GuestImage {
         {
             return Err(bad(format!("login_user {user:?} is not a valid user name")));
         }
+        if let Some(tb) = m.tcg_tb_size_mib
+            && !TCG_TB_SIZE_MIB.contains(&tb)
+        {
+            return Err(bad(format!(
+                "tcg_tb_size_mib {tb} is outside {}..={}",
+                TCG_TB_SIZE_MIB.start(),
+                TCG_TB_SIZE_MIB.end()
+            )));
+        }
         let mut image = GuestImage {
             dir,
             name: m.name,
@@ -325,6 +343,7 @@ impl GuestImage {
             boot_deadline,
             login_user: m.login_user,
             seed: m.seed,
+            tcg_tb_size_mib: m.tcg_tb_size_mib,
         };
         image.verify_files()?;
         // only after the hash matched: the header is then the one the manifest pins, and
@@ -434,6 +453,12 @@ impl GuestImage {
 
     pub fn seed_kind(&self) -> SeedKind {
         self.seed
+    }
+
+    /// The TCG translation buffer the manifest says the image's guests need, MiB
+    /// (`VmmConfig::tcg_tb_size_for`); `None` for a stock image.
+    pub fn tcg_tb_size_mib(&self) -> Option<u32> {
+        self.tcg_tb_size_mib
     }
 
     /// Whether a lease asking for `ssh_user` and a disk of `disk_gib` GiB can run this
@@ -559,6 +584,30 @@ mod tests {
         m["login_user"] = "peervm".into();
         m["seed"] = "cloud-init".into();
         m["source_date_epoch"] = 1796005301u64.into();
+    }
+
+    /// A manifest may give its guests' TCG translation buffer; the operator's size, when
+    /// set, wins; without either the default; out of range the manifest is refused.
+    #[test]
+    fn a_manifest_may_give_its_guests_translation_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(dir.path(), false);
+        let mut config = crate::VmmConfig::new("/nonexistent", crate::Accel::Tcg);
+        let plain = GuestImage::open(dir.path()).unwrap();
+        assert_eq!(plain.tcg_tb_size_mib(), None);
+        assert_eq!(config.tcg_tb_size_for(&plain), crate::DEFAULT_TCG_TB_SIZE_MIB);
+        edit_manifest(dir.path(), |m| m["tcg_tb_size_mib"] = 40.into());
+        let small = GuestImage::open(dir.path()).unwrap();
+        assert_eq!(small.tcg_tb_size_mib(), Some(40));
+        assert_eq!(config.tcg_tb_size_for(&small), 40);
+        config.tcg_tb_size_mib = Some(128);
+        assert_eq!(config.tcg_tb_size_for(&small), 128);
+        assert_eq!(config.tcg_tb_size_for(&plain), 128);
+        for bad in [4u32, 5000] {
+            edit_manifest(dir.path(), |m| m["tcg_tb_size_mib"] = bad.into());
+            let err = GuestImage::open(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("tcg_tb_size_mib") && err.contains(&bad.to_string()), "{err}");
+        }
     }
 
     #[test]

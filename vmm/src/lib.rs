@@ -43,7 +43,7 @@ pub use image::{Boot, DiskFormat, DiskRole, GuestImage, MAX_BOOT_DEADLINE_SECS, 
 pub use launch::{LaunchError, LaunchStep};
 pub use lease_id::{LeaseId, LeaseIdError};
 pub use network::{AddressPool, NamePrefix};
-pub use qemu::{Backend, QemuHypervisor, VmmConfig};
+pub use qemu::{Backend, DEFAULT_TCG_TB_SIZE_MIB, QemuHypervisor, VmmConfig};
 pub use qemu_user::{DEFAULT_QEMU_USER, QemuUser};
 pub use shaping::BandwidthLimits;
 pub use spec::{AuthorizedKey, EgressPolicy, HostKeySeed, StartStage, VmSpec};

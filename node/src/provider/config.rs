@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use libp2p::Multiaddr;
 use peervm_protocol::{Accel, Pricing, ResourceAmounts, SshEndpoint};
+// TCG's translation buffer per guest that is accepted, as in a manifest
+use peervm_vmm::image::TCG_TB_SIZE_MIB;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -164,9 +166,9 @@ struct RawHypervisor {
     name_prefix: Option<String>,
     iface_prefix: Option<String>,
     /// MiB of TCG's translation buffer per guest (QEMU `-accel tcg,tb-size=`), when guests
-    /// run under software emulation; default 128. The buffer is most of the host memory a
-    /// TCG guest takes beyond its RAM, and a smaller one slows a large guest down
-    /// (BENCHMARKS.md, "Guests").
+    /// run under software emulation; default: the image's manifest's, else 128. The buffer
+    /// is most of the host memory a TCG guest takes beyond its RAM, and a smaller one slows
+    /// a large guest down (BENCHMARKS.md, "Guests").
     tcg_tb_size_mib: Option<u32>,
     /// Who runs the guests' QEMU: "qemu" (the provider itself, the default) or "libvirt"
     /// (libvirtd, as transient domains operators see with virsh; docs/vmm.md "The libvirt
@@ -187,10 +189,6 @@ pub const DEFAULT_LIBVIRT_LEASE_DIR: &str = "/var/lib/peervm-libvirt";
 use super::abuse_config::{RawAbuse, parse_abuse};
 pub use super::image_config::{ImageConfig, ImageSource};
 use super::image_config::{RawImage, parse_images};
-
-/// TCG's translation buffer per guest that is accepted (below 8 MiB TCG mostly
-/// retranslates; beyond 4 GiB it is a typo).
-const TCG_TB_SIZE_MIB: std::ops::RangeInclusive<u32> = 8..=4096;
 
 /// The highest bandwidth limit accepted (100 Gbit/s): beyond it a limit is a typo.
 const MAX_LIMIT_MBIT: u32 = 100_000;
@@ -218,7 +216,7 @@ pub struct ProviderConfig {
     pub pricing: Pricing,
     pub allow_tcg: bool,
     pub probe_kvm: bool,
-    /// `None`: the VMM's default (`VmmConfig::tcg_tb_size_mib`).
+    /// `None`: the image's, else the VMM's default (`VmmConfig::tcg_tb_size_for`).
     pub tcg_tb_size_mib: Option<u32>,
     /// Who runs the guests' QEMU (`[hypervisor] backend`).
     pub backend: peervm_vmm::Backend,
@@ -712,19 +710,21 @@ mod tests {
         assert!(err.contains("hypervisor.backend") && err.contains("xen"), "{err}");
     }
 
-    /// `[hypervisor] tcg_tb_size_mib` reaches the VMM's QEMU options; absent, the VMM's
-    /// default stays; out of range, the error names the field.
+    /// `[hypervisor] tcg_tb_size_mib` reaches the VMM's QEMU options; absent, the VMM
+    /// takes the image's or its default; out of range, the error names the field.
     #[test]
     fn the_tcg_translation_buffer_size_is_optional_bounded_and_reaches_the_vmm() {
         let state = std::path::PathBuf::from("/nonexistent");
         let default = config_with_network("").unwrap();
         assert_eq!(default.tcg_tb_size_mib, None);
-        let vmm_default = peervm_vmm::VmmConfig::new(&state, peervm_vmm::Accel::Tcg).tcg_tb_size_mib;
         let vmm = crate::provider::daemon::vmm_config(&default, state.clone(), peervm_vmm::Accel::Tcg);
-        assert_eq!(vmm.tcg_tb_size_mib, vmm_default);
+        assert_eq!(vmm.tcg_tb_size_mib, None);
         let small = config_with_network("[hypervisor]\ntcg_tb_size_mib = 32").unwrap();
         assert_eq!(small.tcg_tb_size_mib, Some(32));
-        assert_eq!(crate::provider::daemon::vmm_config(&small, state, peervm_vmm::Accel::Tcg).tcg_tb_size_mib, 32);
+        assert_eq!(
+            crate::provider::daemon::vmm_config(&small, state, peervm_vmm::Accel::Tcg).tcg_tb_size_mib,
+            Some(32)
+        );
         for bad in ["4", "5000"] {
             let err = config_with_network(&format!("[hypervisor]\ntcg_tb_size_mib = {bad}")).unwrap_err().to_string();
             assert!(err.contains("hypervisor.tcg_tb_size_mib") && err.contains(bad), "{err}");

@@ -515,9 +515,7 @@ pub(crate) fn vmm_config(config: &ProviderConfig, state_dir: PathBuf, accel: pee
     vmm.address_pool = config.address_pool;
     vmm.guest_nameservers = config.guest_dns.clone();
     vmm.names = config.names.clone();
-    if let Some(tb) = config.tcg_tb_size_mib {
-        vmm.tcg_tb_size_mib = tb;
-    }
+    vmm.tcg_tb_size_mib = config.tcg_tb_size_mib;
     vmm.limits = peervm_vmm::BandwidthLimits { egress_mbit: config.egress_mbit, ingress_mbit: config.ingress_mbit };
     if let Some(range) = &config.expose_ports {
         vmm.expose_port_base = *range.start();

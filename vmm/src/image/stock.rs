@@ -100,6 +100,8 @@ impl GuestImage {
             login_user: Some(stock.login_user.clone()),
             // a stock image's cloud-init reads the whole cloud-config
             seed: SeedKind::CloudInit,
+            // nothing known of its boot: the backend's default
+            tcg_tb_size_mib: None,
         })
     }
 }

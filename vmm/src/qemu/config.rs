@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::accel::Accel;
 use crate::cgroup::{CPU_PERIOD_US, CgroupLayout, CgroupLimits};
 use crate::error::VmmError;
+use crate::image::GuestImage;
 use crate::network::{AddressPool, NamePrefix, is_blocked_destination};
 use crate::qemu_user::DEFAULT_QEMU_USER;
 use crate::shaping::BandwidthLimits;
@@ -88,8 +89,9 @@ pub struct VmmConfig {
     /// Task limit of the cgroup beyond one per vCPU (QEMU's own threads and its I/O
     /// worker pool of up to 64 threads).
     pub pids_base: u32,
-    /// TCG translation cache size.
-    pub tcg_tb_size_mib: u32,
+    /// TCG translation cache size, MiB; `None`: the image's (its manifest's
+    /// `tcg_tb_size_mib`), else `DEFAULT_TCG_TB_SIZE_MIB` (`tcg_tb_size_for`).
+    pub tcg_tb_size_mib: Option<u32>,
     /// `None`: detect from /proc/self/mountinfo.
     pub cgroups: Option<CgroupLayout>,
     /// DNS resolvers written into the seed of a guest whose image runs cloud-init and
@@ -102,6 +104,11 @@ pub struct VmmConfig {
     /// limits"); none by default.
     pub limits: BandwidthLimits,
 }
+
+/// TCG's translation buffer per guest unless the operator or the image says otherwise:
+/// what a debian-12 boot fills (BENCHMARKS.md "Where a guest's host memory goes beyond
+/// its RAM").
+pub const DEFAULT_TCG_TB_SIZE_MIB: u32 = 128;
 
 impl VmmConfig {
     pub fn new(state_dir: impl Into<PathBuf>, accel: Accel) -> Self {
@@ -125,11 +132,19 @@ impl VmmConfig {
             stop_timeout: Duration::from_secs(20),
             memory_overhead_mib: 256,
             pids_base: 128,
-            tcg_tb_size_mib: 128,
+            tcg_tb_size_mib: None,
             cgroups: None,
             guest_nameservers: Vec::new(),
             limits: BandwidthLimits::default(),
         }
+    }
+
+    /// The translation buffer a guest of `image` gets under TCG: the operator's size
+    /// when one is set, else the image's own (a manifest may say how much its boot needs:
+    /// minimal boots as fast in 40 MiB as in 128, debian-12 does not), else
+    /// `DEFAULT_TCG_TB_SIZE_MIB` (docs/vmm.md "Host memory per guest").
+    pub fn tcg_tb_size_for(&self, image: &GuestImage) -> u32 {
+        self.tcg_tb_size_mib.or(image.tcg_tb_size_mib()).unwrap_or(DEFAULT_TCG_TB_SIZE_MIB)
     }
 
     /// The directory lease directories go in.

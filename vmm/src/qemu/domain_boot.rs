@@ -59,6 +59,7 @@ impl QemuHypervisor {
             name: &name,
             lease_hex: &lease.hex(),
             accel: cfg.accel,
+            tcg_tb_size_mib: cfg.tcg_tb_size_for(&spec.image),
             machine: spec.image.machine(),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,

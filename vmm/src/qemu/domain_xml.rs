@@ -31,6 +31,8 @@ pub(crate) struct DomainSpec<'a> {
     pub name: &'a str,
     pub lease_hex: &'a str,
     pub accel: Accel,
+    /// TCG's translation buffer (`VmmConfig::tcg_tb_size_for`); unused under KVM.
+    pub tcg_tb_size_mib: u32,
     pub machine: MachineKind,
     pub vcpus: u32,
     pub memory_mib: u32,
@@ -109,7 +111,19 @@ pub(crate) fn domain_xml(d: &DomainSpec<'_>) -> String {
         }
     }
     let _ = writeln!(x, "  </os>");
-    let _ = writeln!(x, "  <features><acpi/></features>");
+    // as MachineKind::qemu_machine(), as far as libvirt 9.0 can say it: no SMM, no
+    // VMware I/O port (`smm=off,vmport=off` on `-machine`). The PS/2 controller stays
+    // (libvirt 9.0 refuses `<ps2 state='off'/>`: "unexpected feature 'ps2'"), and so do
+    // q35's AHCI and SMBus controllers, which libvirt models as the machine's built-in
+    // ones with no element for `sata=off,smbus=off` (docs/vmm.md "The libvirt backend")
+    // and the same translation buffer as the QEMU backend's `-accel tcg,tb-size=`: left
+    // to QEMU 7.2 it is up to 1 GiB (at most an eighth of the host's memory), filled as
+    // guest code is translated
+    let tcg = match d.accel {
+        Accel::Tcg => format!("<tcg><tb-cache unit='MiB'>{}</tb-cache></tcg>", d.tcg_tb_size_mib),
+        Accel::Kvm => String::new(),
+    };
+    let _ = writeln!(x, "  <features><acpi/><smm state='off'/><vmport state='off'/>{tcg}</features>");
     let _ =
         writeln!(x, "  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>");
     let _ = writeln!(x, "  <devices>");
@@ -163,6 +177,7 @@ mod tests {
             name,
             lease_hex: "0123",
             accel: Accel::Tcg,
+            tcg_tb_size_mib: 40,
             machine: MachineKind::Q35,
             vcpus: 2,
             memory_mib: 256,
@@ -206,6 +221,8 @@ mod tests {
             "<target dev='pt0123456789abt' managed='no'/>",
             "<rom enabled='no'/>",
             "<on_reboot>destroy</on_reboot>",
+            "<features><acpi/><smm state='off'/><vmport state='off'/><tcg><tb-cache unit='MiB'>40</tb-cache></tcg>\
+             </features>",
         ] {
             assert!(x.contains(must), "missing {must:?} in\n{x}");
         }
@@ -224,6 +241,7 @@ mod tests {
         s.accel = Accel::Kvm;
         let x = domain_xml(&s);
         assert!(x.contains("<domain type='kvm'>") && x.contains("<boot order='1'/>"), "{x}");
+        assert!(!x.contains("<tcg>"), "no translation buffer under KVM: {x}");
         assert!(x.contains("<nvram>/l/0123/uefi-vars.fd</nvram>") && x.contains(OVMF_CODE), "{x}");
         assert!(!x.contains("<kernel>"), "{x}");
     }

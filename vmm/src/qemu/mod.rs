@@ -49,7 +49,7 @@ mod throttle;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use config::{Backend, VmmConfig};
+pub use config::{Backend, DEFAULT_TCG_TB_SIZE_MIB, VmmConfig};
 
 use self::lease_dir::create_private_dir;
 use self::registry::Registry;

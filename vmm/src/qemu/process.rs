@@ -136,7 +136,7 @@ pub(super) fn spawn_qemu(
     let args = qemu_args(&GuestArgs {
         name: &cfg.names.lease_name(&lease),
         accel: cfg.accel,
-        tcg_tb_size_mib: cfg.tcg_tb_size_mib,
+        tcg_tb_size_mib: cfg.tcg_tb_size_for(&spec.image),
         machine: spec.image.machine(),
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
