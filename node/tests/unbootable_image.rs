@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use common::*;
 use sha2::{Digest, Sha256};
 
-/// A copy of the minimal image under `root/name`, with `replace` (file name, new bytes)
-/// swapped in, the manifest's `name`, `cmdline` and `boot_deadline_secs` set, and every
+/// A copy of the minimal image under `root/name`, with `replace` (the manifest entry whose
+/// file gets new bytes, "kernel" or "initrd": minimal's kernel file is `vmlinux` since it
+/// boots the ELF) swapped in, the manifest's `name`, `cmdline` and `boot_deadline_secs` set, and every
 /// file re-pinned: the image verifies, so only its boot can fail.
 fn broken_minimal(root: &Path, name: &str, replace: (&str, Vec<u8>), cmdline: &str, deadline_secs: u64) -> PathBuf {
     let dir = root.join(name);
@@ -20,9 +21,11 @@ fn broken_minimal(root: &Path, name: &str, replace: (&str, Vec<u8>), cmdline: &s
     for entry in std::fs::read_dir(image_dir()).unwrap().flatten() {
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
     }
-    std::fs::write(dir.join(replace.0), &replace.1).unwrap();
     let path = dir.join("manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    // `replace.0` names a manifest entry ("kernel", "initrd"): whatever file it points at
+    let file = m[replace.0].as_str().expect("the manifest names the file").to_string();
+    std::fs::write(dir.join(file), &replace.1).unwrap();
     m["name"] = name.into();
     m["cmdline"] = cmdline.into();
     m["boot_deadline_secs"] = deadline_secs.into();
@@ -59,11 +62,11 @@ fn an_unbootable_image_fails_its_lease_with_a_signed_boot_failed_and_leaves_noth
     let images = tempfile::tempdir().unwrap();
     std::fs::set_permissions(images.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // not x86_64: QEMU refuses the kernel and exits before the guest runs
-    let arm64 = broken_minimal(images.path(), "arm64", ("vmlinuz", arm64_kernel()), "console=ttyS0", 60);
+    let arm64 = broken_minimal(images.path(), "arm64", ("kernel", arm64_kernel()), "console=ttyS0", 60);
     // x86_64 but unbootable: the kernel finds no init in a garbage initrd and panics,
     // and with panic=0 it stays there: only the image's boot deadline ends the wait
     let garbage: Vec<u8> = (0..1 << 16).map(|_| rand::random::<u8>()).collect();
-    let hang = broken_minimal(images.path(), "hang", ("initrd.img", garbage), "console=ttyS0 panic=0", 20);
+    let hang = broken_minimal(images.path(), "hang", ("initrd", garbage), "console=ttyS0 panic=0", 20);
 
     let site = Site { prefix: "pvub", iface: "ub", net: "10.215.24", port_min: 27500, vcpus: 1, memory: "1GiB" };
     let (_boot, boot) = start_bootstrap(root);
