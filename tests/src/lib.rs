@@ -1,8 +1,10 @@
 //! Integration-test harness for peervm: in-process swarms of real libp2p nodes over
 //! loopback TCP. The scenarios live in `tests/tests/`; this crate holds what they share.
 
+mod bare_swarm;
 mod sync_server;
 
+pub use bare_swarm::bare_swarm;
 pub use sync_server::{Requests, recording_sync_server};
 
 use std::future::Future;

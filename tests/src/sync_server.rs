@@ -4,13 +4,14 @@
 //! and can serve it a page no honest node would.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::Multiaddr;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, noise, tcp, yamux};
 use peervm_node::network::sync::{PROTOCOL, SyncRequest, SyncResponse};
+
+use crate::bare_swarm::bare_swarm;
 
 /// The requests a [`recording_sync_server`] got, oldest first.
 pub type Requests = Arc<Mutex<Vec<SyncRequest>>>;
@@ -18,19 +19,10 @@ pub type Requests = Arc<Mutex<Vec<SyncRequest>>>;
 /// Starts the server on a fresh loopback port; returns its address (with `/p2p`) and its
 /// requests.
 pub async fn recording_sync_server(page: SyncResponse) -> (Multiaddr, Requests) {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-        .expect("tcp")
-        .with_behaviour(|_| {
-            request_response::cbor::Behaviour::<SyncRequest, SyncResponse>::new(
-                [(PROTOCOL, ProtocolSupport::Inbound)],
-                request_response::Config::default(),
-            )
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = bare_swarm(request_response::cbor::Behaviour::<SyncRequest, SyncResponse>::new(
+        [(PROTOCOL, ProtocolSupport::Inbound)],
+        request_response::Config::default(),
+    ));
     let peer = *swarm.local_peer_id();
     swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")).expect("listen");
     let addr = loop {

@@ -5,11 +5,13 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::Multiaddr;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, noise, tcp, yamux};
+use peervm_node::network::peer_id_of;
 use peervm_node::network::refresh_wire::{PROTOCOL, RefreshRequest, RefreshResponse};
 use peervm_node::network::sync::Envelope;
+use peervm_tests::bare_swarm;
 use tokio::sync::{mpsc, oneshot};
 
 type Ask = (Vec<u8>, oneshot::Sender<Option<RefreshResponse>>);
@@ -22,26 +24,11 @@ pub struct RawRefreshPeer {
 impl RawRefreshPeer {
     /// Connects to `target` (an address with its `/p2p` part).
     pub async fn connect(target: Multiaddr) -> RawRefreshPeer {
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-            .expect("tcp")
-            .with_behaviour(|_| {
-                request_response::cbor::Behaviour::<RefreshRequest, RefreshResponse>::new(
-                    [(PROTOCOL, ProtocolSupport::Outbound)],
-                    request_response::Config::default(),
-                )
-            })
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-        let target_peer = target
-            .iter()
-            .find_map(|p| match p {
-                libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
-                _ => None,
-            })
-            .expect("the target address names its peer");
+        let mut swarm = bare_swarm(request_response::cbor::Behaviour::<RefreshRequest, RefreshResponse>::new(
+            [(PROTOCOL, ProtocolSupport::Outbound)],
+            request_response::Config::default(),
+        ));
+        let target_peer = peer_id_of(&target).expect("the target address names its peer");
         swarm.dial(target).expect("dial");
         let (ask, mut asks) = mpsc::channel::<Ask>(16);
         let (closed_tx, closed) = mpsc::channel(1);

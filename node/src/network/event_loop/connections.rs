@@ -148,9 +148,9 @@ impl Connections {
     }
 
     /// Up to `wanted` peers of the routing table, chosen at random, that the node is not
-    /// connected to and has neither banned nor blocked. Dialling them costs one connection each, where a
-    /// walk asks a dozen peers and, with the node's dial budget nearly spent, is refused
-    /// hundreds of dials (BENCHMARKS.md, "Several processes").
+    /// connected to and has neither banned nor blocked. Dialling them costs one connection
+    /// each, where a walk asks a dozen peers and, with the node's dial budget nearly spent,
+    /// is refused hundreds of dials (BENCHMARKS.md, "Swarm upkeep").
     fn known_unconnected(&self, ctx: &mut Context, connected: &HashSet<PeerId>, wanted: usize) -> Vec<PeerId> {
         let mut known: Vec<PeerId> = Vec::new();
         for bucket in ctx.swarm.behaviour_mut().kad.kbuckets() {
