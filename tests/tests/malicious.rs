@@ -168,6 +168,9 @@ async fn a_node_does_not_store_or_forward_adverts_of_a_provider_it_blocked() {
     // A bare gossip peer of the relay only: what it hears, the relay forwarded.
     let mut observer = RawGossipPeer::connect(relay.listen_addrs[0].clone(), &[ADVERT_TOPIC]).await;
     relay.client.block_adverts(pid, true).await.unwrap();
+    // The call returns once the block is in force, not once it is queued: a message the
+    // relay handles from now on meets it.
+    assert!(relay.store.lock().unwrap().is_blocked(&pid), "the block was not in force when the call returned");
 
     // The positive control: adverts of another key, published by the same node, take the
     // same path (provider -> relay -> observer).
@@ -193,6 +196,9 @@ async fn a_node_does_not_store_or_forward_adverts_of_a_provider_it_blocked() {
     assert!(!observer.heard_any(|m| provider_of(m) == Some(pid)), "the relay forwarded a blocked provider's advert");
 
     relay.client.block_adverts(pid, false).await.unwrap();
+    // Lifted on return: otherwise the advert published next can meet the old block and be
+    // dropped for good (gossipsub does not deliver a message twice).
+    assert!(!relay.store.lock().unwrap().is_blocked(&pid), "the block was still in force when the call returned");
     let unblocked = signed(&provider_key, &advert(&provider_key, 4, long));
     provider.client.publish(unblocked.clone()).await.unwrap();
     let reached = wait_until(HANG_GUARD, || async { holds(&relay, &pid) }).await;

@@ -260,16 +260,20 @@ pub(crate) enum Command {
     },
     BlockPeer {
         peer: PeerId,
+        reply: oneshot::Sender<()>,
     },
     BlockAdverts {
         peer: PeerId,
         blocked: bool,
+        reply: oneshot::Sender<()>,
     },
     UnblockPeer {
         peer: PeerId,
+        reply: oneshot::Sender<()>,
     },
     SetTrustedBlockLists {
         trusted: std::collections::HashSet<PeerId>,
+        reply: oneshot::Sender<()>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -362,18 +366,22 @@ impl NodeClient {
     }
 
     /// Blocks `peer`: disconnects it, refuses its connections, and drops its adverts.
+    /// Returns once the block is in force: a message the swarm handles afterwards meets it.
     pub async fn block_peer(&self, peer: PeerId) -> Result<(), NetworkError> {
-        self.tx.send(Command::BlockPeer { peer }).await.map_err(|_| NetworkError::Stopped)
+        self.call(|reply| Command::BlockPeer { peer, reply }).await
     }
 
     /// Stops (or resumes) storing, showing and forwarding `peer`'s adverts, without
     /// refusing its connections (a blocked requestor still hears its signed denial).
+    /// Returns once the change is in force, so an operator told "unblocked" does not see
+    /// the provider's next advert dropped by the block it just lifted.
     pub async fn block_adverts(&self, peer: PeerId, blocked: bool) -> Result<(), NetworkError> {
-        self.tx.send(Command::BlockAdverts { peer, blocked }).await.map_err(|_| NetworkError::Stopped)
+        self.call(|reply| Command::BlockAdverts { peer, blocked, reply }).await
     }
 
+    /// Lifts an operator's peer block; returns once it is lifted.
     pub async fn unblock_peer(&self, peer: PeerId) -> Result<(), NetworkError> {
-        self.tx.send(Command::UnblockPeer { peer }).await.map_err(|_| NetworkError::Stopped)
+        self.call(|reply| Command::UnblockPeer { peer, reply }).await
     }
 
     /// Applies the block lists of `trusted` signers from now on, instead of the ones the
@@ -384,7 +392,7 @@ impl NodeClient {
         &self,
         trusted: std::collections::HashSet<PeerId>,
     ) -> Result<(), NetworkError> {
-        self.tx.send(Command::SetTrustedBlockLists { trusted }).await.map_err(|_| NetworkError::Stopped)
+        self.call(|reply| Command::SetTrustedBlockLists { trusted, reply }).await
     }
 
     /// Stops the swarm task (after flushing what it was sending).

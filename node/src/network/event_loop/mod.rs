@@ -217,20 +217,31 @@ impl EventLoop {
             Command::DialBack { peer, request, reply } => self.dial_back.send(ctx, peer, request, reply),
             Command::DialBackRespond { id, response } => self.dial_back.respond(ctx, id, response),
             Command::ReportInvalid { peer } => ctx.invalid(peer, Api::Lease),
-            Command::BlockAdverts { peer, blocked: true } => self.block_lists.block_adverts(ctx, peer),
-            Command::BlockAdverts { peer, blocked: false } => self.block_lists.unblock_adverts(ctx, peer),
+            Command::BlockAdverts { peer, blocked, reply } => {
+                if blocked {
+                    self.block_lists.block_adverts(ctx, peer);
+                } else {
+                    self.block_lists.unblock_adverts(ctx, peer);
+                }
+                let _ = reply.send(());
+            }
             Command::PublishBlockList { list, reply } => {
                 let _ = reply.send(self.block_lists.publish_own(ctx, *list));
             }
-            Command::BlockPeer { peer } => {
+            Command::BlockPeer { peer, reply } => {
                 self.connections.block(ctx, peer);
                 self.block_lists.block_adverts(ctx, peer);
+                let _ = reply.send(());
             }
-            Command::UnblockPeer { peer } => {
+            Command::UnblockPeer { peer, reply } => {
                 self.connections.unblock(ctx, peer);
                 self.block_lists.unblock_peer_adverts(ctx, peer);
+                let _ = reply.send(());
             }
-            Command::SetTrustedBlockLists { trusted } => self.block_lists.set_trusted(ctx, trusted),
+            Command::SetTrustedBlockLists { trusted, reply } => {
+                self.block_lists.set_trusted(ctx, trusted);
+                let _ = reply.send(());
+            }
             Command::Shutdown { .. } => unreachable!("handled in run"),
         }
     }
