@@ -76,6 +76,11 @@ pub struct Metrics {
     pub discovery_dials_refused: Counter,
     /// Kademlia walks the node started (`network/event_loop/dht_walks.rs`).
     pub dht_walks: Counter,
+    /// Kademlia bootstraps finished: the node's refreshes, and the ones libp2p-kad starts by
+    /// itself after a routing-table insertion while the table holds fewer than 20 peers.
+    pub kad_bootstraps: Counter,
+    /// FIND_NODE requests of other nodes' walks this node answered.
+    pub kad_lookups_answered: Counter,
     pub rate_limited: Family<ApiLabel, Counter>,
     pub peers_banned: Counter,
     pub lease_messages: Family<OutcomeLabel, Counter>,
@@ -153,6 +158,16 @@ impl Metrics {
             "discovery_walks",
             "Kademlia walks started to find peers (below the target) or to refresh the routing table",
             self.dht_walks.clone(),
+        );
+        r.register(
+            "kad_bootstraps",
+            "Kademlia bootstraps finished, the node's own and those libp2p-kad starts while its routing table is small",
+            self.kad_bootstraps.clone(),
+        );
+        r.register(
+            "kad_lookups_answered",
+            "FIND_NODE requests of other nodes' DHT walks answered",
+            self.kad_lookups_answered.clone(),
         );
         r.register(
             "refresh_records",

@@ -87,6 +87,14 @@ impl Sample {
     }
 }
 
+/// What the workers counted, summed over them.
+#[derive(Default)]
+struct Tallies {
+    causes: HashMap<String, u64>,
+    disconnections: u64,
+    upkeep: Vec<(String, u64)>,
+}
+
 fn links(degrees: &[Option<usize>]) -> usize {
     degrees.iter().flatten().sum::<usize>() / 2
 }
@@ -245,6 +253,7 @@ impl Size<'_> {
             degrees = self.degrees()?;
         }
         let settled_sample = self.sample();
+        let settled_tallies = self.ask_tallies()?;
         self.r.figure("settle", ms(formed_at.elapsed()), "ms");
         self.settled_figures(&degrees, nodes, &base, &settled_sample, cpu_settled);
 
@@ -259,7 +268,7 @@ impl Size<'_> {
         self.r.figure("links_end", end_links as f64, "connections");
         self.r.figure("fds_end", end.usage.fds as f64, "fds");
         self.r.figure("load_avg_after", load_avg(), "load");
-        self.tally()?;
+        self.tally(&settled_tallies)?;
         if fd_full.is_none() && self.full_fd_tables() > 0 {
             fd_full = Some((self.t0.elapsed(), end_links));
         }
@@ -387,33 +396,47 @@ impl Size<'_> {
         Ok(())
     }
 
-    fn tally(&mut self) -> Result<(), String> {
-        let mut causes: HashMap<String, u64> = HashMap::new();
-        let mut disconnections = 0;
-        let mut upkeep: Vec<(String, u64)> = Vec::new();
+    /// The workers' tallies, summed: dial failures by cause, disconnections, and the nodes'
+    /// upkeep counters.
+    fn ask_tallies(&mut self) -> Result<Tallies, String> {
+        let mut t = Tallies::default();
         for reply in self.workers.ask_all(&Command::Tally, ANSWER)? {
             match reply {
                 Reply::Tally { dial_failures, disconnections: d, upkeep: u } => {
-                    disconnections += d;
+                    t.disconnections += d;
                     for (name, count) in u {
-                        match upkeep.iter_mut().find(|(n, _)| *n == name) {
+                        match t.upkeep.iter_mut().find(|(n, _)| *n == name) {
                             Some((_, sum)) => *sum += count,
-                            None => upkeep.push((name, count)),
+                            None => t.upkeep.push((name, count)),
                         }
                     }
                     for (cause, count) in dial_failures {
-                        *causes.entry(cause).or_default() += count;
+                        *t.causes.entry(cause).or_default() += count;
                     }
                 }
                 other => return Err(unexpected(other)),
             }
         }
-        self.r.figure("dial_failures", causes.values().sum::<u64>() as f64, "dials");
-        self.r.figure("disconnections", disconnections as f64, "events");
-        for (name, count) in &upkeep {
+        Ok(t)
+    }
+
+    /// Reports the whole size's tallies, and how much of the upkeep came after `settled`
+    /// (the settled swarm's own, apart from the join's).
+    fn tally(&mut self, settled: &Tallies) -> Result<(), String> {
+        let t = self.ask_tallies()?;
+        self.r.figure("dial_failures", t.causes.values().sum::<u64>() as f64, "dials");
+        self.r.figure("disconnections", t.disconnections as f64, "events");
+        self.r.figure(
+            "disconnections_after_settling",
+            t.disconnections.saturating_sub(settled.disconnections) as f64,
+            "events",
+        );
+        for (name, count) in &t.upkeep {
             self.r.figure(name, *count as f64, "events");
+            let before = settled.upkeep.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
+            self.r.figure(&format!("{name}_after_settling"), count.saturating_sub(before) as f64, "events");
         }
-        let mut causes: Vec<(String, u64)> = causes.into_iter().collect();
+        let mut causes: Vec<(String, u64)> = t.causes.into_iter().collect();
         causes.sort_by_key(|c| std::cmp::Reverse(c.1));
         for (cause, count) in causes.iter().take(3) {
             self.r.progress(&format!("dial failures: {count} × {cause}"));

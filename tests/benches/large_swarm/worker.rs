@@ -152,15 +152,22 @@ impl Worker {
         let closed = |m: &Metrics, reason: &str| {
             m.connections_closed.get_or_create(&ReasonLabel { reason: reason.into() }).get()
         };
-        let mut sums = [0u64; 4];
+        let mut sums = [0u64; 6];
         for node in self.nodes.iter().flatten() {
             let m = &node.metrics;
-            let counts = [m.dht_walks.get(), closed(m, "trimmed"), closed(m, "dead"), m.discovery_dials_refused.get()];
+            let counts = [
+                m.dht_walks.get(),
+                m.kad_bootstraps.get(),
+                m.kad_lookups_answered.get(),
+                closed(m, "trimmed"),
+                closed(m, "dead"),
+                m.discovery_dials_refused.get(),
+            ];
             for (sum, count) in sums.iter_mut().zip(counts) {
                 *sum += count;
             }
         }
-        ["dht_walks", "closed_trimmed", "closed_dead", "dials_refused"]
+        ["dht_walks", "kad_bootstraps", "kad_lookups_answered", "closed_trimmed", "closed_dead", "dials_refused"]
             .into_iter()
             .map(String::from)
             .zip(sums)

@@ -270,6 +270,18 @@ impl EventLoop {
             SwarmEvent::Behaviour(PeervmBehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, addresses, ..
             })) => self.connections.on_routing_updated(ctx, peer, addresses.into_vec()),
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::Bootstrap(_),
+                step,
+                ..
+            })) if step.last => {
+                ctx.metrics.kad_bootstraps.inc();
+            }
+            SwarmEvent::Behaviour(PeervmBehaviourEvent::Kad(kad::Event::InboundRequest {
+                request: kad::InboundRequest::FindNode { .. },
+            })) => {
+                ctx.metrics.kad_lookups_answered.inc();
+            }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 self.on_connection_established(peer_id, connection_id, &endpoint, num_established.get())
             }
