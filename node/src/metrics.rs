@@ -81,6 +81,9 @@ pub struct Metrics {
     pub kad_bootstraps: Counter,
     /// FIND_NODE requests of other nodes' walks this node answered.
     pub kad_lookups_answered: Counter,
+    /// Messages gossipsub did not send to a peer that was too slow to take them (its queue
+    /// full, or a forward waiting longer than the forward timeout).
+    pub gossip_dropped_for_slow_peers: Counter,
     pub rate_limited: Family<ApiLabel, Counter>,
     pub peers_banned: Counter,
     pub lease_messages: Family<OutcomeLabel, Counter>,
@@ -168,6 +171,11 @@ impl Metrics {
             "kad_lookups_answered",
             "FIND_NODE requests of other nodes' DHT walks answered",
             self.kad_lookups_answered.clone(),
+        );
+        r.register(
+            "gossip_dropped_for_slow_peers",
+            "Gossip messages not sent to a peer too slow to take them (queue full, or waiting past the timeout)",
+            self.gossip_dropped_for_slow_peers.clone(),
         );
         r.register(
             "refresh_records",

@@ -35,6 +35,8 @@ pub fn behaviour() -> Result<gossipsub::Behaviour, String> {
         .heartbeat_interval(tuning::GOSSIP_HEARTBEAT)
         .max_transmit_size(tuning::GOSSIP_MAX_TRANSMIT)
         .duplicate_cache_time(tuning::GOSSIP_DUPLICATE_CACHE)
+        .forward_queue_duration(tuning::GOSSIP_QUEUE_PATIENCE)
+        .publish_queue_duration(tuning::GOSSIP_QUEUE_PATIENCE)
         .build()
         .map_err(|e| format!("gossipsub config: {e}"))?;
     let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, config)?;

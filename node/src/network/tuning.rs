@@ -79,6 +79,13 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Gossipsub's heartbeat, a little faster than libp2p's 1 s default: meshes form and
 /// missed adverts are re-announced (IHAVE) sooner after a join.
 pub const GOSSIP_HEARTBEAT: Duration = Duration::from_millis(700);
+/// How long gossipsub keeps a message to forward (or publish) in a connection's queue
+/// before dropping it; libp2p's defaults are 1 s and 5 s. A node whose event loop lags
+/// (a busy host) dropped a quarter of its forwards at 1 s in a 2,000-node simulation, and
+/// the nodes behind it missed the advert until its next refresh (BENCHMARKS.md, "Swarm
+/// upkeep"). Adverts are small and each provider sends one a minute: a late advert is
+/// worth more than a lost one, and the queue stays bounded by its length (5,000).
+pub const GOSSIP_QUEUE_PATIENCE: Duration = Duration::from_secs(10);
 /// Largest gossip message: an advert is at most 4 KiB and a block list 64 KiB
 /// (docs/protocol.md, section 2); the rest is room for the RPC framing.
 pub const GOSSIP_MAX_TRANSMIT: usize = 80 * 1024;

@@ -375,10 +375,12 @@ impl Size<'_> {
 
         let mut merged: Vec<ProviderArrivals> = vec![ProviderArrivals::default(); providers.len()];
         let mut lacking_any = 0;
+        let mut lacking_degrees = Vec::new();
         for reply in self.workers.ask_all(&Command::Arrivals { providers }, ANSWER)? {
             match reply {
-                Reply::Arrivals { per_provider, lacking_any: lacking, .. } => {
+                Reply::Arrivals { per_provider, lacking_any: lacking, lacking_degrees: degrees, .. } => {
                     lacking_any += lacking;
+                    lacking_degrees.extend(degrees);
                     for (m, a) in merged.iter_mut().zip(per_provider) {
                         m.at_ns.extend(a.at_ns);
                         m.untimed += a.untimed;
@@ -390,8 +392,16 @@ impl Size<'_> {
         }
         let adverts =
             published.iter().zip(merged).map(|(p, arrivals)| Advert { sent_ns: p.sent_ns, arrivals }).collect();
-        let batch =
-            Batch { label, adverts, nodes, lacking_any, followed, deadline, cpu_cores: after.cores_since(&before) };
+        let batch = Batch {
+            label,
+            adverts,
+            nodes,
+            lacking_any,
+            lacking_degrees,
+            followed,
+            deadline,
+            cpu_cores: after.cores_since(&before),
+        };
         batch.report(self.r, self.out);
         Ok(())
     }

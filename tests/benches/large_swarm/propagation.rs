@@ -26,6 +26,8 @@ pub struct Batch<'a> {
     pub nodes: usize,
     /// Nodes lacking at least one advert of the batch at its end.
     pub lacking_any: usize,
+    /// The peer count of each of them at the end.
+    pub lacking_degrees: Vec<usize>,
     /// How long the batch was followed, from its first publish.
     pub followed: Duration,
     pub deadline: Duration,
@@ -103,6 +105,24 @@ impl Batch<'_> {
         let final_min = relative.iter().map(|t| t.len() as f64 / total as f64).fold(1.0, f64::min);
         r.figure(&format!("{label}_coverage_final_min"), 100.0 * final_min, "%");
         r.figure(&format!("{label}_nodes_lacking_an_advert"), self.lacking_any as f64, "nodes");
+        // Isolated nodes, or connected ones gossip missed?
+        let (mut none, mut one, mut few, mut more) = (0, 0, 0, 0);
+        for &d in &self.lacking_degrees {
+            match d {
+                0 => none += 1,
+                1 => one += 1,
+                2..=3 => few += 1,
+                _ => more += 1,
+            }
+        }
+        for (bucket, count) in [("0", none), ("1", one), ("2_3", few), ("4_or_more", more)] {
+            r.figure(&format!("{label}_nodes_lacking_an_advert_with_{bucket}_peers"), count as f64, "nodes");
+        }
+        if !self.lacking_degrees.is_empty() {
+            r.progress(&format!(
+                "{label}: nodes lacking an advert by their peer count: 0: {none}, 1: {one}, 2-3: {few}, 4+: {more}"
+            ));
+        }
         r.figure(&format!("{label}_cpu_cores_busy_propagating"), self.cpu_cores, "cores");
         let full = relative.iter().filter(|t| t.len() >= total).count();
         r.progress(&format!(

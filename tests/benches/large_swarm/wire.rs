@@ -48,6 +48,8 @@ pub enum Reply {
         per_provider: Vec<ProviderArrivals>,
         nodes: usize,
         lacking_any: usize,
+        /// The peer count of each node that lacks an advert of the batch.
+        lacking_degrees: Vec<usize>,
     },
     Tally {
         dial_failures: Vec<(String, u64)>,

@@ -152,7 +152,7 @@ impl Worker {
         let closed = |m: &Metrics, reason: &str| {
             m.connections_closed.get_or_create(&ReasonLabel { reason: reason.into() }).get()
         };
-        let mut sums = [0u64; 6];
+        let mut sums = [0u64; 8];
         for node in self.nodes.iter().flatten() {
             let m = &node.metrics;
             let counts = [
@@ -162,16 +162,27 @@ impl Worker {
                 closed(m, "trimmed"),
                 closed(m, "dead"),
                 m.discovery_dials_refused.get(),
+                m.wire_received_bytes.get(),
+                m.gossip_dropped_for_slow_peers.get(),
             ];
             for (sum, count) in sums.iter_mut().zip(counts) {
                 *sum += count;
             }
         }
-        ["dht_walks", "kad_bootstraps", "kad_lookups_answered", "closed_trimmed", "closed_dead", "dials_refused"]
-            .into_iter()
-            .map(String::from)
-            .zip(sums)
-            .collect()
+        [
+            "dht_walks",
+            "kad_bootstraps",
+            "kad_lookups_answered",
+            "closed_trimmed",
+            "closed_dead",
+            "dials_refused",
+            "wire_received_bytes",
+            "gossip_dropped_for_slow_peers",
+        ]
+        .into_iter()
+        .map(String::from)
+        .zip(sums)
+        .collect()
     }
 
     /// Starts local node `j` listening on a fresh loopback port, its events watched.
@@ -322,18 +333,20 @@ impl Worker {
             per_provider.push(arrivals);
         }
         let nodes = self.nodes.iter().flatten().count();
-        let lacking_any = self
+        // The peer count of each node lacking an advert: isolated nodes, or connected ones
+        // that gossip missed.
+        let lacking_degrees: Vec<usize> = self
             .nodes
             .iter()
             .enumerate()
-            .filter(|(j, node)| {
-                node.as_ref().is_some_and(|node| {
-                    let stored = self.watches[*j].stored.lock().unwrap_or_else(|e| e.into_inner());
-                    providers.iter().any(|p| !stored.contains_key(p) && !holds(node, p))
-                })
+            .filter_map(|(j, node)| {
+                let node = node.as_ref()?;
+                let stored = self.watches[j].stored.lock().unwrap_or_else(|e| e.into_inner());
+                let lacks = providers.iter().any(|p| !stored.contains_key(p) && !holds(node, p));
+                lacks.then(|| usize::try_from(node.metrics.peers_connected.get()).unwrap_or(0))
             })
-            .count();
-        Reply::Arrivals { per_provider, nodes, lacking_any }
+            .collect();
+        Reply::Arrivals { per_provider, nodes, lacking_any: lacking_degrees.len(), lacking_degrees }
     }
 }
 

@@ -93,12 +93,13 @@ impl Connections {
         }
     }
 
-    /// Re-dials lost bootstrap nodes: on every tick while the node has no peer (a healed
-    /// partition is noticed within seconds), otherwise on slow ticks.
+    pub fn target_peers(&self) -> usize {
+        self.target_peers
+    }
+
+    /// Re-dials the bootstrap nodes the node is not connected to (when: `bootstrap_redial`);
+    /// `slow`: this is a slow tick.
     pub fn redial_bootstraps(&mut self, ctx: &mut Context, connected: &HashSet<PeerId>, slow: bool) {
-        if !(slow || connected.is_empty()) {
-            return;
-        }
         for addr in self.bootstrap.clone() {
             match peer_id_of(&addr) {
                 Some(peer) if !connected.contains(&peer) => {

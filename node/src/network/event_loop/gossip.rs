@@ -50,6 +50,10 @@ impl Gossip {
                 };
                 ctx.swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &source, acceptance);
             }
+            gossipsub::Event::SlowPeer { failed_messages, .. } => {
+                let dropped = failed_messages.priority + failed_messages.non_priority;
+                ctx.metrics.gossip_dropped_for_slow_peers.inc_by(dropped as u64);
+            }
             gossipsub::Event::Subscribed { .. } => {
                 if let Some(bytes) = self.pending_publish.clone() {
                     match ctx.swarm.behaviour_mut().gossipsub.publish(advert_topic(), bytes) {

@@ -17,6 +17,7 @@
 //! Timings and limits are in `tuning.rs`.
 
 mod block_lists;
+mod bootstrap_redial;
 mod closing;
 mod connections;
 mod context;
@@ -176,14 +177,16 @@ impl EventLoop {
         }
     }
 
-    /// Re-dials lost bootstrap nodes (every tick while the node has no peer), and every
+    /// Re-dials lost bootstrap nodes when `bootstrap_redial` says so, and every
     /// `SLOW_EVERY` ticks: walks the DHT, re-gossips the own block list, forgets finished
     /// streams, lifts bans that ran out and trims idle connections.
     fn maintain(&mut self) {
         self.maintain_ticks += 1;
         let slow = self.maintain_ticks.is_multiple_of(SLOW_EVERY);
         let connected: HashSet<PeerId> = self.ctx.swarm.connected_peers().copied().collect();
-        self.connections.redial_bootstraps(&mut self.ctx, &connected, slow);
+        if bootstrap_redial::redial_due(self.maintain_ticks, connected.len(), self.connections.target_peers()) {
+            self.connections.redial_bootstraps(&mut self.ctx, &connected, slow);
+        }
         if !slow {
             return;
         }
